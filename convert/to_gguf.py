@@ -1,0 +1,217 @@
+"""Convert a Hugging Face MoE checkpoint into a GGUF that qmoe and llama.cpp both run.
+
+    python convert/to_gguf.py HF_DIR -o model.gguf --outtype q8_0 [--expert-type q4_0] [--force]
+
+The conversion streams, so a checkpoint far larger than RAM converts:
+1. read config.json and the safetensors headers (no weights);
+2. plan every output tensor (convert/archs/<arch>.py) and check each source name
+   and shape against the checkpoint, so a bad checkpoint fails before a byte is written;
+3. write the GGUF header, metadata, tokenizer and tensor infos (sizes are known
+   from the plan);
+4. produce each tensor in turn: read a few rows (or one expert) from the memory-mapped
+   shards, quantize, append; only the tensor being written is held in memory;
+5. the file is written beside the target under a temporary name and renamed on
+   success; a failure, Ctrl-C or SIGTERM removes it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import signal
+import sys
+import tempfile
+import threading
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make `convert` and `qmoe` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np
+from gguf import GGML_QUANT_VERSION, MODEL_ARCH_NAMES, GGMLQuantizationType, GGUFWriter
+from tqdm import tqdm
+
+from convert import archs
+from convert.checkpoint import Checkpoint
+from convert.plan import OutputTensor, Piece
+from convert.qtypes import FILE_TYPES, OUTTYPES, byte_shape, choose_type, nbytes, parse_type, to_bytes
+from convert.tokenizer_meta import add_tokenizer
+from qmoe.errors import ConversionError, QmoeError
+
+# float32 bytes read and quantized at a time when a tensor is streamed in row chunks
+_CHUNK_BYTES = 32 << 20
+
+
+class UnusedTensorsWarning(UserWarning):
+    """The checkpoint holds tensors the architecture does not use; they are not written."""
+
+
+def convert(
+    hf_dir: str | os.PathLike,
+    out_path: str | os.PathLike,
+    outtype: str = "q8_0",
+    expert_type: str | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Convert checkpoint `hf_dir` to the GGUF file `out_path`; returns `out_path`.
+
+    `outtype` (f32, f16, bf16, q8_0, q4_0) applies to every matrix; `expert_type`, when
+    given, to the stacked expert tensors instead. Norms, router weights and 1-D tensors
+    stay F32. Raises ConversionError (or UnsupportedArchitectureError) for a bad
+    checkpoint or an existing `out_path` without `force`.
+    """
+    out_path = Path(out_path)
+    base_type = parse_type(outtype, "--outtype")
+    exp_type = parse_type(expert_type, "--expert-type") if expert_type else base_type
+    if out_path.exists() and not force:
+        raise ConversionError(f"{out_path}: already exists; pass --force to overwrite it")
+    if not out_path.parent.is_dir():
+        raise ConversionError(f"{out_path.parent}: output directory does not exist")
+
+    checkpoint = Checkpoint(hf_dir)
+    arch = archs.for_config(checkpoint.config)
+    plan = arch.tensors(checkpoint.config)
+    _check_sources(checkpoint, plan)
+    _warn_unused(checkpoint, plan)
+    types = {t.name: choose_type(t.name, t.shape, base_type, exp_type) for t in plan}
+
+    with _temporary_beside(out_path) as tmp, _sigterm_raises():
+        writer = GGUFWriter(tmp, MODEL_ARCH_NAMES[arch.ARCH])
+        try:
+            writer.add_name(checkpoint.dir.resolve().name)
+            arch.add_metadata(writer, checkpoint.config)
+            writer.add_file_type(FILE_TYPES[exp_type])
+            writer.add_quantization_version(GGML_QUANT_VERSION)
+            add_tokenizer(writer, checkpoint.dir)
+            for t in plan:
+                writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), nbytes(t.shape, types[t.name]),
+                                       raw_dtype=types[t.name])
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            total = sum(nbytes(t.shape, types[t.name]) for t in plan)
+            with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=out_path.name,
+                      disable=not progress) as bar:
+                for number, t in enumerate(plan, 1):
+                    bar.set_postfix_str(f"tensor {number}/{len(plan)} {t.name}", refresh=False)
+                    writer.write_tensor_data(_produce(checkpoint, t, types[t.name]))
+                    bar.update(nbytes(t.shape, types[t.name]))
+        finally:
+            writer.close()
+    return out_path
+
+
+def _check_sources(checkpoint: Checkpoint, plan: list[OutputTensor]) -> None:
+    """Every tensor the plan reads exists with the shape config.json implies."""
+    for t in plan:
+        for piece in t.pieces:
+            for src in piece.sources:
+                found = checkpoint.source(src.name)
+                if found.shape != src.shape:
+                    raise ConversionError(
+                        f"{found.file}: tensor {src.name!r} has shape {list(found.shape)}, but "
+                        f"{checkpoint.config.path} implies {list(src.shape)} (for {t.name})"
+                    )
+
+
+def _warn_unused(checkpoint: Checkpoint, plan: list[OutputTensor]) -> None:
+    used = {src.name for t in plan for piece in t.pieces for src in piece.sources}
+    unused = sorted(set(checkpoint.tensors) - used)
+    if unused:
+        shown = ", ".join(unused[:5]) + (", ..." if len(unused) > 5 else "")
+        warnings.warn(
+            f"{checkpoint.dir}: {len(unused)} checkpoint tensors are not used by "
+            f"{checkpoint.config.architecture} and are not written: {shown}",
+            UnusedTensorsWarning,
+            stacklevel=3,
+        )
+
+
+def _produce(checkpoint: Checkpoint, tensor: OutputTensor, qtype: GGMLQuantizationType) -> np.ndarray:
+    """The bytes of `tensor` in `qtype`: uint8 [..., row_bytes], one piece (expert) at a time."""
+    out = np.empty(byte_shape(tensor.shape, qtype), np.uint8)
+    if len(tensor.pieces) == 1:
+        _fill(checkpoint, tensor.pieces[0], tensor.piece_shape, qtype, out)
+    else:
+        for index, piece in enumerate(tensor.pieces):
+            _fill(checkpoint, piece, tensor.piece_shape, qtype, out[index])
+    return out
+
+
+def _fill(checkpoint: Checkpoint, piece: Piece, shape: tuple[int, ...], qtype, dest: np.ndarray) -> None:
+    """Write `piece` (float32 `shape`) into `dest` (its uint8 bytes); copies stream in row chunks."""
+    if piece.is_copy and len(shape) >= 2:
+        rows_per_chunk = max(1, _CHUNK_BYTES // (4 * math.prod(shape[1:])))
+        for start in range(0, shape[0], rows_per_chunk):
+            rows = checkpoint.read(piece.sources[0].name, start, start + rows_per_chunk)
+            dest[start : start + len(rows)] = to_bytes(rows, qtype)
+        return
+    values = piece.make(*(checkpoint.read(src.name) for src in piece.sources))
+    assert values.shape == shape, f"piece made {values.shape}, plan says {shape}"
+    dest[...] = to_bytes(values, qtype)
+
+
+@contextmanager
+def _temporary_beside(target: Path) -> Iterator[Path]:
+    """A temporary path in target's directory, renamed to `target` if the block succeeds
+    and removed if it raises (including KeyboardInterrupt and SystemExit)."""
+    fd, name = tempfile.mkstemp(prefix=f"{target.name}.tmp-", dir=target.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """While converting, SIGTERM raises SystemExit so the cleanup above still runs."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+def _print_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("hf_dir", type=Path, help="Hugging Face checkpoint directory (config.json, *.safetensors)")
+    parser.add_argument("-o", "--outfile", type=Path, required=True, help="GGUF file to write")
+    parser.add_argument("--outtype", default="q8_0", choices=list(OUTTYPES), help="type of the weight matrices")
+    parser.add_argument("--expert-type", choices=list(OUTTYPES), help="type of the expert tensors (default: --outtype)")
+    parser.add_argument("--force", action="store_true", help="overwrite an existing output file")
+    args = parser.parse_args(argv)
+    warnings.showwarning = _print_warning
+    try:
+        out = convert(args.hf_dir, args.outfile, args.outtype, args.expert_type, force=args.force)
+    except QmoeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted; no output written", file=sys.stderr)
+        return 130
+    print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,5 @@
+import sys
+
+from qmoe.cli import main
+
+sys.exit(main())

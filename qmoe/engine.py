@@ -1,0 +1,209 @@
+"""Loading a GGUF model and generating from it: the public Python API.
+
+    m = qmoe.load("model.gguf", device="cpu")
+    ids = m.tokenize("def main(")
+    logits = m.logits(ids)                      # [len(ids), n_vocab] float32, fresh context
+    text = m.generate("def main(", max_tokens=32)
+
+Generation is a generator underneath (`stream`): the prompt is prefilled in
+batches of `n_batch` tokens, then one token per step, each step yielding the
+token so that the CLI can print it at once and the caller can stop early.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from qmoe import kernels
+from qmoe.errors import ContextOverflowError, QmoeError
+from qmoe.gguf_file import GGUFFile
+from qmoe.models import build_model
+from qmoe.models.base import KVCache, Observer, Transformer
+from qmoe.tokenizer import Tokenizer
+
+DEFAULT_CTX = 4096
+DEFAULT_BATCH = 256
+
+
+@dataclass
+class Timings:
+    """What llama.cpp prints at the end of a run, in seconds and tokens."""
+
+    load_s: float = 0.0
+    prompt_tokens: int = 0
+    prompt_s: float = 0.0
+    decode_tokens: int = 0
+    decode_s: float = 0.0
+
+    def summary(self) -> str:
+        def rate(n: int, s: float) -> str:
+            if n == 0 or s <= 0:
+                return f"{n:5d} tokens"
+            return f"{n:5d} tokens in {s * 1e3:9.2f} ms ({s * 1e3 / n:8.2f} ms per token, {n / s:8.2f} tokens per second)"
+
+        return "\n".join([
+            f"qmoe: load time    = {self.load_s * 1e3:9.2f} ms",
+            f"qmoe: prompt eval  = {rate(self.prompt_tokens, self.prompt_s)}",
+            f"qmoe: decode       = {rate(self.decode_tokens, self.decode_s)}",
+        ])
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 0.0
+    top_k: int = 40
+    top_p: float = 0.95
+    seed: int | None = None
+
+    def __post_init__(self):
+        if not (self.temperature >= 0 and np.isfinite(self.temperature)):
+            raise QmoeError(f"temperature must be a finite number >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise QmoeError(f"top_k must be >= 0 (0 = no limit), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise QmoeError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+class Sampler:
+    """Greedy at temperature 0; otherwise temperature, top-k, then top-p (nucleus)."""
+
+    def __init__(self, params: SamplingParams):
+        self.p = params
+        self.rng = np.random.default_rng(params.seed)
+
+    def __call__(self, logits: np.ndarray) -> int:
+        if self.p.temperature == 0:
+            return int(np.argmax(logits))
+        z = logits.astype(np.float64) / self.p.temperature
+        order = np.argsort(-z)
+        if self.p.top_k:
+            order = order[: self.p.top_k]
+        probs = np.exp(z[order] - z[order[0]])
+        probs /= probs.sum()
+        keep = int(np.searchsorted(np.cumsum(probs), self.p.top_p) + 1)
+        probs = probs[:keep] / probs[:keep].sum()
+        return int(order[self.rng.choice(keep, p=probs)])
+
+
+class Model:
+    """A loaded GGUF MoE model: tokenizer, weights (memory-mapped) and settings."""
+
+    def __init__(self, path: str | os.PathLike, device: str = "cpu", n_ctx: int | None = None,
+                 threads: int | None = None, n_batch: int = DEFAULT_BATCH):
+        start = time.perf_counter()
+        self.device = _resolve_device(device)
+        if threads:
+            kernels.set_num_threads(threads)
+            torch.set_num_threads(threads)
+        self.file = GGUFFile(path)
+        self.path = Path(path)
+        n_ctx_train = int(self.file.arch_get("context_length", DEFAULT_CTX))
+        self.n_ctx = int(n_ctx or min(DEFAULT_CTX, n_ctx_train))
+        if self.n_ctx < 1:
+            raise QmoeError(f"context size must be >= 1, got {self.n_ctx}")
+        self.n_batch = max(1, int(n_batch))
+        self.tokenizer = Tokenizer.from_gguf(self.file)
+        self.net: Transformer = build_model(self.file, self.device, self.n_ctx)
+        self.timings = Timings(load_s=time.perf_counter() - start)
+
+    @property
+    def n_vocab(self) -> int:
+        return self.net.hp.n_vocab
+
+    # -- text <-> tokens
+
+    def tokenize(self, text: str, add_bos: bool | None = None) -> list[int]:
+        return self.tokenizer.encode(text, add_bos=add_bos)
+
+    def detokenize(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(list(ids))
+
+    # -- forward passes
+
+    def new_cache(self) -> KVCache:
+        return KVCache(self.n_ctx)
+
+    def _check_fits(self, n_tokens: int) -> None:
+        if n_tokens > self.n_ctx:
+            raise ContextOverflowError(
+                f"{n_tokens} tokens do not fit the context of {self.n_ctx} tokens; "
+                f"raise the context (--ctx, at most {self.net.hp.n_ctx_train} as trained) or shorten the prompt"
+            )
+
+    @torch.inference_mode()
+    def eval(self, ids: list[int], cache: KVCache, observer: Observer | None = None,
+             all_logits: bool = False) -> torch.Tensor:
+        """Feed `ids` after what `cache` holds, in batches; logits of the last (or every) token."""
+        self._check_fits(cache.n_past + len(ids))
+        outs = []
+        for start in range(0, len(ids), self.n_batch):
+            chunk = np.asarray(ids[start:start + self.n_batch], dtype=np.int64)
+            last = start + self.n_batch >= len(ids)
+            if all_logits or last:
+                outs.append(self.net.forward(chunk, cache, observer, all_logits=all_logits))
+            else:
+                self.net.forward(chunk, cache, observer, all_logits=False)
+        return torch.cat(outs) if all_logits else outs[-1]
+
+    def logits(self, ids: list[int]) -> np.ndarray:
+        """Logits at every position of `ids` in a fresh context: float32 [len(ids), n_vocab]."""
+        if len(ids) == 0:
+            raise QmoeError("logits() needs at least one token")
+        bad = [i for i in ids if not 0 <= int(i) < self.n_vocab]
+        if bad:
+            raise QmoeError(f"token ids {bad[:5]} are outside the vocabulary of {self.n_vocab}")
+        return self.eval(list(ids), self.new_cache(), all_logits=True).float().cpu().numpy()
+
+    # -- generation
+
+    def stream(self, prompt_ids: list[int], max_tokens: int, sampling: SamplingParams | None = None,
+               observer: Observer | None = None) -> Iterator[int]:
+        """Yield up to `max_tokens` sampled tokens, stopping at end-of-generation."""
+        if not prompt_ids:
+            raise QmoeError("the prompt is empty: give at least one token (or a model that adds BOS)")
+        if max_tokens < 0:
+            raise QmoeError(f"max_tokens must be >= 0, got {max_tokens}")
+        self._check_fits(len(prompt_ids) + max(max_tokens - 1, 0))
+        sampler = Sampler(sampling or SamplingParams())
+        cache = self.new_cache()
+        t0 = time.perf_counter()
+        logits = self.eval(prompt_ids, cache, observer)
+        self.timings.prompt_tokens, self.timings.prompt_s = len(prompt_ids), time.perf_counter() - t0
+        self.timings.decode_tokens, self.timings.decode_s = 0, 0.0
+        t0 = time.perf_counter()
+        for n in range(max_tokens):
+            token = sampler(logits[-1].float().cpu().numpy())
+            if token in self.tokenizer.eos_ids:
+                break
+            yield token
+            if n + 1 == max_tokens:
+                break
+            logits = self.eval([token], cache, observer)
+            self.timings.decode_tokens += 1
+            self.timings.decode_s = time.perf_counter() - t0
+
+    def generate(self, prompt: str, max_tokens: int, temperature: float = 0.0, seed: int | None = None,
+                 top_k: int = 40, top_p: float = 0.95) -> str:
+        """The continuation of `prompt` (without the prompt)."""
+        sampling = SamplingParams(temperature, top_k, top_p, seed)
+        return self.detokenize(list(self.stream(self.tokenize(prompt), max_tokens, sampling)))
+
+
+def _resolve_device(device: str) -> torch.device:
+    if device == "cuda" and not torch.cuda.is_available():
+        raise QmoeError("--device cuda was asked for, but torch sees no CUDA device; use --device cpu")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise QmoeError(f"device must be 'cpu' or 'cuda', got {device!r}")
+    return torch.device(device)
+
+
+def load(path: str | os.PathLike, device: str = "cpu", **kwargs) -> Model:
+    """Open a GGUF model (memory-mapped; nothing is copied until used)."""
+    return Model(path, device=device, **kwargs)

@@ -1,0 +1,181 @@
+"""The kernels' public operations: checks at the boundary, then the right compiled path.
+
+Few tokens per weight matrix (decode) run the row kernels of `compiled`, which read
+every weight once from memory. Many tokens (prefill) dequantize tiles of rows to
+float32 and multiply them with BLAS, which does far more arithmetic per byte than a
+row loop can. `BLAS_MIN_TOKENS` is where the second wins (measured with
+bench/kernels_bench.py on 2-core AVX-512 and AVX2 machines).
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+from gguf import GGMLQuantizationType
+
+from qmoe.errors import QmoeError
+from qmoe.kernels import compiled
+from qmoe.kernels.formats import QT, check_qtype, row_bytes, weight_bytes
+
+BLAS_MIN_TOKENS = 8
+TILE_FLOATS = 1 << 20  # rows dequantized per BLAS call: about 4 MB of float32, at home in L2/L3
+
+
+def set_num_threads(n: int) -> None:
+    """Threads for the kernels (numba's setting, which is per calling thread)."""
+    n_max = numba.config.NUMBA_NUM_THREADS
+    if not 1 <= int(n) <= n_max:
+        raise QmoeError(f"threads must be between 1 and {n_max} (numba's NUMBA_NUM_THREADS), got {n}")
+    numba.set_num_threads(int(n))
+
+
+def _activations(x: np.ndarray, n: int, what: str) -> np.ndarray:
+    x = np.asarray(x)
+    if x.ndim != 2 or x.shape[1] != n:
+        raise QmoeError(f"{what}: activations must be [tokens, {n}], got shape {list(x.shape)}")
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def _output(out: np.ndarray | None, shape: tuple[int, int]) -> np.ndarray:
+    if out is None:
+        return np.empty(shape, np.float32)
+    if out.shape != shape or out.dtype != np.float32 or not out.flags.c_contiguous or not out.flags.writeable:
+        raise QmoeError(
+            f"matmul: out must be a writable C-contiguous float32 array of shape {list(shape)}, "
+            f"got {out.dtype} {list(out.shape)}"
+        )
+    return out
+
+
+def matmul(
+    w: np.ndarray, qtype: GGMLQuantizationType | int, x: np.ndarray, out: np.ndarray | None = None
+) -> np.ndarray:
+    """x @ W.T for a raw weight W [rows, n] of type qtype: x float32 [T, n] -> float32 [T, rows]."""
+    qtype = check_qtype(qtype)
+    if w.ndim != 2:
+        raise QmoeError(f"matmul: weight must be [rows, row], got shape {list(w.shape)}")
+    wb, n = weight_bytes(w, qtype, "matmul weight")
+    rows = w.shape[0]
+    x = _activations(x, n, "matmul")
+    out = _output(out, (x.shape[0], rows))
+    if x.shape[0] == 0 or rows == 0:
+        return out
+    if x.shape[0] < BLAS_MIN_TOKENS:
+        compiled.matmul_rows(int(qtype), wb, row_bytes(qtype, n), x, out)
+    elif qtype == QT.F32:
+        np.matmul(x, wb.view(np.float32).reshape(rows, n).T, out=out)
+    else:
+        _matmul_blas_tiles(wb, qtype, rows, n, x, out)
+    return out
+
+
+def _matmul_blas_tiles(wb: np.ndarray, qtype: GGMLQuantizationType, rows: int, n: int, x: np.ndarray,
+                       out: np.ndarray) -> None:
+    tile_rows = max(1, min(rows, TILE_FLOATS // max(n, 1)))
+    tile = np.empty((tile_rows, n), np.float32)
+    for r0 in range(0, rows, tile_rows):
+        r1 = min(rows, r0 + tile_rows)
+        compiled.dequantize_rows(int(qtype), wb, row_bytes(qtype, n), r0, tile[: r1 - r0])
+        out[:, r0:r1] = x @ tile[: r1 - r0].T  # [T, n] @ [n, r1 - r0]
+
+
+def dequantize(w: np.ndarray, qtype: GGMLQuantizationType | int) -> np.ndarray:
+    """A raw weight [..., row] of type qtype as float32 [..., n]."""
+    qtype = check_qtype(qtype)
+    wb, n = weight_bytes(w, qtype, "dequantize")
+    lead = w.shape[:-1]
+    out = np.empty((int(np.prod(lead)), n), np.float32)
+    if out.size:
+        compiled.dequantize_rows(int(qtype), wb, row_bytes(qtype, n), 0, out)
+    return out.reshape(*lead, n)
+
+
+def _experts(gate: np.ndarray, up: np.ndarray, down: np.ndarray, qtypes: tuple, what: str):
+    """Checked flat bytes of stacked expert weights [E, rows, row], and their sizes."""
+    if len(qtypes) != 3:
+        raise QmoeError(f"{what}: qtypes must be (gate, up, down), got {qtypes!r}")
+    qtypes = tuple(check_qtype(q) for q in qtypes)
+    flat, sizes = [], []
+    for name, w, qtype in zip(("gate", "up", "down"), (gate, up, down), qtypes):
+        if w.ndim != 3:
+            raise QmoeError(f"{what}: {name} must be [experts, rows, row], got shape {list(w.shape)}")
+        wb, n = weight_bytes(w, qtype, f"{what} {name}")
+        flat.append(wb)
+        sizes.append((w.shape[0], w.shape[1], n))  # (experts, rows, n)
+    (e_g, n_ff, n_embd), (e_u, *up_rows_n), (e_d, *down_rows_n) = sizes
+    if up_rows_n != [n_ff, n_embd] or down_rows_n != [n_embd, n_ff] or not e_g == e_u == e_d:
+        raise QmoeError(
+            f"{what}: expert shapes do not fit together: gate {sizes[0]}, up {sizes[1]}, down {sizes[2]} "
+            "(experts, rows, row length); expected gate = up = [E, n_ff, n_embd], down = [E, n_embd, n_ff]"
+        )
+    row_nbytes = tuple(row_bytes(q, n) for q, (_, _, n) in zip(qtypes, sizes))
+    return flat, tuple(int(q) for q in qtypes), row_nbytes, e_g, n_embd, n_ff
+
+
+def moe_ffn(
+    gate_exps: np.ndarray,
+    up_exps: np.ndarray,
+    down_exps: np.ndarray,
+    qtypes: tuple,
+    x: np.ndarray,
+    expert_ids: np.ndarray,
+    expert_weights: np.ndarray,
+) -> np.ndarray:
+    """The routed experts' weighted sum for T tokens.
+
+    gate_exps, up_exps: raw [E, n_ff, n_embd]; down_exps: raw [E, n_embd, n_ff];
+    qtypes: their types (gate, up, down); x: float32 [T, n_embd];
+    expert_ids: int [T, k]; expert_weights: float32 [T, k].
+    out[t] = sum_j weights[t, j] * (silu(x[t] @ G_e.T) * (x[t] @ U_e.T)) @ D_e.T,  e = ids[t, j]
+    -> float32 [T, n_embd]. Fewer than BLAS_MIN_TOKENS tokens: one compiled call for all
+    pairs; more: tokens grouped by expert, each group through `expert_ffn`.
+    """
+    flat, qt, rb, n_expert, n_embd, n_ff = _experts(gate_exps, up_exps, down_exps, qtypes, "moe_ffn")
+    x = _activations(x, n_embd, "moe_ffn")
+    ids = np.ascontiguousarray(expert_ids, dtype=np.int64)
+    weights = np.ascontiguousarray(expert_weights, dtype=np.float32)
+    if ids.ndim != 2 or ids.shape[0] != x.shape[0] or weights.shape != ids.shape:
+        raise QmoeError(
+            f"moe_ffn: expert_ids {list(ids.shape)} and expert_weights {list(weights.shape)} must both be "
+            f"[tokens = {x.shape[0]}, k]"
+        )
+    if ids.size and (ids.min() < 0 or ids.max() >= n_expert):
+        raise QmoeError(f"moe_ffn: expert ids must be in 0..{n_expert - 1}, got {ids.min()}..{ids.max()}")
+    out = np.zeros((x.shape[0], n_embd), np.float32)
+    if ids.size == 0:
+        return out
+    if x.shape[0] < BLAS_MIN_TOKENS:
+        compiled.moe_rows(*flat, qt, rb, x, ids, weights, n_ff, out)
+        return out
+    pair_experts = ids.reshape(-1)
+    order = np.argsort(pair_experts, kind="stable")
+    starts = np.flatnonzero(np.diff(pair_experts[order], prepend=-1))
+    for start, stop in zip(starts, [*starts[1:], len(order)]):
+        pairs = order[start:stop]
+        tokens = pairs // ids.shape[1]
+        e = pair_experts[pairs[0]]
+        y = expert_ffn(gate_exps[e], up_exps[e], down_exps[e], qtypes, x[tokens])
+        np.add.at(out, tokens, weights.reshape(-1)[pairs, None] * y)
+    return out
+
+
+def expert_ffn(gate: np.ndarray, up: np.ndarray, down: np.ndarray, qtypes: tuple, x: np.ndarray) -> np.ndarray:
+    """One expert's SwiGLU for T token rows, from its slabs (stacked[e] views).
+
+    gate, up: raw [n_ff, n_embd]; down: raw [n_embd, n_ff]; x: float32 [T, n_embd]
+    -> silu(x @ G.T) * (x @ U.T) @ D.T, float32 [T, n_embd].
+    """
+    flat, qt, rb, _, n_embd, n_ff = _experts(gate[None], up[None], down[None], qtypes, "expert_ffn")
+    x = _activations(x, n_embd, "expert_ffn")
+    n_tokens = x.shape[0]
+    if n_tokens < BLAS_MIN_TOKENS:
+        out = np.zeros((n_tokens, n_embd), np.float32)
+        if n_tokens:
+            ids = np.zeros((n_tokens, 1), np.int64)
+            compiled.moe_rows(*flat, qt, rb, x, ids, np.ones((n_tokens, 1), np.float32), n_ff, out)
+        return out
+    g = matmul(gate, qt[0], x)
+    u = matmul(up, qt[1], x)
+    with np.errstate(over="ignore"):  # exp(-g) = inf for very negative g gives silu = -0, as it should
+        hidden = g / (1.0 + np.exp(-g)) * u  # silu(g) * u, [T, n_ff]
+    return matmul(down, qt[2], hidden)

@@ -1,0 +1,516 @@
+"""The pieces every architecture shares: hyperparameters, linear layers over raw
+GGUF weights, norms, RoPE, attention with a KV cache, SwiGLU FFNs, the routed
+MoE layer, and the block loop.
+
+An architecture file (qwen3moe.py, deepseek2.py, ...) only says how its blocks
+are assembled from these parts and how its router turns logits into experts;
+the forward pass itself lives here, once:
+
+    h = embed(tokens)
+    for each block:
+        x = attn_norm(h)                 # the pre-attention activation the predictors read
+        h = h + attention(x)
+        h = h + ffn(ffn_norm(h))         # dense SwiGLU, or router -> k experts (+ shared)
+    logits = output(output_norm(h))
+
+Activations are float32 torch tensors of shape [T, n_embd] (T = tokens of this
+pass). On the CPU the matrix products run in the numba kernels straight on the
+quantized blocks; on CUDA dense weights are dequantized once into GPU memory and
+the experts stay quantized in host memory (computed on the CPU, like llama.cpp's
+--cpu-moe) unless an expert store gives them a fast tier.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from gguf import GGMLQuantizationType
+
+from qmoe import kernels
+from qmoe.errors import GGUFFormatError
+from qmoe.gguf_file import GGUFFile, Tensor
+
+# ----------------------------------------------------------------------------- hyperparameters
+
+
+@dataclass
+class HParams:
+    """What every architecture reads from `{arch}.*` metadata.
+
+    Architecture-specific extras (MLA ranks, shared experts, ...) are read by the
+    architecture file itself, next to the code that uses them.
+    """
+
+    arch: str
+    n_vocab: int
+    n_embd: int
+    n_layer: int
+    n_ctx_train: int
+    n_head: int
+    n_head_kv: int
+    head_dim: int  # of keys (and queries)
+    head_dim_v: int
+    n_expert: int
+    n_expert_used: int
+    n_ff: int  # dense FFN width (leading dense blocks); 0 when there are none
+    n_ff_exp: int  # one expert's FFN width
+    norm_eps: float
+    rope_base: float
+    rope_dim: int
+    rope_scaling: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_gguf(cls, f: GGUFFile, norm_eps_key: str = "attention.layer_norm_rms_epsilon") -> "HParams":
+        n_embd = int(f.arch_get("embedding_length"))
+        n_head = int(f.arch_get("attention.head_count"))
+        head_dim = int(f.arch_get("attention.key_length", n_embd // n_head))
+        n_ff = f.arch_get("feed_forward_length", 0)
+        if isinstance(n_ff, list):  # llama.cpp allows a per-layer list
+            n_ff = max(n_ff)
+        scaling = {}
+        for key in ("type", "factor", "original_context_length", "yarn_log_multiplier",
+                    "yarn_beta_fast", "yarn_beta_slow", "attn_factor"):
+            value = f.arch_get(f"rope.scaling.{key}", None)
+            if value is not None:
+                scaling[key] = value
+        n_expert = int(f.arch_get("expert_count"))
+        hp = cls(
+            arch=f.arch,
+            n_vocab=f.tensor("token_embd.weight").shape[0],
+            n_embd=n_embd,
+            n_layer=int(f.arch_get("block_count")),
+            n_ctx_train=int(f.arch_get("context_length")),
+            n_head=n_head,
+            n_head_kv=int(f.arch_get("attention.head_count_kv", n_head)),
+            head_dim=head_dim,
+            head_dim_v=int(f.arch_get("attention.value_length", head_dim)),
+            n_expert=n_expert,
+            n_expert_used=int(f.arch_get("expert_used_count")),
+            n_ff=int(n_ff),
+            n_ff_exp=int(f.arch_get("expert_feed_forward_length", n_ff)),
+            norm_eps=float(f.arch_get(norm_eps_key)),
+            rope_base=float(f.arch_get("rope.freq_base", 10000.0)),
+            rope_dim=int(f.arch_get("rope.dimension_count", head_dim)),
+            rope_scaling=scaling,
+        )
+        if not 0 < hp.n_expert_used <= hp.n_expert:
+            raise GGUFFormatError(
+                f"{f.path}: {f.arch}.expert_used_count = {hp.n_expert_used} must be in 1..{hp.n_expert}"
+            )
+        return hp
+
+
+# ----------------------------------------------------------------------------- weights
+
+
+def to_numpy(t: Tensor) -> np.ndarray:
+    """A tensor dequantized to float32 (for small tensors: norms, biases, routers)."""
+    return kernels.dequantize(t.data.reshape(-1, t.data.shape[-1]), t.qtype).reshape(t.shape)
+
+
+def to_torch(t: Tensor, device: torch.device) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(to_numpy(t), dtype=np.float32)).to(device)
+
+
+class Linear:
+    """y = x @ W.T (+ b) with W kept as its raw GGUF view (no copy on the CPU).
+
+    On CUDA the weight is dequantized once into GPU memory (fp16, or fp32 for an
+    f32 file) because GPU matmuls on dequantized weights beat anything we could
+    do on quantized blocks from Python.
+    """
+
+    def __init__(self, weight: Tensor, bias: Tensor | None, device: torch.device):
+        self.weight = weight
+        self.out_features, self.in_features = weight.shape
+        self.device = device
+        self.bias = to_torch(bias, device) if bias is not None else None
+        self.w_gpu = None
+        if device.type == "cuda":
+            dtype = torch.float32 if weight.qtype == GGMLQuantizationType.F32 else torch.float16
+            self.w_gpu = to_torch(weight, device).to(dtype)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:  # [T, in] -> [T, out]
+        if self.w_gpu is not None:
+            y = F.linear(x.to(self.w_gpu.dtype), self.w_gpu).float()
+        else:
+            y = torch.from_numpy(kernels.matmul(self.weight.data, self.weight.qtype, _np(x)))
+        if self.bias is not None:
+            y = y + self.bias
+        return y
+
+
+def _np(x: torch.Tensor) -> np.ndarray:
+    return np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)
+
+
+class Embedding:
+    """Token embedding lookup that dequantizes only the rows it is asked for."""
+
+    def __init__(self, weight: Tensor, device: torch.device):
+        self.weight = weight
+        self.device = device
+
+    def __call__(self, tokens: np.ndarray) -> torch.Tensor:  # [T] -> [T, n_embd]
+        rows = np.asarray(self.weight.data[tokens])
+        return torch.from_numpy(kernels.dequantize(rows, self.weight.qtype)).to(self.device)
+
+
+# ----------------------------------------------------------------------------- norms
+
+
+class RMSNorm:
+    def __init__(self, weight: Tensor, eps: float, device: torch.device):
+        self.weight = to_torch(weight, device)
+        self.eps = eps
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+class LayerNorm:
+    """LayerNorm with weight and bias (Phi-MoE)."""
+
+    def __init__(self, weight: Tensor, bias: Tensor, eps: float, device: torch.device):
+        self.weight = to_torch(weight, device)
+        self.bias = to_torch(bias, device)
+        self.eps = eps
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
+
+
+# ----------------------------------------------------------------------------- rotary embeddings
+
+
+def rope_inv_freq(dim: int, base: float, scaling: dict, n_ctx_train: int) -> tuple[np.ndarray, float]:
+    """Inverse frequencies [dim/2] and the cos/sin magnitude for a RoPE variant.
+
+    "yarn" follows the YaRN paper as transformers implements it: frequencies
+    below the ramp are interpolated by `factor`, those above are kept, and the
+    magnitude is 0.1*ln(factor)+1 unless the file pins `attn_factor`.
+    """
+    inv = 1.0 / base ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
+    kind = scaling.get("type", "none")
+    factor = float(scaling.get("factor", 1.0))
+    if kind in ("none", None) or factor == 1.0:
+        return inv, float(scaling.get("attn_factor", 1.0))
+    if kind == "linear":
+        return inv / factor, 1.0
+    if kind == "yarn":
+        orig_ctx = int(scaling.get("original_context_length", n_ctx_train))
+        beta_fast = float(scaling.get("yarn_beta_fast", 32.0))
+        beta_slow = float(scaling.get("yarn_beta_slow", 1.0))
+
+        def correction_dim(n_rot: float) -> float:
+            return dim * math.log(orig_ctx / (n_rot * 2 * math.pi)) / (2 * math.log(base))
+
+        low = max(math.floor(correction_dim(beta_fast)), 0)
+        high = min(math.ceil(correction_dim(beta_slow)), dim - 1)
+        if low == high:
+            high += 0.001
+        ramp = np.clip((np.arange(dim // 2, dtype=np.float64) - low) / (high - low), 0, 1)
+        keep = 1.0 - ramp  # 1 = extrapolate (keep the frequency), 0 = interpolate
+        inv = inv / factor * (1 - keep) + inv * keep
+        magnitude = float(scaling.get("attn_factor", 0.1 * math.log(factor) + 1.0))
+        return inv, magnitude
+    raise GGUFFormatError(f"unsupported rope scaling type {kind!r} (supported: none, linear, yarn)")
+
+
+class Rope:
+    """Precomputed cos/sin for positions [0, n_ctx) and both pair layouts.
+
+    "neox" rotates (x[i], x[i + d/2]) pairs (Qwen, OLMoE, Phi); "norm" rotates
+    adjacent (x[2i], x[2i+1]) pairs (llama with permuted Q/K, DeepSeek's MLA).
+    Only the first `dim` features of a head are rotated.
+    """
+
+    def __init__(self, dim: int, inv_freq: np.ndarray, magnitude: float, n_ctx: int, style: str,
+                 device: torch.device):
+        angles = np.outer(np.arange(n_ctx, dtype=np.float64), inv_freq)  # [n_ctx, dim/2]
+        self.cos = torch.from_numpy((np.cos(angles) * magnitude).astype(np.float32)).to(device)
+        self.sin = torch.from_numpy((np.sin(angles) * magnitude).astype(np.float32)).to(device)
+        self.dim = dim
+        self.style = style
+
+    def __call__(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """x: [T, H, head_dim] -> same shape, the first `dim` features rotated."""
+        cos = self.cos[positions][:, None, :]  # [T, 1, dim/2]
+        sin = self.sin[positions][:, None, :]
+        rot, rest = x[..., : self.dim], x[..., self.dim:]
+        if self.style == "neox":
+            a, b = rot[..., : self.dim // 2], rot[..., self.dim // 2:]
+            rot = torch.cat((a * cos - b * sin, b * cos + a * sin), dim=-1)
+        else:
+            a, b = rot[..., 0::2], rot[..., 1::2]
+            rot = torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).flatten(-2)
+        return torch.cat((rot, rest), dim=-1) if rest.shape[-1] else rot
+
+
+# ----------------------------------------------------------------------------- attention
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_past: int,
+                     scale: float) -> torch.Tensor:
+    """Scaled dot-product attention of T new queries over n_past + T keys.
+
+    q: [H, T, d], k: [H_kv, S, d], v: [H_kv, S, d_v] with S = n_past + T; H a
+    multiple of H_kv (grouped-query attention). Returns [T, H * d_v].
+    """
+    T = q.shape[1]
+    if T == 1:
+        mask = None  # one new token attends to everything before it
+    else:
+        S = k.shape[1]
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=n_past)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
+                                         enable_gqa=k.shape[0] != q.shape[0])  # [H, T, d_v]
+    return out.transpose(0, 1).reshape(T, -1)
+
+
+class KVCache:
+    """Per-layer key/value buffers sized to the context, filled as tokens arrive.
+
+    Architectures decide what they cache (full K/V, or MLA's compressed latent):
+    each layer's buffers are allocated by the attention module of that layer.
+    """
+
+    def __init__(self, n_ctx: int):
+        self.n_ctx = n_ctx
+        self.n_past = 0
+        self.layers: dict[int, tuple[torch.Tensor, ...]] = {}
+
+    def buffers(self, layer: int, make: Callable[[], tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]:
+        if layer not in self.layers:
+            self.layers[layer] = make()
+        return self.layers[layer]
+
+
+class Attention:
+    """Multi-head attention with grouped K/V heads, the variant most MoE models use.
+
+    Options cover the architectures' differences: biases (Phi), RMS norms on
+    q/k per head (Qwen3) or over the whole projection (OLMoE), clamping of
+    q/k/v (OLMoE's clip_qkv).
+    """
+
+    def __init__(self, f: GGUFFile, hp: HParams, layer: int, rope: Rope, device: torch.device,
+                 qk_norm: str | None = None, biases: bool = False, clamp: float | None = None):
+        p = f"blk.{layer}."
+
+        def linear(name: str, rows: int, cols: int) -> Linear:
+            w = f.tensor(p + name + ".weight", (rows, cols))
+            b = f.tensor(p + name + ".bias", (rows,)) if biases else None
+            return Linear(w, b, device)
+
+        self.hp, self.layer, self.rope, self.device = hp, layer, rope, device
+        self.wq = linear("attn_q", hp.n_head * hp.head_dim, hp.n_embd)
+        self.wk = linear("attn_k", hp.n_head_kv * hp.head_dim, hp.n_embd)
+        self.wv = linear("attn_v", hp.n_head_kv * hp.head_dim_v, hp.n_embd)
+        self.wo = linear("attn_output", hp.n_embd, hp.n_head * hp.head_dim_v)
+        self.qk_norm = qk_norm
+        if qk_norm == "head":
+            self.q_norm = RMSNorm(f.tensor(p + "attn_q_norm.weight", (hp.head_dim,)), hp.norm_eps, device)
+            self.k_norm = RMSNorm(f.tensor(p + "attn_k_norm.weight", (hp.head_dim,)), hp.norm_eps, device)
+        elif qk_norm == "full":
+            self.q_norm = RMSNorm(f.tensor(p + "attn_q_norm.weight", (hp.n_head * hp.head_dim,)),
+                                  hp.norm_eps, device)
+            self.k_norm = RMSNorm(f.tensor(p + "attn_k_norm.weight", (hp.n_head_kv * hp.head_dim,)),
+                                  hp.norm_eps, device)
+        self.clamp = clamp
+        self.scale = 1.0 / math.sqrt(hp.head_dim)
+
+    def __call__(self, x: torch.Tensor, cache: KVCache, positions: torch.Tensor) -> torch.Tensor:
+        hp, T = self.hp, x.shape[0]
+        q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        if self.clamp:
+            q, k, v = (t.clamp(-self.clamp, self.clamp) for t in (q, k, v))
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(T, hp.n_head, hp.head_dim)
+        k = k.view(T, hp.n_head_kv, hp.head_dim)
+        v = v.view(T, hp.n_head_kv, hp.head_dim_v)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rope(q, positions), self.rope(k, positions)
+
+        k_cache, v_cache = cache.buffers(self.layer, lambda: (
+            torch.zeros(hp.n_head_kv, cache.n_ctx, hp.head_dim, device=x.device),
+            torch.zeros(hp.n_head_kv, cache.n_ctx, hp.head_dim_v, device=x.device),
+        ))
+        n_past = cache.n_past
+        k_cache[:, n_past:n_past + T] = k.transpose(0, 1)
+        v_cache[:, n_past:n_past + T] = v.transpose(0, 1)
+        out = causal_attention(q.transpose(0, 1), k_cache[:, :n_past + T], v_cache[:, :n_past + T],
+                               n_past, self.scale)
+        return self.wo(out)
+
+
+# ----------------------------------------------------------------------------- feed-forward
+
+
+class SwiGLU:
+    """Dense FFN: down(silu(gate(x)) * up(x)). Leading dense blocks and shared experts."""
+
+    def __init__(self, f: GGUFFile, prefix: str, suffix: str, n_embd: int, n_ff: int, device: torch.device):
+        self.gate = Linear(f.tensor(f"{prefix}ffn_gate{suffix}.weight", (n_ff, n_embd)), None, device)
+        self.up = Linear(f.tensor(f"{prefix}ffn_up{suffix}.weight", (n_ff, n_embd)), None, device)
+        self.down = Linear(f.tensor(f"{prefix}ffn_down{suffix}.weight", (n_embd, n_ff)), None, device)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+def softmax_topk(logits: torch.Tensor, k: int, normalize: bool, scale: float = 1.0
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The common router: softmax over all experts, keep the k largest.
+
+    Returns (expert ids [T, k] int64, weights [T, k] float32). `normalize`
+    rescales the k weights to sum to 1 (Qwen3 norm_topk_prob, Mixtral);
+    `scale` multiplies them (DeepSeek's routed_scaling_factor).
+    """
+    probs = torch.softmax(logits.float(), dim=-1)
+    weights, ids = torch.topk(probs, k, dim=-1)
+    if normalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return ids, weights * scale
+
+
+Router = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+class ExpertCompute(Protocol):
+    """Computes the routed experts' weighted sum; the expert store implements it too."""
+
+    def __call__(self, layer: int, x: np.ndarray, ids: np.ndarray, weights: np.ndarray) -> np.ndarray: ...
+
+
+class MmapExperts:
+    """Experts computed by the numba kernels straight from the memory-mapped file."""
+
+    def __init__(self, f: GGUFFile, hp: HParams, layers: list[int]):
+        self.tensors = {}
+        for i in layers:
+            p = f"blk.{i}."
+            gate = f.tensor(p + "ffn_gate_exps.weight", (hp.n_expert, hp.n_ff_exp, hp.n_embd))
+            up = f.tensor(p + "ffn_up_exps.weight", (hp.n_expert, hp.n_ff_exp, hp.n_embd))
+            down = f.tensor(p + "ffn_down_exps.weight", (hp.n_expert, hp.n_embd, hp.n_ff_exp))
+            self.tensors[i] = (gate, up, down)
+
+    def __call__(self, layer: int, x: np.ndarray, ids: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        gate, up, down = self.tensors[layer]
+        return kernels.moe_ffn(gate.data, up.data, down.data, (gate.qtype, up.qtype, down.qtype),
+                               x, ids, weights)
+
+
+class Observer(Protocol):
+    """Hooks into the forward pass: calibration recording, prefetch, statistics."""
+
+    def pre_attention(self, layer: int, x: torch.Tensor) -> None: ...
+
+    def routed(self, layer: int, x: torch.Tensor, logits: torch.Tensor, ids: torch.Tensor) -> None: ...
+
+
+class MoE:
+    """Router -> top-k experts -> weighted sum (+ shared experts)."""
+
+    def __init__(self, f: GGUFFile, hp: HParams, layer: int, route: Router, experts: ExpertCompute,
+                 device: torch.device, shared: SwiGLU | None = None):
+        self.layer = layer
+        self.router = to_torch(f.tensor(f"blk.{layer}.ffn_gate_inp.weight", (hp.n_expert, hp.n_embd)), device)
+        self.route = route
+        self.experts = experts
+        self.shared = shared
+
+    def __call__(self, x: torch.Tensor, observer: Observer | None) -> torch.Tensor:
+        logits = x @ self.router.T  # [T, n_expert]
+        ids, weights = self.route(logits)
+        if observer is not None:
+            observer.routed(self.layer, x, logits, ids)
+        out = self.experts(self.layer, _np(x), ids.cpu().numpy().astype(np.int32),
+                           np.ascontiguousarray(weights.cpu().numpy(), dtype=np.float32))
+        y = torch.from_numpy(out).to(x.device)
+        if self.shared is not None:
+            y = y + self.shared(x)
+        return y
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+@dataclass
+class Block:
+    attn_norm: Callable[[torch.Tensor], torch.Tensor]
+    attn: Callable[[torch.Tensor, KVCache, torch.Tensor], torch.Tensor]
+    ffn_norm: Callable[[torch.Tensor], torch.Tensor]
+    ffn: MoE | SwiGLU
+
+
+class Transformer:
+    """A decoder-only MoE transformer assembled from the parts above."""
+
+    def __init__(self, hp: HParams, embed: Embedding, blocks: list[Block],
+                 output_norm: Callable[[torch.Tensor], torch.Tensor], output: Linear, device: torch.device):
+        self.hp, self.embed, self.blocks = hp, embed, blocks
+        self.output_norm, self.output, self.device = output_norm, output, device
+
+    @property
+    def moe_layers(self) -> list[int]:
+        return [i for i, b in enumerate(self.blocks) if isinstance(b.ffn, MoE)]
+
+    def forward(self, tokens: np.ndarray, cache: KVCache, observer: Observer | None = None,
+                all_logits: bool = False) -> torch.Tensor:
+        """Run T tokens at positions n_past.. and return logits [T or 1, n_vocab]."""
+        T = len(tokens)
+        positions = torch.arange(cache.n_past, cache.n_past + T, device=self.device)
+        h = self.embed(np.asarray(tokens))  # [T, n_embd]
+        for i, block in enumerate(self.blocks):
+            x = block.attn_norm(h)
+            if observer is not None and isinstance(block.ffn, MoE):
+                observer.pre_attention(i, x)
+            h = h + block.attn(x, cache, positions)
+            y = block.ffn_norm(h)
+            h = h + (block.ffn(y, observer) if isinstance(block.ffn, MoE) else block.ffn(y))
+        cache.n_past += T
+        if not all_logits:
+            h = h[-1:]
+        return self.output(self.output_norm(h))
+
+
+Norm = Callable[[torch.Tensor], torch.Tensor]
+NormMaker = Callable[[str, "int | None"], Norm]
+
+
+def rms_norms(f: GGUFFile, hp: HParams, device: torch.device) -> NormMaker:
+    """make(name, layer) -> the RMSNorm `blk.{layer}.{name}` (or `{name}` when layer is None)."""
+
+    def make(name: str, layer: int | None) -> Norm:
+        prefix = "" if layer is None else f"blk.{layer}."
+        return RMSNorm(f.tensor(f"{prefix}{name}.weight", (hp.n_embd,)), hp.norm_eps, device)
+
+    return make
+
+
+def make_rope(hp: HParams, n_ctx: int, style: str, device: torch.device) -> Rope:
+    inv_freq, magnitude = rope_inv_freq(hp.rope_dim, hp.rope_base, hp.rope_scaling, hp.n_ctx_train)
+    return Rope(hp.rope_dim, inv_freq, magnitude, n_ctx, style, device)
+
+
+def assemble(f: GGUFFile, hp: HParams, device: torch.device, norm: NormMaker,
+             attention: Callable[[int], Callable], ffn: Callable[[int], MoE | SwiGLU],
+             output_bias: bool = False) -> Transformer:
+    """Blocks [attn_norm, attention, ffn_norm, ffn] for every layer, plus embedding and head.
+
+    The LM head is `output.weight`, or the token embedding for tied models.
+    """
+    blocks = [Block(norm("attn_norm", i), attention(i), norm("ffn_norm", i), ffn(i)) for i in range(hp.n_layer)]
+    head = "output.weight" if f.has("output.weight") else "token_embd.weight"
+    output = Linear(f.tensor(head, (hp.n_vocab, hp.n_embd)),
+                    f.tensor("output.bias", (hp.n_vocab,)) if output_bias else None, device)
+    return Transformer(hp, Embedding(f.tensor("token_embd.weight"), device), blocks,
+                       norm("output_norm", None), output, device)

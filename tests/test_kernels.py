@@ -1,0 +1,246 @@
+"""qmoe.kernels against gguf-py's dequantization and a float64 numpy reference.
+
+Tolerances (the accuracy contract of qmoe/kernels/__init__.py): dequantize is
+bit-exact with gguf.quants.dequantize; a product's error is at most
+REL_TOL * sum_i |w_i * x_i| per output, i.e. float32 rounding of the sum, with the
+weights taken exactly as dequantized (activations are not quantized).
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType
+from gguf.quants import dequantize as gguf_dequantize
+from gguf.quants import quantize
+
+from qmoe import kernels
+from qmoe.errors import QmoeError
+from qmoe.kernels import ops
+
+QT = GGMLQuantizationType
+TYPES = [QT.F32, QT.F16, QT.BF16, QT.Q8_0, QT.Q4_0]
+REL_TOL = 1e-5
+
+
+def raw_weight(w: np.ndarray, qtype: QT) -> np.ndarray:
+    """float32 [..., n] -> the raw view qmoe.gguf_file hands out for this type."""
+    q = quantize(w, qtype)
+    return q.view(np.uint16) if qtype == QT.BF16 else q
+
+
+def exact(raw: np.ndarray, qtype: QT) -> np.ndarray:
+    """The weights as gguf-py dequantizes them, float64."""
+    as_bytes = raw.view(np.uint8) if qtype == QT.BF16 else raw
+    return gguf_dequantize(as_bytes, qtype).astype(np.float64)
+
+
+def assert_product_close(y: np.ndarray, w: np.ndarray, x: np.ndarray) -> None:
+    """y ~ x @ w.T with error bounded by float32 rounding of each sum."""
+    x = x.astype(np.float64)
+    ref = x @ w.T
+    bound = REL_TOL * (np.abs(x) @ np.abs(w).T) + 1e-30
+    err = np.abs(y.astype(np.float64) - ref)
+    assert y.dtype == np.float32
+    assert np.all(err <= bound), f"max error / bound = {np.max(err / bound):.3g}"
+
+
+def silu(g: np.ndarray) -> np.ndarray:
+    return g / (1.0 + np.exp(-g))
+
+
+def reference_expert(gate, up, down, x):  # float64 weights [n_ff, n_embd], [n_embd, n_ff]
+    x = x.astype(np.float64)
+    return (silu(x @ gate.T) * (x @ up.T)) @ down.T
+
+
+@pytest.fixture(scope="module")
+def rng():
+    return np.random.default_rng(1234)
+
+
+@pytest.mark.parametrize("qtype", TYPES)
+@pytest.mark.parametrize("rows,n", [(1, 32), (33, 96), (97, 256)])
+def test_dequantize_is_bit_exact(qtype, rows, n, rng):
+    raw = raw_weight(rng.standard_normal((rows, n)).astype(np.float32), qtype)
+    got = kernels.dequantize(raw, qtype)
+    np.testing.assert_array_equal(got, exact(raw, qtype).astype(np.float32))
+
+
+@pytest.mark.parametrize("qtype", [QT.F32, QT.F16, QT.BF16])
+@pytest.mark.parametrize("n", [1, 17, 50, 200])
+def test_float_rows_of_any_length(qtype, n, rng):
+    """Float rows need not be whole 32-element steps: the tail is handled element-wise."""
+    raw = raw_weight(rng.standard_normal((5, n)).astype(np.float32), qtype)
+    np.testing.assert_array_equal(kernels.dequantize(raw, qtype), exact(raw, qtype).astype(np.float32))
+    x = rng.standard_normal((3, n)).astype(np.float32)
+    assert_product_close(kernels.matmul(raw, qtype, x), exact(raw, qtype), x)
+
+
+def test_dequantize_keeps_leading_dimensions(rng):
+    raw = raw_weight(rng.standard_normal((3, 5, 64)).astype(np.float32), QT.Q4_0)
+    got = kernels.dequantize(raw, QT.Q4_0)
+    assert got.shape == (3, 5, 64)
+    np.testing.assert_array_equal(got, exact(raw.reshape(15, -1), QT.Q4_0).reshape(3, 5, 64).astype(np.float32))
+
+
+@pytest.mark.parametrize("qtype", TYPES)
+@pytest.mark.parametrize("rows", [1, 33, 97])
+@pytest.mark.parametrize("n_tokens", [1, 3, 17])
+def test_matmul(qtype, rows, n_tokens, rng):
+    n = 128
+    raw = raw_weight(rng.standard_normal((rows, n)).astype(np.float32), qtype)
+    x = rng.standard_normal((n_tokens, n)).astype(np.float32)
+    assert_product_close(kernels.matmul(raw, qtype, x), exact(raw, qtype), x)
+
+
+@pytest.mark.parametrize("qtype", [QT.F16, QT.Q8_0, QT.Q4_0])
+def test_matmul_paths_agree_at_the_blas_threshold(qtype, rng, monkeypatch):
+    """Row kernel (T < BLAS_MIN_TOKENS) and dequantized BLAS tiles, with a last tile that is short."""
+    monkeypatch.setattr(ops, "TILE_FLOATS", 7 * 64)  # 7 rows per tile, 45 rows = 6 tiles + 3
+    raw = raw_weight(rng.standard_normal((45, 64)).astype(np.float32), qtype)
+    w = exact(raw, qtype)
+    for n_tokens in (ops.BLAS_MIN_TOKENS - 1, ops.BLAS_MIN_TOKENS):
+        x = rng.standard_normal((n_tokens, 64)).astype(np.float32)
+        assert_product_close(kernels.matmul(raw, qtype, x), w, x)
+
+
+def test_matmul_accepts_raw_bytes_and_writes_out(rng):
+    w = rng.standard_normal((7, 64)).astype(np.float32)
+    x = rng.standard_normal((2, 64)).astype(np.float32)
+    out = np.full((2, 7), np.nan, np.float32)
+    result = kernels.matmul(w.view(np.uint8), QT.F32, x, out=out)
+    assert result is out
+    assert_product_close(out, w.astype(np.float64), x)
+
+
+def test_empty_inputs():
+    raw = raw_weight(np.ones((4, 32), np.float32), QT.Q8_0)
+    assert kernels.matmul(raw, QT.Q8_0, np.zeros((0, 32), np.float32)).shape == (0, 4)
+    assert kernels.dequantize(raw[:0], QT.Q8_0).shape == (0, 32)
+
+
+def test_bad_inputs_raise_qmoe_errors():
+    raw = raw_weight(np.ones((4, 64), np.float32), QT.Q4_0)
+    x = np.ones((1, 64), np.float32)
+    with pytest.raises(QmoeError, match="Q4_K is not supported"):
+        kernels.matmul(raw, QT.Q4_K, x)
+    with pytest.raises(QmoeError, match=r"\[tokens, 64\]"):
+        kernels.matmul(raw, QT.Q4_0, np.ones((1, 32), np.float32))
+    with pytest.raises(QmoeError, match="must be float32 or raw uint8"):
+        kernels.matmul(np.ones((4, 64), np.float64), QT.F32, x)
+    with pytest.raises(QmoeError, match="whole number of 18-byte blocks"):
+        kernels.matmul(raw[:, :20], QT.Q4_0, x)
+    with pytest.raises(QmoeError, match="out must be"):
+        kernels.matmul(raw, QT.Q4_0, x, out=np.empty((1, 5), np.float32))
+    with pytest.raises(QmoeError, match="threads must be"):
+        kernels.set_num_threads(0)
+
+
+# ----------------------------------------------------------------------------- experts
+
+N_EXPERT, N_EMBD, N_FF = 16, 96, 64
+MIXED = (QT.Q4_0, QT.Q8_0, QT.F16)  # gate, up, down of different types: per-tensor dispatch
+
+
+@pytest.fixture(scope="module", params=[(QT.Q4_0,) * 3, MIXED, (QT.F32,) * 3], ids=["q4_0", "mixed", "f32"])
+def experts(request, rng):
+    """Stacked raw expert tensors and their exact float64 values."""
+    qtypes = request.param
+    shapes = [(N_EXPERT, N_FF, N_EMBD), (N_EXPERT, N_FF, N_EMBD), (N_EXPERT, N_EMBD, N_FF)]
+    raws = [raw_weight(0.2 * rng.standard_normal(s).astype(np.float32), q) for s, q in zip(shapes, qtypes)]
+    exacts = [exact(r.reshape(-1, r.shape[-1]), q).reshape(s) for r, q, s in zip(raws, qtypes, shapes)]
+    return raws, exacts, qtypes
+
+
+def reference_moe(exacts, x, ids, weights):
+    gate, up, down = exacts
+    out = np.zeros((x.shape[0], N_EMBD))
+    for t in range(x.shape[0]):
+        for e, wt in zip(ids[t], weights[t]):
+            out[t] += wt * reference_expert(gate[e], up[e], down[e], x[t : t + 1])[0]
+    return out
+
+
+def assert_moe_close(got, ref):
+    """Experts chain three products and a silu: compare against the output's scale."""
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5 * max(1.0, np.abs(ref).max()))
+
+
+@pytest.mark.parametrize("n_tokens", [1, 3, 17])
+def test_expert_ffn_on_slabs_of_a_stacked_tensor(experts, n_tokens, rng):
+    (gate, up, down), (g, u, d), qtypes = experts
+    x = rng.standard_normal((n_tokens, N_EMBD)).astype(np.float32)
+    for e in (0, 7, N_EXPERT - 1):
+        got = kernels.expert_ffn(gate[e], up[e], down[e], qtypes, x)
+        assert_moe_close(got, reference_expert(g[e], u[e], d[e], x))
+
+
+def routing(rng, n_tokens, k):
+    """Scattered choices, the same expert for several tokens, and a token that picks one twice."""
+    ids = np.stack([rng.choice(N_EXPERT, size=k, replace=False) for _ in range(n_tokens)])
+    ids[:, 0] = 5  # every token shares expert 5
+    if n_tokens > 2 and k > 1:
+        ids[2, 1] = ids[2, 0]  # repeated within a token: counted twice
+    weights = rng.random((n_tokens, k)).astype(np.float32)
+    return ids.astype(np.int32), weights
+
+
+@pytest.mark.parametrize("n_tokens,k", [(1, 8), (1, 1), (3, 2), (ops.BLAS_MIN_TOKENS - 1, 3), (17, 4)])
+def test_moe_ffn(experts, n_tokens, k, rng):
+    raws, exacts, qtypes = experts
+    x = rng.standard_normal((n_tokens, N_EMBD)).astype(np.float32)
+    ids, weights = routing(rng, n_tokens, k)
+    got = kernels.moe_ffn(*raws, qtypes, x, ids, weights)
+    assert_moe_close(got, reference_moe(exacts, x, ids, weights))
+
+
+def test_moe_ffn_rejects_bad_routing(experts):
+    raws, _, qtypes = experts
+    x = np.ones((2, N_EMBD), np.float32)
+    with pytest.raises(QmoeError, match="expert ids must be in 0..15"):
+        kernels.moe_ffn(*raws, qtypes, x, np.array([[0], [N_EXPERT]]), np.ones((2, 1), np.float32))
+    with pytest.raises(QmoeError, match="must both be"):
+        kernels.moe_ffn(*raws, qtypes, x, np.zeros((2, 2), np.int64), np.ones((2, 1), np.float32))
+    with pytest.raises(QmoeError, match="do not fit together"):
+        kernels.moe_ffn(raws[0], raws[1], raws[0], qtypes, x, np.zeros((2, 1), np.int64), np.ones((2, 1)))
+
+
+def test_thread_count_does_not_change_results(experts, rng):
+    """Each output is summed by one thread in a fixed order: bit-identical at 1 and 2 threads."""
+    raws, _, qtypes = experts
+    x = rng.standard_normal((3, N_EMBD)).astype(np.float32)
+    ids, weights = routing(rng, 3, 4)
+    results = []
+    for threads in (1, 2):
+        kernels.set_num_threads(threads)
+        results.append((kernels.moe_ffn(*raws, qtypes, x, ids, weights), kernels.matmul(raws[0][3], qtypes[0], x)))
+    kernels.set_num_threads(2)
+    for a, b in zip(*results):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_concurrent_calls_from_two_threads(experts, rng):
+    """A prefetch worker runs kernels beside the main thread: both must get their own right answer."""
+    raws, exacts, qtypes = experts
+    xs = [rng.standard_normal((1, N_EMBD)).astype(np.float32) for _ in range(2)]
+    routes = [routing(rng, 1, 4) for _ in range(2)]
+    results: dict[int, list[np.ndarray]] = {0: [], 1: []}
+
+    def work(i):
+        for _ in range(20):
+            results[i].append(kernels.moe_ffn(*raws, qtypes, xs[i], *routes[i]))
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i in range(2):
+        ref = reference_moe(exacts, xs[i], *routes[i])
+        assert len(results[i]) == 20
+        for got in results[i]:
+            assert_moe_close(got, ref)
