@@ -44,7 +44,7 @@ def fuzz(n_cases: int, random_seed: int, out: Path) -> dict:
             try:
                 with time_limit(CASE_SECONDS):
                     counts["accepted" if open_and_check(path) else "refused"] += 1
-            except Exception as e:  # another exception, a Hang or a failed consistency check
+            except Exception as e:  # noqa: BLE001 - another error, a Hang or a failed check: a finding
                 saved = out / f"finding-{len(findings)}.gguf"
                 saved.write_bytes(data)
                 frame = traceback.extract_tb(e.__traceback__)[-1]
@@ -75,7 +75,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", type=int, default=10_000, help="mutated files to try (default 10000)")
     parser.add_argument("--seed", type=int, default=0, help="random seed of the mutations")
-    parser.add_argument("--out", type=Path, default=Path("out/fuzz_gguf"), help="folder for the JSON and findings")
+    parser.add_argument(
+        "--out", type=Path, default=Path("out/fuzz_gguf"), help="folder for the JSON and findings"
+    )
     args = parser.parse_args()
     summary = fuzz(args.cases, args.seed, args.out)
     print(

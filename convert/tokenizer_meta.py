@@ -19,7 +19,8 @@ count equals the embedding rows.
 Besides the standard keys (special token ids, add_bos/add_eos, chat template), two qmoe
 keys record what GGUF has no key for and the runtime needs to equal Hugging Face; see
 qmoe/tokenizer.py for their meaning: `qmoe.tokenizer.normalizer` (Qwen and OLMo declare
-NFC) and `qmoe.tokenizer.prepend_scheme` (how transformers' Llama tokenizer prepends "▁").
+NFC) and `qmoe.tokenizer.prepend_scheme` (where "▁" is prepended, for non-legacy
+SentencePiece tokenizers).
 """
 
 from __future__ import annotations
@@ -34,7 +35,13 @@ import gguf
 from gguf import TokenType
 
 from qmoe.errors import ConversionError
-from qmoe.tokenizer import GPT2_SPLIT_REGEX, NORMALIZER_KEY, NORMALIZERS, PRE_TOKENIZER_SPLITS, PREPEND_SCHEME_KEY
+from qmoe.tokenizer import (
+    GPT2_SPLIT_REGEX,
+    NORMALIZER_KEY,
+    NORMALIZERS,
+    PRE_TOKENIZER_SPLITS,
+    PREPEND_SCHEME_KEY,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -136,7 +143,9 @@ def _read_json(path: Path) -> Any:
 
 def _looks_special(text: str) -> bool:
     """Added tokens some models forget to mark special but that are control tokens."""
-    return (text.startswith("<|") and text.endswith("|>")) or (text.startswith("<｜") and text.endswith("｜>"))
+    return (text.startswith("<|") and text.endswith("|>")) or (
+        text.startswith("<｜") and text.endswith("｜>")
+    )
 
 
 def _added_token_type(content: str, special: bool) -> int:
@@ -186,7 +195,10 @@ def _pre_tokenizer_name(path: Path, tokenizer_json: dict, model_type: str | None
     if family is not None:
         logger.warning(
             "%s: pre-tokenizer %s not recognized; using %r, the rules of model type %r",
-            path, json.dumps(tokenizer_json.get("pre_tokenizer"))[:200], family, model_type,
+            path,
+            json.dumps(tokenizer_json.get("pre_tokenizer"))[:200],
+            family,
+            model_type,
         )
         return family
     raise ConversionError(
@@ -212,16 +224,23 @@ def _normalizer(path: Path, tokenizer_json: dict) -> str | None:
 
 def _byte_level_bpe_vocab(path: Path, tokenizer_json: dict, model_type: str | None) -> _Vocab:
     model = tokenizer_json["model"]
+    if not isinstance(model.get("vocab"), dict):
+        raise ConversionError(f"{path}: the BPE model has no vocab object")
     by_id: dict[int, tuple[str, int]] = {i: (text, TokenType.NORMAL) for text, i in model["vocab"].items()}
     for added in tokenizer_json.get("added_tokens", []):
-        by_id[added["id"]] = (added["content"], _added_token_type(added["content"], added.get("special", False)))
+        by_id[added["id"]] = (
+            added["content"],
+            _added_token_type(added["content"], added.get("special", False)),
+        )
     tokens, token_types = _dense(by_id)
 
     merges = []
     for merge in model.get("merges", []):
         left, right = merge.split(" ", 1) if isinstance(merge, str) else merge
         if " " in left or " " in right:
-            raise ConversionError(f"{path}: merge {merge!r} has a space inside a symbol, which GGUF cannot store")
+            raise ConversionError(
+                f"{path}: merge {merge!r} has a space inside a symbol, which GGUF cannot store"
+            )
         merges.append(f"{left} {right}")
     if not merges:
         raise ConversionError(f"{path}: byte-level BPE without merges")
@@ -283,18 +302,25 @@ def _sentencepiece_vocab(hf_dir: Path, tokenizer_json: dict | None, tokenizer_co
         scores[token_id] = _PAD_SCORE
     tokens, token_types = _dense(by_id)
 
-    defaults = {"bos": processor.bos_id(), "eos": processor.eos_id(), "unk": processor.unk_id(), "pad": processor.pad_id()}
+    defaults = {
+        "bos": processor.bos_id(),
+        "eos": processor.eos_id(),
+        "unk": processor.unk_id(),
+        "pad": processor.pad_id(),
+    }
     return _Vocab(
         model="llama",
         tokens=tokens,
         token_types=token_types,
         scores=[scores.get(i, _PAD_SCORE) for i in range(len(tokens))],
-        prepend_scheme=_llama_prepend_scheme(tokenizer_config),
+        prepend_scheme=_prepend_scheme(path, processor, tokenizer_config),
         default_special_ids={kind: i for kind, i in defaults.items() if i >= 0},
     )
 
 
-def _added_tokens(hf_dir: Path, tokenizer_json: dict | None, tokenizer_config: dict) -> list[tuple[int, str, bool]]:
+def _added_tokens(
+    hf_dir: Path, tokenizer_json: dict | None, tokenizer_config: dict
+) -> list[tuple[int, str, bool]]:
     """(id, content, special) of added tokens from tokenizer.json, tokenizer_config.json's
     added_tokens_decoder and added_tokens.json, the first source naming an id winning."""
     found: dict[int, tuple[str, bool]] = {}
@@ -307,13 +333,22 @@ def _added_tokens(hf_dir: Path, tokenizer_json: dict | None, tokenizer_config: d
     return [(i, content, special) for i, (content, special) in sorted(found.items())]
 
 
-def _llama_prepend_scheme(tokenizer_config: dict) -> str:
-    """When transformers' LlamaTokenizer prepends "▁": never without add_prefix_space; with
-    it, to every fragment for legacy tokenizers and only at the start of the text otherwise
-    (transformers' defaults: add_prefix_space true, legacy false)."""
-    if not tokenizer_config.get("add_prefix_space", True):
+def _prepend_scheme(path: Path, processor, tokenizer_config: dict) -> str | None:
+    """Where a "▁" is prepended, as transformers builds the tokenizer from the SentencePiece
+    model (for Mixtral and Phi-MoE): before every text fragment (None, SentencePiece's own
+    rule) for legacy tokenizers, the default; only at the start of the text ("first")
+    otherwise; "never" without a dummy prefix. The model's normalizer settings are read
+    by encoding probes, which needs no protobuf."""
+    spaces = "".join(processor.encode(" a  b ", out_type=str))
+    ligature = "".join(processor.encode("\ufb01", out_type=str))  # NFKC would make it "fi"
+    if spaces not in ("\u2581a\u2581\u2581b\u2581", "\u2581\u2581a\u2581\u2581b\u2581") or "fi" in ligature:
+        raise ConversionError(
+            f"{path}: the SentencePiece model normalizes text (' a  b ' -> {spaces!r}, '\ufb01' -> "
+            f"{ligature!r}); only Llama-style models (identity normalization, whitespace kept) are supported"
+        )
+    if not spaces.startswith("\u2581\u2581"):
         return "never"
-    return "always" if tokenizer_config.get("legacy", False) else "first"
+    return None if tokenizer_config.get("legacy", True) else "first"
 
 
 # --- special tokens, flags, chat template --------------------------------------------------

@@ -118,6 +118,66 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from qmoe.engine import load
+    from qmoe.predictor.calibrate import record, self_generated_text, tokenize_files
+
+    if not args.text and not args.self_generate:
+        raise QmoeError("give calibration text with --text FILE... or --self-generate N")
+    model = load(args.model, device=args.device, threads=args.threads)
+    docs = tokenize_files(model, args.text) if args.text else []
+    if args.self_generate:
+        docs += self_generated_text(model, args.self_generate, seed=args.seed)
+    meta = record(model, docs, args.output, args.tokens, window=args.window)
+    print(f"recorded {meta.n_tokens} tokens x {len(meta.moe_layers)} MoE layers into {args.output}")
+    return 0
+
+
+def cmd_train_predictors(args: argparse.Namespace) -> int:
+    from qmoe.gguf_file import GGUFFile
+    from qmoe.predictor.calib_data import CalibData
+    from qmoe.predictor.model import INPUT_PRE_ATTN, INPUT_PREV_ROUTER
+    from qmoe.predictor.sidecar import default_sidecar_path, model_identity, write_sidecar
+    from qmoe.predictor.train import train_all
+
+    calib = CalibData(args.data)
+    if calib.meta.model_identity != model_identity(GGUFFile(args.model)):
+        raise QmoeError(f"{args.data} was recorded from another model than {args.model}")
+    options = dict(hidden=args.hidden, arch=args.arch, k_prime=args.k_prime, epochs=args.epochs, lr=args.lr,
+                   batch=args.batch, device=args.device, patience=args.patience, seed=args.seed)
+    out = args.output or default_sidecar_path(args.model)
+    predictors, _ = train_all(calib, input=INPUT_PRE_ATTN, **options)
+    write_sidecar(out, predictors, weight_type=args.type)
+    print(f"wrote {len(predictors.layers)} predictors (hidden {predictors.hidden}) to {out}")
+    if args.cross_layer_output:
+        baseline, _ = train_all(calib, input=INPUT_PREV_ROUTER, **options)
+        write_sidecar(args.cross_layer_output, baseline, weight_type=args.type)
+        print(f"wrote the cross-layer-trained baseline to {args.cross_layer_output}")
+    return 0
+
+
+def cmd_eval_predictors(args: argparse.Namespace) -> int:
+    from qmoe.gguf_file import GGUFFile
+    from qmoe.models.base import to_numpy
+    from qmoe.predictor.calib_data import CalibData
+    from qmoe.predictor.evaluate import evaluate, format_table, plot_exact_match, write_json
+    from qmoe.predictor.sidecar import default_sidecar_path, load_sidecar, model_identity
+
+    f = GGUFFile(args.model)
+    identity = model_identity(f)
+    predictors = load_sidecar(args.predictors or default_sidecar_path(args.model), identity)
+    cross = load_sidecar(args.cross_layer, identity) if args.cross_layer else None
+    calib = CalibData(args.data)
+    routers = {i: to_numpy(f.tensor(f"blk.{i}.ffn_gate_inp.weight")) for i in calib.moe_layers}
+    result = evaluate(calib, predictors, routers, cross_layer_predictors=cross, k_prime=args.k_prime)
+    print(format_table(result))
+    if args.json:
+        write_json(result, args.json)
+    if args.plot:
+        plot_exact_match(result, args.plot)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qmoe", description="Quantized runtime for Mixture-of-Experts LLMs.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -141,6 +201,54 @@ def build_parser() -> argparse.ArgumentParser:
                           "sizes, bytes per tensor type, and whether predictors are present.")
     info.add_argument("model", help="path to the .gguf model")
     info.set_defaults(func=cmd_info)
+
+    cal = sub.add_parser("calibrate", help="record router decisions for predictor training",
+                         description="Run the model over text and record, per MoE layer and token, the "
+                         "pre-attention activation, the router input, the router logits and its top-k.")
+    cal.add_argument("model", help="path to the .gguf model")
+    cal.add_argument("--text", nargs="+", metavar="FILE", help="calibration text files (UTF-8)")
+    cal.add_argument("--self-generate", type=int, metavar="N", default=0,
+                     help="also sample N tokens from the model itself as calibration text")
+    cal.add_argument("--tokens", type=int, default=200_000, help="tokens to record at most (default 200000)")
+    cal.add_argument("--window", type=int, default=256, help="tokens per context window (default 256)")
+    cal.add_argument("-o", "--output", required=True, metavar="CALIB_DIR", help="output directory (new or empty)")
+    cal.add_argument("--device", default="cpu", help="cpu or cuda")
+    cal.add_argument("-t", "--threads", type=int, default=None, help="CPU threads")
+    cal.add_argument("--seed", type=int, default=0, help="seed for --self-generate")
+    cal.set_defaults(func=cmd_calibrate)
+
+    tr = sub.add_parser("train-predictors", help="train the pre-attention expert predictors",
+                        description="Train one predictor per MoE layer on a calibration recording and write "
+                        "them to a sidecar GGUF (model.pred.gguf beside the model by default).")
+    tr.add_argument("model", help="path to the .gguf model the recording came from")
+    tr.add_argument("--data", required=True, metavar="CALIB_DIR", help="output of `qmoe calibrate`")
+    tr.add_argument("-o", "--output", default=None, help="sidecar path (default: MODEL.pred.gguf)")
+    tr.add_argument("--hidden", type=int, default=None, help="predictor width (default min(2048, 4*n_embd))")
+    tr.add_argument("--arch", type=int, choices=(1, 2), default=1,
+                    help="1: Linear-BatchNorm-GELU-Dropout-Linear (default); 2: Linear-SiLU-Linear")
+    tr.add_argument("--epochs", type=int, default=30, help="maximum epochs (default 30)")
+    tr.add_argument("--patience", type=int, default=3, help="early-stopping patience in epochs (default 3)")
+    tr.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 1e-3)")
+    tr.add_argument("--batch", type=int, default=512, help="batch size (default 512)")
+    tr.add_argument("--k-prime", type=int, default=None, help="suggested over-provisioning (default ceil(1.5k))")
+    tr.add_argument("--type", choices=("f16", "q8_0"), default="f16", help="weight type in the sidecar")
+    tr.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--cross-layer-output", default=None, metavar="PATH",
+                    help="also train the cross-layer-trained baseline and write it here")
+    tr.set_defaults(func=cmd_train_predictors)
+
+    ev = sub.add_parser("eval-predictors", help="compare the predictors with the baselines",
+                        description="Exact match, over-provisioned exact match, top-1 and recall@k on held-out "
+                        "tokens, per layer, for pre-attn and the baselines.")
+    ev.add_argument("model", help="path to the .gguf model")
+    ev.add_argument("--data", required=True, metavar="CALIB_DIR", help="output of `qmoe calibrate`")
+    ev.add_argument("--predictors", default=None, help="sidecar (default: MODEL.pred.gguf)")
+    ev.add_argument("--cross-layer", default=None, metavar="PATH", help="cross-layer-trained baseline sidecar")
+    ev.add_argument("--k-prime", type=int, default=None, help="over-provisioning for the over-provisioned metric")
+    ev.add_argument("--json", default=None, metavar="OUT", help="write the full result as JSON")
+    ev.add_argument("--plot", default=None, metavar="PNG", help="plot exact match by layer")
+    ev.set_defaults(func=cmd_eval_predictors)
     return parser
 
 

@@ -32,6 +32,7 @@ Raw view layouts (numpy order, leading dims = experts and rows):
 
 from __future__ import annotations
 
+import itertools
 import os
 import struct
 from collections.abc import Iterable
@@ -170,14 +171,10 @@ class _Cursor:
                 f"({self.remaining()} bytes left)",
             )
         start = self.skip(n, what)
-        return _decode_utf8(self, self.buf[start : start + n], what)
-
-
-def _decode_utf8(cur: _Cursor, raw: memoryview, what: str) -> str:
-    try:
-        return str(raw, "utf-8")
-    except UnicodeDecodeError as e:
-        raise cur.fail(what, f"string is not valid UTF-8 ({e.reason} at byte {e.start} of it)") from None
+        try:
+            return str(self.buf[start : start + n], "utf-8")
+        except UnicodeDecodeError as e:
+            raise self.fail(what, f"string is not valid UTF-8 ({e.reason} at byte {e.start} of it)") from None
 
 
 def _value_type(cur: _Cursor, what: str) -> GGUFValueType:
@@ -185,15 +182,15 @@ def _value_type(cur: _Cursor, what: str) -> GGUFValueType:
     try:
         return GGUFValueType(code)
     except ValueError:
-        raise cur.fail(what, f"unknown value type {code}, expected 0..{max(GGUFValueType)}") from None
+        raise cur.fail(what, f"unknown value type {code}, expected 0..{int(max(GGUFValueType))}") from None
 
 
-def _read_value(cur: _Cursor, vtype: GGUFValueType, what: str, depth: int = 0) -> Any:
+def _read_value(cur: _Cursor, vtype: GGUFValueType, what: str) -> Any:
     """One metadata value of type `vtype` as a python str/int/float/bool/list."""
     if vtype == GGUFValueType.STRING:
         return cur.string(what)
     if vtype == GGUFValueType.ARRAY:
-        return _read_array(cur, what, depth + 1)
+        return _read_array(cur, what, depth=1)
     dtype = _SCALAR_DTYPES[vtype]
     value = np.frombuffer(cur.buf, dtype, 1, cur.skip(dtype.itemsize, what))[0].item()
     if vtype == GGUFValueType.BOOL:
@@ -258,8 +255,6 @@ def _read_string_array(cur: _Cursor, count: int, what: str) -> list[str]:
 
 def _read_header(cur: _Cursor) -> tuple[int, int]:
     """Check magic and version; return (n_tensors, n_kv), each checked against the file size."""
-    if cur.size < _HEADER_BYTES:
-        raise cur.fail("header", f"file is {cur.size} bytes, a GGUF header alone takes {_HEADER_BYTES}")
     start = cur.skip(4, "magic")
     magic = bytes(cur.buf[start : start + 4])
     if magic != GGUF_MAGIC:
@@ -329,9 +324,7 @@ def _read_tensor_info(cur: _Cursor, index: int) -> _TensorInfo:
     except (ValueError, KeyError):
         raise cur.fail(what, f"unknown ggml type {code}") from None
     if ne[0] % block:
-        raise cur.fail(
-            what, f"row length {ne[0]} is not a multiple of {qtype.name}'s block size {block}"
-        )
+        raise cur.fail(what, f"row length {ne[0]} is not a multiple of {qtype.name}'s block size {block}")
     n_rows = 1
     for n in ne[1:]:
         n_rows *= n  # python ints: no overflow; the data-range check bounds the product
@@ -354,7 +347,7 @@ def _check_placement(cur: _Cursor, infos: list[_TensorInfo], data_start: int, al
                 f"runs past the end of the data section ({data_bytes} bytes from byte {data_start})",
             )
     by_start = sorted(infos, key=lambda t: t.offset)
-    for before, after in zip(by_start, by_start[1:]):
+    for before, after in itertools.pairwise(by_start):
         if before.offset + before.nbytes > after.offset:
             raise cur.fail(
                 f"tensor {after.name!r}",
@@ -390,24 +383,20 @@ class GGUFFile:
         except (OSError, ValueError) as e:
             raise GGUFFormatError(f"{self.path}: cannot be memory-mapped ({e})") from e
         with memoryview(self._map) as buf:
-            cur = _Cursor(self.path, buf)
-            self.fields: dict[str, Any] = {}
-            self.tensors: dict[str, Tensor] = {}
-            self._parse(cur)
+            self.fields, self.tensors = self._parse(_Cursor(self.path, buf))
         self.arch: str = self.get("general.architecture", kind=str)
 
-    def _parse(self, cur: _Cursor) -> None:
+    def _parse(self, cur: _Cursor) -> tuple[dict[str, Any], dict[str, Tensor]]:
+        """Header, metadata and tensor infos, all checked; tensors as views of the map."""
         n_tensors, n_kv = _read_header(cur)
-        self.fields, types = _read_metadata(cur, n_kv)
-        alignment = _alignment(cur, self.fields, types)
-        infos: list[_TensorInfo] = []
-        names: set[str] = set()
+        fields, types = _read_metadata(cur, n_kv)
+        alignment = _alignment(cur, fields, types)
+        infos: dict[str, _TensorInfo] = {}
         for i in range(n_tensors):
             info = _read_tensor_info(cur, i)
-            if info.name in names:
+            if info.name in infos:
                 raise cur.fail(f"tensor {info.name!r}", "appears twice, expected unique tensor names")
-            names.add(info.name)
-            infos.append(info)
+            infos[info.name] = info
         data_start = -(-cur.pos // alignment) * alignment
         if infos and data_start > cur.size:
             raise cur.fail(
@@ -415,11 +404,12 @@ class GGUFFile:
                 f"starts at byte {data_start} (aligned to {alignment}), past the end of the file "
                 f"({cur.size} bytes)",
             )
-        _check_placement(cur, infos, data_start, alignment)
-        for info in infos:
+        _check_placement(cur, list(infos.values()), data_start, alignment)
+        tensors = {}
+        for name, info in infos.items():
             start = data_start + info.offset
-            view = _raw_view(self._map, info, start)
-            self.tensors[info.name] = Tensor(info.name, info.qtype, info.shape, view, start)
+            tensors[name] = Tensor(name, info.qtype, info.shape, _raw_view(self._map, info, start), start)
+        return fields, tensors
 
     def get(self, key: str, default: Any = _MISSING, *, kind: type | None = None) -> Any:
         """Metadata value for `key`; raises if absent and no default is given.

@@ -18,12 +18,13 @@ converter records them (llama.cpp ignores unknown keys):
     qmoe.tokenizer.normalizer      "NFC" | "NFKC" | "NFD" | "NFKD": Unicode normalization
                                    applied to the text between special tokens (Qwen, OLMo
                                    declare NFC). Absent: none.
-    qmoe.tokenizer.prepend_scheme  "always" | "first" | "never", for "llama" vocabularies:
-                                   when transformers' Llama tokenizer prepends "▁" to a text
-                                   fragment ("always": each fragment that does not start
-                                   with a space; "first": only the fragment that starts the
-                                   text). Absent: SentencePiece's own rule, a "▁" before
-                                   every fragment, which is also what llama.cpp does.
+    qmoe.tokenizer.prepend_scheme  "first" | "never", for "llama" vocabularies: "first" when
+                                   the tokenizer is not "legacy" (transformers then prepends
+                                   "▁" only to the text fragment that starts the text, and
+                                   only if it does not start with a space), "never" when the
+                                   SentencePiece model has no dummy prefix. Absent:
+                                   SentencePiece's own rule, a "▁" before every fragment, as
+                                   llama.cpp and transformers (legacy) do.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ NORMALIZER_KEY = "qmoe.tokenizer.normalizer"
 PREPEND_SCHEME_KEY = "qmoe.tokenizer.prepend_scheme"
 
 NORMALIZERS = ("NFC", "NFKC", "NFD", "NFKD")
-PREPEND_SCHEMES = ("always", "first", "never")
+PREPEND_SCHEMES = ("first", "never")
 
 # The regex GPT-2's byte-level pre-tokenizer uses, as Hugging Face's ByteLevel(use_regex=True).
 GPT2_SPLIT_REGEX = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
@@ -57,18 +58,20 @@ QWEN2_SPLIT_REGEX = (
 # U+1FDB, U+2126, U+212A) and would turn the ranges around them invalid.
 DEEPSEEK_LLM_SPLIT_REGEXES = (
     "[\r\n]",
-    "\\s?[A-Za-z\u00b5\u00c0-\u00d6\u00d8-\u00f6\u00f8-\u01ba\u01bc-\u01bf\u01c4-\u0293\u0295-\u02af"
-    "\u0370-\u0373\u0376\u0377\u037b-\u037d\u037f\u0386\u0388-\u038a\u038c\u038e-\u03a1\u03a3-\u03f5"
-    "\u03f7-\u0481\u048a-\u052f\u0531-\u0556\u10a0-\u10c5\u13a0-\u13f5\u13f8-\u13fd\u1c90-\u1cba"
-    "\u1cbd-\u1cbf\u1d00-\u1d2b\u1d6b-\u1d77\u1d79-\u1d9a\u1e00-\u1f15\u1f18-\u1f1d\u1f20-\u1f45"
-    "\u1f48-\u1f4d\u1f50-\u1f57\u1f59\u1f5b\u1f5d\u1f5f-\u1f7d\u1f80-\u1fb4\u1fb6-\u1fbc\u1fbe"
-    "\u1fc2-\u1fc4\u1fc6-\u1fcc\u1fd0-\u1fd3\u1fd6-\u1fdb\u1fe0-\u1fec\u1ff2-\u1ff4\u1ff6-\u1ffc"
-    "\u2102\u2107\u210a-\u2113\u2115\u2119-\u211d\u2124\u2126\u2128\u212a-\u212d\u212f-\u2134"
-    "\u2139\u213c-\u213f\u2145-\u2149\u214e\u2183\u2184\u2c00-\u2c7b\u2c7e-\u2ce4\u2ceb-\u2cee"
-    "\u2cf2\u2cf3\ua640-\ua66d\ua680-\ua69b\ua722-\ua76f\ua771-\ua787\ua78b-\ua78e\uab70-\uabbf"
-    "\ufb00-\ufb06\ufb13-\ufb17\uff21-\uff3a\uff41-\uff5a\U00010400-\U0001044f\U000104b0-\U000104d3"
-    "\U000104d8-\U000104fb\U00010c80-\U00010cb2\U00010cc0-\U00010cf2\U000118a0-\U000118df"
-    "\U0001e900-\U0001e943]+",
+    (
+        "\\s?[A-Za-z\u00b5\u00c0-\u00d6\u00d8-\u00f6\u00f8-\u01ba\u01bc-\u01bf\u01c4-\u0293\u0295-\u02af"
+        "\u0370-\u0373\u0376\u0377\u037b-\u037d\u037f\u0386\u0388-\u038a\u038c\u038e-\u03a1\u03a3-\u03f5"
+        "\u03f7-\u0481\u048a-\u052f\u0531-\u0556\u10a0-\u10c5\u13a0-\u13f5\u13f8-\u13fd\u1c90-\u1cba"
+        "\u1cbd-\u1cbf\u1d00-\u1d2b\u1d6b-\u1d77\u1d79-\u1d9a\u1e00-\u1f15\u1f18-\u1f1d\u1f20-\u1f45"
+        "\u1f48-\u1f4d\u1f50-\u1f57\u1f59\u1f5b\u1f5d\u1f5f-\u1f7d\u1f80-\u1fb4\u1fb6-\u1fbc\u1fbe"
+        "\u1fc2-\u1fc4\u1fc6-\u1fcc\u1fd0-\u1fd3\u1fd6-\u1fdb\u1fe0-\u1fec\u1ff2-\u1ff4\u1ff6-\u1ffc"
+        "\u2102\u2107\u210a-\u2113\u2115\u2119-\u211d\u2124\u2126\u2128\u212a-\u212d\u212f-\u2134"
+        "\u2139\u213c-\u213f\u2145-\u2149\u214e\u2183\u2184\u2c00-\u2c7b\u2c7e-\u2ce4\u2ceb-\u2cee"
+        "\u2cf2\u2cf3\ua640-\ua66d\ua680-\ua69b\ua722-\ua76f\ua771-\ua787\ua78b-\ua78e\uab70-\uabbf"
+        "\ufb00-\ufb06\ufb13-\ufb17\uff21-\uff3a\uff41-\uff5a\U00010400-\U0001044f\U000104b0-\U000104d3"
+        "\U000104d8-\U000104fb\U00010c80-\U00010cb2\U00010cc0-\U00010cf2\U000118a0-\U000118df"
+        "\U0001e900-\U0001e943]+"
+    ),
     "\\s?[!-/:-~\uff01-\uff0f\uff1a-\uff5e\u2018-\u201f\u3000-\u3002]+",
     "\\s+$",
     "[\u4e00-\u9fa5\u0800-\u4e00\uac00-\ud7ff]+",
@@ -99,7 +102,11 @@ def gpt2_byte_alphabet() -> dict[int, str]:
     """GPT-2's byte -> printable character table: printable Latin-1 bytes stand for
     themselves, the other 68 bytes are shifted to U+0100 and beyond, so every byte
     string is spelled with visible characters (a space is "Ġ", a newline "Ċ")."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
     table = {b: chr(b) for b in printable}
     shifted = 0
     for b in range(256):
@@ -123,11 +130,10 @@ def _merge_pairs(symbols: list[str], priority) -> list[str]:
         if left >= 0 and right >= 0:
             key = priority(symbols[left], symbols[right])
             if key is not None:
-                heap.append((key, left, symbols[left], symbols[right]))
+                heapq.heappush(heap, (key, left, symbols[left], symbols[right]))
 
     for i in range(n - 1):
         push(i, i + 1)
-    heapq.heapify(heap)
     while heap:
         _, left, left_text, right_text = heapq.heappop(heap)
         right = following[left]
@@ -139,11 +145,8 @@ def _merge_pairs(symbols: list[str], priority) -> list[str]:
         following[left] = following[right]
         if following[right] >= 0:
             preceding[following[right]] = left
-        for a, b in ((preceding[left], left), (left, following[left])):
-            if a >= 0 and b >= 0:
-                key = priority(symbols[a], symbols[b])
-                if key is not None:
-                    heapq.heappush(heap, (key, a, symbols[a], symbols[b]))
+        push(preceding[left], left)
+        push(left, following[left])
     return [s for s in symbols if s]
 
 
@@ -161,7 +164,9 @@ class _ByteLevelBPE:
         for rank, merge in enumerate(merges):
             left, sep, right = merge.partition(" ")
             if not sep:
-                raise TokenizerError(f"{path}: merge {rank} {merge!r} is not two symbols separated by a space")
+                raise TokenizerError(
+                    f"{path}: merge {rank} {merge!r} is not two symbols separated by a space"
+                )
             self.ranks.setdefault((left, right), rank)
         self.token_to_id = token_to_id
         self.alphabet = gpt2_byte_alphabet()
@@ -206,7 +211,9 @@ class _ByteLevelBPE:
         for symbol in symbols:
             token_id = self.token_to_id.get(symbol)
             if token_id is None:
-                raise TokenizerError(f"{self.path}: the vocabulary has no token for the byte symbol {symbol!r}")
+                raise TokenizerError(
+                    f"{self.path}: the vocabulary has no token for the byte symbol {symbol!r}"
+                )
             ids.append(token_id)
         return ids
 
@@ -221,7 +228,9 @@ class _ByteLevelBPE:
 
     def decode(self, parts: list[tuple[str, int]]) -> str:
         """Text of (token, type) pairs: all bytes joined, then read as UTF-8."""
-        return b"".join(self.token_bytes(token, kind) for token, kind in parts).decode("utf-8", errors="replace")
+        return b"".join(self.token_bytes(token, kind) for token, kind in parts).decode(
+            "utf-8", errors="replace"
+        )
 
     def token_bytes(self, token: str, kind: int) -> bytes:
         if kind == TokenType.NORMAL:
@@ -262,16 +271,16 @@ class _SentencePieceBPE:
             for b in symbol.encode("utf-8"):
                 byte_id = self.byte_ids[b] if self.byte_ids[b] is not None else self.unk_id
                 if byte_id is None:
-                    raise TokenizerError(f"{self.path}: no token for {symbol!r}, no <0x{b:02X}> byte token and no <unk>")
+                    raise TokenizerError(
+                        f"{self.path}: no token for {symbol!r}, no <0x{b:02X}> byte token and no <unk>"
+                    )
                 ids.append(byte_id)
         return ids
 
     def _prepends(self, text: str, at_text_start: bool) -> bool:
         if self.prepend_scheme is None:
             return True
-        if self.prepend_scheme == "never" or text.startswith(_SPACE_MARK):
-            return False
-        return self.prepend_scheme == "always" or at_text_start
+        return self.prepend_scheme == "first" and at_text_start and not text.startswith(_SPACE_MARK)
 
     def _merge_priority(self, left: str, right: str):
         token_id = self.token_to_id.get(left + right)
@@ -372,56 +381,28 @@ class Tokenizer:
             raise TokenizerError(
                 f"{f.path}: tokenizer.ggml.token_type has {len(token_types)} entries for {len(tokens)} tokens"
             )
-        token_to_id = {}
-        for i, token in enumerate(tokens):
-            if token_types[i] != TokenType.UNUSED:
-                token_to_id.setdefault(token, i)
-
         normalizer = f.get(NORMALIZER_KEY, None)
         if normalizer is not None and normalizer not in NORMALIZERS:
-            raise TokenizerError(f"{f.path}: {NORMALIZER_KEY} is {normalizer!r}; expected one of {NORMALIZERS}")
-
-        encoder: _ByteLevelBPE | _SentencePieceBPE
-        if model == "gpt2":
-            merges = f.get("tokenizer.ggml.merges", None)
-            if merges is None:
-                raise TokenizerError(f"{f.path}: a 'gpt2' tokenizer needs tokenizer.ggml.merges")
-            encoder = _ByteLevelBPE(token_to_id, list(merges), f.get("tokenizer.ggml.pre", "default"), f.path)
-        elif model == "llama":
-            scores = f.get("tokenizer.ggml.scores", None)
-            if scores is None or len(scores) != len(tokens):
-                raise TokenizerError(f"{f.path}: a 'llama' tokenizer needs one tokenizer.ggml.scores entry per token")
-            prepend_scheme = f.get(PREPEND_SCHEME_KEY, None)
-            if prepend_scheme is not None and prepend_scheme not in PREPEND_SCHEMES:
-                raise TokenizerError(
-                    f"{f.path}: {PREPEND_SCHEME_KEY} is {prepend_scheme!r}; expected one of {PREPEND_SCHEMES}"
-                )
-            if not f.get("tokenizer.ggml.add_space_prefix", True):
-                prepend_scheme = "never"
-            unk_id = f.get("tokenizer.ggml.unknown_token_id", None)
-            encoder = _SentencePieceBPE(token_to_id, [float(s) for s in scores], prepend_scheme, unk_id, f.path)
-        else:
             raise TokenizerError(
-                f"{f.path}: tokenizer model {model!r} (tokenizer.ggml.model) is not supported; "
-                "supported: 'gpt2' (byte-level BPE), 'llama' (SentencePiece)"
+                f"{f.path}: {NORMALIZER_KEY} is {normalizer!r}; expected one of {NORMALIZERS}"
             )
 
         def token_id(key: str) -> int | None:
             value = f.get(key, None)
-            if value is None:
-                return None
-            if not 0 <= value < len(tokens):
-                raise TokenizerError(f"{f.path}: {key} is {value}, outside the {len(tokens)}-token vocabulary")
-            return int(value)
+            if value is not None and not 0 <= value < len(tokens):
+                raise TokenizerError(
+                    f"{f.path}: {key} is {value}, outside the {len(tokens)}-token vocabulary"
+                )
+            return value
 
-        eot_ids = {i for i in (token_id("tokenizer.ggml.eot_token_id"), token_id("tokenizer.ggml.eom_token_id")) if i is not None}
+        eot_ids = {token_id("tokenizer.ggml.eot_token_id"), token_id("tokenizer.ggml.eom_token_id")} - {None}
         eot_ids |= {
             i for i, t in enumerate(tokens) if t in _END_OF_TURN_TEXTS and token_types[i] == TokenType.CONTROL
         }
         return cls(
             tokens,
             token_types,
-            encoder,
+            _make_encoder(f, model, tokens, token_types, token_id("tokenizer.ggml.unknown_token_id")),
             bos_id=token_id("tokenizer.ggml.bos_token_id"),
             eos_id=token_id("tokenizer.ggml.eos_token_id"),
             eot_ids=eot_ids,
@@ -504,3 +485,36 @@ class Tokenizer:
         if not 0 <= token_id < len(self.tokens):
             raise TokenizerError(f"token id {token_id} is outside the {len(self.tokens)}-token vocabulary")
         return self.token_types[token_id]
+
+
+def _make_encoder(
+    f: GGUFFile, model: str, tokens: list[str], token_types: list[int], unk_id: int | None
+) -> _ByteLevelBPE | _SentencePieceBPE:
+    """The encoder for vocabulary kind `model` ("gpt2" or "llama") from `f`'s metadata."""
+    token_to_id: dict[str, int] = {}
+    for i, token in enumerate(tokens):
+        if token_types[i] != TokenType.UNUSED:
+            token_to_id.setdefault(token, i)
+    if model == "gpt2":
+        merges = f.get("tokenizer.ggml.merges", None)
+        if merges is None:
+            raise TokenizerError(f"{f.path}: a 'gpt2' tokenizer needs tokenizer.ggml.merges")
+        return _ByteLevelBPE(token_to_id, list(merges), f.get("tokenizer.ggml.pre", "default"), f.path)
+    if model == "llama":
+        scores = f.get("tokenizer.ggml.scores", None)
+        if scores is None or len(scores) != len(tokens):
+            raise TokenizerError(
+                f"{f.path}: a 'llama' tokenizer needs one tokenizer.ggml.scores entry per token"
+            )
+        prepend_scheme = f.get(PREPEND_SCHEME_KEY, None)
+        if prepend_scheme is not None and prepend_scheme not in PREPEND_SCHEMES:
+            raise TokenizerError(
+                f"{f.path}: {PREPEND_SCHEME_KEY} is {prepend_scheme!r}; expected one of {PREPEND_SCHEMES}"
+            )
+        if not f.get("tokenizer.ggml.add_space_prefix", True):
+            prepend_scheme = "never"
+        return _SentencePieceBPE(token_to_id, [float(s) for s in scores], prepend_scheme, unk_id, f.path)
+    raise TokenizerError(
+        f"{f.path}: tokenizer model {model!r} (tokenizer.ggml.model) is not supported; "
+        "supported: 'gpt2' (byte-level BPE), 'llama' (SentencePiece)"
+    )

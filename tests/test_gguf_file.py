@@ -69,7 +69,10 @@ def test_nested_arrays_round_trip_up_to_the_nesting_limit(tmp_path):
     for _ in range(MAX_ARRAY_NESTING - 1):
         deepest = [deepest, deepest]
     ragged = [["a", "bc"], ["d"]]
-    kv = [("test.deep", deepest, GGUFValueType.ARRAY, None), ("test.ragged", ragged, GGUFValueType.ARRAY, None)]
+    kv = [
+        ("test.deep", deepest, GGUFValueType.ARRAY, None),
+        ("test.ragged", ragged, GGUFValueType.ARRAY, None),
+    ]
     f = GGUFFile(write_gguf(tmp_path / "m.gguf", kv))
     assert f.get("test.deep") == deepest
     assert f.get("test.ragged") == ragged
@@ -125,7 +128,9 @@ def test_numeric_tensors_are_viewed_with_their_dtype(tmp_path, dtype):
 def test_bf16_is_viewed_as_uint16_top_halves(tmp_path):
     values = np.array([[1.0, -2.5, 3.0 * 2.0**20, 0.0]], dtype=np.float32)  # exact in bf16
     packed = gguf.quants.quantize(values, GGMLQuantizationType.BF16)
-    t = GGUFFile(write_gguf(tmp_path / "m.gguf", tensors=[("w", packed, GGMLQuantizationType.BF16)])).tensor("w")
+    t = GGUFFile(write_gguf(tmp_path / "m.gguf", tensors=[("w", packed, GGMLQuantizationType.BF16)])).tensor(
+        "w"
+    )
     assert t.data.dtype == np.uint16 and t.shape == (1, 4)
     np.testing.assert_array_equal((t.data.astype(np.uint32) << 16).view(np.float32), values)
 
@@ -137,7 +142,9 @@ def test_block_views_dequantize_like_gguf_py(tmp_path, qtype):
     packed = gguf.quants.quantize(values, qtype)
     t = GGUFFile(write_gguf(tmp_path / "m.gguf", tensors=[("exps", packed, qtype)])).tensor("exps")
     assert t.shape == (4, 3, 64) and t.data.shape == (4, 3, t.row_bytes) and t.data.dtype == np.uint8
-    np.testing.assert_array_equal(gguf.quants.dequantize(t.data, qtype), gguf.quants.dequantize(packed, qtype))
+    np.testing.assert_array_equal(
+        gguf.quants.dequantize(t.data, qtype), gguf.quants.dequantize(packed, qtype)
+    )
     np.testing.assert_allclose(gguf.quants.dequantize(t.data, qtype), values, atol=0.5)
 
 
@@ -181,9 +188,9 @@ def test_agrees_with_gguf_py_reader(tmp_path):
     )
     ours, theirs = GGUFFile(path), gguf.GGUFReader(path)
     assert ours.fields == {k: v.contents() for k, v in theirs.fields.items() if not k.startswith("GGUF.")}
-    assert {t.name: (t.tensor_type, int(t.data_offset), tuple(reversed(t.shape.tolist()))) for t in theirs.tensors} == {
-        t.name: (t.qtype, t.offset, t.shape) for t in ours.tensors.values()
-    }
+    assert {
+        t.name: (t.tensor_type, int(t.data_offset), tuple(reversed(t.shape.tolist()))) for t in theirs.tensors
+    } == {t.name: (t.qtype, t.offset, t.shape) for t in ours.tensors.values()}
 
 
 def test_typed_and_required_metadata(tmp_path):
@@ -197,7 +204,9 @@ def test_typed_and_required_metadata(tmp_path):
     assert f.arch_get("block_count", kind=int) == 4
     assert f.arch_get("rope.freq_base", kind=float) == 10000.0
     assert f.arch_get("missing", 7, kind=int) == 7
-    with pytest.raises(GGUFFormatError, match=r"m\.gguf.*'qwen3moe\.expert_weights_norm' is bool True, expected int"):
+    with pytest.raises(
+        GGUFFormatError, match=r"m\.gguf.*'qwen3moe\.expert_weights_norm' is bool True, expected int"
+    ):
         f.arch_get("expert_weights_norm", kind=int)
     with pytest.raises(GGUFFormatError, match=r"'general\.architecture' is str 'qwen3moe', expected float"):
         f.get("general.architecture", kind=float)
@@ -213,7 +222,9 @@ def test_lookup_errors_name_the_file_and_what_was_expected(tmp_path):
         f.arch_get("block_count")
     with pytest.raises(GGUFFormatError, match=r"model\.gguf: required tensor 'v' is missing"):
         f.tensor("v")
-    with pytest.raises(GGUFFormatError, match=r"model\.gguf: tensor 'w' has shape \[2, 32\], expected \[32, 2\]"):
+    with pytest.raises(
+        GGUFFormatError, match=r"model\.gguf: tensor 'w' has shape \[2, 32\], expected \[32, 2\]"
+    ):
         f.tensor("w", shape=(32, 2))
     with pytest.raises(GGUFFormatError, match=r"nothere\.gguf: no such file"):
         GGUFFile(tmp_path / "nothere.gguf")

@@ -31,14 +31,15 @@ transformers = pytest.importorskip("transformers")
 # rows for 151669 tokens).
 _EMBEDDING_PADDING = 13
 
-# kind -> (config.json model_type, fixture, tokenizer_config.json overrides)
+# kind -> (config.json model_type, fixture writer, tokenizer_config.json overrides)
 _KINDS = {
-    "qwen2": ("qwen3_moe", "qwen2", {}),
-    "deepseek-llm": ("deepseek_v2", "deepseek-llm", {}),
-    "olmo": ("olmoe", "olmo", {}),
-    "llama": ("mixtral", None, {}),
-    # transformers' default Llama tokenizer (legacy false): "▁" only at the start of the text.
-    "llama-first": ("mixtral", None, {"legacy": False}),
+    "qwen2": ("qwen3_moe", lambda d: make_bpe_tokenizer(d, "qwen2"), {}),
+    "deepseek-llm": ("deepseek_v2", lambda d: make_bpe_tokenizer(d, "deepseek-llm"), {}),
+    "olmo": ("olmoe", lambda d: make_bpe_tokenizer(d, "olmo"), {}),
+    "llama": ("mixtral", make_sentencepiece_tokenizer, {}),
+    # A non-legacy tokenizer: "▁" only at the start of the text.
+    "llama-first": ("mixtral", make_sentencepiece_tokenizer, {"legacy": False}),
+    "llama-no-prefix": ("mixtral", lambda d: make_sentencepiece_tokenizer(d, add_dummy_prefix=False), {}),
 }
 
 _CODE = inspect.getsource(inspect.getmodule(codecs.IncrementalDecoder))[:6000]
@@ -86,9 +87,9 @@ def _write_gguf(hf_dir: Path, path: Path) -> None:
 
 
 def _build(kind: str, root: Path) -> Converted:
-    model_type, pre, overrides = _KINDS[kind]
+    model_type, make_tokenizer, overrides = _KINDS[kind]
     hf_dir = root / kind
-    n_tokens = make_sentencepiece_tokenizer(hf_dir) if pre is None else make_bpe_tokenizer(hf_dir, pre)
+    n_tokens = make_tokenizer(hf_dir)
     if overrides:
         config_path = hf_dir / "tokenizer_config.json"
         config_path.write_text(json.dumps({**json.loads(config_path.read_text()), **overrides}))
@@ -124,14 +125,18 @@ def test_encode_without_parsing_special_tokens_equals_hugging_face(converted, na
 
 def test_encode_without_bos(converted):
     text = TEXTS["ascii"]
-    assert converted.tokenizer.encode(text, add_bos=False) == converted.hf.encode(text, add_special_tokens=False)
+    assert converted.tokenizer.encode(text, add_bos=False) == converted.hf.encode(
+        text, add_special_tokens=False
+    )
 
 
 @pytest.mark.parametrize("name", list(TEXTS))
 def test_decode_equals_hugging_face(converted, name):
     ids = converted.hf.encode(TEXTS[name])
     assert converted.tokenizer.decode(ids) == converted.hf.decode(ids)
-    assert converted.tokenizer.decode(ids, skip_special=True) == converted.hf.decode(ids, skip_special_tokens=True)
+    assert converted.tokenizer.decode(ids, skip_special=True) == converted.hf.decode(
+        ids, skip_special_tokens=True
+    )
 
 
 def test_decode_of_arbitrary_ids_equals_hugging_face(converted):
@@ -149,8 +154,31 @@ def test_decode_token_streams_the_text(converted):
     text = TEXTS["emoji"] + TEXTS["cjk"] + TEXTS["code"][:500]
     ids = converted.tokenizer.encode(text, add_bos=False)
     stream = codecs.getincrementaldecoder("utf-8")()
-    streamed = "".join(stream.decode(converted.tokenizer.decode_token(i)) for i in ids) + stream.decode(b"", final=True)
-    assert streamed == (" " + text if converted.kind.startswith("llama") else text)
+    streamed = "".join(stream.decode(converted.tokenizer.decode_token(i)) for i in ids) + stream.decode(
+        b"", final=True
+    )
+    assert streamed == (" " + text if converted.kind in ("llama", "llama-first") else text)
+
+
+@pytest.mark.parametrize("kind", ["llama", "llama-no-prefix"])
+def test_sentencepiece_vocabulary_encodes_like_the_sentencepiece_library(kind, tmp_path):
+    """llama.cpp tokenizes as the sentencepiece library does; so must qmoe, for plain text."""
+    import sentencepiece
+
+    built = _build(kind, tmp_path)
+    processor = sentencepiece.SentencePieceProcessor(model_file=str(built.hf_dir / "tokenizer.model"))
+    for name in (
+        "ascii",
+        "accented",
+        "cjk",
+        "emoji",
+        "code",
+        "spaces",
+        "newlines",
+        "digits",
+        "leading_space",
+    ):
+        assert built.tokenizer.encode(TEXTS[name], add_bos=False) == processor.encode(TEXTS[name]), name
 
 
 def test_long_prompt_round_trips(converted):
@@ -192,7 +220,9 @@ def test_vocabulary_model_and_rules(converted):
     if kind.startswith("llama"):
         assert f.get("tokenizer.ggml.model") == "llama"
         assert len(f.get("tokenizer.ggml.scores")) == converted.n_tokens + _EMBEDDING_PADDING
-        assert f.get(PREPEND_SCHEME_KEY) == ("first" if kind == "llama-first" else "always")
+        expected = {"llama": None, "llama-first": "first", "llama-no-prefix": "never"}[kind]
+        assert f.get(PREPEND_SCHEME_KEY, None) == expected
+        assert f.get("tokenizer.ggml.add_space_prefix", None) == (False if expected == "never" else None)
         assert f.get("tokenizer.ggml.merges", None) is None
         return
     assert f.get("tokenizer.ggml.model") == "gpt2"
@@ -282,6 +312,13 @@ def test_missing_tokenizer_is_refused(tmp_path):
         _write_gguf(tmp_path / "hf", tmp_path / "t.gguf")
 
 
+def test_unreadable_sentencepiece_model_is_refused(tmp_path):
+    make_sentencepiece_tokenizer(tmp_path / "hf")
+    (tmp_path / "hf" / "tokenizer.model").write_bytes(b"not a model")
+    with pytest.raises(ConversionError, match=r"tokenizer\.model: not a readable SentencePiece model"):
+        _write_gguf(tmp_path / "hf", tmp_path / "t.gguf")
+
+
 def test_vocabulary_larger_than_the_embedding_is_refused(tmp_path):
     n = make_bpe_tokenizer(tmp_path / "hf", "qwen2")
     (tmp_path / "hf" / "config.json").write_text(json.dumps({"model_type": "qwen3_moe", "vocab_size": n - 1}))
@@ -308,8 +345,12 @@ def test_runtime_refuses_unknown_model_and_pre_tokenizer(tmp_path):
     f = _gguf_with(tmp_path / "m.gguf", tokenizer__ggml__model="bert", **base)
     with pytest.raises(TokenizerError, match="tokenizer model 'bert'"):
         Tokenizer.from_gguf(f)
-    f = _gguf_with(tmp_path / "p.gguf", tokenizer__ggml__model="gpt2", tokenizer__ggml__pre="llama-bpe", **base)
-    with pytest.raises(TokenizerError, match="pre-tokenizer 'llama-bpe'.*supported: deepseek-llm, gpt2, olmo, qwen2"):
+    f = _gguf_with(
+        tmp_path / "p.gguf", tokenizer__ggml__model="gpt2", tokenizer__ggml__pre="llama-bpe", **base
+    )
+    with pytest.raises(
+        TokenizerError, match="pre-tokenizer 'llama-bpe'.*supported: deepseek-llm, gpt2, olmo, qwen2"
+    ):
         Tokenizer.from_gguf(f)
 
 

@@ -143,7 +143,9 @@ def _bpe_pipeline(pre: str) -> Tokenizer:
     elif pre == "olmo":
         # GPT-NeoX style, as OLMo/OLMoE ship it: NFC, then ByteLevel with GPT-2's built-in regex.
         tokenizer.normalizer = normalizers.NFC()
-        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)
+        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(
+            add_prefix_space=False, trim_offsets=True, use_regex=True
+        )
     else:
         raise ValueError(f"unknown pre-tokenizer fixture {pre!r}; expected one of {sorted(_BPE_FAMILIES)}")
     tokenizer.decoder = decoders.ByteLevel()
@@ -170,7 +172,8 @@ def make_bpe_tokenizer(out_dir: Path, pre: str) -> int:
     if pre == "deepseek-llm":
         bos = config["bos_token"]
         tokenizer.post_processor = processors.TemplateProcessing(
-            single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1",
+            single=f"{bos}:0 $A:0",
+            pair=f"{bos}:0 $A:0 {bos}:1 $B:1",
             special_tokens=[(bos, tokenizer.token_to_id(bos))],
         )
     else:
@@ -200,7 +203,7 @@ def _added_tokens_decoder(tokenizer: Tokenizer, special: set[str]) -> dict[str, 
     }
 
 
-def make_sentencepiece_tokenizer(out_dir: Path) -> int:
+def make_sentencepiece_tokenizer(out_dir: Path, add_dummy_prefix: bool = True) -> int:
     """Train a small Llama-style SentencePiece BPE (byte fallback, dummy prefix, identity
     normalization, <unk>=0 <s>=1 </s>=2); write tokenizer.model and tokenizer_config.json into
     `out_dir`. Returns the vocab size."""
@@ -215,7 +218,7 @@ def make_sentencepiece_tokenizer(out_dir: Path) -> int:
         model_type="bpe",
         vocab_size=_SPM_VOCAB_SIZE,
         byte_fallback=True,
-        add_dummy_prefix=True,
+        add_dummy_prefix=add_dummy_prefix,
         normalization_rule_name="identity",
         remove_extra_whitespaces=False,
         split_digits=True,
