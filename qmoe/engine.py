@@ -109,8 +109,8 @@ class Model:
         if self.n_ctx < 1:
             raise QmoeError(f"context size must be >= 1, got {self.n_ctx}")
         self.n_batch = max(1, int(n_batch))
-        self.tokenizer = Tokenizer.from_gguf(self.file)
         self.net: Transformer = build_model(self.file, self.device, self.n_ctx)
+        self.tokenizer = Tokenizer.from_gguf(self.file)
         self.timings = Timings(load_s=time.perf_counter() - start)
 
     @property

@@ -244,3 +244,9 @@ def test_concurrent_calls_from_two_threads(experts, rng):
         assert len(results[i]) == 20
         for got in results[i]:
             assert_moe_close(got, ref)
+
+
+def test_every_supported_type_has_compiled_row_loops():
+    from qmoe.kernels import compiled, formats
+
+    assert {int(q) for q in formats.FORMATS} == set(compiled.IR_FORMATS)

@@ -3,8 +3,8 @@
 Few tokens per weight matrix (decode) run the row kernels of `compiled`, which read
 every weight once from memory. Many tokens (prefill) dequantize tiles of rows to
 float32 and multiply them with BLAS, which does far more arithmetic per byte than a
-row loop can. `BLAS_MIN_TOKENS` is where the second wins (measured with
-bench/kernels_bench.py on 2-core AVX-512 and AVX2 machines).
+row loop can. `BLAS_MIN_TOKENS` is about where the second starts to win
+(bench/kernels_bench.py, "tokens" section, on the 2-core development machines).
 """
 
 from __future__ import annotations

@@ -65,7 +65,7 @@ class HParams:
     rope_scaling: dict = field(default_factory=dict)
 
     @classmethod
-    def from_gguf(cls, f: GGUFFile, norm_eps_key: str = "attention.layer_norm_rms_epsilon") -> "HParams":
+    def from_gguf(cls, f: GGUFFile) -> "HParams":
         n_embd = int(f.arch_get("embedding_length"))
         n_head = int(f.arch_get("attention.head_count"))
         head_dim = int(f.arch_get("attention.key_length", n_embd // n_head))
@@ -93,7 +93,7 @@ class HParams:
             n_expert_used=int(f.arch_get("expert_used_count")),
             n_ff=int(n_ff),
             n_ff_exp=int(f.arch_get("expert_feed_forward_length", n_ff)),
-            norm_eps=float(f.arch_get(norm_eps_key)),
+            norm_eps=float(f.arch_get("attention.layer_norm_rms_epsilon")),
             rope_base=float(f.arch_get("rope.freq_base", 10000.0)),
             rope_dim=int(f.arch_get("rope.dimension_count", head_dim)),
             rope_scaling=scaling,

@@ -45,24 +45,37 @@ def sparsemixer_top2(logits: torch.Tensor, jitter_eps: float) -> tuple[torch.Ten
     return torch.cat(picks, dim=-1), torch.cat(weights, dim=-1)
 
 
-def longrope(f: GGUFFile, hp: HParams, n_ctx: int, device: torch.device) -> Rope:
-    """LongRoPE: per-frequency divisors, "long" ones when the context exceeds the
-    original training context (decided once per context, as llama.cpp does)."""
-    original = int(hp.rope_scaling.get("original_context_length", hp.n_ctx_train))
-    which = "long" if n_ctx > original else "short"
-    factors = to_numpy(f.tensor(f"rope_factors_{which}.weight", (hp.rope_dim // 2,))).astype(np.float64)
-    inv = 1.0 / (factors * hp.rope_base ** (np.arange(0, hp.rope_dim, 2, dtype=np.float64) / hp.rope_dim))
-    scale = hp.n_ctx_train / original
-    default_magnitude = math.sqrt(1 + math.log(scale) / math.log(original)) if scale > 1 else 1.0
-    magnitude = float(hp.rope_scaling.get("attn_factor", default_magnitude))
-    return Rope(hp.rope_dim, inv, magnitude, n_ctx, "neox", device)
+class LongRope:
+    """LongRoPE: per-frequency divisors, the "short" set while the sequence fits the
+    original training context and the "long" set beyond it.
+
+    Chosen per forward pass by the sequence length so far, as Phi's reference code
+    and transformers do (keys already cached keep the rotation they got); llama.cpp
+    instead decides once from the context size, which differs on short prompts in a
+    long context.
+    """
+
+    def __init__(self, f: GGUFFile, hp: HParams, n_ctx: int, device: torch.device):
+        self.original = int(hp.rope_scaling.get("original_context_length", hp.n_ctx_train))
+        scale = hp.n_ctx_train / self.original
+        default_magnitude = math.sqrt(1 + math.log(scale) / math.log(self.original)) if scale > 1 else 1.0
+        magnitude = float(hp.rope_scaling.get("attn_factor", default_magnitude))
+        base = hp.rope_base ** (np.arange(0, hp.rope_dim, 2, dtype=np.float64) / hp.rope_dim)
+        self.ropes = {}
+        for which in ("short", "long"):
+            factors = to_numpy(f.tensor(f"rope_factors_{which}.weight", (hp.rope_dim // 2,))).astype(np.float64)
+            self.ropes[which] = Rope(hp.rope_dim, 1.0 / (factors * base), magnitude, n_ctx, "neox", device)
+
+    def __call__(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        which = "long" if int(positions[-1]) + 1 > self.original else "short"
+        return self.ropes[which](x, positions)
 
 
 def build(f: GGUFFile, device: torch.device, n_ctx: int) -> Transformer:
-    hp = HParams.from_gguf(f, norm_eps_key="attention.layer_norm_epsilon")
+    hp = HParams.from_gguf(f)  # llama.cpp keeps the LayerNorm eps under the RMS key for phimoe
     if hp.n_expert_used != 2:
         raise GGUFFormatError(f"{f.path}: phimoe routes to exactly 2 experts, file says {hp.n_expert_used}")
-    rope = longrope(f, hp, n_ctx, device) if f.has("rope_factors_long.weight") else make_rope(hp, n_ctx, "neox", device)
+    rope = LongRope(f, hp, n_ctx, device) if f.has("rope_factors_long.weight") else make_rope(hp, n_ctx, "neox", device)
     experts = MmapExperts(f, hp, list(range(hp.n_layer)))
     jitter = float(f.get("qmoe.router_jitter_noise", DEFAULT_JITTER))
 

@@ -1,0 +1,112 @@
+"""The Python API and the CLI on a tiny converted model: determinism, errors, output."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from gguf import GGUFWriter
+
+import qmoe
+from qmoe.cli import main
+from qmoe.errors import ContextOverflowError, QmoeError, UnsupportedArchitectureError
+
+KIND = "qwen3moe"
+
+
+@pytest.fixture(scope="module")
+def model_path(tiny_gguf):
+    return tiny_gguf(KIND, "q8_0")
+
+
+@pytest.fixture(scope="module")
+def model(model_path):
+    return qmoe.load(model_path)
+
+
+def test_greedy_generation_is_deterministic(model):
+    a = model.generate("def main(", max_tokens=12)
+    b = model.generate("def main(", max_tokens=12)
+    assert isinstance(a, str) and a == b
+    assert model.timings.prompt_tokens == len(model.tokenize("def main("))
+
+
+def test_seeded_sampling_is_reproducible(model):
+    a = model.generate("import os", max_tokens=10, temperature=0.9, seed=7)
+    b = model.generate("import os", max_tokens=10, temperature=0.9, seed=7)
+    assert a == b
+
+
+def test_greedy_follows_the_argmax_of_logits(model):
+    ids = model.tokenize("class Foo:")
+    generated = list(model.stream(ids, 5))
+    for n, token in enumerate(generated):
+        assert token == int(np.argmax(model.logits(ids + generated[:n])[-1]))
+
+
+def test_tokenize_round_trip(model):
+    text = "for i in range(10):\n    print(i)"
+    assert model.detokenize(model.tokenize(text, add_bos=False)) == text
+
+
+def test_logits_shape_and_bad_ids(model):
+    out = model.logits([5, 6, 7])
+    assert out.shape == (3, model.n_vocab) and out.dtype == np.float32
+    with pytest.raises(QmoeError, match="outside the vocabulary"):
+        model.logits([model.n_vocab + 3])
+
+
+def test_prompt_longer_than_context_is_refused(model_path):
+    small = qmoe.load(model_path, n_ctx=8)
+    with pytest.raises(ContextOverflowError, match="do not fit the context of 8"):
+        small.logits(list(range(3, 20)))
+    with pytest.raises(ContextOverflowError):
+        small.generate("a b c d e f g h i j k l m n o p", max_tokens=4)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"temperature": -1.0}, "temperature"),
+    ({"temperature": float("nan")}, "temperature"),
+    ({"top_p": 0.0}, "top_p"),
+    ({"top_k": -2}, "top_k"),
+])
+def test_invalid_sampling_parameters_are_refused(model, kwargs, message):
+    with pytest.raises(QmoeError, match=message):
+        model.generate("x", max_tokens=2, **kwargs)
+
+
+def test_cli_run_streams_and_prints_timings(model_path, capsys):
+    assert main(["run", str(model_path), "-p", "def main(", "-n", "6", "-t", "1"]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("def main(")
+    assert "prompt eval" in err and "decode" in err and "peak RSS" in err
+
+
+def test_cli_greedy_output_matches_api(model_path, model, capsys):
+    main(["run", str(model_path), "-p", "x = ", "-n", "8"])
+    out, _ = capsys.readouterr()
+    assert out.rstrip("\n") == "x = " + model.generate("x = ", max_tokens=8)
+
+
+def test_cli_info(model_path, capsys):
+    assert main(["info", str(model_path)]) == 0
+    out, _ = capsys.readouterr()
+    assert "qwen3moe" in out and "Q8_0" in out and "predictors:" in out
+
+
+def test_cli_reports_errors_in_one_line(tmp_path, capsys):
+    assert main(["run", str(tmp_path / "missing.gguf"), "-p", "x"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "missing.gguf" in err and "Traceback" not in err
+
+
+def test_unsupported_architecture_is_named(tmp_path):
+    path = tmp_path / "gpt2.gguf"
+    w = GGUFWriter(path, "gpt2")
+    w.add_block_count(1)
+    w.add_tensor("token_embd.weight", np.zeros((4, 32), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(UnsupportedArchitectureError, match="'gpt2'.*qwen3moe"):
+        qmoe.load(path)
