@@ -120,13 +120,17 @@ def largest_output_tensor(outtype: str, expert_type: str) -> int:
 
 # appended to a child's code: its peak resident set, from the kernel's high-water mark of its
 # own address space (ru_maxrss would also count the parent's pages the child had before exec)
-_REPORT_PEAK_RSS = "\nprint('VmHWM', [l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM:')][0])"
+_REPORT_PEAK_RSS = (
+    "\nprint('VmHWM', [l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM:')][0])"
+)
 
 
 def run_child(code: str) -> tuple[float, int]:
     """Run `code` in a fresh Python; return (wall seconds, its peak RSS in bytes)."""
     start = time.perf_counter()
-    result = subprocess.run([sys.executable, "-c", code + _REPORT_PEAK_RSS], cwd=REPO, capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-c", code + _REPORT_PEAK_RSS], check=False, cwd=REPO, capture_output=True, text=True
+    )
     seconds = time.perf_counter() - start
     if result.returncode != 0:
         raise RuntimeError(f"child failed:\n{result.stderr[-2000:]}")
@@ -148,9 +152,13 @@ def bench(n_layers: int, outtype: str, expert_type: str, out: Path) -> dict:
         )
         output_bytes = gguf.stat().st_size
     result = {
-        "checkpoint": {"layers": n_layers, **{k: CONFIG[k] for k in ("hidden_size", "num_experts",
-                                                                      "moe_intermediate_size", "vocab_size")},
-                       "dtype": "bfloat16", "bytes": checkpoint_bytes, "build_seconds": round(build_seconds, 1)},
+        "checkpoint": {
+            "layers": n_layers,
+            **{k: CONFIG[k] for k in ("hidden_size", "num_experts", "moe_intermediate_size", "vocab_size")},
+            "dtype": "bfloat16",
+            "bytes": checkpoint_bytes,
+            "build_seconds": round(build_seconds, 1),
+        },
         "outtype": outtype,
         "expert_type": expert_type,
         "output_bytes": output_bytes,
@@ -176,10 +184,12 @@ def main(argv: list[str] | None = None) -> None:
     result = bench(args.layers, args.outtype, args.expert_type, args.out)
     print(json.dumps(result, indent=2))
     gib = 2**30
-    print(f"{result['checkpoint']['bytes'] / gib:.2f} GiB checkpoint -> {result['output_bytes'] / gib:.2f} GiB GGUF "
-          f"in {result['seconds']:.1f} s; peak RSS {result['peak_rss_bytes'] / 2**20:.0f} MiB "
-          f"(baseline {result['baseline_rss_bytes'] / 2**20:.0f} MiB, largest tensor "
-          f"{result['largest_output_tensor_bytes'] / 2**20:.0f} MiB)")
+    print(
+        f"{result['checkpoint']['bytes'] / gib:.2f} GiB checkpoint -> {result['output_bytes'] / gib:.2f} GiB GGUF "
+        f"in {result['seconds']:.1f} s; peak RSS {result['peak_rss_bytes'] / 2**20:.0f} MiB "
+        f"(baseline {result['baseline_rss_bytes'] / 2**20:.0f} MiB, largest tensor "
+        f"{result['largest_output_tensor_bytes'] / 2**20:.0f} MiB)"
+    )
 
 
 if __name__ == "__main__":

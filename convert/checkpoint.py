@@ -136,7 +136,9 @@ class Checkpoint:
         if not index.is_file():
             shards = sorted(self.dir.glob("*.safetensors"))
             if not shards:
-                raise ConversionError(f"{self.dir}: no *.safetensors files (only safetensors checkpoints convert)")
+                raise ConversionError(
+                    f"{self.dir}: no *.safetensors files (only safetensors checkpoints convert)"
+                )
             return {shard: [] for shard in shards}
         try:
             weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
@@ -196,18 +198,25 @@ def _read_header(shard: Path) -> list[SourceTensor]:
             header = json.loads(f.read(header_len))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ConversionError(f"{shard}: safetensors header is not valid JSON ({e})") from e
+    if not isinstance(header, dict):
+        raise ConversionError(f"{shard}: safetensors header is not a JSON object")
     data_start = 8 + header_len
     tensors = []
     for name, entry in header.items():
         if name == "__metadata__":
             continue
-        dtype, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
+        try:
+            dtype = str(entry["dtype"])
+            shape = tuple(int(d) for d in entry["shape"])
+            begin, end = (int(offset) for offset in entry["data_offsets"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ConversionError(f"{shard}: header entry of tensor {name!r} is malformed ({e!r})") from e
         if dtype not in _STORED_DTYPES:
             raise ConversionError(
                 f"{shard}: tensor {name!r} has dtype {dtype}; only {', '.join(_STORED_DTYPES)} convert"
             )
         tensor = SourceTensor(name, shard, dtype, shape, data_start + begin)
-        if end - begin != tensor.nbytes:
+        if begin < 0 or end - begin != tensor.nbytes:
             raise ConversionError(
                 f"{shard}: tensor {name!r} spans {end - begin} bytes but {dtype} {list(shape)} needs {tensor.nbytes}"
             )

@@ -62,7 +62,12 @@ def is_expert_tensor(name: str) -> bool:
 
 def keeps_f32(name: str, shape: tuple[int, ...]) -> bool:
     """Tensors llama.cpp's converter always writes as F32."""
-    return len(shape) <= 1 or name.endswith("_norm.weight") or ".ffn_gate_inp." in name or not name.endswith(".weight")
+    return (
+        len(shape) <= 1
+        or name.endswith("_norm.weight")
+        or ".ffn_gate_inp." in name
+        or not name.endswith(".weight")
+    )
 
 
 def choose_type(

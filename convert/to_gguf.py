@@ -21,12 +21,13 @@ import math
 import os
 import signal
 import sys
-import tempfile
 import threading
+import uuid
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from types import ModuleType
 
 if __package__ in (None, ""):  # run as a script: make `convert` and `qmoe` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -81,29 +82,46 @@ def convert(
     types = {t.name: choose_type(t.name, t.shape, base_type, exp_type) for t in plan}
 
     with _temporary_beside(out_path) as tmp, _sigterm_raises():
-        writer = GGUFWriter(tmp, MODEL_ARCH_NAMES[arch.ARCH])
-        try:
-            writer.add_name(checkpoint.dir.resolve().name)
-            arch.add_metadata(writer, checkpoint.config)
-            writer.add_file_type(FILE_TYPES[exp_type])
-            writer.add_quantization_version(GGML_QUANT_VERSION)
-            add_tokenizer(writer, checkpoint.dir)
-            for t in plan:
-                writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), nbytes(t.shape, types[t.name]),
-                                       raw_dtype=types[t.name])
-            writer.write_header_to_file()
-            writer.write_kv_data_to_file()
-            writer.write_ti_data_to_file()
-            total = sum(nbytes(t.shape, types[t.name]) for t in plan)
-            with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=out_path.name,
-                      disable=not progress) as bar:
-                for number, t in enumerate(plan, 1):
-                    bar.set_postfix_str(f"tensor {number}/{len(plan)} {t.name}", refresh=False)
-                    writer.write_tensor_data(_produce(checkpoint, t, types[t.name]))
-                    bar.update(nbytes(t.shape, types[t.name]))
-        finally:
-            writer.close()
+        _write(tmp, checkpoint, arch, plan, types, FILE_TYPES[exp_type], progress)
     return out_path
+
+
+def _write(
+    path: Path,
+    checkpoint: Checkpoint,
+    arch: ModuleType,
+    plan: list[OutputTensor],
+    types: dict[str, GGMLQuantizationType],
+    file_type: int,
+    progress: bool,
+) -> None:
+    """Header, metadata, tokenizer and tensor infos first (sizes come from the plan),
+    then each tensor's data as soon as it is produced."""
+    writer = GGUFWriter(path, MODEL_ARCH_NAMES[arch.ARCH])
+    try:
+        writer.add_name(checkpoint.dir.resolve().name)
+        arch.add_metadata(writer, checkpoint.config)
+        writer.add_file_type(file_type)
+        writer.add_quantization_version(GGML_QUANT_VERSION)
+        add_tokenizer(writer, checkpoint.dir)
+        sizes = {t.name: nbytes(t.shape, types[t.name]) for t in plan}
+        for t in plan:
+            writer.add_tensor_info(
+                t.name, t.shape, np.dtype(np.float32), sizes[t.name], raw_dtype=types[t.name]
+            )
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        bar = tqdm(
+            total=sum(sizes.values()), unit="B", unit_scale=True, desc="converting", disable=not progress
+        )
+        with bar:
+            for number, t in enumerate(plan, 1):
+                bar.set_postfix_str(f"tensor {number}/{len(plan)} {t.name}", refresh=False)
+                writer.write_tensor_data(_produce(checkpoint, t, types[t.name]))
+                bar.update(sizes[t.name])
+    finally:
+        writer.close()
 
 
 def _check_sources(checkpoint: Checkpoint, plan: list[OutputTensor]) -> None:
@@ -143,7 +161,13 @@ def _produce(checkpoint: Checkpoint, tensor: OutputTensor, qtype: GGMLQuantizati
     return out
 
 
-def _fill(checkpoint: Checkpoint, piece: Piece, shape: tuple[int, ...], qtype, dest: np.ndarray) -> None:
+def _fill(
+    checkpoint: Checkpoint,
+    piece: Piece,
+    shape: tuple[int, ...],
+    qtype: GGMLQuantizationType,
+    dest: np.ndarray,
+) -> None:
     """Write `piece` (float32 `shape`) into `dest` (its uint8 bytes); copies stream in row chunks."""
     if piece.is_copy and len(shape) >= 2:
         rows_per_chunk = max(1, _CHUNK_BYTES // (4 * math.prod(shape[1:])))
@@ -160,9 +184,7 @@ def _fill(checkpoint: Checkpoint, piece: Piece, shape: tuple[int, ...], qtype, d
 def _temporary_beside(target: Path) -> Iterator[Path]:
     """A temporary path in target's directory, renamed to `target` if the block succeeds
     and removed if it raises (including KeyboardInterrupt and SystemExit)."""
-    fd, name = tempfile.mkstemp(prefix=f"{target.name}.tmp-", dir=target.parent)
-    os.close(fd)
-    tmp = Path(name)
+    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
         yield tmp
         os.replace(tmp, target)
@@ -194,10 +216,16 @@ def _print_warning(message, category, filename, lineno, file=None, line=None) ->
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("hf_dir", type=Path, help="Hugging Face checkpoint directory (config.json, *.safetensors)")
+    parser.add_argument(
+        "hf_dir", type=Path, help="Hugging Face checkpoint directory (config.json, *.safetensors)"
+    )
     parser.add_argument("-o", "--outfile", type=Path, required=True, help="GGUF file to write")
-    parser.add_argument("--outtype", default="q8_0", choices=list(OUTTYPES), help="type of the weight matrices")
-    parser.add_argument("--expert-type", choices=list(OUTTYPES), help="type of the expert tensors (default: --outtype)")
+    parser.add_argument(
+        "--outtype", default="q8_0", choices=list(OUTTYPES), help="type of the weight matrices"
+    )
+    parser.add_argument(
+        "--expert-type", choices=list(OUTTYPES), help="type of the expert tensors (default: --outtype)"
+    )
     parser.add_argument("--force", action="store_true", help="overwrite an existing output file")
     args = parser.parse_args(argv)
     warnings.showwarning = _print_warning

@@ -25,7 +25,7 @@ from gguf import GGMLQuantizationType, GGUFReader
 from gguf.quants import dequantize
 from safetensors.numpy import load_file, save_file
 
-import convert.to_gguf as to_gguf
+from convert import to_gguf
 from convert.checkpoint import HFConfig
 from convert.qtypes import BlockSizeFallbackWarning
 from convert.to_gguf import UnusedTensorsWarning, convert, main
@@ -37,8 +37,14 @@ QT = GGMLQuantizationType
 TYPES = {"f32": QT.F32, "f16": QT.F16, "bf16": QT.BF16, "q8_0": QT.Q8_0, "q4_0": QT.Q4_0}
 # (outtype, expert_type): every type, and the usual edge mix
 OUTTYPES = [("f32", None), ("f16", None), ("bf16", None), ("q8_0", None), ("q4_0", None), ("q8_0", "q4_0")]
-GGUF_ARCH = {"qwen3moe": "qwen3moe", "deepseek2-lite": "deepseek2", "deepseek2-qlora": "deepseek2",
-             "phimoe": "phimoe", "mixtral": "llama", "olmoe": "olmoe"}
+GGUF_ARCH = {
+    "qwen3moe": "qwen3moe",
+    "deepseek2-lite": "deepseek2",
+    "deepseek2-qlora": "deepseek2",
+    "phimoe": "phimoe",
+    "mixtral": "llama",
+    "olmoe": "olmoe",
+}
 
 
 # ---------------------------------------------------------------- expectations
@@ -64,16 +70,27 @@ def rope_halves_to_pairs(w: np.ndarray, n_head: int) -> np.ndarray:
 
 def deepseek_block(sd: dict, cfg: dict, i: int) -> dict[str, np.ndarray]:
     hf, g = f"model.layers.{i}.", f"blk.{i}."
-    nope, v, kv_lora, n_head = cfg["qk_nope_head_dim"], cfg["v_head_dim"], cfg["kv_lora_rank"], cfg["num_attention_heads"]
+    nope, v, kv_lora, n_head = (
+        cfg["qk_nope_head_dim"],
+        cfg["v_head_dim"],
+        cfg["kv_lora_rank"],
+        cfg["num_attention_heads"],
+    )
     kv_b = sd[hf + "self_attn.kv_b_proj.weight"]  # [n_head * (nope + v), kv_lora]
     out = {
         g + "attn_kv_a_mqa.weight": sd[hf + "self_attn.kv_a_proj_with_mqa.weight"],
         g + "attn_kv_a_norm.weight": sd[hf + "self_attn.kv_a_layernorm.weight"],
         g + "attn_k_b.weight": np.array(
-            [[[kv_b[h * (nope + v) + j, c] for j in range(nope)] for c in range(kv_lora)] for h in range(n_head)]
+            [
+                [[kv_b[h * (nope + v) + j, c] for j in range(nope)] for c in range(kv_lora)]
+                for h in range(n_head)
+            ]
         ),
         g + "attn_v_b.weight": np.array(
-            [[[kv_b[h * (nope + v) + nope + j, c] for c in range(kv_lora)] for j in range(v)] for h in range(n_head)]
+            [
+                [[kv_b[h * (nope + v) + nope + j, c] for c in range(kv_lora)] for j in range(v)]
+                for h in range(n_head)
+            ]
         ),
     }
     if cfg["q_lora_rank"] is None:
@@ -114,8 +131,11 @@ def expected_tensors(kind: str, hf_dir: Path) -> dict[str, np.ndarray]:
         for x in "qkv":
             out[g + f"attn_{x}.weight"] = sd[hf + f"self_attn.{x}_proj.weight"]
         moe = "block_sparse_moe" if kind in ("phimoe", "mixtral") else "mlp"
-        projs = {"gate": "w1", "up": "w3", "down": "w2"} if moe == "block_sparse_moe" else \
-            {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
+        projs = (
+            {"gate": "w1", "up": "w3", "down": "w2"}
+            if moe == "block_sparse_moe"
+            else {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
+        )
         n_expert = cfg.get("num_experts") or cfg["num_local_experts"]
         out[g + "ffn_gate_inp.weight"] = sd[hf + f"{moe}.gate.weight"]
         for proj, hf_proj in projs.items():
@@ -126,12 +146,21 @@ def expected_tensors(kind: str, hf_dir: Path) -> dict[str, np.ndarray]:
             out[g + "attn_q_norm.weight"] = sd[hf + "self_attn.q_norm.weight"]
             out[g + "attn_k_norm.weight"] = sd[hf + "self_attn.k_norm.weight"]
         if kind == "mixtral":
-            out[g + "attn_q.weight"] = rope_halves_to_pairs(out[g + "attn_q.weight"], cfg["num_attention_heads"])
-            out[g + "attn_k.weight"] = rope_halves_to_pairs(out[g + "attn_k.weight"], cfg["num_key_value_heads"])
+            out[g + "attn_q.weight"] = rope_halves_to_pairs(
+                out[g + "attn_q.weight"], cfg["num_attention_heads"]
+            )
+            out[g + "attn_k.weight"] = rope_halves_to_pairs(
+                out[g + "attn_k.weight"], cfg["num_key_value_heads"]
+            )
         if kind == "phimoe":
-            for name, hf_name in (("attn_norm", "input_layernorm"), ("ffn_norm", "post_attention_layernorm"),
-                                  ("attn_q", "self_attn.q_proj"), ("attn_k", "self_attn.k_proj"),
-                                  ("attn_v", "self_attn.v_proj"), ("attn_output", "self_attn.o_proj")):
+            for name, hf_name in (
+                ("attn_norm", "input_layernorm"),
+                ("ffn_norm", "post_attention_layernorm"),
+                ("attn_q", "self_attn.q_proj"),
+                ("attn_k", "self_attn.k_proj"),
+                ("attn_v", "self_attn.v_proj"),
+                ("attn_output", "self_attn.o_proj"),
+            ):
                 out[g + f"{name}.bias"] = sd[hf + f"{hf_name}.bias"]
     if kind == "phimoe":
         out["output_norm.bias"] = sd["model.norm.bias"]
@@ -143,7 +172,7 @@ def expected_tensors(kind: str, hf_dir: Path) -> dict[str, np.ndarray]:
 
 
 def expected_type(name: str, ndim: int, outtype: str, expert_type: str | None) -> GGMLQuantizationType:
-    if ndim == 1 or name.endswith("_norm.weight") or "ffn_gate_inp" in name or name.endswith(".bias"):
+    if ndim == 1 or name.endswith(("_norm.weight", ".bias")) or "ffn_gate_inp" in name:
         return QT.F32
     if "_exps." in name and expert_type:
         return TYPES[expert_type]
@@ -153,47 +182,94 @@ def expected_type(name: str, ndim: int, outtype: str, expert_type: str | None) -
 def expected_metadata(kind: str, hf_dir: Path) -> dict:
     """Every `{arch}.*` key with its value (the tiny configs in tests/tiny_models.py)."""
     n_vocab = hf_config(hf_dir)["vocab_size"]
-    common = {"embedding_length": 64, "attention.head_count": 4, "expert_used_count": 2, "vocab_size": n_vocab,
-              "context_length": 512, "block_count": 2, "attention.layer_norm_rms_epsilon": 1e-5}
+    common = {
+        "embedding_length": 64,
+        "attention.head_count": 4,
+        "expert_used_count": 2,
+        "vocab_size": n_vocab,
+        "context_length": 512,
+        "block_count": 2,
+        "attention.layer_norm_rms_epsilon": 1e-5,
+    }
     if kind == "qwen3moe":
         keys = common | {
-            "feed_forward_length": 128, "attention.head_count_kv": 2, "attention.layer_norm_rms_epsilon": 1e-6,
-            "rope.freq_base": 1e6, "expert_count": 8, "attention.key_length": 32, "attention.value_length": 32,
-            "rope.dimension_count": 32, "expert_feed_forward_length": 64, "expert_weights_norm": True,
+            "feed_forward_length": 128,
+            "attention.head_count_kv": 2,
+            "attention.layer_norm_rms_epsilon": 1e-6,
+            "rope.freq_base": 1e6,
+            "expert_count": 8,
+            "attention.key_length": 32,
+            "attention.value_length": 32,
+            "rope.dimension_count": 32,
+            "expert_feed_forward_length": 64,
+            "expert_weights_norm": True,
         }
     elif kind.startswith("deepseek2"):
         lite = kind == "deepseek2-lite"
         keys = common | {
-            "block_count": 3, "feed_forward_length": 128, "attention.head_count_kv": 1,
-            "attention.layer_norm_rms_epsilon": 1e-6, "rope.freq_base": 10000.0, "expert_count": 4 if lite else 8,
-            "rope.scaling.type": "yarn", "rope.scaling.factor": 4.0, "rope.scaling.original_context_length": 128,
-            "rope.scaling.yarn_beta_fast": 32.0, "rope.scaling.yarn_beta_slow": 1.0,
-            "rope.scaling.yarn_log_multiplier": 0.0707, "rope.dimension_count": 16,
-            "attention.q_lora_rank": 0 if lite else 32, "attention.kv_lora_rank": 32,
-            "attention.key_length": 48, "attention.value_length": 32,
-            "attention.key_length_mla": 48, "attention.value_length_mla": 32, "leading_dense_block_count": 1,
-            "expert_feed_forward_length": 64, "expert_shared_count": 2 if lite else 1,
-            "expert_weights_scale": 2.5 if lite else 1.5, "expert_weights_norm": False, "expert_gating_func": 1,
+            "block_count": 3,
+            "feed_forward_length": 128,
+            "attention.head_count_kv": 1,
+            "attention.layer_norm_rms_epsilon": 1e-6,
+            "rope.freq_base": 10000.0,
+            "expert_count": 4 if lite else 8,
+            "rope.scaling.type": "yarn",
+            "rope.scaling.factor": 4.0,
+            "rope.scaling.original_context_length": 128,
+            "rope.scaling.yarn_beta_fast": 32.0,
+            "rope.scaling.yarn_beta_slow": 1.0,
+            "rope.scaling.yarn_log_multiplier": 0.0707,
+            "rope.dimension_count": 16,
+            "attention.q_lora_rank": 0 if lite else 32,
+            "attention.kv_lora_rank": 32,
+            "attention.key_length": 48,
+            "attention.value_length": 32,
+            "attention.key_length_mla": 48,
+            "attention.value_length_mla": 32,
+            "leading_dense_block_count": 1,
+            "expert_feed_forward_length": 64,
+            "expert_shared_count": 2 if lite else 1,
+            "expert_weights_scale": 2.5 if lite else 1.5,
+            "expert_weights_norm": False,
+            "expert_gating_func": 1,
         }
     elif kind == "phimoe":
         keys = common | {
-            "context_length": 4096, "feed_forward_length": 64, "attention.head_count_kv": 2,
-            "rope.freq_base": 10000.0, "expert_count": 4, "rope.dimension_count": 16,
-            "rope.scaling.original_context_length": 1024, "rope.scaling.attn_factor": 1.1,
+            "context_length": 4096,
+            "feed_forward_length": 64,
+            "attention.head_count_kv": 2,
+            "rope.freq_base": 10000.0,
+            "expert_count": 4,
+            "rope.dimension_count": 16,
+            "rope.scaling.original_context_length": 1024,
+            "rope.scaling.attn_factor": 1.1,
         }
     elif kind == "mixtral":
-        keys = common | {"feed_forward_length": 64, "attention.head_count_kv": 2, "rope.freq_base": 1e6,
-                         "expert_count": 4, "rope.dimension_count": 16}
+        keys = common | {
+            "feed_forward_length": 64,
+            "attention.head_count_kv": 2,
+            "rope.freq_base": 1e6,
+            "expert_count": 4,
+            "rope.dimension_count": 16,
+        }
     else:
-        keys = common | {"feed_forward_length": 64, "attention.head_count_kv": 4, "rope.freq_base": 10000.0,
-                         "expert_count": 8, "rope.dimension_count": 16, "expert_weights_norm": False}
+        keys = common | {
+            "feed_forward_length": 64,
+            "attention.head_count_kv": 4,
+            "rope.freq_base": 10000.0,
+            "expert_count": 8,
+            "rope.dimension_count": 16,
+            "expert_weights_norm": False,
+        }
     return {f"{GGUF_ARCH[kind]}.{k}": v for k, v in keys.items()}
 
 
 # ---------------------------------------------------------------- checks
 
 
-def assert_within_type_bound(name: str, got: np.ndarray, want: np.ndarray, qtype: GGMLQuantizationType) -> None:
+def assert_within_type_bound(
+    name: str, got: np.ndarray, want: np.ndarray, qtype: GGMLQuantizationType
+) -> None:
     err = np.abs(got - want)
     if qtype == QT.F32:
         np.testing.assert_array_equal(got, want, err_msg=name)
@@ -206,7 +282,9 @@ def assert_within_type_bound(name: str, got: np.ndarray, want: np.ndarray, qtype
     blocks_err, blocks_want = err.reshape(-1, 32), want.reshape(-1, 32)
     amax = np.abs(blocks_want).max(axis=1, keepdims=True)
     bound = amax / 127 * 0.6 if qtype == QT.Q8_0 else amax / 7
-    assert (blocks_err <= bound + 1e-7).all(), f"{name}: {qtype.name} error {err.max():.3g} over the block bound"
+    assert (blocks_err <= bound + 1e-7).all(), (
+        f"{name}: {qtype.name} error {err.max():.3g} over the block bound"
+    )
     assert err.max() > 0, f"{name}: {qtype.name} values are exact, so nothing was quantized"
 
 
@@ -369,13 +447,16 @@ def test_shape_disagreeing_with_config_is_named(hf_copy, tmp_path):
     config = hf_config(hf_copy)
     config["moe_intermediate_size"] = 32
     (hf_copy / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ConversionError, match=r"model-\d+-of-\d+\.safetensors: tensor 'model\.layers\.0\.mlp"
-                                              r"\.experts\.0\.\w+_proj\.weight' has shape"):
+    with pytest.raises(
+        ConversionError,
+        match=r"model-\d+-of-\d+\.safetensors: tensor 'model\.layers\.0\.mlp"
+        r"\.experts\.0\.\w+_proj\.weight' has shape",
+    ):
         convert(hf_copy, tmp_path / "m.gguf", progress=False)
 
 
 def test_truncated_shard_is_named(hf_copy, tmp_path):
-    shard = sorted(hf_copy.glob("*.safetensors"))[-1]
+    shard = max(hf_copy.glob("*.safetensors"))
     with open(shard, "r+b") as f:
         f.truncate(shard.stat().st_size - 100)
     with pytest.raises(ConversionError, match=f"{shard.name}: tensor .* ends at byte"):
@@ -386,7 +467,9 @@ def test_unsupported_architecture_lists_supported(hf_copy, tmp_path):
     config = hf_config(hf_copy)
     config["architectures"] = ["LlamaForCausalLM"]
     (hf_copy / "config.json").write_text(json.dumps(config))
-    with pytest.raises(UnsupportedArchitectureError, match="'LlamaForCausalLM'.*DeepseekV2ForCausalLM.*Qwen3Moe"):
+    with pytest.raises(
+        UnsupportedArchitectureError, match="'LlamaForCausalLM'.*DeepseekV2ForCausalLM.*Qwen3Moe"
+    ):
         convert(hf_copy, tmp_path / "m.gguf", progress=False)
 
 
@@ -402,10 +485,15 @@ def test_unused_checkpoint_tensors_are_reported(hf_copy, tmp_path):
 
 def test_pre_v5_rope_config_is_read(tmp_path):
     path = tmp_path / "config.json"
-    path.write_text(json.dumps({
-        "rope_theta": 10000.0, "original_max_position_embeddings": 4096,
-        "rope_scaling": {"type": "yarn", "factor": 40, "mscale_all_dim": 0.707},
-    }))
+    path.write_text(
+        json.dumps(
+            {
+                "rope_theta": 10000.0,
+                "original_max_position_embeddings": 4096,
+                "rope_scaling": {"type": "yarn", "factor": 40, "mscale_all_dim": 0.707},
+            }
+        )
+    )
     rope = HFConfig(path).rope()
     assert rope["rope_type"] == "yarn" and rope["rope_theta"] == 10000.0 and rope["factor"] == 40
     assert rope["original_max_position_embeddings"] == 4096
@@ -421,9 +509,18 @@ def test_cli_reports_errors_in_one_line(hf_copy, tmp_path, capsys):
 
 def test_cli_runs_as_a_script(hf_copy, tmp_path):
     out = tmp_path / "m.gguf"
-    cmd = [sys.executable, str(REPO / "convert" / "to_gguf.py"), str(hf_copy), "-o", str(out),
-           "--outtype", "q8_0", "--expert-type", "q4_0"]
-    result = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    cmd = [
+        sys.executable,
+        str(REPO / "convert" / "to_gguf.py"),
+        str(hf_copy),
+        "-o",
+        str(out),
+        "--outtype",
+        "q8_0",
+        "--expert-type",
+        "q4_0",
+    ]
+    result = subprocess.run(cmd, check=False, capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "wrote" in result.stdout
     tensors = read_gguf(out)[1]

@@ -69,6 +69,15 @@ def test_dequantize_is_bit_exact(qtype, rows, n, rng):
     np.testing.assert_array_equal(got, exact(raw, qtype).astype(np.float32))
 
 
+@pytest.mark.parametrize("qtype", TYPES)
+def test_subnormal_and_zero_scales(qtype, rng):
+    """Tiny weights give fp16 scales below fp16's normal range, zero rows a zero scale."""
+    w = 1e-4 * rng.standard_normal((4, 64)).astype(np.float32)
+    w[1] = 0.0
+    raw = raw_weight(w, qtype)
+    np.testing.assert_array_equal(kernels.dequantize(raw, qtype), exact(raw, qtype).astype(np.float32))
+
+
 @pytest.mark.parametrize("qtype", [QT.F32, QT.F16, QT.BF16])
 @pytest.mark.parametrize("n", [1, 17, 50, 200])
 def test_float_rows_of_any_length(qtype, n, rng):
@@ -80,10 +89,14 @@ def test_float_rows_of_any_length(qtype, n, rng):
 
 
 def test_dequantize_keeps_leading_dimensions(rng):
+    vector = rng.standard_normal(40).astype(np.float32)  # a norm weight: 1-D, any length
+    np.testing.assert_array_equal(kernels.dequantize(vector, QT.F32), vector)
     raw = raw_weight(rng.standard_normal((3, 5, 64)).astype(np.float32), QT.Q4_0)
     got = kernels.dequantize(raw, QT.Q4_0)
     assert got.shape == (3, 5, 64)
-    np.testing.assert_array_equal(got, exact(raw.reshape(15, -1), QT.Q4_0).reshape(3, 5, 64).astype(np.float32))
+    np.testing.assert_array_equal(
+        got, exact(raw.reshape(15, -1), QT.Q4_0).reshape(3, 5, 64).astype(np.float32)
+    )
 
 
 @pytest.mark.parametrize("qtype", TYPES)
@@ -217,7 +230,9 @@ def test_thread_count_does_not_change_results(experts, rng):
     results = []
     for threads in (1, 2):
         kernels.set_num_threads(threads)
-        results.append((kernels.moe_ffn(*raws, qtypes, x, ids, weights), kernels.matmul(raws[0][3], qtypes[0], x)))
+        results.append(
+            (kernels.moe_ffn(*raws, qtypes, x, ids, weights), kernels.matmul(raws[0][3], qtypes[0], x))
+        )
     kernels.set_num_threads(2)
     for a, b in zip(*results):
         np.testing.assert_array_equal(a, b)

@@ -24,7 +24,9 @@ import torch
 
 from tests.tiny_models import TINY_KINDS
 
-llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install llama-cpp-python)")
+llama_cpp = pytest.importorskip(
+    "llama_cpp", reason="llama-cpp-python is not installed (pip install llama-cpp-python)"
+)
 
 PROMPT = [5, 17, 99, 123, 42, 7, 300, 250, 3, 64, 128, 200]
 
@@ -46,7 +48,10 @@ def plain_cpu_buffers(monkeypatch):
 
 def _rms_norm_with_bias(layer_norm: torch.nn.LayerNorm):
     def forward(self, x):
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + layer_norm.eps) * layer_norm.weight + layer_norm.bias
+        return (
+            x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + layer_norm.eps) * layer_norm.weight
+            + layer_norm.bias
+        )
 
     return forward
 
@@ -62,8 +67,9 @@ def _softmax_top_k(router):
 
 def as_llama_cpp_runs_phimoe(model) -> None:
     """Swap, on this model instance only, Phimoe's LayerNorms and router for llama.cpp's versions."""
-    norms = [model.model.norm] + [n for layer in model.model.layers
-                                  for n in (layer.input_layernorm, layer.post_attention_layernorm)]
+    norms = [model.model.norm] + [
+        n for layer in model.model.layers for n in (layer.input_layernorm, layer.post_attention_layernorm)
+    ]
     for norm in norms:
         norm.forward = types.MethodType(_rms_norm_with_bias(norm), norm)
     for layer in model.model.layers:
@@ -74,7 +80,9 @@ def as_llama_cpp_runs_phimoe(model) -> None:
 def reference_logits(kind: str, hf_dir) -> np.ndarray:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, attn_implementation="eager").eval()
+    model = AutoModelForCausalLM.from_pretrained(
+        hf_dir, dtype=torch.float32, attn_implementation="eager"
+    ).eval()
     if kind == "phimoe":
         as_llama_cpp_runs_phimoe(model)
     with torch.no_grad():

@@ -44,58 +44,100 @@ _FAMILIES = {
 
 def _config_kwargs(kind: str, n_vocab: int, n_ff: int) -> dict:
     """transformers config arguments of `kind`; `n_ff` is the expert FFN width."""
-    common = dict(
-        vocab_size=n_vocab, hidden_size=64, num_attention_heads=4, num_experts_per_tok=2,
-        max_position_embeddings=512, rms_norm_eps=1e-5, tie_word_embeddings=False,
-    )
+    common = {
+        "vocab_size": n_vocab,
+        "hidden_size": 64,
+        "num_attention_heads": 4,
+        "num_experts_per_tok": 2,
+        "max_position_embeddings": 512,
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": False,
+    }
     if kind == "qwen3moe":
-        return common | dict(
-            num_hidden_layers=2, num_key_value_heads=2, head_dim=32, num_experts=8, moe_intermediate_size=n_ff,
-            intermediate_size=128, norm_topk_prob=True, rope_parameters={"rope_type": "default", "rope_theta": 1e6},
-            rms_norm_eps=1e-6,
-        )
+        return common | {
+            "num_hidden_layers": 2,
+            "num_key_value_heads": 2,
+            "head_dim": 32,
+            "num_experts": 8,
+            "moe_intermediate_size": n_ff,
+            "intermediate_size": 128,
+            "norm_topk_prob": True,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1e6},
+            "rms_norm_eps": 1e-6,
+        }
     if kind.startswith("deepseek2"):
         lite = kind == "deepseek2-lite"
-        return common | dict(
-            num_hidden_layers=3, first_k_dense_replace=1, intermediate_size=128,
-            n_routed_experts=4 if lite else 8, n_shared_experts=2 if lite else 1, moe_intermediate_size=n_ff,
-            routed_scaling_factor=2.5 if lite else 1.5, norm_topk_prob=False, topk_method="greedy",
-            q_lora_rank=None if lite else 32, kv_lora_rank=32, qk_nope_head_dim=32, qk_rope_head_dim=16,
-            v_head_dim=32, rms_norm_eps=1e-6,
-            rope_parameters={
-                "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 128,
-                "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 0.707, "mscale_all_dim": 0.707,
+        return common | {
+            "num_hidden_layers": 3,
+            "first_k_dense_replace": 1,
+            "intermediate_size": 128,
+            "n_routed_experts": 4 if lite else 8,
+            "n_shared_experts": 2 if lite else 1,
+            "moe_intermediate_size": n_ff,
+            "routed_scaling_factor": 2.5 if lite else 1.5,
+            "norm_topk_prob": False,
+            "topk_method": "greedy",
+            "q_lora_rank": None if lite else 32,
+            "kv_lora_rank": 32,
+            "qk_nope_head_dim": 32,
+            "qk_rope_head_dim": 16,
+            "v_head_dim": 32,
+            "rms_norm_eps": 1e-6,
+            "rope_parameters": {
+                "rope_type": "yarn",
+                "rope_theta": 10000.0,
+                "factor": 4.0,
+                "original_max_position_embeddings": 128,
+                "beta_fast": 32.0,
+                "beta_slow": 1.0,
+                "mscale": 0.707,
+                "mscale_all_dim": 0.707,
             },
-        )
+        }
     if kind == "phimoe":
         head_dim = 16
-        return common | dict(
-            num_hidden_layers=2, num_key_value_heads=2, num_local_experts=4, intermediate_size=n_ff,
-            attention_bias=True, lm_head_bias=True, max_position_embeddings=4096,
-            rope_parameters={
-                "rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 1024,
+        return common | {
+            "num_hidden_layers": 2,
+            "num_key_value_heads": 2,
+            "num_local_experts": 4,
+            "intermediate_size": n_ff,
+            "attention_bias": True,
+            "lm_head_bias": True,
+            "max_position_embeddings": 4096,
+            "rope_parameters": {
+                "rope_type": "longrope",
+                "rope_theta": 10000.0,
+                "original_max_position_embeddings": 1024,
                 "short_factor": [1.0 + 0.05 * i for i in range(head_dim // 2)],
                 "long_factor": [1.5 + 0.25 * i for i in range(head_dim // 2)],
-                "short_mscale": 1.1, "long_mscale": 1.1,
+                "short_mscale": 1.1,
+                "long_mscale": 1.1,
             },
-        )
+        }
     if kind == "mixtral":
-        return common | dict(
-            num_hidden_layers=2, num_key_value_heads=2, num_local_experts=4, intermediate_size=n_ff,
-            rope_parameters={"rope_type": "default", "rope_theta": 1e6},
-        )
+        return common | {
+            "num_hidden_layers": 2,
+            "num_key_value_heads": 2,
+            "num_local_experts": 4,
+            "intermediate_size": n_ff,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1e6},
+        }
     if kind == "olmoe":
-        return common | dict(
-            num_hidden_layers=2, num_key_value_heads=4, num_experts=8, intermediate_size=n_ff, norm_topk_prob=False,
-            rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-        )
+        return common | {
+            "num_hidden_layers": 2,
+            "num_key_value_heads": 4,
+            "num_experts": 8,
+            "intermediate_size": n_ff,
+            "norm_topk_prob": False,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+        }
     raise ValueError(f"unknown tiny model kind {kind!r}; expected one of {TINY_KINDS}")
 
 
 def _special_ids(out_dir: Path, tokenizer: str) -> dict:
     """bos/eos/pad ids as the written tokenizer defines them."""
     if tokenizer == "spm":
-        return dict(bos_token_id=1, eos_token_id=2, pad_token_id=None)
+        return {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": None}
     from tokenizers import Tokenizer
 
     vocab = Tokenizer.from_file(str(out_dir / "tokenizer.json"))
@@ -149,7 +191,8 @@ def build_tiny_model(
 
     model_class = getattr(transformers, hf_class)
     config = model_class.config_class(
-        **_config_kwargs(kind, n_vocab, 48 if ff_not_multiple_of_32 else 64), **_special_ids(out_dir, tokenizer)
+        **_config_kwargs(kind, n_vocab, 48 if ff_not_multiple_of_32 else 64),
+        **_special_ids(out_dir, tokenizer),
     )
     torch.manual_seed(seed)
     model = model_class(config)

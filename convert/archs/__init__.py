@@ -1,9 +1,9 @@
 """One module per supported Hugging Face model class, each with the same surface:
 
-    HF_CLASS                      the `architectures[0]` of config.json it converts
-    ARCH                          the gguf.MODEL_ARCH it writes (general.architecture)
-    add_metadata(writer, cfg)     the hyperparameter keys, as llama.cpp reads them
-    tensors(cfg)                  the output tensors (convert.plan.OutputTensor), in file order
+HF_CLASS                      the `architectures[0]` of config.json it converts
+ARCH                          the gguf.MODEL_ARCH it writes (general.architecture)
+add_metadata(writer, cfg)     the hyperparameter keys, as llama.cpp reads them
+tensors(cfg)                  the output tensors (convert.plan.OutputTensor), in file order
 """
 
 from __future__ import annotations

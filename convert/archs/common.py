@@ -27,7 +27,9 @@ def head_dim(cfg: HFConfig) -> int:
     return int(cfg.get("head_dim", default=cfg.require("hidden_size") // cfg.require("num_attention_heads")))
 
 
-def add_common_metadata(w: GGUFWriter, cfg: HFConfig, *, head_count_kv: int, feed_forward_length: int) -> None:
+def add_common_metadata(
+    w: GGUFWriter, cfg: HFConfig, *, head_count_kv: int, feed_forward_length: int
+) -> None:
     """Keys every architecture here writes, named as llama.cpp reads them."""
     w.add_context_length(int(cfg.require("max_position_embeddings")))
     w.add_embedding_length(int(cfg.require("hidden_size")))
@@ -78,7 +80,9 @@ def output_head(cfg: HFConfig, *, norm_bias: bool = False, output_bias: bool = F
     tensors = [copied(T.OUTPUT_NORM, None, "model.norm.weight", (n_embd,))]
     if norm_bias:
         tensors.append(copied(T.OUTPUT_NORM, None, "model.norm.bias", (n_embd,), "bias"))
-    tensors.append(copied(T.OUTPUT, None, "model.embed_tokens.weight" if tied else "lm_head.weight", (n_vocab, n_embd)))
+    tensors.append(
+        copied(T.OUTPUT, None, "model.embed_tokens.weight" if tied else "lm_head.weight", (n_vocab, n_embd))
+    )
     if output_bias:
         tensors.append(copied(T.OUTPUT, None, "lm_head.bias", (n_vocab,), "bias"))
     return tensors

@@ -34,7 +34,14 @@ import numpy as np
 from gguf import MODEL_ARCH, ExpertGatingFuncType, GGUFWriter
 from gguf import MODEL_TENSOR as T
 
-from convert.archs.common import add_common_metadata, add_rope_scaling, experts, n_expert, output_head, token_embedding
+from convert.archs.common import (
+    add_common_metadata,
+    add_rope_scaling,
+    experts,
+    n_expert,
+    output_head,
+    token_embedding,
+)
 from convert.checkpoint import HFConfig
 from convert.plan import OutputTensor, copied, transformed
 from qmoe.errors import ConversionError
@@ -47,7 +54,9 @@ _GATING = {"softmax": ExpertGatingFuncType.SOFTMAX, "sigmoid": ExpertGatingFuncT
 
 def _mla_sizes(cfg: HFConfig) -> tuple[int, int, int, int]:
     """(qk_nope_head_dim, qk_rope_head_dim, v_head_dim, kv_lora_rank)."""
-    return tuple(int(cfg.require(k)) for k in ("qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "kv_lora_rank"))
+    return tuple(
+        int(cfg.require(k)) for k in ("qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "kv_lora_rank")
+    )
 
 
 def add_metadata(w: GGUFWriter, cfg: HFConfig) -> None:
@@ -108,10 +117,22 @@ def attention(cfg: HFConfig, i: int) -> list[OutputTensor]:
     return q + [
         copied(T.ATTN_KV_A_MQA, i, p + "kv_a_proj_with_mqa.weight", (kv_lora + rope_dim, n_embd)),
         copied(T.ATTN_KV_A_NORM, i, p + "kv_a_layernorm.weight", (kv_lora,)),
-        transformed(T.ATTN_K_B, i, p + "kv_b_proj.weight", kv_b_shape, (n_head, kv_lora, nope),
-                    split_kv_b(n_head, nope, v_dim, "k")),
-        transformed(T.ATTN_V_B, i, p + "kv_b_proj.weight", kv_b_shape, (n_head, v_dim, kv_lora),
-                    split_kv_b(n_head, nope, v_dim, "v")),
+        transformed(
+            T.ATTN_K_B,
+            i,
+            p + "kv_b_proj.weight",
+            kv_b_shape,
+            (n_head, kv_lora, nope),
+            split_kv_b(n_head, nope, v_dim, "k"),
+        ),
+        transformed(
+            T.ATTN_V_B,
+            i,
+            p + "kv_b_proj.weight",
+            kv_b_shape,
+            (n_head, v_dim, kv_lora),
+            split_kv_b(n_head, nope, v_dim, "v"),
+        ),
         copied(T.ATTN_OUT, i, p + "o_proj.weight", (n_embd, n_head * v_dim)),
     ]
 
@@ -129,8 +150,13 @@ def feed_forward(cfg: HFConfig, i: int) -> list[OutputTensor]:
     n_ff_exp = int(cfg.require("moe_intermediate_size"))
     out = [
         copied(T.FFN_GATE_INP, i, p + "gate.weight", (n_expert(cfg), n_embd)),
-        *experts(cfg, i, p + "experts.{e}.{proj}.weight",
-                 {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}, n_ff_exp),
+        *experts(
+            cfg,
+            i,
+            p + "experts.{e}.{proj}.weight",
+            {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"},
+            n_ff_exp,
+        ),
     ]
     n_ff_shexp = n_ff_exp * int(cfg.get("n_shared_experts", default=0))
     if n_ff_shexp:

@@ -42,7 +42,9 @@ def rope_halves_to_pairs(n_head: int):
 
 def add_metadata(w: GGUFWriter, cfg: HFConfig) -> None:
     add_common_metadata(
-        w, cfg, head_count_kv=int(cfg.require("num_key_value_heads")),
+        w,
+        cfg,
+        head_count_kv=int(cfg.require("num_key_value_heads")),
         feed_forward_length=int(cfg.require("intermediate_size")),
     )
     add_rope_scaling(w, cfg)
@@ -61,14 +63,27 @@ def tensors(cfg: HFConfig) -> list[OutputTensor]:
         p = f"model.layers.{i}."
         out += [
             copied(T.ATTN_NORM, i, p + "input_layernorm.weight", (n_embd,)),
-            transformed(T.ATTN_Q, i, p + "self_attn.q_proj.weight", q_shape, q_shape, rope_halves_to_pairs(n_head)),
-            transformed(T.ATTN_K, i, p + "self_attn.k_proj.weight", kv_shape, kv_shape,
-                        rope_halves_to_pairs(n_head_kv)),
+            transformed(
+                T.ATTN_Q, i, p + "self_attn.q_proj.weight", q_shape, q_shape, rope_halves_to_pairs(n_head)
+            ),
+            transformed(
+                T.ATTN_K,
+                i,
+                p + "self_attn.k_proj.weight",
+                kv_shape,
+                kv_shape,
+                rope_halves_to_pairs(n_head_kv),
+            ),
             copied(T.ATTN_V, i, p + "self_attn.v_proj.weight", kv_shape),
             copied(T.ATTN_OUT, i, p + "self_attn.o_proj.weight", (n_embd, n_head * hd)),
             copied(T.FFN_NORM, i, p + "post_attention_layernorm.weight", (n_embd,)),
             copied(T.FFN_GATE_INP, i, p + "block_sparse_moe.gate.weight", (n_expert(cfg), n_embd)),
-            *experts(cfg, i, p + "block_sparse_moe.experts.{e}.{proj}.weight",
-                     {"gate": "w1", "up": "w3", "down": "w2"}, int(cfg.require("intermediate_size"))),
+            *experts(
+                cfg,
+                i,
+                p + "block_sparse_moe.experts.{e}.{proj}.weight",
+                {"gate": "w1", "up": "w3", "down": "w2"},
+                int(cfg.require("intermediate_size")),
+            ),
         ]
     return out + output_head(cfg)

@@ -29,7 +29,9 @@ ARCH = MODEL_ARCH.OLMOE
 
 def add_metadata(w: GGUFWriter, cfg: HFConfig) -> None:
     add_common_metadata(
-        w, cfg, head_count_kv=int(cfg.get("num_key_value_heads", default=cfg.require("num_attention_heads"))),
+        w,
+        cfg,
+        head_count_kv=int(cfg.get("num_key_value_heads", default=cfg.require("num_attention_heads"))),
         feed_forward_length=int(cfg.require("intermediate_size")),
     )
     add_rope_scaling(w, cfg)
@@ -56,8 +58,12 @@ def tensors(cfg: HFConfig) -> list[OutputTensor]:
             copied(T.ATTN_OUT, i, p + "self_attn.o_proj.weight", (n_embd, n_q)),
             copied(T.FFN_NORM, i, p + "post_attention_layernorm.weight", (n_embd,)),
             copied(T.FFN_GATE_INP, i, p + "mlp.gate.weight", (n_expert(cfg), n_embd)),
-            *experts(cfg, i, p + "mlp.experts.{e}.{proj}.weight",
-                     {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"},
-                     int(cfg.require("intermediate_size"))),
+            *experts(
+                cfg,
+                i,
+                p + "mlp.experts.{e}.{proj}.weight",
+                {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"},
+                int(cfg.require("intermediate_size")),
+            ),
         ]
     return out + output_head(cfg)

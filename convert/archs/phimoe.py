@@ -15,7 +15,14 @@ import math
 from gguf import MODEL_ARCH, GGUFWriter
 from gguf import MODEL_TENSOR as T
 
-from convert.archs.common import add_common_metadata, experts, head_dim, n_expert, output_head, token_embedding
+from convert.archs.common import (
+    add_common_metadata,
+    experts,
+    head_dim,
+    n_expert,
+    output_head,
+    token_embedding,
+)
 from convert.checkpoint import HFConfig
 from convert.plan import OutputTensor, constant, copied
 from qmoe.errors import ConversionError
@@ -64,7 +71,9 @@ def longrope_attn_factor(cfg: HFConfig, rope: dict) -> float:
 
 def add_metadata(w: GGUFWriter, cfg: HFConfig) -> None:
     add_common_metadata(
-        w, cfg, head_count_kv=int(cfg.require("num_key_value_heads")),
+        w,
+        cfg,
+        head_count_kv=int(cfg.require("num_key_value_heads")),
         feed_forward_length=int(cfg.require("intermediate_size")),
     )
     w.add_rope_dimension_count(rope_dims(cfg))
@@ -81,14 +90,21 @@ def tensors(cfg: HFConfig) -> list[OutputTensor]:
     out = [token_embedding(cfg)]
     rope = longrope(cfg)
     if rope is not None:
-        out += [constant(T.ROPE_FACTORS_LONG, rope["long_factor"]), constant(T.ROPE_FACTORS_SHORT, rope["short_factor"])]
+        out += [
+            constant(T.ROPE_FACTORS_LONG, rope["long_factor"]),
+            constant(T.ROPE_FACTORS_SHORT, rope["short_factor"]),
+        ]
     for i in range(int(cfg.require("num_hidden_layers"))):
         p = f"model.layers.{i}."
         out += [
             copied(T.ATTN_NORM, i, p + "input_layernorm.weight", (n_embd,)),
             copied(T.ATTN_NORM, i, p + "input_layernorm.bias", (n_embd,), "bias"),
         ]
-        for kind, proj, rows in ((T.ATTN_Q, "q_proj", n_q), (T.ATTN_K, "k_proj", n_kv), (T.ATTN_V, "v_proj", n_kv)):
+        for kind, proj, rows in (
+            (T.ATTN_Q, "q_proj", n_q),
+            (T.ATTN_K, "k_proj", n_kv),
+            (T.ATTN_V, "v_proj", n_kv),
+        ):
             out.append(copied(kind, i, p + f"self_attn.{proj}.weight", (rows, n_embd)))
             if attention_bias:
                 out.append(copied(kind, i, p + f"self_attn.{proj}.bias", (rows,), "bias"))
@@ -99,7 +115,12 @@ def tensors(cfg: HFConfig) -> list[OutputTensor]:
             copied(T.FFN_NORM, i, p + "post_attention_layernorm.weight", (n_embd,)),
             copied(T.FFN_NORM, i, p + "post_attention_layernorm.bias", (n_embd,), "bias"),
             copied(T.FFN_GATE_INP, i, p + "block_sparse_moe.gate.weight", (n_expert(cfg), n_embd)),
-            *experts(cfg, i, p + "block_sparse_moe.experts.{e}.{proj}.weight",
-                     {"gate": "w1", "up": "w3", "down": "w2"}, int(cfg.require("intermediate_size"))),
+            *experts(
+                cfg,
+                i,
+                p + "block_sparse_moe.experts.{e}.{proj}.weight",
+                {"gate": "w1", "up": "w3", "down": "w2"},
+                int(cfg.require("intermediate_size")),
+            ),
         ]
     return out + output_head(cfg, norm_bias=True, output_bias=bool(cfg.get("lm_head_bias", default=False)))

@@ -30,7 +30,9 @@ ARCH = MODEL_ARCH.QWEN3MOE
 def add_metadata(w: GGUFWriter, cfg: HFConfig) -> None:
     n_ff_exp = int(cfg.require("moe_intermediate_size"))
     add_common_metadata(
-        w, cfg, head_count_kv=int(cfg.require("num_key_value_heads")),
+        w,
+        cfg,
+        head_count_kv=int(cfg.require("num_key_value_heads")),
         feed_forward_length=int(cfg.get("intermediate_size", default=n_ff_exp)),
     )
     add_rope_scaling(w, cfg)
@@ -43,7 +45,9 @@ def add_metadata(w: GGUFWriter, cfg: HFConfig) -> None:
 
 def tensors(cfg: HFConfig) -> list[OutputTensor]:
     if cfg.get("mlp_only_layers") or int(cfg.get("decoder_sparse_step", default=1)) != 1:
-        raise ConversionError(f"{cfg.path}: dense layers (mlp_only_layers, decoder_sparse_step) are not supported")
+        raise ConversionError(
+            f"{cfg.path}: dense layers (mlp_only_layers, decoder_sparse_step) are not supported"
+        )
     n_embd, hd = int(cfg.require("hidden_size")), head_dim(cfg)
     n_q, n_kv = int(cfg.require("num_attention_heads")) * hd, int(cfg.require("num_key_value_heads")) * hd
     n_ff_exp = int(cfg.require("moe_intermediate_size"))
@@ -60,7 +64,12 @@ def tensors(cfg: HFConfig) -> list[OutputTensor]:
             copied(T.ATTN_OUT, i, p + "self_attn.o_proj.weight", (n_embd, n_q)),
             copied(T.FFN_NORM, i, p + "post_attention_layernorm.weight", (n_embd,)),
             copied(T.FFN_GATE_INP, i, p + "mlp.gate.weight", (n_expert(cfg), n_embd)),
-            *experts(cfg, i, p + "mlp.experts.{e}.{proj}.weight",
-                     {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}, n_ff_exp),
+            *experts(
+                cfg,
+                i,
+                p + "mlp.experts.{e}.{proj}.weight",
+                {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"},
+                n_ff_exp,
+            ),
         ]
     return out + output_head(cfg)

@@ -25,9 +25,9 @@ w is the weight as flat uint8, w_off the byte offset of the row; n is the row le
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 from gguf import GGMLQuantizationType
@@ -111,12 +111,20 @@ def _f32_step(builder, p):
 
 def _f16_step(builder, p):
     vh = ir.VectorType(ir.HalfType(), _LANES)
-    return None, builder.fpext(_load(builder, p, vh), _vf32), builder.fpext(_load(builder, p, vh, 2 * _LANES), _vf32)
+    return (
+        None,
+        builder.fpext(_load(builder, p, vh), _vf32),
+        builder.fpext(_load(builder, p, vh, 2 * _LANES), _vf32),
+    )
 
 
 def _bf16_step(builder, p):
     vi = ir.VectorType(_i16, _LANES)
-    return None, _bf16_to_f32(builder, _load(builder, p, vi)), _bf16_to_f32(builder, _load(builder, p, vi, 2 * _LANES))
+    return (
+        None,
+        _bf16_to_f32(builder, _load(builder, p, vi)),
+        _bf16_to_f32(builder, _load(builder, p, vi, 2 * _LANES)),
+    )
 
 
 @dataclass(frozen=True)
@@ -147,7 +155,9 @@ _PREFETCH_BYTES = 4096
 def _prefetch(builder, ptr):
     fnty = ir.FunctionType(ir.VoidType(), [ptr.type, _i32, _i32, _i32])
     fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
-    builder.call(fn, [ptr, ir.Constant(_i32, 0), ir.Constant(_i32, 3), ir.Constant(_i32, 1)])  # read, keep, data
+    builder.call(
+        fn, [ptr, ir.Constant(_i32, 0), ir.Constant(_i32, 3), ir.Constant(_i32, 1)]
+    )  # read, keep, data
 
 
 @contextmanager
@@ -186,8 +196,12 @@ def _make_row_dot(fmt: _IRFormat):
             with _decoded_steps(builder, fmt, wp, n_steps) as (i, scale, lo, hi):
                 xs = builder.gep(xp, [builder.mul(i, _const(_STEP))])
                 x_lo = builder.load(builder.bitcast(xs, _vf32.as_pointer()), align=4)
-                x_hi = builder.load(builder.bitcast(builder.gep(xs, [_const(_LANES)]), _vf32.as_pointer()), align=4)
-                s = builder.fadd(builder.fmul(lo, x_lo, flags=_FLAGS), builder.fmul(hi, x_hi, flags=_FLAGS), flags=_FLAGS)
+                x_hi = builder.load(
+                    builder.bitcast(builder.gep(xs, [_const(_LANES)]), _vf32.as_pointer()), align=4
+                )
+                s = builder.fadd(
+                    builder.fmul(lo, x_lo, flags=_FLAGS), builder.fmul(hi, x_hi, flags=_FLAGS), flags=_FLAGS
+                )
                 if scale is not None:
                     s = builder.fmul(_splat(builder, scale), s, flags=_FLAGS)
                 builder.store(builder.fadd(builder.load(acc), s, flags=_FLAGS), acc)
@@ -220,7 +234,9 @@ def _make_row_decode(fmt: _IRFormat):
                     hi = builder.fmul(_splat(builder, scale), hi)
                 os = builder.gep(op, [builder.mul(i, _const(_STEP))])
                 builder.store(lo, builder.bitcast(os, _vf32.as_pointer()), align=4)
-                builder.store(hi, builder.bitcast(builder.gep(os, [_const(_LANES)]), _vf32.as_pointer()), align=4)
+                builder.store(
+                    hi, builder.bitcast(builder.gep(os, [_const(_LANES)]), _vf32.as_pointer()), align=4
+                )
             if fmt.one is not None:
                 with cgutils.for_range(builder, n, start=builder.mul(n_steps, _const(_STEP))) as loop:
                     wi = fmt.one(builder, builder.gep(wp, [builder.mul(loop.index, _const(fmt.elem_bytes))]))
@@ -298,32 +314,36 @@ def dequantize_rows(qtype, w, row_bytes, first_row, out):
 
 
 @njit(parallel=True, nogil=True, cache=True)
-def moe_rows(gate, up, down, qtypes, row_bytes, x, expert_ids, expert_weights, n_ff, out):
-    """out[t] = sum_j weights[t, j] * down_e (silu(gate_e x[t]) * up_e x[t]),  e = ids[t, j].
+def moe_rows(
+    gate, up, down, qtypes, row_bytes, x, k, pairs, group_starts, group_experts, pair_weights, n_ff, out
+):
+    """out[t] += sum over pairs p = t * k + j of weight[p] * down_e (silu(gate_e x[t]) * up_e x[t]).
 
-    gate, up: flat bytes of [E, n_ff, n_embd] weights; down: of [E, n_embd, n_ff].
-    qtypes, row_bytes: (gate, up, down). x: float32 [T, n_embd]; ids: int64 [T, k];
-    weights: float32 [T, k]; out: float32 [T, n_embd].
-    Two parallel passes: every (token, expert) pair's hidden rows, then every output
-    row summed over the pairs of its token.
+    gate, up: flat bytes of [E, n_ff, n_embd] weights; down: of [E, n_embd, n_ff];
+    qtypes, row_bytes: (gate, up, down); x: float32 [T, n_embd]; out: float32 [T, n_embd].
+    The (token, expert) pairs to compute come grouped by expert: group g is expert
+    group_experts[g] for pairs[group_starts[g]:group_starts[g + 1]], pair p being token
+    p // k. Each weight row is read from memory once per group and from L1 for the
+    group's further tokens. Two parallel passes: the hidden rows of every pair, then
+    every output row summed over the pairs of its token.
     """
     n_tokens, n_embd = x.shape
-    k = expert_ids.shape[1]
-    hidden = np.empty((n_tokens * k, n_ff), np.float32)  # [pair = t * k + j, n_ff]
-    for i in prange(n_tokens * k * n_ff):
-        pair = i // n_ff
-        r = i - pair * n_ff
-        t = pair // k
-        e = expert_ids[t, pair - t * k]
-        g = dot_row(qtypes[0], gate, (e * n_ff + r) * row_bytes[0], x, t * n_embd, n_embd)
-        u = dot_row(qtypes[1], up, (e * n_ff + r) * row_bytes[1], x, t * n_embd, n_embd)
-        hidden[pair, r] = g / (np.float32(1.0) + np.exp(-g)) * u
-    for i in prange(n_tokens * n_embd):
-        t = i // n_embd
-        c = i - t * n_embd
-        acc = np.float32(0.0)
-        for j in range(k):
-            e = expert_ids[t, j]
-            y = dot_row(qtypes[2], down, (e * n_embd + c) * row_bytes[2], hidden, (t * k + j) * n_ff, n_ff)
-            acc += expert_weights[t, j] * y
-        out[t, c] = acc
+    n_groups = group_experts.shape[0]
+    hidden = np.empty((n_tokens * k, n_ff), np.float32)  # [pair, n_ff]
+    for i in prange(n_groups * n_ff):
+        g = i // n_ff
+        r = i - g * n_ff
+        e = group_experts[g]
+        for q in range(group_starts[g], group_starts[g + 1]):
+            p = pairs[q]
+            t = p // k
+            a = dot_row(qtypes[0], gate, (e * n_ff + r) * row_bytes[0], x, t * n_embd, n_embd)
+            b = dot_row(qtypes[1], up, (e * n_ff + r) * row_bytes[1], x, t * n_embd, n_embd)
+            hidden[p, r] = a / (np.float32(1.0) + np.exp(-a)) * b  # silu(gate) * up
+    for c in prange(n_embd):
+        for g in range(n_groups):
+            e = group_experts[g]
+            for q in range(group_starts[g], group_starts[g + 1]):
+                p = pairs[q]
+                y = dot_row(qtypes[2], down, (e * n_embd + c) * row_bytes[2], hidden, p * n_ff, n_ff)
+                out[p // k, c] += pair_weights[p] * y

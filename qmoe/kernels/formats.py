@@ -30,7 +30,9 @@ FORMATS: dict[GGMLQuantizationType, Format] = {
     QT.F16: Format(1, 2, np.float16),
     QT.BF16: Format(1, 2, np.uint16),
     QT.Q8_0: Format(32, 34, np.uint8),  # fp16 d, 32 x int8 q;  w = d * q
-    QT.Q4_0: Format(32, 18, np.uint8),  # fp16 d, 16 bytes: low nibble = element i, high = i + 16;  w = d * (q - 8)
+    QT.Q4_0: Format(
+        32, 18, np.uint8
+    ),  # fp16 d, 16 bytes: low nibble = element i, high = i + 16;  w = d * (q - 8)
 }
 
 
@@ -42,7 +44,9 @@ def check_qtype(qtype: GGMLQuantizationType | int) -> GGMLQuantizationType:
         raise QmoeError(f"unknown GGML tensor type {qtype!r}") from None
     if qtype not in FORMATS:
         supported = ", ".join(t.name for t in FORMATS)
-        raise QmoeError(f"tensor type {qtype.name} is not supported by qmoe's kernels (supported: {supported})")
+        raise QmoeError(
+            f"tensor type {qtype.name} is not supported by qmoe's kernels (supported: {supported})"
+        )
     return qtype
 
 

@@ -17,7 +17,7 @@ from qmoe.errors import QmoeError
 from qmoe.kernels import compiled
 from qmoe.kernels.formats import QT, check_qtype, row_bytes, weight_bytes
 
-BLAS_MIN_TOKENS = 8
+BLAS_MIN_TOKENS = 16
 TILE_FLOATS = 1 << 20  # rows dequantized per BLAS call: about 4 MB of float32, at home in L2/L3
 
 
@@ -69,8 +69,9 @@ def matmul(
     return out
 
 
-def _matmul_blas_tiles(wb: np.ndarray, qtype: GGMLQuantizationType, rows: int, n: int, x: np.ndarray,
-                       out: np.ndarray) -> None:
+def _matmul_blas_tiles(
+    wb: np.ndarray, qtype: GGMLQuantizationType, rows: int, n: int, x: np.ndarray, out: np.ndarray
+) -> None:
     tile_rows = max(1, min(rows, TILE_FLOATS // max(n, 1)))
     tile = np.empty((tile_rows, n), np.float32)
     for r0 in range(0, rows, tile_rows):
@@ -127,8 +128,9 @@ def moe_ffn(
     qtypes: their types (gate, up, down); x: float32 [T, n_embd];
     expert_ids: int [T, k]; expert_weights: float32 [T, k].
     out[t] = sum_j weights[t, j] * (silu(x[t] @ G_e.T) * (x[t] @ U_e.T)) @ D_e.T,  e = ids[t, j]
-    -> float32 [T, n_embd]. Fewer than BLAS_MIN_TOKENS tokens: one compiled call for all
-    pairs; more: tokens grouped by expert, each group through `expert_ffn`.
+    -> float32 [T, n_embd]. The (token, expert) pairs are grouped by expert; experts chosen
+    by at least BLAS_MIN_TOKENS tokens run through BLAS, all others in one compiled call
+    that reads each of their weight rows once.
     """
     flat, qt, rb, n_expert, n_embd, n_ff = _experts(gate_exps, up_exps, down_exps, qtypes, "moe_ffn")
     x = _activations(x, n_embd, "moe_ffn")
@@ -144,26 +146,35 @@ def moe_ffn(
     out = np.zeros((x.shape[0], n_embd), np.float32)
     if ids.size == 0:
         return out
-    if x.shape[0] < BLAS_MIN_TOKENS:
-        compiled.moe_rows(*flat, qt, rb, x, ids, weights, n_ff, out)
-        return out
-    pair_experts = ids.reshape(-1)
-    order = np.argsort(pair_experts, kind="stable")
-    starts = np.flatnonzero(np.diff(pair_experts[order], prepend=-1))
-    for start, stop in zip(starts, [*starts[1:], len(order)]):
-        pairs = order[start:stop]
-        tokens = pairs // ids.shape[1]
-        e = pair_experts[pairs[0]]
-        y = expert_ffn(gate_exps[e], up_exps[e], down_exps[e], qtypes, x[tokens])
-        np.add.at(out, tokens, weights.reshape(-1)[pairs, None] * y)
+    k = ids.shape[1]
+    pair_experts = ids.reshape(-1)  # pair p = t * k + j
+    pairs = np.argsort(pair_experts, kind="stable")  # grouped by expert
+    starts = np.flatnonzero(np.diff(pair_experts[pairs], prepend=-1))
+    counts = np.diff(starts, append=len(pairs))
+    experts = pair_experts[pairs[starts]]
+    by_blas = counts >= BLAS_MIN_TOKENS
+    small = ~by_blas
+    if small.any():
+        small_starts = np.concatenate(([0], np.cumsum(counts[small])))
+        compiled.moe_rows(
+            *flat, qt, rb, x, k, pairs[np.repeat(small, counts)], small_starts, experts[small],
+            weights.reshape(-1), n_ff, out,
+        )  # fmt: skip
+    for start, count, e in zip(starts[by_blas], counts[by_blas], experts[by_blas]):
+        group = pairs[start : start + count]
+        y = expert_ffn(gate_exps[e], up_exps[e], down_exps[e], qtypes, x[group // k])
+        np.add.at(out, group // k, weights.reshape(-1)[group, None] * y)
     return out
 
 
-def expert_ffn(gate: np.ndarray, up: np.ndarray, down: np.ndarray, qtypes: tuple, x: np.ndarray) -> np.ndarray:
+def expert_ffn(
+    gate: np.ndarray, up: np.ndarray, down: np.ndarray, qtypes: tuple, x: np.ndarray
+) -> np.ndarray:
     """One expert's SwiGLU for T token rows, from its slabs (stacked[e] views).
 
     gate, up: raw [n_ff, n_embd]; down: raw [n_embd, n_ff]; x: float32 [T, n_embd]
-    -> silu(x @ G.T) * (x @ U.T) @ D.T, float32 [T, n_embd].
+    -> silu(x @ G.T) * (x @ U.T) @ D.T, float32 [T, n_embd]. Fewer than BLAS_MIN_TOKENS
+    tokens run moe_ffn's compiled code (one expert, weight 1); more run three BLAS products.
     """
     flat, qt, rb, _, n_embd, n_ff = _experts(gate[None], up[None], down[None], qtypes, "expert_ffn")
     x = _activations(x, n_embd, "expert_ffn")
@@ -171,8 +182,11 @@ def expert_ffn(gate: np.ndarray, up: np.ndarray, down: np.ndarray, qtypes: tuple
     if n_tokens < BLAS_MIN_TOKENS:
         out = np.zeros((n_tokens, n_embd), np.float32)
         if n_tokens:
-            ids = np.zeros((n_tokens, 1), np.int64)
-            compiled.moe_rows(*flat, qt, rb, x, ids, np.ones((n_tokens, 1), np.float32), n_ff, out)
+            pairs = np.arange(n_tokens, dtype=np.int64)  # k = 1: pair p is token p, all of expert 0
+            compiled.moe_rows(
+                *flat, qt, rb, x, 1, pairs, np.array([0, n_tokens], np.int64), np.zeros(1, np.int64),
+                np.ones(n_tokens, np.float32), n_ff, out,
+            )  # fmt: skip
         return out
     g = matmul(gate, qt[0], x)
     u = matmul(up, qt[1], x)

@@ -1,0 +1,163 @@
+"""Decode speed: qmoe beside llama.cpp on the same GGUF, at 1 and 2 threads.
+
+Builds (once) a random-weight GGUF with Qwen3-30B-A3B's layer shapes
+(bench/bench_model.py: Q4_0 experts, Q8_0 elsewhere, 8 blocks by default), then
+for each thread count measures, in this one run:
+  - qmoe: the median time of one decode step (one token after a short prompt);
+  - llama.cpp (llama-cpp-python; installed by this script when absent, built
+    without AMX, see .ci/run): the same, through `Llama.eval`;
+  - effective weight bandwidth = weight bytes one decode step reads / step time
+    (every non-expert tensor, one embedding row, and k expert slabs per layer);
+  - the machine's read bandwidth (numpy sum over 1 GiB, 1 thread: an upper bound
+    for one core's streaming reads).
+Prints a table and writes JSON. Medians of repeated steps; ratios are within
+this run, so a busy machine slows both sides alike.
+
+    python bench/decode.py [--layers 8] [--steps 32] [--json out/decode.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.bench_model import make_bench_gguf  # noqa: E402
+
+PROMPT = "def main(args):\n    return"
+
+
+def weight_bytes_per_token(path: Path) -> int:
+    from qmoe.gguf_file import GGUFFile
+
+    f = GGUFFile(path)
+    n_expert = int(f.arch_get("expert_count"))
+    k = int(f.arch_get("expert_used_count"))
+    total = 0
+    for t in f.tensors.values():
+        if t.name == "token_embd.weight":
+            total += t.nbytes // t.shape[0]
+        elif "_exps." in t.name:
+            total += t.nbytes // n_expert * k
+        else:
+            total += t.nbytes
+    return total
+
+
+def read_bandwidth_gbs() -> float:
+    a = np.ones(2**28, dtype=np.float32)  # 1 GiB
+    a.sum()
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        a.sum()
+        times.append(time.perf_counter() - t0)
+    return a.nbytes / float(np.median(times)) / 1e9
+
+
+def step_times_qmoe(path: Path, threads: int, steps: int) -> list[float]:
+    import qmoe
+
+    m = qmoe.load(path, threads=threads, n_ctx=512)
+    cache = m.new_cache()
+    m.eval(m.tokenize(PROMPT), cache)
+    times = []
+    for i in range(steps + 3):
+        t0 = time.perf_counter()
+        m.eval([300 + i], cache)
+        times.append(time.perf_counter() - t0)
+    return times[3:]  # the first steps warm caches and numba's dispatch
+
+
+def step_times_llama_cpp(path: Path, threads: int, steps: int) -> list[float]:
+    import llama_cpp
+
+    llm = llama_cpp.Llama(str(path), n_ctx=512, n_threads=threads, n_threads_batch=threads, verbose=False)
+    llm.eval(llm.tokenize(PROMPT.encode(), add_bos=True))
+    times = []
+    for i in range(steps + 3):
+        t0 = time.perf_counter()
+        llm.eval([300 + i])
+        times.append(time.perf_counter() - t0)
+    return times[3:]
+
+
+def ensure_llama_cpp() -> bool:
+    try:
+        import llama_cpp  # noqa: F401
+        return True
+    except ImportError:
+        print("llama-cpp-python is absent: building it (about 10 minutes)...", file=sys.stderr)
+        env = dict(os.environ, MAKEFLAGS="-j2", CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON "
+                   "-DGGML_F16C=ON -DGGML_AVX512=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF")
+        done = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "llama-cpp-python"], env=env)
+        return done.returncode == 0
+
+
+def run_in_child(engine: str, path: Path, threads: int, steps: int) -> list[float]:
+    """Each measurement in a fresh process: thread pools and page cache state don't leak between engines."""
+    code = (f"import json, sys; sys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r});"
+            f"from bench.decode import step_times_{engine} as f;"
+            f"print(json.dumps(f(__import__('pathlib').Path({str(path)!r}), {threads}, {steps})))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"{engine} at {threads} threads failed:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="qmoe vs llama.cpp decode speed on Qwen3-30B-A3B shapes.")
+    parser.add_argument("--layers", type=int, default=8, help="blocks in the bench model (48 = the real depth)")
+    parser.add_argument("--steps", type=int, default=32, help="decode steps measured per run")
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--model-dir", default="/tmp/qmoe-bench", help="where the bench GGUF is kept")
+    parser.add_argument("--json", default="bench/results/decode.json")
+    parser.add_argument("--no-llama-cpp", action="store_true", help="measure qmoe only")
+    args = parser.parse_args()
+
+    path = Path(args.model_dir) / f"qwen3-30b-a3b-shapes-{args.layers}L.gguf"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists():
+        make_bench_gguf(path, args.layers)
+    nbytes = weight_bytes_per_token(path)
+    have_llama = not args.no_llama_cpp and ensure_llama_cpp()
+    result = {"model": path.name, "layers": args.layers, "weight_bytes_per_token": nbytes,
+              "read_bandwidth_gbs_1thread": read_bandwidth_gbs(), "runs": []}
+    for threads in args.threads:
+        row = {"threads": threads}
+        engines = ["qmoe"] + (["llama_cpp"] if have_llama else [])
+        for engine in engines:
+            times = run_in_child(engine, path, threads, args.steps)
+            median = float(np.median(times))
+            row[engine] = {"median_step_ms": median * 1e3, "tokens_per_s": 1 / median,
+                           "weight_gbs": nbytes / median / 1e9}
+        if have_llama:
+            row["ratio_qmoe_over_llama_cpp"] = row["qmoe"]["tokens_per_s"] / row["llama_cpp"]["tokens_per_s"]
+        result["runs"].append(row)
+
+    print(f"model {path.name}: {nbytes / 1e6:.1f} MB of weights per token; "
+          f"read bandwidth (1 thread) {result['read_bandwidth_gbs_1thread']:.1f} GB/s")
+    print(f"{'threads':>7} {'engine':>10} {'tok/s':>8} {'ms/tok':>8} {'GB/s':>6}")
+    for row in result["runs"]:
+        for engine in ("qmoe", "llama_cpp"):
+            if engine in row:
+                r = row[engine]
+                print(f"{row['threads']:>7} {engine:>10} {r['tokens_per_s']:8.2f} {r['median_step_ms']:8.1f} "
+                      f"{r['weight_gbs']:6.2f}")
+        if "ratio_qmoe_over_llama_cpp" in row:
+            print(f"{row['threads']:>7} {'qmoe/llama.cpp':>10} {row['ratio_qmoe_over_llama_cpp']:.2f}x")
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(result, indent=2))
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
