@@ -3,10 +3,20 @@
     import qmoe
     m = qmoe.load("model.gguf")
     print(m.generate("def main(", max_tokens=32))
+
+The engine (torch, numba) is imported on first use, so tools that need only the
+GGUF reader or the error classes (the converter, `qmoe info`) start fast.
 """
 
-from qmoe.engine import Model, load
 from qmoe.errors import QmoeError
 
 __all__ = ["Model", "QmoeError", "load"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name in ("Model", "load"):
+        from qmoe import engine
+
+        return getattr(engine, name)
+    raise AttributeError(f"module 'qmoe' has no attribute {name!r}")

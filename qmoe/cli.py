@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import random
 import resource
 import sys
 from collections import Counter
 
 from qmoe.errors import QmoeError
+from qmoe.experts.options import MISS_POLICIES, POLICIES
 
 
 def _peak_rss_mib() -> float:
@@ -50,15 +52,67 @@ def _stream_text(model, ids: list[int], args, sampling) -> str:
     return "".join(pieces) + tail
 
 
+def _offload_options(args: argparse.Namespace):
+    """OffloadOptions from `run`'s flags, or None when no tier is asked for (the plain runtime)."""
+    from qmoe.experts.link import SimulatedLink
+    from qmoe.experts.options import OffloadOptions
+
+    if args.ram_budget is None and args.gpu_budget is None:
+        given = [flag for flag, value in (
+            ("--prefetch", args.prefetch != "none"), ("--on-miss", args.on_miss), ("--k-prime", args.k_prime),
+            ("--predictors", args.predictors), ("--sim-link-gbps", args.sim_link_gbps),
+            ("--sim-link-latency-us", args.sim_link_latency_us), ("--no-page-cache", args.no_page_cache),
+            ("--stats", args.stats), ("--stats-json", args.stats_json),
+        ) if value]
+        if given:
+            raise QmoeError(f"{', '.join(given)} only apply with an expert store: give --ram-budget and/or --gpu-budget")
+        return None
+    if args.sim_link_latency_us is not None and args.sim_link_gbps is None:
+        raise QmoeError("--sim-link-latency-us needs --sim-link-gbps")
+    link = SimulatedLink(args.sim_link_gbps, args.sim_link_latency_us or 0.0) if args.sim_link_gbps else None
+    return OffloadOptions(ram_budget=args.ram_budget, gpu_budget=args.gpu_budget, prefetch=args.prefetch,
+                          on_miss=args.on_miss or "cpu", k_prime=args.k_prime, predictors=args.predictors,
+                          direct_io=args.no_page_cache, link=link)
+
+
+def _prepare_oracle(model, args, sampling) -> None:
+    """--prefetch oracle: run the generation once to record its routing, which the real run then replays."""
+    if args.chat:
+        raise QmoeError("--prefetch oracle replays a recorded run, which a chat cannot have; use it with -p")
+    if args.prompt is None:
+        raise QmoeError("give a prompt with -p PROMPT")
+    print("qmoe: oracle: recording the routing of a first run to replay", file=sys.stderr)
+    trace = model.record_routing(model.tokenize(args.prompt), args.n_predict, sampling)
+    model.replay_routing(trace)
+
+
+def _report_offload(model, args) -> None:
+    from qmoe.experts.stats import format_table, write_json
+
+    summary = model.offload_stats()
+    if summary is None:
+        return
+    if args.stats:
+        print(format_table(summary), file=sys.stderr)
+    if args.stats_json:
+        write_json(summary, args.stats_json)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from qmoe.engine import SamplingParams, load
 
-    sampling = SamplingParams(args.temp, args.top_k, args.top_p, args.seed)
-    model = load(args.model, device=args.device, n_ctx=args.ctx, threads=args.threads)
+    offload = _offload_options(args)
+    seed = args.seed
+    if offload is not None and offload.prefetch == "oracle" and seed is None and args.temp > 0:
+        seed = random.randrange(2**31)  # the recording and the replay must sample the same tokens
+    sampling = SamplingParams(args.temp, args.top_k, args.top_p, seed)
+    model = load(args.model, device=args.device, n_ctx=args.ctx, threads=args.threads, offload=offload)
     print(f"qmoe: {model.path.name}: {model.file.arch}, {model.net.hp.n_layer} layers, "
           f"{model.net.hp.n_expert} experts ({model.net.hp.n_expert_used} used), ctx {model.n_ctx}, "
           f"device {model.device}", file=sys.stderr)
     try:
+        if offload is not None and offload.prefetch == "oracle":
+            _prepare_oracle(model, args, sampling)
         if args.chat:
             messages = []
             first = args.prompt
@@ -78,6 +132,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         sys.stdout.write("\n")
     print(model.timings.summary(), file=sys.stderr)
     print(f"qmoe: peak RSS     = {_peak_rss_mib():9.1f} MiB", file=sys.stderr)
+    _report_offload(model, args)
+    model.close()
     return 0
 
 
@@ -195,6 +251,32 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--ctx", type=int, default=None, help="context size in tokens (default min(4096, trained))")
     run.add_argument("--device", default="cpu", help="cpu or cuda (attention and dense layers; default cpu)")
     run.add_argument("--chat", action="store_true", help="chat with the model's chat template (reads stdin)")
+    off = run.add_argument_group(
+        "expert offloading", "Keep the routed experts within memory budgets and prefetch them ahead of use. "
+        "SIZE is bytes with an optional K/M/G/T suffix (binary: 6G = 6 GiB) or a share of all experts "
+        "in that tier's form, e.g. 40%%.")
+    off.add_argument("--ram-budget", metavar="SIZE",
+                     help="RAM pool of quantized expert slabs, filled by explicit reads from the file")
+    off.add_argument("--gpu-budget", metavar="SIZE",
+                     help="fast tier of dequantized experts: GPU slots with --device cuda, else CPU memory")
+    off.add_argument("--prefetch", choices=POLICIES, default="none",
+                     help="none: on-demand loads and an LRU cache; cross-layer: layer l's router on layer l-1's "
+                          "router input; pre-attn: the trained predictors on attn_norm; oracle: the true "
+                          "routing, replayed from a first run (an upper bound). Default none")
+    off.add_argument("--on-miss", choices=MISS_POLICIES, default=None,
+                     help="a fast-tier miss: cpu computes it from the quantized slab with the CPU kernels, "
+                          "wait loads it (default cpu)")
+    off.add_argument("--k-prime", type=int, default=None,
+                     help="experts to prefetch per token (default: the predictors' k', else ceil(1.5 k))")
+    off.add_argument("--predictors", default=None, metavar="PATH", help="sidecar for pre-attn (default MODEL.pred.gguf)")
+    off.add_argument("--sim-link-gbps", type=float, default=None, metavar="GB_S",
+                     help="SIMULATE a link of this many gigabytes/s for transfers into the compute tier")
+    off.add_argument("--sim-link-latency-us", type=float, default=None, metavar="US",
+                     help="per-transfer latency of the simulated link in microseconds (default 0)")
+    off.add_argument("--no-page-cache", action="store_true",
+                     help="read experts with O_DIRECT so the page cache holds no second copy")
+    off.add_argument("--stats", action="store_true", help="print expert store statistics to stderr")
+    off.add_argument("--stats-json", default=None, metavar="FILE", help="write expert store statistics as JSON")
     run.set_defaults(func=cmd_run)
 
     info = sub.add_parser("info", help="describe a GGUF model", description="Print a GGUF model's architecture, "

@@ -23,9 +23,17 @@ import torch
 
 from qmoe import kernels
 from qmoe.errors import ContextOverflowError, QmoeError
+from qmoe.experts.options import OffloadOptions
+from qmoe.experts.prefetch import (CrossLayerPolicy, OraclePolicy, Policy, PreAttentionPolicy, Prefetcher,
+                                   RoutingTrace, TraceRecorder)
+from qmoe.experts.slabs import ExpertSlabs
+from qmoe.experts.store import ExpertStore
 from qmoe.gguf_file import GGUFFile
 from qmoe.models import build_model
-from qmoe.models.base import KVCache, Observer, Transformer
+from qmoe.models.base import KVCache, MmapExperts, MoE, Observer, Transformer
+from qmoe.predictor.metrics import default_k_prime
+from qmoe.predictor.model import INPUT_PRE_ATTN
+from qmoe.predictor.sidecar import default_sidecar_path, load_sidecar, model_identity
 from qmoe.tokenizer import Tokenizer
 
 DEFAULT_CTX = 4096
@@ -92,11 +100,32 @@ class Sampler:
         return int(order[self.rng.choice(keep, p=probs)])
 
 
+class _Observers:
+    """Two observers of one forward pass (e.g. the prefetcher and a calibration recorder)."""
+
+    def __init__(self, first: Observer, second: Observer):
+        self.first, self.second = first, second
+
+    def pre_attention(self, layer: int, x: torch.Tensor) -> None:
+        self.first.pre_attention(layer, x)
+        self.second.pre_attention(layer, x)
+
+    def routed(self, layer: int, x: torch.Tensor, logits: torch.Tensor, ids: torch.Tensor) -> None:
+        self.first.routed(layer, x, logits, ids)
+        self.second.routed(layer, x, logits, ids)
+
+
 class Model:
-    """A loaded GGUF MoE model: tokenizer, weights (memory-mapped) and settings."""
+    """A loaded GGUF MoE model: tokenizer, weights (memory-mapped) and settings.
+
+    With `offload`, the routed experts come from an expert store with budgeted
+    tiers (qmoe/experts/), prefetched by the chosen policy; without it they are
+    computed straight from the memory-mapped file. Call `close()` (or use the
+    model as a context manager) to stop the store's threads.
+    """
 
     def __init__(self, path: str | os.PathLike, device: str = "cpu", n_ctx: int | None = None,
-                 threads: int | None = None, n_batch: int = DEFAULT_BATCH):
+                 threads: int | None = None, n_batch: int = DEFAULT_BATCH, offload: OffloadOptions | None = None):
         start = time.perf_counter()
         self.device = _resolve_device(device)
         if threads:
@@ -111,7 +140,99 @@ class Model:
         self.n_batch = max(1, int(n_batch))
         self.net: Transformer = build_model(self.file, self.device, self.n_ctx)
         self.tokenizer = Tokenizer.from_gguf(self.file)
+        self.store: ExpertStore | None = None
+        self.prefetcher: Prefetcher | None = None
+        if offload is not None:
+            self._attach_offload(offload)
         self.timings = Timings(load_s=time.perf_counter() - start)
+
+    # -- expert offloading
+
+    def _attach_offload(self, options: OffloadOptions) -> None:
+        """Serve every MoE layer's experts from an ExpertStore instead of the mapped file."""
+        moe = [block.ffn for block in self.net.blocks if isinstance(block.ffn, MoE)]
+        assert all(isinstance(m.experts, MmapExperts) for m in moe)
+        slabs = ExpertSlabs(self.path, {m.layer: m.experts.tensors[m.layer] for m in moe})
+        self.store = ExpertStore(slabs, options, self.device)
+        for m in moe:
+            m.experts = self.store
+        policy = self._prefetch_policy(options, {m.layer: m.router for m in moe})
+        if policy is not None:
+            self.prefetcher = Prefetcher(self.store, policy, self.net.moe_layers)
+
+    def _prefetch_policy(self, options: OffloadOptions, routers: dict[int, torch.Tensor]) -> Policy | None:
+        hp = self.net.hp
+        if options.k_prime is not None and options.k_prime > hp.n_expert:
+            raise QmoeError(f"--k-prime {options.k_prime} exceeds the model's {hp.n_expert} experts")
+        if options.prefetch == "none":
+            return None
+        if options.prefetch == "oracle":
+            return OraclePolicy(RoutingTrace())  # predicts nothing until replay_routing() gives it a recording
+        if options.prefetch == "cross-layer":
+            return CrossLayerPolicy(routers, options.k_prime or default_k_prime(hp.n_expert_used))
+        path = Path(options.predictors) if options.predictors else default_sidecar_path(self.path)
+        if not path.exists():
+            raise QmoeError(f"--prefetch pre-attn needs predictors, and {path} does not exist: train them with "
+                            "`qmoe calibrate` and `qmoe train-predictors`, or give --predictors PATH")
+        predictors = load_sidecar(path, model_identity(self.file))
+        missing = sorted(set(self.net.moe_layers) - set(predictors.layers))
+        if predictors.input != INPUT_PRE_ATTN or missing:
+            raise QmoeError(f"{path}: these predictors do not read every MoE layer's attn_norm output "
+                            f"(input {predictors.input!r}, layers missing: {missing}); pre-attn needs those")
+        dtype = torch.float16 if self.device.type == "cuda" else torch.float32
+        return PreAttentionPolicy(predictors.to(self.device, dtype), options.k_prime or predictors.k_prime)
+
+    def record_routing(self, prompt_ids: list[int], max_tokens: int,
+                       sampling: SamplingParams | None = None) -> RoutingTrace:
+        """Generate once and record every MoE layer's routing (the oracle's script).
+
+        The prefetcher sits this run out, and the store is emptied afterwards, so the
+        run that replays the recording starts as cold as any other.
+        """
+        trace = RoutingTrace()
+        prefetcher, self.prefetcher = self.prefetcher, None
+        try:
+            for _ in self.stream(prompt_ids, max_tokens, sampling, observer=TraceRecorder(trace)):
+                pass
+        finally:
+            self.prefetcher = prefetcher
+        self.reset_offload()
+        return trace
+
+    def replay_routing(self, trace: RoutingTrace) -> None:
+        """Give `--prefetch oracle` the recording of the run it is about to see."""
+        if self.prefetcher is None or not isinstance(self.prefetcher.policy, OraclePolicy):
+            raise QmoeError("replay_routing() is for models loaded with prefetch='oracle'")
+        self.prefetcher.set_policy(OraclePolicy(trace))
+
+    def reset_offload(self) -> None:
+        """Empty the expert store's tiers and zero its statistics (a cold start)."""
+        if self.prefetcher is not None:
+            self.prefetcher.drain()
+        if self.store is not None:
+            self.store.clear()
+
+    def offload_stats(self) -> dict | None:
+        """The store's statistics (stats.py) once every pending prediction and transfer is done."""
+        if self.store is None:
+            return None
+        if self.prefetcher is not None:
+            self.prefetcher.drain()
+        self.store.drain()
+        return self.store.summary()
+
+    def close(self) -> None:
+        """Stop the prefetch and transfer threads (if any). Idempotent."""
+        if self.prefetcher is not None:
+            self.prefetcher.close()
+        if self.store is not None:
+            self.store.close()
+
+    def __enter__(self) -> "Model":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     @property
     def n_vocab(self) -> int:
@@ -142,6 +263,8 @@ class Model:
              all_logits: bool = False) -> torch.Tensor:
         """Feed `ids` after what `cache` holds, in batches; logits of the last (or every) token."""
         self._check_fits(cache.n_past + len(ids))
+        if self.prefetcher is not None:
+            observer = self.prefetcher if observer is None else _Observers(self.prefetcher, observer)
         outs = []
         for start in range(0, len(ids), self.n_batch):
             chunk = np.asarray(ids[start:start + self.n_batch], dtype=np.int64)

@@ -101,7 +101,7 @@ def test_dequantize_keeps_leading_dimensions(rng):
 
 @pytest.mark.parametrize("qtype", TYPES)
 @pytest.mark.parametrize("rows", [1, 33, 97])
-@pytest.mark.parametrize("n_tokens", [1, 3, 17])
+@pytest.mark.parametrize("n_tokens", [1, 3, 17, ops.BLAS_MIN_TOKENS + 1])
 def test_matmul(qtype, rows, n_tokens, rng):
     n = 128
     raw = raw_weight(rng.standard_normal((rows, n)).astype(np.float32), qtype)
@@ -183,7 +183,7 @@ def assert_moe_close(got, ref):
     np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5 * max(1.0, np.abs(ref).max()))
 
 
-@pytest.mark.parametrize("n_tokens", [1, 3, 17])
+@pytest.mark.parametrize("n_tokens", [1, 3, 17, ops.BLAS_MIN_TOKENS + 1])
 def test_expert_ffn_on_slabs_of_a_stacked_tensor(experts, n_tokens, rng):
     (gate, up, down), (g, u, d), qtypes = experts
     x = rng.standard_normal((n_tokens, N_EMBD)).astype(np.float32)
@@ -202,8 +202,12 @@ def routing(rng, n_tokens, k):
     return ids.astype(np.int32), weights
 
 
-@pytest.mark.parametrize("n_tokens,k", [(1, 8), (1, 1), (3, 2), (ops.BLAS_MIN_TOKENS - 1, 3), (17, 4)])
+@pytest.mark.parametrize(
+    "n_tokens,k",
+    [(1, 8), (1, 1), (3, 2), (17, 4), (ops.BLAS_MIN_TOKENS - 1, 3), (ops.BLAS_MIN_TOKENS + 1, 2)],
+)
 def test_moe_ffn(experts, n_tokens, k, rng):
+    """Groups of 1 to TOKEN_TILE + tails; past BLAS_MIN_TOKENS, expert 5 (every token's) takes BLAS."""
     raws, exacts, qtypes = experts
     x = rng.standard_normal((n_tokens, N_EMBD)).astype(np.float32)
     ids, weights = routing(rng, n_tokens, k)

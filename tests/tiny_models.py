@@ -8,7 +8,7 @@ the real family's structural features: DeepSeek-V2's leading dense block, shared
 experts, routed scaling and YaRN; Phimoe's LayerNorms, biases and LongRoPE;
 Qwen3's per-head q/k norms; OLMoE's full-width q/k norms.
 
-Weights are drawn from a seeded generator (std 0.06, routers 0.5 so routing is
+Weights are drawn from a seeded generator (std 0.06, routers 1.0 so routing is
 decisive, norms 1 +- 0.1, biases +- 0.1) so logits are far from zero and a swapped
 or mis-permuted tensor changes them. The checkpoint is saved with a small
 max_shard_size so that it has several shards and an index, like a real one.
@@ -28,7 +28,7 @@ from tests.tokenizer_fixtures import make_bpe_tokenizer, make_sentencepiece_toke
 TINY_KINDS = ["qwen3moe", "deepseek2-lite", "deepseek2-qlora", "phimoe", "mixtral", "olmoe"]
 
 WEIGHT_STD = 0.06
-ROUTER_STD = 0.5
+ROUTER_STD = 1.0
 SHARD_SIZE = "150KB"
 
 # kind -> (tokenizer: BPE pre-tokenizer name or "spm", HF model class name)

@@ -3,12 +3,13 @@
 Why hand-written vector IR for the innermost loop: left to itself, LLVM (through
 numba) fully unrolls the 32-element loop inside a block and then vectorizes across
 *blocks*, gathering every 34th or 18th byte; a Q8_0 matrix-vector product written
-as plain numba loops reached 2-4 GB/s. Written as explicit vectors -- one block
-becomes two 16-lane float32 vectors, multiplied by the activation and added into
-a 16-lane accumulator that is reduced once per row -- the same product runs at
-about 26 GB/s (Q8_0) and 10 GB/s (Q4_0) per core on data in cache, so it is bound by
-memory bandwidth, not by arithmetic. The IR is generic LLVM vectors (no x86
-intrinsics); LLVM lowers it to AVX-512, AVX2 or NEON for the machine numba compiles on.
+as plain numba loops reached 2-4 GB/s on one core. Written as explicit vectors -- one
+block becomes two 16-lane float32 vectors, multiplied by the activation and added
+into a 16-lane accumulator that is reduced once per row -- the same product runs at
+22-26 GB/s (Q8_0) and 10 GB/s (Q4_0) per core on weights in cache, and at 11-16 and
+8-9 GB/s on weights streamed from memory (one core reads about 15-17 GB/s). The IR
+is generic LLVM vectors (no x86 intrinsics); LLVM lowers it to AVX-512, AVX2 or NEON
+for the machine numba compiles on.
 
 The activations stay float32 (no int8 quantization of x), so every format's product
 is as exact as a float32 BLAS product of the dequantized weights.
@@ -17,10 +18,14 @@ Numba caches compiled code per source file and does not track what a cached
 function calls in other files, so the IR builders and the kernels that use them live
 here together: editing either invalidates the cache of both.
 
-Two row loops are generated per weight format, each over the raw bytes of one row:
-    dot_row(qtype, w, w_off, x, x_off, n) -> float32   sum_i w_row[i] * x.flat[x_off + i]
-    decode_row(qtype, w, w_off, out, out_off, n)       out.flat[out_off + i] = w_row[i]
+Row loops generated per weight format, each over the raw bytes of one row:
+    dot_row(qtype, w, w_off, x, x_off, n) -> float32     sum_i w_row[i] * x.flat[x_off + i]
+    dot_row_tile(qtype, w, w_off, x, x_offs, n) -> tuple  the same for TOKEN_TILE offsets,
+                                                          decoding each block once
+    decode_row(qtype, w, w_off, out, out_off, n)         out.flat[out_off + i] = w_row[i]
 w is the weight as flat uint8, w_off the byte offset of the row; n is the row length.
+The kernels at the bottom (matmul_rows, dequantize_rows, moe_rows) run them in
+parallel over output rows.
 """
 
 from __future__ import annotations
@@ -182,36 +187,61 @@ def _pointers(context, builder, sig, args):
     return wp, fp, n
 
 
-def _make_row_dot(fmt: _IRFormat):
+def _make_row_dot(fmt: _IRFormat, n_tokens: int):
+    """row_dot(w, w_off, x, x_offs, n): the row's dot product with n_tokens activation rows.
+
+    n_tokens = 1: x_offs is one offset, the result a float32. n_tokens = TOKEN_TILE: x_offs
+    is a tuple of offsets and the result a tuple of float32; every block is decoded once
+    for all of them, which is what makes a few tokens cheaper than a few products.
+    """
+
     @intrinsic
-    def row_dot(typingctx, w, w_off, x, x_off, n):
+    def row_dot(typingctx, w, w_off, x, x_offs, n):
         if not (_is_c_array(w, types.uint8) and _is_c_array(x, types.float32)):
             return None
-        sig = types.float32(w, types.intp, x, types.intp, types.intp)
+        if n_tokens == 1:
+            offs_type, result_type = types.intp, types.float32
+        else:
+            offs_type, result_type = (
+                types.UniTuple(types.intp, n_tokens),
+                types.UniTuple(types.float32, n_tokens),
+            )
+        sig = result_type(w, types.intp, x, offs_type, types.intp)
 
         def codegen(context, builder, sig, args):
-            wp, xp, n = _pointers(context, builder, sig, args)
+            w, w_off, x, x_offs, n = args
+            wp = builder.gep(context.make_array(sig.args[0])(context, builder, w).data, [w_off])
+            x0 = context.make_array(sig.args[2])(context, builder, x).data
+            offs = [x_offs] if n_tokens == 1 else [builder.extract_value(x_offs, j) for j in range(n_tokens)]
+            xps = [builder.gep(x0, [off]) for off in offs]
             n_steps = builder.sdiv(n, _const(_STEP))
-            acc = cgutils.alloca_once_value(builder, ir.Constant(_vf32, [0.0] * _LANES))
+            accs = [cgutils.alloca_once_value(builder, ir.Constant(_vf32, [0.0] * _LANES)) for _ in xps]
             with _decoded_steps(builder, fmt, wp, n_steps) as (i, scale, lo, hi):
-                xs = builder.gep(xp, [builder.mul(i, _const(_STEP))])
-                x_lo = builder.load(builder.bitcast(xs, _vf32.as_pointer()), align=4)
-                x_hi = builder.load(
-                    builder.bitcast(builder.gep(xs, [_const(_LANES)]), _vf32.as_pointer()), align=4
-                )
-                s = builder.fadd(
-                    builder.fmul(lo, x_lo, flags=_FLAGS), builder.fmul(hi, x_hi, flags=_FLAGS), flags=_FLAGS
-                )
-                if scale is not None:
-                    s = builder.fmul(_splat(builder, scale), s, flags=_FLAGS)
-                builder.store(builder.fadd(builder.load(acc), s, flags=_FLAGS), acc)
-            total = cgutils.alloca_once_value(builder, _sum_lanes(builder, builder.load(acc)))
+                for xp, acc in zip(xps, accs):
+                    xs = builder.gep(xp, [builder.mul(i, _const(_STEP))])
+                    x_lo = builder.load(builder.bitcast(xs, _vf32.as_pointer()), align=4)
+                    x_hi = builder.load(
+                        builder.bitcast(builder.gep(xs, [_const(_LANES)]), _vf32.as_pointer()), align=4
+                    )
+                    s = builder.fadd(
+                        builder.fmul(lo, x_lo, flags=_FLAGS),
+                        builder.fmul(hi, x_hi, flags=_FLAGS),
+                        flags=_FLAGS,
+                    )
+                    if scale is not None:
+                        s = builder.fmul(_splat(builder, scale), s, flags=_FLAGS)
+                    builder.store(builder.fadd(builder.load(acc), s, flags=_FLAGS), acc)
+            totals = [
+                cgutils.alloca_once_value(builder, _sum_lanes(builder, builder.load(acc))) for acc in accs
+            ]
             if fmt.one is not None:
                 with cgutils.for_range(builder, n, start=builder.mul(n_steps, _const(_STEP))) as loop:
                     wi = fmt.one(builder, builder.gep(wp, [builder.mul(loop.index, _const(fmt.elem_bytes))]))
-                    xi = builder.load(builder.gep(xp, [loop.index]))
-                    builder.store(builder.fadd(builder.load(total), builder.fmul(wi, xi)), total)
-            return builder.load(total)
+                    for xp, total in zip(xps, totals):
+                        xi = builder.load(builder.gep(xp, [loop.index]))
+                        builder.store(builder.fadd(builder.load(total), builder.fmul(wi, xi)), total)
+            results = [builder.load(total) for total in totals]
+            return results[0] if n_tokens == 1 else context.make_tuple(builder, sig.return_type, results)
 
         return sig, codegen
 
@@ -248,11 +278,17 @@ def _make_row_decode(fmt: _IRFormat):
     return row_decode
 
 
-_q8_0_dot, _q8_0_decode = _make_row_dot(IR_FORMATS[Q8_0]), _make_row_decode(IR_FORMATS[Q8_0])
-_q4_0_dot, _q4_0_decode = _make_row_dot(IR_FORMATS[Q4_0]), _make_row_decode(IR_FORMATS[Q4_0])
-_f32_dot, _f32_decode = _make_row_dot(IR_FORMATS[F32]), _make_row_decode(IR_FORMATS[F32])
-_f16_dot, _f16_decode = _make_row_dot(IR_FORMATS[F16]), _make_row_decode(IR_FORMATS[F16])
-_bf16_dot, _bf16_decode = _make_row_dot(IR_FORMATS[BF16]), _make_row_decode(IR_FORMATS[BF16])
+TOKEN_TILE = 4  # activation rows that share one decode of a weight row (tile_offsets lists 4)
+OUT_BLOCK = 16  # moe_rows: output rows that share the hidden rows read for them
+
+_q8_0_dot, _q8_0_dot_tile = _make_row_dot(IR_FORMATS[Q8_0], 1), _make_row_dot(IR_FORMATS[Q8_0], TOKEN_TILE)
+_q4_0_dot, _q4_0_dot_tile = _make_row_dot(IR_FORMATS[Q4_0], 1), _make_row_dot(IR_FORMATS[Q4_0], TOKEN_TILE)
+_f32_dot, _f32_dot_tile = _make_row_dot(IR_FORMATS[F32], 1), _make_row_dot(IR_FORMATS[F32], TOKEN_TILE)
+_f16_dot, _f16_dot_tile = _make_row_dot(IR_FORMATS[F16], 1), _make_row_dot(IR_FORMATS[F16], TOKEN_TILE)
+_bf16_dot, _bf16_dot_tile = _make_row_dot(IR_FORMATS[BF16], 1), _make_row_dot(IR_FORMATS[BF16], TOKEN_TILE)
+_q8_0_decode, _q4_0_decode = _make_row_decode(IR_FORMATS[Q8_0]), _make_row_decode(IR_FORMATS[Q4_0])
+_f32_decode, _f16_decode = _make_row_decode(IR_FORMATS[F32]), _make_row_decode(IR_FORMATS[F16])
+_bf16_decode = _make_row_decode(IR_FORMATS[BF16])
 
 
 # ----------------------------------------------------------------------------- dispatch on qtype
@@ -274,6 +310,21 @@ def dot_row(qtype, w, w_off, x, x_off, n):
 
 
 @njit(nogil=True)
+def dot_row_tile(qtype, w, w_off, x, x_offs, n):
+    """dot_row for TOKEN_TILE activation rows at once; x_offs: tuple of their offsets."""
+    if qtype == Q4_0:
+        return _q4_0_dot_tile(w, w_off, x, x_offs, n)
+    elif qtype == Q8_0:
+        return _q8_0_dot_tile(w, w_off, x, x_offs, n)
+    elif qtype == F32:
+        return _f32_dot_tile(w, w_off, x, x_offs, n)
+    elif qtype == F16:
+        return _f16_dot_tile(w, w_off, x, x_offs, n)
+    else:
+        return _bf16_dot_tile(w, w_off, x, x_offs, n)
+
+
+@njit(nogil=True)
 def decode_row(qtype, w, w_off, out, out_off, n):
     if qtype == Q4_0:
         _q4_0_decode(w, w_off, out, out_off, n)
@@ -287,6 +338,26 @@ def decode_row(qtype, w, w_off, out, out_off, n):
         _bf16_decode(w, w_off, out, out_off, n)
 
 
+@njit(nogil=True)
+def tile_offsets(rows, start, count, divisor, row_len):
+    """Offsets (rows[start + j] // divisor) * row_len of a tile's activation rows, j < count <= TOKEN_TILE.
+
+    A tile shorter than TOKEN_TILE repeats its last row (computed again, not stored).
+    """
+    last = start + count - 1
+    return (
+        (rows[start] // divisor) * row_len,
+        (rows[min(start + 1, last)] // divisor) * row_len,
+        (rows[min(start + 2, last)] // divisor) * row_len,
+        (rows[min(start + 3, last)] // divisor) * row_len,
+    )
+
+
+@njit(nogil=True)
+def silu(a):
+    return a / (np.float32(1.0) + np.exp(-a))
+
+
 # ----------------------------------------------------------------------------- kernels
 
 
@@ -295,14 +366,21 @@ def matmul_rows(qtype, w, row_bytes, x, out):
     """out[t, r] = w[r] . x[t] for all rows r, in parallel over rows.
 
     w: flat weight bytes [rows * row_bytes]; x: float32 [T, n]; out: float32 [T, rows].
-    Each row is read from memory once and then from L1 for every further token, so
-    this is the kernel for few tokens (decode); many tokens go to BLAS.
+    Each row is read from memory once and decoded once per TOKEN_TILE tokens, so this
+    is the kernel for few tokens (decode); many tokens go to BLAS.
     """
     n_tokens, n = x.shape
     rows = out.shape[1]
+    tokens = np.arange(n_tokens)
     for r in prange(rows):
-        for t in range(n_tokens):
-            out[t, r] = dot_row(qtype, w, r * row_bytes, x, t * n, n)
+        for t in range(0, n_tokens, TOKEN_TILE):
+            m = min(TOKEN_TILE, n_tokens - t)
+            if m == 1:
+                out[t, r] = dot_row(qtype, w, r * row_bytes, x, t * n, n)
+            else:
+                y = dot_row_tile(qtype, w, r * row_bytes, x, tile_offsets(tokens, t, m, 1, n), n)
+                for j in range(m):
+                    out[t + j, r] = y[j]
 
 
 @njit(parallel=True, nogil=True, cache=True)
@@ -323,8 +401,8 @@ def moe_rows(
     qtypes, row_bytes: (gate, up, down); x: float32 [T, n_embd]; out: float32 [T, n_embd].
     The (token, expert) pairs to compute come grouped by expert: group g is expert
     group_experts[g] for pairs[group_starts[g]:group_starts[g + 1]], pair p being token
-    p // k. Each weight row is read from memory once per group and from L1 for the
-    group's further tokens. Two parallel passes: the hidden rows of every pair, then
+    p // k. Each weight row is read from memory once per group and decoded once per
+    TOKEN_TILE of its pairs. Two parallel passes: the hidden rows of every pair, then
     every output row summed over the pairs of its token.
     """
     n_tokens, n_embd = x.shape
@@ -334,16 +412,37 @@ def moe_rows(
         g = i // n_ff
         r = i - g * n_ff
         e = group_experts[g]
-        for q in range(group_starts[g], group_starts[g + 1]):
-            p = pairs[q]
-            t = p // k
-            a = dot_row(qtypes[0], gate, (e * n_ff + r) * row_bytes[0], x, t * n_embd, n_embd)
-            b = dot_row(qtypes[1], up, (e * n_ff + r) * row_bytes[1], x, t * n_embd, n_embd)
-            hidden[p, r] = a / (np.float32(1.0) + np.exp(-a)) * b  # silu(gate) * up
-    for c in prange(n_embd):
+        off_gate, off_up = (e * n_ff + r) * row_bytes[0], (e * n_ff + r) * row_bytes[1]
+        for q in range(group_starts[g], group_starts[g + 1], TOKEN_TILE):
+            m = min(TOKEN_TILE, group_starts[g + 1] - q)
+            if m == 1:
+                t_off = pairs[q] // k * n_embd
+                a = dot_row(qtypes[0], gate, off_gate, x, t_off, n_embd)
+                b = dot_row(qtypes[1], up, off_up, x, t_off, n_embd)
+                hidden[pairs[q], r] = silu(a) * b
+            else:
+                t_offs = tile_offsets(pairs, q, m, k, n_embd)
+                a4 = dot_row_tile(qtypes[0], gate, off_gate, x, t_offs, n_embd)
+                b4 = dot_row_tile(qtypes[1], up, off_up, x, t_offs, n_embd)
+                for j in range(m):
+                    hidden[pairs[q + j], r] = silu(a4[j]) * b4[j]
+    # Output rows in blocks of OUT_BLOCK, so that a tile of hidden rows is read from L1 for a
+    # whole block of down rows instead of from L2 or memory for every one of them.
+    for cb in prange((n_embd + OUT_BLOCK - 1) // OUT_BLOCK):
+        c_end = min(n_embd, (cb + 1) * OUT_BLOCK)
         for g in range(n_groups):
-            e = group_experts[g]
-            for q in range(group_starts[g], group_starts[g + 1]):
-                p = pairs[q]
-                y = dot_row(qtypes[2], down, (e * n_embd + c) * row_bytes[2], hidden, p * n_ff, n_ff)
-                out[p // k, c] += pair_weights[p] * y
+            for q in range(group_starts[g], group_starts[g + 1], TOKEN_TILE):
+                m = min(TOKEN_TILE, group_starts[g + 1] - q)
+                for c in range(cb * OUT_BLOCK, c_end):
+                    off_down = (group_experts[g] * n_embd + c) * row_bytes[2]
+                    if m == 1:
+                        p = pairs[q]
+                        y = dot_row(qtypes[2], down, off_down, hidden, p * n_ff, n_ff)
+                        out[p // k, c] += pair_weights[p] * y
+                    else:
+                        y4 = dot_row_tile(
+                            qtypes[2], down, off_down, hidden, tile_offsets(pairs, q, m, 1, n_ff), n_ff
+                        )
+                        for j in range(m):
+                            p = pairs[q + j]
+                            out[p // k, c] += pair_weights[p] * y4[j]

@@ -17,7 +17,7 @@ from qmoe.errors import QmoeError
 from qmoe.kernels import compiled
 from qmoe.kernels.formats import QT, check_qtype, row_bytes, weight_bytes
 
-BLAS_MIN_TOKENS = 16
+BLAS_MIN_TOKENS = 32
 TILE_FLOATS = 1 << 20  # rows dequantized per BLAS call: about 4 MB of float32, at home in L2/L3
 
 

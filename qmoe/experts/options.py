@@ -1,0 +1,99 @@
+"""What a user chooses about expert offloading, checked once, in one place.
+
+The CLI (`qmoe run --ram-budget ... --prefetch ...`) and the Python API
+(`qmoe.load(path, offload=OffloadOptions(...))`) both build an `OffloadOptions`;
+the engine hands it to the expert store and the prefetcher.
+
+Budgets are bytes of expert slabs a tier may hold: a size ("6G", "512M", "300K",
+"123456"; binary units, so 6G = 6 GiB) or a share of all the model's experts in
+that tier's own form ("40%": of the quantized bytes for the RAM pool, of the
+dequantized bytes for the fast tier).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+from qmoe.errors import QmoeError
+from qmoe.experts.link import SimulatedLink
+
+POLICIES = ("none", "cross-layer", "pre-attn", "oracle")
+MISS_POLICIES = ("cpu", "wait")
+
+_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?)\s*([KMGT]?)(?:I?B)?\s*$", re.IGNORECASE)
+_SHARE = re.compile(r"^\s*(\d+(?:\.\d*)?)\s*%\s*$")
+
+
+def parse_budget(spec: str | int, total_bytes: int, flag: str) -> int:
+    """Bytes meant by `spec`, where "N%" is N percent of `total_bytes`.
+
+    flag: the option's name for error messages (e.g. "--ram-budget").
+    """
+    if isinstance(spec, int):
+        value = spec
+    else:
+        share, size = _SHARE.match(spec), _SIZE.match(spec)
+        if share:
+            value = math.floor(total_bytes * float(share.group(1)) / 100)
+        elif size:
+            value = math.floor(float(size.group(1)) * _UNITS[size.group(2).upper()])
+        else:
+            raise QmoeError(
+                f"{flag} {spec!r} is not a size: give bytes with an optional K/M/G/T suffix "
+                "(binary units, e.g. 6G) or a share of the experts such as 40%"
+            )
+    if value < 0:
+        raise QmoeError(f"{flag} must not be negative, got {spec!r}")
+    return value
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+@dataclass
+class OffloadOptions:
+    """Tiers, prefetch policy and miss policy for the routed experts.
+
+    ram_budget: host-RAM pool of quantized slabs, read from the file explicitly;
+        None = no pool (the experts are served from the memory-mapped file).
+    gpu_budget: compute-ready fast tier of dequantized experts (CUDA slots, or
+        float32 in CPU memory without CUDA); None = no fast tier.
+    prefetch: "none" | "cross-layer" | "pre-attn" | "oracle".
+    on_miss: what a fast-tier miss does: "cpu" computes it with the CPU kernels from
+        the quantized slab, "wait" loads it and computes it in the fast tier.
+        Without a fast tier every expert is computed by the CPU kernels from the
+        pool, and a pool miss is always read (there is nothing else to compute from).
+    k_prime: experts prefetched per token (default: the predictors' k', else ceil(1.5 k)).
+    predictors: sidecar path for "pre-attn" (default: MODEL.pred.gguf).
+    direct_io: read the file with O_DIRECT so the page cache does not hold a second copy.
+    link: simulated link into the compute tier (None: transfers run at real speed).
+    """
+
+    ram_budget: str | int | None = None
+    gpu_budget: str | int | None = None
+    prefetch: str = "none"
+    on_miss: str = "cpu"
+    k_prime: int | None = None
+    predictors: str | None = None
+    direct_io: bool = False
+    link: SimulatedLink | None = None
+
+    def __post_init__(self) -> None:
+        if self.ram_budget is None and self.gpu_budget is None:
+            raise QmoeError(
+                "expert offloading needs a tier to manage: give --ram-budget and/or --gpu-budget"
+            )
+        if self.prefetch not in POLICIES:
+            raise QmoeError(f"--prefetch must be one of {', '.join(POLICIES)}, got {self.prefetch!r}")
+        if self.on_miss not in MISS_POLICIES:
+            raise QmoeError(f"--on-miss must be one of {', '.join(MISS_POLICIES)}, got {self.on_miss!r}")
+        if self.k_prime is not None and self.k_prime < 1:
+            raise QmoeError(f"--k-prime must be >= 1, got {self.k_prime}")

@@ -1,0 +1,205 @@
+"""Prefetch policies, and the worker thread that runs them beside the model.
+
+The prefetcher is an Observer of the forward pass (models/base.py). At each MoE
+layer l the model thread hands it l's attn_norm output (`pre_attention`) and,
+after routing, l's router input and choice (`routed`), and goes on at once; a
+worker thread turns these into predictions and asks the store to prefetch them,
+so prediction runs while attention runs (numba and torch release the GIL).
+
+Policies (`--prefetch`):
+    none         no prefetcher at all: the store loads on demand and its LRU cache
+                 is all there is (what llama.cpp's MoE cache does).
+    cross-layer  FATE-style gate reuse: when layer l-1 routes, layer l's router is
+                 applied to l-1's router input (its ffn_norm output). Training-free
+                 and early, but it has no prediction for the first MoE layer.
+    pre-attn     ours: layer l's trained predictor on layer l's own attn_norm
+                 output, started before l's attention.
+    oracle       the true routing, as the upper bound: replayed from a recording
+                 of the same generation (`RoutingTrace`). The store guarantees that
+                 tokens do not depend on budgets or policy, so a first run records
+                 exactly what the measured run will route. It is issued at the same
+                 moment as pre-attn's prediction, so oracle vs pre-attn isolates the
+                 cost of prediction errors. Every step checks the replay against the
+                 real routing and counts divergences (possible only where results
+                 are not bit-identical: fast tier with cpu misses, or sampling
+                 without a seed).
+
+Each prediction is a list of experts, most wanted first: for one token its
+top-k' (k' >= k over-provisions), for several tokens (prefill) the union of their
+top-k', most often named first. Precision and recall are measured per layer and
+step against the router's choice (stats.py).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections import defaultdict
+
+import numpy as np
+import torch
+
+from qmoe.errors import QmoeError
+from qmoe.experts.store import ExpertStore
+
+
+def ranked_union(top: np.ndarray) -> list[int]:
+    """The experts in `top` [T, count] (each row best first), most often named first; one row as it is."""
+    if top.shape[0] == 1:
+        return [int(e) for e in top[0]]
+    experts, votes = np.unique(top, return_counts=True)
+    return [int(e) for e in experts[np.argsort(-votes, kind="stable")]]
+
+
+class PreAttentionPolicy:
+    """Ours: layer l's predictor (PredictorSet from the sidecar) on layer l's attn_norm output."""
+
+    hook = "pre_attention"
+
+    def __init__(self, predictors, k_prime: int):
+        self.predictors = predictors  # qmoe.predictor.model.PredictorSet, on the model's device
+        self.k_prime = k_prime
+
+    def predict(self, layer: int, x: torch.Tensor) -> list[int]:
+        scores = self.predictors.predict(layer, x)  # [T, E]
+        return ranked_union(scores.topk(self.k_prime, dim=-1).indices.cpu().numpy())
+
+    def observe(self, layer: int, actual: set[int]) -> bool:
+        return True
+
+
+class CrossLayerPolicy:
+    """FATE-style: layer l's router on layer l-1's router input (the previous MoE layer's `routed` call)."""
+
+    hook = "routed"
+
+    def __init__(self, routers: dict[int, torch.Tensor], k_prime: int):
+        self.routers = routers  # MoE layer -> router weight [E, n_embd]
+        self.k_prime = k_prime
+
+    def predict(self, layer: int, x: torch.Tensor) -> list[int]:
+        logits = x.float() @ self.routers[layer].float().T  # [T, E]
+        return ranked_union(logits.topk(self.k_prime, dim=-1).indices.cpu().numpy())
+
+    def observe(self, layer: int, actual: set[int]) -> bool:
+        return True
+
+
+class RoutingTrace:
+    """The experts each MoE layer routed to, forward pass after forward pass, in a recorded run."""
+
+    def __init__(self):
+        self.calls: dict[int, list[list[int]]] = defaultdict(list)
+
+
+class TraceRecorder:
+    """Observer that records a run's routing into a `RoutingTrace` (for the oracle)."""
+
+    def __init__(self, trace: RoutingTrace):
+        self.trace = trace
+
+    def pre_attention(self, layer: int, x: torch.Tensor) -> None:
+        pass
+
+    def routed(self, layer: int, x: torch.Tensor, logits: torch.Tensor, ids: torch.Tensor) -> None:
+        self.trace.calls[layer].append(ranked_union(ids.cpu().numpy()))
+
+
+class OraclePolicy:
+    """The true routing, replayed from a recorded run of the same generation."""
+
+    hook = "pre_attention"
+
+    def __init__(self, trace: RoutingTrace):
+        self.trace = trace
+        self.position: dict[int, int] = defaultdict(int)  # layer -> forward passes replayed
+
+    def predict(self, layer: int, x: torch.Tensor) -> list[int]:
+        calls = self.trace.calls[layer]
+        i = self.position[layer]
+        self.position[layer] += 1
+        return calls[i] if i < len(calls) else []
+
+    def observe(self, layer: int, actual: set[int]) -> bool:
+        """False when the run has left the recording (the replay no longer knows the truth)."""
+        i = self.position[layer] - 1
+        calls = self.trace.calls[layer]
+        return 0 <= i < len(calls) and set(calls[i]) == actual
+
+
+Policy = PreAttentionPolicy | CrossLayerPolicy | OraclePolicy
+
+
+class Prefetcher:
+    """Observer that predicts each MoE layer's experts in a worker thread and prefetches them."""
+
+    def __init__(self, store: ExpertStore, policy: Policy, moe_layers: list[int]):
+        self.store = store
+        self.policy = policy
+        self.next_layer = dict(zip(moe_layers, moe_layers[1:]))
+        self.predicted: dict[int, set[int]] = {}  # worker only: layer -> its latest prediction
+        self.messages: queue.SimpleQueue = queue.SimpleQueue()
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._work, name="qmoe-prefetch", daemon=True)
+        self.thread.start()
+
+    # model thread
+
+    def pre_attention(self, layer: int, x: torch.Tensor) -> None:
+        self._raise_if_failed()
+        if self.policy.hook == "pre_attention":
+            self.messages.put(("predict", layer, self.store.step(layer), x))
+
+    def routed(self, layer: int, x: torch.Tensor, logits: torch.Tensor, ids: torch.Tensor) -> None:
+        nxt = self.next_layer.get(layer)
+        if self.policy.hook == "routed" and nxt is not None:
+            self.messages.put(("predict", nxt, self.store.step(nxt), x))
+        self.messages.put(("truth", layer, None, ids))
+
+    def _raise_if_failed(self) -> None:
+        if self.error is not None:
+            raise QmoeError(f"expert prediction failed: {self.error}") from self.error
+
+    # worker thread
+
+    def _work(self) -> None:
+        while (message := self.messages.get()) is not None:
+            kind, layer, step, tensor = message
+            if kind == "flush":
+                tensor.set()
+                continue
+            if self.error is not None:
+                continue
+            try:
+                if kind == "predict":
+                    experts = self.policy.predict(layer, tensor)
+                    self.predicted[layer] = set(experts)
+                    self.store.prefetch(layer, experts, step)
+                else:
+                    actual = {int(e) for e in tensor.reshape(-1).cpu().numpy()}
+                    self.store.record_prediction(layer, self.predicted.pop(layer, None), actual)
+                    if not self.policy.observe(layer, actual):
+                        self.store.record_oracle_divergence()
+            except BaseException as exc:  # noqa: BLE001 - reported to the model thread at the next layer
+                self.error = exc
+
+    def set_policy(self, policy: Policy) -> None:
+        """Switch policies between runs (the oracle gets its recording this way)."""
+        self.drain()
+        self.policy = policy
+        self.predicted.clear()
+
+    def drain(self) -> None:
+        """Wait until every message so far has been handled."""
+        if not self.thread.is_alive():
+            return
+        done = threading.Event()
+        self.messages.put(("flush", -1, None, done))
+        done.wait()
+        self._raise_if_failed()
+
+    def close(self) -> None:
+        """Stop the worker. Idempotent."""
+        if self.thread.is_alive():
+            self.messages.put(None)
+            self.thread.join()

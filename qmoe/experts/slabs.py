@@ -1,0 +1,222 @@
+"""Expert slabs: the unit the store moves and accounts, where each lies in the file, and reading it.
+
+A slab is one expert of one MoE layer: its rows of ffn_gate_exps, ffn_up_exps and
+ffn_down_exps. Each of the three is contiguous in the GGUF file (stacked tensors
+are [E, rows, row] with the expert outermost), so a slab is three byte ranges,
+and every slab of a model has the same size. The store never looks inside a slab
+except through the kernels (which take its raw bytes as they are in the file)
+and the fast tier (which dequantizes it).
+
+`SlabReader` reads slabs with explicit `os.pread` calls, optionally with
+O_DIRECT so that the page cache does not keep a second, unaccounted copy of what
+the RAM pool holds: with O_DIRECT the kernel moves the bytes straight from the
+device into a page-aligned bounce buffer, from which the slot is filled.
+Filesystems that refuse O_DIRECT (tmpfs, some overlays) get buffered reads
+followed by POSIX_FADV_DONTNEED on the range, with a warning.
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from gguf import GGMLQuantizationType
+
+from qmoe.errors import GGUFFormatError, QmoeError
+from qmoe.gguf_file import Tensor
+
+PARTS = ("gate", "up", "down")
+
+
+@dataclass(frozen=True)
+class SlabLayout:
+    """The shape of every slab of a model: types and sizes of its gate, up and down parts."""
+
+    qtypes: tuple[GGMLQuantizationType, GGMLQuantizationType, GGMLQuantizationType]
+    n_embd: int
+    n_ff: int  # one expert's FFN width
+    row_bytes: tuple[int, int, int]  # bytes of one row of gate, up, down in the file
+
+    @property
+    def raw_shapes(self) -> tuple[tuple[int, int], ...]:
+        """Each part as raw bytes [rows, row_bytes] (what the kernels read)."""
+        return (self.n_ff, self.row_bytes[0]), (self.n_ff, self.row_bytes[1]), (self.n_embd, self.row_bytes[2])
+
+    @property
+    def dense_shapes(self) -> tuple[tuple[int, int], ...]:
+        """Each part dequantized: gate, up [n_ff, n_embd]; down [n_embd, n_ff]."""
+        return (self.n_ff, self.n_embd), (self.n_ff, self.n_embd), (self.n_embd, self.n_ff)
+
+    @property
+    def part_bytes(self) -> tuple[int, int, int]:
+        return tuple(rows * rb for rows, rb in self.raw_shapes)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of one quantized slab: what the RAM pool holds and a link moves."""
+        return sum(self.part_bytes)
+
+    def dense_nbytes(self, itemsize: int) -> int:
+        """Bytes of one slab dequantized to elements of `itemsize` bytes."""
+        return 3 * self.n_ff * self.n_embd * itemsize
+
+
+class ExpertSlabs:
+    """Every routed expert of a model as slabs: per MoE layer its three stacked tensors.
+
+    tensors: MoE layer -> (ffn_gate_exps, ffn_up_exps, ffn_down_exps) as the model
+    loaded them (gate/up [E, n_ff, n_embd], down [E, n_embd, n_ff]).
+    """
+
+    def __init__(self, path: str | os.PathLike, tensors: dict[int, tuple[Tensor, Tensor, Tensor]]):
+        if not tensors:
+            raise QmoeError(f"{path}: the model has no routed experts to offload")
+        self.path = Path(path)
+        self.tensors = tensors
+        self.layers = sorted(tensors)
+        first = self.layers[0]
+        self.n_expert = tensors[first][0].shape[0]
+        self.layout = self._layout(first)
+        for layer in self.layers[1:]:
+            layout = self._layout(layer)
+            if layout != self.layout or tensors[layer][0].shape[0] != self.n_expert:
+                raise QmoeError(
+                    f"{self.path}: the experts of block {layer} ({layout}) are not laid out like those of "
+                    f"block {first} ({self.layout}); the expert store needs one slab layout for every MoE layer"
+                )
+
+    def _layout(self, layer: int) -> SlabLayout:
+        gate, up, down = self.tensors[layer]
+        n_expert, n_ff, n_embd = gate.shape
+        if up.shape != gate.shape or down.shape != (n_expert, n_embd, n_ff):
+            raise GGUFFormatError(
+                f"{self.path}: block {layer}'s expert tensors do not fit together: gate {gate.shape}, "
+                f"up {up.shape}, down {down.shape}"
+            )
+        return SlabLayout((gate.qtype, up.qtype, down.qtype), n_embd, n_ff,
+                          (gate.row_bytes, up.row_bytes, down.row_bytes))
+
+    @property
+    def n_slabs(self) -> int:
+        return len(self.layers) * self.n_expert
+
+    @property
+    def total_bytes(self) -> int:
+        """Quantized bytes of all routed experts."""
+        return self.n_slabs * self.layout.nbytes
+
+    def views(self, layer: int, expert: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The slab's three parts in the memory-mapped file, as raw bytes [rows, row_bytes]."""
+        return tuple(
+            t.data[expert].view(np.uint8).reshape(shape)
+            for t, shape in zip(self.tensors[layer], self.layout.raw_shapes)
+        )
+
+    def ranges(self, layer: int, expert: int) -> tuple[tuple[int, int], ...]:
+        """(absolute file offset, bytes) of the slab's gate, up and down parts."""
+        return tuple(
+            (t.offset + expert * nbytes, nbytes) for t, nbytes in zip(self.tensors[layer], self.layout.part_bytes)
+        )
+
+
+class SlabReader:
+    """Explicit reads of slab parts from the GGUF file into caller-owned buffers.
+
+    Used by one thread at a time (the store's transfer thread): the O_DIRECT bounce
+    buffer is shared between calls.
+    """
+
+    ALIGN = 4096  # O_DIRECT wants offsets, lengths and buffers aligned to the logical block size
+
+    def __init__(self, path: str | os.PathLike, direct: bool):
+        self.path = Path(path)
+        self.direct = False
+        self.drop_cache = False  # fallback for O_DIRECT: evict what a buffered read cached
+        self.bounce: mmap.mmap | None = None
+        self.fd = -1
+        if direct and hasattr(os, "O_DIRECT"):
+            try:
+                self.fd = os.open(self.path, os.O_RDONLY | os.O_DIRECT)
+                self.direct = True
+            except OSError as e:
+                self._fall_back(f"cannot open it with O_DIRECT ({e.strerror})")
+        elif direct:
+            self._fall_back("this platform has no O_DIRECT")
+        if self.fd < 0:
+            self.fd = self._open(os.O_RDONLY)
+
+    def _open(self, flags: int) -> int:
+        try:
+            return os.open(self.path, flags)
+        except OSError as e:
+            raise QmoeError(f"{self.path}: cannot open the model for reading experts ({e.strerror})") from e
+
+    def _fall_back(self, why: str) -> None:
+        warnings.warn(
+            f"{self.path}: {why}; reading experts through the page cache and dropping each range "
+            "from it afterwards (POSIX_FADV_DONTNEED) instead",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        if self.direct:
+            os.close(self.fd)
+            self.fd = self._open(os.O_RDONLY)
+        self.direct = False
+        self.drop_cache = hasattr(os, "posix_fadvise")
+
+    def read(self, ranges: tuple[tuple[int, int], ...], outs: tuple[np.ndarray, ...]) -> None:
+        """Fill each writable contiguous buffer of `outs` with its (offset, nbytes) range of the file."""
+        for (offset, nbytes), out in zip(ranges, outs):
+            flat = out.reshape(-1).view(np.uint8)
+            assert flat.nbytes == nbytes and flat.flags.c_contiguous
+            if self.direct:
+                try:
+                    self._read_direct(offset, nbytes, flat)
+                    continue
+                except OSError as e:
+                    if e.errno != errno.EINVAL:
+                        raise QmoeError(f"{self.path}: reading {nbytes} bytes at {offset} failed ({e.strerror})") from e
+                    self._fall_back("the filesystem refused an O_DIRECT read")
+            self._read_exact(memoryview(flat), offset, nbytes)
+            if self.drop_cache:
+                os.posix_fadvise(self.fd, offset, nbytes, os.POSIX_FADV_DONTNEED)
+
+    def _read_exact(self, buf: memoryview, offset: int, nbytes: int) -> None:
+        got = 0
+        while got < nbytes:
+            try:
+                n = os.preadv(self.fd, [buf[got:nbytes]], offset + got)
+            except OSError as e:
+                raise QmoeError(f"{self.path}: reading {nbytes} bytes at {offset} failed ({e.strerror})") from e
+            if n == 0:
+                raise GGUFFormatError(f"{self.path}: the file ends before the expert bytes at {offset}+{nbytes}")
+            got += n
+
+    def _read_direct(self, offset: int, nbytes: int, out: np.ndarray) -> None:
+        start = offset // self.ALIGN * self.ALIGN
+        end = -(-(offset + nbytes) // self.ALIGN) * self.ALIGN
+        if self.bounce is None or len(self.bounce) < end - start:
+            self.bounce = mmap.mmap(-1, end - start)  # anonymous mappings are page-aligned
+        view = memoryview(self.bounce)
+        need = offset + nbytes - start
+        got = 0
+        while got < need:  # the last block of the file may come back short: that is fine once `need` is in
+            n = os.preadv(self.fd, [view[got:end - start]], start + got)
+            if n == 0:
+                raise GGUFFormatError(f"{self.path}: the file ends before the expert bytes at {offset}+{nbytes}")
+            got += n
+        out[:] = np.frombuffer(self.bounce, np.uint8, count=nbytes, offset=offset - start)
+        view.release()
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        if self.bounce is not None:
+            self.bounce.close()
+            self.bounce = None

@@ -1,0 +1,150 @@
+"""What the expert store and the prefetcher measured: per layer and for the whole run.
+
+Counted per MoE layer, once per routed expert per forward pass:
+    hit     the expert was ready in the compute tier when the layer needed it
+    late    it was on its way (a prefetch not yet finished, or still queued)
+    miss    nothing had asked for it
+    stall   seconds the model waited for transfers (late or missed experts)
+and per prediction (one per layer and forward pass, P = predicted set, T = the
+experts the router chose, both over the pass's tokens):
+    precision = sum |P & T| / sum |P|,  recall = sum |P & T| / sum |T|
+(a layer the policy makes no prediction for, like the first under cross-layer,
+adds to |T| only: its recall counts the experts nobody prefetched).
+
+For the run: bytes moved into each tier, transfer count and busy time (including
+any simulated link time), and the share of that busy time that overlapped compute,
+1 - stall / busy: with one transfer thread, the model stalls only while a transfer
+it needs is running or queued, so busy time not spent stalling ran beside compute.
+
+All counters are updated under the store's lock.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+
+from qmoe.experts.options import format_bytes
+
+
+@dataclass
+class LayerStats:
+    hits: int = 0
+    late: int = 0
+    misses: int = 0
+    stall_s: float = 0.0
+    predicted: int = 0  # sum |P|
+    actual: int = 0  # sum |T|
+    correct: int = 0  # sum |P & T|
+
+    @property
+    def needed(self) -> int:
+        return self.hits + self.late + self.misses
+
+
+@dataclass
+class StoreStats:
+    layers: dict[int, LayerStats]
+    bytes_into: dict[str, int] = field(default_factory=lambda: {"ram": 0, "fast": 0})
+    transfers: int = 0
+    transfer_s: float = 0.0  # the transfer thread's busy time
+    simulated_s: float = 0.0  # of which spent sleeping for the simulated link
+    prefetch_requested: int = 0  # experts named by predictions in time to be useful
+    prefetch_loaded: int = 0  # of those, transfers actually made
+    prefetch_dropped: int = 0  # dropped unstarted: the layer had run, or no slot could be freed
+    late_predictions: int = 0  # predictions that arrived after their layer had run
+    oracle_divergences: int = 0  # oracle only: steps whose routing differed from the recorded run
+
+    @classmethod
+    def for_layers(cls, layers: list[int]) -> "StoreStats":
+        return cls({layer: LayerStats() for layer in layers})
+
+    def record_prediction(self, layer: int, predicted: set[int] | None, actual: set[int]) -> None:
+        s = self.layers[layer]
+        s.actual += len(actual)
+        if predicted is not None:
+            s.predicted += len(predicted)
+            s.correct += len(predicted & actual)
+
+
+def _ratio(num: float, den: float) -> float | None:
+    return num / den if den else None
+
+
+def report(stats: StoreStats, tiers: dict) -> dict:
+    """A JSON-ready summary: the tiers (as the store describes them), per-layer and total figures."""
+    total = LayerStats()
+    layers = {}
+    for layer, s in sorted(stats.layers.items()):
+        for name in ("hits", "late", "misses", "stall_s", "predicted", "actual", "correct"):
+            setattr(total, name, getattr(total, name) + getattr(s, name))
+        layers[str(layer)] = _layer_summary(s)
+    stall = total.stall_s
+    return {
+        "tiers": tiers,
+        "layers": layers,
+        "total": _layer_summary(total),
+        "bytes_into": dict(stats.bytes_into),
+        "transfers": stats.transfers,
+        "transfer_s": stats.transfer_s,
+        "simulated_link_s": stats.simulated_s,
+        "stall_s": stall,
+        "overlap": max(0.0, 1.0 - stall / stats.transfer_s) if stats.transfer_s > 0 else None,
+        "prefetch": {
+            "requested": stats.prefetch_requested,
+            "loaded": stats.prefetch_loaded,
+            "dropped": stats.prefetch_dropped,
+            "late_predictions": stats.late_predictions,
+            "oracle_divergences": stats.oracle_divergences,
+        },
+    }
+
+
+def _layer_summary(s: LayerStats) -> dict:
+    return asdict(s) | {
+        "hit_rate": _ratio(s.hits, s.needed),
+        "precision": _ratio(s.correct, s.predicted),
+        "recall": _ratio(s.correct, s.actual),
+    }
+
+
+def _pct(value: float | None) -> str:
+    return "     -" if value is None else f"{100 * value:6.1f}"
+
+
+def format_table(summary: dict) -> str:
+    """The summary as the table `qmoe run --stats` prints."""
+    lines = []
+    for name, tier in summary["tiers"].items():
+        lines.append(f"tier {name}: {tier['description']}")
+    lines.append(" layer   hit%  late%  miss%  prec%   rec%  stall ms")
+    rows = [(layer, s) for layer, s in summary["layers"].items()] + [("all", summary["total"])]
+    for layer, s in rows:
+        n = s["hits"] + s["late"] + s["misses"]
+        late = s["late"] / n if n else None
+        miss = s["misses"] / n if n else None
+        lines.append(
+            f"{layer:>6} {_pct(s['hit_rate'])} {_pct(late)} {_pct(miss)} {_pct(s['precision'])} "
+            f"{_pct(s['recall'])} {1e3 * s['stall_s']:9.1f}"
+        )
+    moved = ", ".join(f"into {tier} {format_bytes(n)}" for tier, n in summary["bytes_into"].items() if n)
+    overlap = summary["overlap"]
+    lines.append(
+        f"moved: {moved or 'nothing'} in {summary['transfers']} transfers, busy {summary['transfer_s']:.3f} s "
+        f"(simulated link {summary['simulated_link_s']:.3f} s), overlapped with compute: "
+        + ("-" if overlap is None else f"{100 * overlap:.1f}%")
+    )
+    p = summary["prefetch"]
+    lines.append(
+        f"prefetch: {p['requested']} experts requested, {p['loaded']} loaded, {p['dropped']} dropped, "
+        f"{p['late_predictions']} predictions too late"
+        + (f", {p['oracle_divergences']} oracle divergences" if p["oracle_divergences"] else "")
+    )
+    return "\n".join(lines)
+
+
+def write_json(summary: dict, path: str | os.PathLike) -> None:
+    with open(path, "w") as f:
+        json.dump(summary, f, indent=2)
+        f.write("\n")

@@ -1,0 +1,546 @@
+"""The expert store: routed experts served from budgeted tiers, with transfers in a thread of their own.
+
+Tiers, from slow to fast:
+
+    file        the GGUF, memory-mapped (the kernels can read a slab in place)
+    RAM pool    quantized slabs in preallocated slots, filled by explicit reads
+                (optionally O_DIRECT); `--ram-budget`. Without one, or with one
+                that covers every expert (and the page cache allowed), the
+                mapped file plays this part.
+    fast tier   dequantized slabs ready to multiply (CUDA, or float32 in CPU
+                memory); `--gpu-budget`.
+
+The compute tier is the fast tier when there is one, else the RAM pool. The store
+implements the models' `ExpertCompute`: for every expert the router chose it
+computes that expert's output from the compute tier (a hit), from a slab on its
+way there (late: wait for it), or, on a miss, as `on_miss` says: "wait" asks for
+the slab and waits; "cpu" (fast tier only) computes it with the numba kernels
+from the quantized slab in the pool, or in the mapped file when there is no pool,
+and queues the slab for the fast tier in the background (after every prefetch),
+so that the fast tier learns from use as an LRU cache does.
+
+Threads:
+    model thread(s)  call the store; compute hits at once, then late/missed experts
+                     as they arrive, so transfers overlap the compute of hits.
+    transfer thread  the one link between tiers: runs transfers one at a time,
+                     demand loads (a model thread is waiting) before prefetches
+                     before background fills,
+                     each as file -> pool and/or pool/file -> fast tier, with the
+                     simulated link's delay if one is set (link.py).
+    prefetch worker  (prefetch.py) predicts, and calls `prefetch`, which queues
+                     transfers; a prefetch for a layer that has already run is
+                     dropped unstarted.
+
+Accounting: the budgets fix each tier's slot count (budget // slab bytes); slots
+are allocated once, so the bytes held never exceed the budget. Fixed I/O buffers
+(the O_DIRECT bounce buffer, CUDA's pinned staging buffer: one slab each) are
+outside the budgets. A slot is taken by evicting the least recently used slab
+that nobody pins and that is not a prediction waiting for its layer (cache.py).
+
+Results do not depend on the tiers: an expert's output is computed by the same
+code whether it was a hit or a miss, and the outputs are summed in the order
+`kernels.moe_ffn` sums them, so on the kernel path (no fast tier) the layer's
+output is bit-identical to the model without a store. The fast tier is a different compute path (dense float32/fp16
+products); with `--on-miss wait` every expert takes it, so its results are
+independent of budgets and policy too; with `cpu` misses they mix both paths.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from qmoe import kernels
+from qmoe.errors import QmoeError
+from qmoe.experts.cache import Entry, Key
+from qmoe.experts.options import OffloadOptions, format_bytes, parse_budget
+from qmoe.experts.slabs import ExpertSlabs, SlabReader
+from qmoe.experts.stats import StoreStats, report
+from qmoe.experts.tiers import FastTier, RamPool
+from qmoe.kernels.ops import BLAS_MIN_TOKENS
+
+DEMAND, PREFETCH, FILL = 0, 1, 2  # transfer priorities: a waiting model thread, a prediction, a cache fill
+Tier = RamPool | FastTier
+
+
+def expert_groups(ids: np.ndarray) -> list[tuple[int, np.ndarray]]:
+    """The routed (token, expert) pairs grouped by expert: [(expert, pair indices)], pair p = t * k + j.
+
+    In the order kernels.moe_ffn adds the groups into its output: the experts that
+    fewer than BLAS_MIN_TOKENS tokens chose (one compiled call, by ascending
+    expert), then the others (by ascending expert). Float sums depend on order;
+    keeping this one makes the store's output bit-identical to moe_ffn's.
+    """
+    pair_experts = ids.reshape(-1)
+    pairs = np.argsort(pair_experts, kind="stable")
+    starts = np.flatnonzero(np.diff(pair_experts[pairs], prepend=-1))
+    counts = np.diff(starts, append=len(pairs))
+    groups = [(int(pair_experts[pairs[s]]), pairs[s:s + c]) for s, c in zip(starts, counts)]
+    return [g for g in groups if len(g[1]) < BLAS_MIN_TOKENS] + [g for g in groups if len(g[1]) >= BLAS_MIN_TOKENS]
+
+
+@dataclass(order=True)
+class _Job:
+    """One queued transfer: bring slab `key` into `tier`."""
+
+    priority: int
+    seq: int
+    key: Key = field(compare=False)
+    tier: Tier = field(compare=False)
+    step: int = field(compare=False)  # a prefetch is for this step of its layer; useless after it
+    pins: int = field(default=0, compare=False)  # model threads waiting for it: hold it for them on arrival
+    cancelled: bool = field(default=False, compare=False)
+
+
+@dataclass
+class _Transfer:
+    """What the transfer thread does for a job, decided under the lock, done outside it."""
+
+    job: _Job
+    target: Entry  # in job.tier
+    read_into: Entry | None  # pool entry to fill from the file first
+    upload_from: Entry | None  # pool entry to upload into the fast tier from (None: the mapped file)
+    elapsed: float = 0.0
+    slept: float = 0.0  # of which waiting for the simulated link
+
+
+class ExpertStore:
+    """`ExpertCompute` over budgeted tiers; see the module docstring."""
+
+    def __init__(self, slabs: ExpertSlabs, options: OffloadOptions, device: torch.device):
+        self.slabs = slabs
+        self.layout = slabs.layout
+        self.on_miss = options.on_miss
+        self.link = options.link
+        self.pool = self._make_pool(options)
+        self.fast = self._make_fast(options, device)
+        self.compute_tier: Tier | None = self.fast or self.pool
+        self.reader = SlabReader(slabs.path, options.direct_io) if self.pool else None
+        self.cond = threading.Condition()
+        self.queue: list[_Job] = []  # heap: demand before prefetch, then first come first served
+        self.queued: dict[tuple[str, Key], _Job] = {}
+        self.seq = itertools.count()
+        self.steps = {layer: 0 for layer in slabs.layers}  # forward passes each layer has completed
+        self.predicted: dict[int, set[Key]] = {}  # layer -> slabs protected for its coming step
+        self.busy = False
+        self.closing = False
+        self.error: BaseException | None = None
+        self.stats = StoreStats.for_layers(slabs.layers)
+        self.thread = threading.Thread(target=self._transfer_loop, name="qmoe-transfers", daemon=True)
+        self.thread.start()
+
+    # ----------------------------------------------------------------------------- construction
+
+    def _slots(self, budget: int, slab_bytes: int, flag: str) -> int:
+        if budget < slab_bytes:
+            raise QmoeError(
+                f"{flag} {format_bytes(budget)} is smaller than one expert slab ({format_bytes(slab_bytes)} in "
+                f"that tier); give at least that"
+            )
+        return min(self.slabs.n_slabs, budget // slab_bytes)
+
+    def _make_pool(self, options: OffloadOptions) -> RamPool | None:
+        if options.ram_budget is None:
+            return None
+        total = self.slabs.total_bytes
+        budget = parse_budget(options.ram_budget, total, "--ram-budget")
+        if budget >= total and not options.direct_io:
+            return None  # every expert fits: serve them from the mapped file, no copies
+        return RamPool(self.layout, self._slots(budget, self.layout.nbytes, "--ram-budget"))
+
+    def _make_fast(self, options: OffloadOptions, device: torch.device) -> FastTier | None:
+        if options.gpu_budget is None:
+            return None
+        itemsize = torch.finfo(FastTier.slot_dtype(self.layout, device)).bits // 8
+        slab_bytes = self.layout.dense_nbytes(itemsize)
+        budget = parse_budget(options.gpu_budget, self.slabs.n_slabs * slab_bytes, "--gpu-budget")
+        return FastTier(self.layout, self._slots(budget, slab_bytes, "--gpu-budget"), device)
+
+    def describe(self) -> dict:
+        """The tiers as configured: for statistics and the CLI."""
+        tiers = {}
+        for tier in (self.pool, self.fast):
+            if tier is not None:
+                share = tier.cache.n_slots / self.slabs.n_slabs
+                tiers[tier.name] = {
+                    "slots": tier.cache.n_slots,
+                    "bytes": tier.nbytes,
+                    "share": share,
+                    "description": f"{tier.describe()} of {self.slabs.n_slabs} slabs ({100 * share:.1f}%, "
+                                   f"{format_bytes(tier.nbytes)})",
+                }
+        if self.pool is None:
+            tiers["file"] = {"description": f"every expert served from the memory-mapped {self.slabs.path.name}"}
+        if self.reader is not None:
+            tiers["ram"]["direct_io"] = self.reader.direct
+        if self.link is not None:
+            tiers["link"] = {"gbps": self.link.gbps, "latency_us": self.link.latency_us,
+                             "description": f"simulated at {self.link.gbps:g} GB/s + {self.link.latency_us:g} us "
+                                            "per transfer"}
+        return tiers
+
+    def summary(self) -> dict:
+        with self.cond:
+            return report(self.stats, self.describe())
+
+    # ----------------------------------------------------------------------------- model thread: compute
+
+    def __call__(self, layer: int, x: np.ndarray, ids: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        """The routed experts' weighted sum: x [T, n_embd], ids and weights [T, k] -> [T, n_embd]."""
+        groups = expert_groups(ids)
+        k = ids.shape[1]
+        tokens = {e: pairs // k for e, pairs in groups}
+        outputs: dict[int, np.ndarray] = {}  # expert -> its output on its tokens [n, n_embd]
+        if self.compute_tier is None:
+            for e, _ in groups:
+                outputs[e] = self._kernel(self.slabs.views(layer, e), x[tokens[e]])
+            with self.cond:
+                self.stats.layers[layer].hits += len(groups)
+        else:
+            self._compute_layer(layer, x, tokens, outputs)
+        out = np.zeros_like(x)
+        pair_weights = weights.reshape(-1)
+        for e, pairs in groups:
+            np.add.at(out, tokens[e], pair_weights[pairs, None] * outputs[e])
+        return out
+
+    def _compute_layer(self, layer: int, x: np.ndarray, tokens: dict[int, np.ndarray],
+                       outputs: dict[int, np.ndarray]) -> None:
+        tier = self.compute_tier
+        ready, waiting, on_cpu = [], [], []
+        with self.cond:
+            self._raise_if_failed()
+            self._cancel_prefetches(layer, needed=set(tokens))
+            s = self.stats.layers[layer]
+            for e in tokens:
+                state, order = self._claim(tier, (layer, e))
+                if state == "ready":
+                    ready.append((e, tier.cache.get((layer, e))))
+                    s.hits += 1
+                elif state in ("loading", "queued"):
+                    waiting.append((order, e))
+                    s.late += 1
+                else:
+                    s.misses += 1
+                    if tier is self.fast and self.on_miss == "cpu":
+                        on_cpu.append(e)
+                        self._queue(FILL, tier, (layer, e), step=-1)  # the cache learns: next time a hit
+                    else:
+                        waiting.append((self._request(tier, (layer, e)), e))
+        claimed = [(tier, (layer, e)) for e, _ in ready] + [(tier, (layer, e)) for _, e in waiting]
+        try:
+            for e, entry in ready:  # hits first: their compute overlaps the transfers of the rest
+                claimed.remove((tier, (layer, e)))
+                outputs[e] = self._compute_in(tier, entry, x[tokens[e]])
+            for _, e in sorted(waiting):  # in the order the transfer thread delivers them
+                entry = self._wait(tier, (layer, e), layer)
+                claimed.remove((tier, (layer, e)))
+                outputs[e] = self._compute_in(tier, entry, x[tokens[e]])
+            for e in on_cpu:
+                outputs[e] = self._compute_on_cpu(layer, e, x[tokens[e]])
+        except BaseException:  # an error or Ctrl-C: do not leave slabs pinned for good
+            with self.cond:
+                for tier_, key in claimed:
+                    self._unclaim(tier_, key)
+            raise
+        with self.cond:
+            self.steps[layer] += 1
+            for key in self.predicted.pop(layer, ()):  # predictions for this step are used or stale now
+                entry = tier.cache.get(key)
+                if entry is not None:
+                    entry.protected = False
+
+    def _compute_on_cpu(self, layer: int, expert: int, x: np.ndarray) -> np.ndarray:
+        """A fast-tier miss computed by the kernels from the quantized slab: pool (read if absent) or file."""
+        if self.pool is None:
+            return self._kernel(self.slabs.views(layer, expert), x)
+        key = (layer, expert)
+        with self.cond:
+            state, _ = self._claim(self.pool, key)
+            if state is None:
+                self._request(self.pool, key)
+        try:
+            entry = self._wait(self.pool, key, layer)
+        except BaseException:
+            with self.cond:
+                self._unclaim(self.pool, key)
+            raise
+        return self._compute_in(self.pool, entry, x)
+
+    def _compute_in(self, tier: Tier, entry: Entry, x: np.ndarray) -> np.ndarray:
+        """Compute from a pinned entry, then release it."""
+        try:
+            if tier is self.fast:
+                return self.fast.compute(entry.slot, x)
+            return self._kernel(self.pool.views(entry.slot), x)
+        finally:
+            with self.cond:
+                entry.pins -= 1
+                tier.cache.touch(entry)
+                if entry.pins == 0:
+                    self.cond.notify_all()  # the transfer thread may be waiting for a slot
+
+    def _kernel(self, raw: tuple[np.ndarray, np.ndarray, np.ndarray], x: np.ndarray) -> np.ndarray:
+        return kernels.expert_ffn(*raw, self.layout.qtypes, x)
+
+    # ----------------------------------------------------------------------------- model thread: claims (under the lock)
+
+    def _claim(self, tier: Tier, key: Key) -> tuple[str | None, float]:
+        """Pin `key` in `tier` if it is there or on its way; returns (state, delivery order).
+
+        state: "ready", "loading" (being transferred now), "queued" (a transfer is
+        queued: made a demand load if it was a prefetch), or None (absent). The
+        delivery order sorts what to wait for as the transfer thread will deliver it.
+        """
+        entry = tier.cache.get(key)
+        if entry is not None:
+            entry.pins += 1
+            return ("ready" if entry.ready else "loading"), -1.0
+        job = self.queued.get((tier.name, key))
+        if job is None:
+            return None, 0.0
+        if job.priority != DEMAND:
+            job.cancelled = True
+            return "queued", self._request(tier, key, pins=job.pins + 1)
+        job.pins += 1
+        return "queued", float(job.seq)
+
+    def _unclaim(self, tier: Tier, key: Key) -> None:
+        entry = tier.cache.get(key)
+        if entry is not None:
+            entry.pins -= 1
+        elif (job := self.queued.get((tier.name, key))) is not None:
+            job.pins -= 1
+        self.cond.notify_all()
+
+    def _request(self, tier: Tier, key: Key, pins: int = 1) -> float:
+        """Queue a demand load of `key` into `tier`, held for `pins` waiting threads; returns its order."""
+        job = _Job(DEMAND, next(self.seq), key, tier, self.steps[key[0]], pins)
+        heapq.heappush(self.queue, job)
+        self.queued[(tier.name, key)] = job
+        self.cond.notify_all()
+        return float(job.seq)
+
+    def _queue(self, priority: int, tier: Tier, key: Key, step: int) -> None:
+        """Queue a prefetch or a cache fill of `key` unless one is queued already."""
+        if (tier.name, key) not in self.queued:
+            job = _Job(priority, next(self.seq), key, tier, step)
+            heapq.heappush(self.queue, job)
+            self.queued[(tier.name, key)] = job
+
+    def _wait(self, tier: Tier, key: Key, layer: int) -> Entry:
+        """Block until `key` (pinned for us) is ready in `tier`; the wait is the layer's stall."""
+        start = time.perf_counter()
+        with self.cond:
+            while True:
+                self._raise_if_failed()
+                entry = tier.cache.get(key)
+                if entry is not None and entry.ready:
+                    self.stats.layers[layer].stall_s += time.perf_counter() - start
+                    return entry
+                if self.closing:
+                    raise QmoeError("the expert store was closed while a layer waited for an expert")
+                self.cond.wait()
+
+    def _cancel_prefetches(self, layer: int, needed: set[int]) -> None:
+        """Drop queued prefetches for `layer` that it does not need: it is running now."""
+        for (_, (job_layer, e)), job in list(self.queued.items()):
+            if job_layer == layer and job.priority == PREFETCH and e not in needed:
+                job.cancelled = True
+                del self.queued[(job.tier.name, job.key)]
+                self.stats.prefetch_dropped += 1
+
+    def _raise_if_failed(self) -> None:
+        if self.error is not None:
+            raise QmoeError(f"{self.slabs.path}: loading experts failed: {self.error}") from self.error
+
+    # ----------------------------------------------------------------------------- prefetch (any thread)
+
+    def step(self, layer: int) -> int:
+        """How many forward passes `layer` has completed: a prediction made now is for this step."""
+        return self.steps[layer]
+
+    def prefetch(self, layer: int, experts: list[int], step: int) -> None:
+        """Bring `experts` of `layer` (most wanted first) into the compute tier for its step `step`.
+
+        Resident ones are protected until the layer has run; absent ones are queued
+        behind any demand load. Nothing happens if the layer has already run its step.
+        """
+        if self.compute_tier is None:
+            return
+        tier = self.compute_tier
+        with self.cond:
+            if step != self.steps[layer]:
+                self.stats.late_predictions += 1
+                return
+            self.stats.prefetch_requested += len(experts)
+            protected = self.predicted.setdefault(layer, set())
+            for e in experts:
+                key = (layer, e)
+                protected.add(key)
+                entry = tier.cache.get(key)
+                if entry is not None:
+                    entry.protected = True
+                else:
+                    self._queue(PREFETCH, tier, key, step)
+            self.cond.notify_all()
+
+    def record_prediction(self, layer: int, predicted: set[int] | None, actual: set[int]) -> None:
+        with self.cond:
+            self.stats.record_prediction(layer, predicted, actual)
+
+    def record_oracle_divergence(self) -> None:
+        with self.cond:
+            self.stats.oracle_divergences += 1
+
+    # ----------------------------------------------------------------------------- transfer thread
+
+    def _transfer_loop(self) -> None:
+        while True:
+            with self.cond:
+                transfer = None
+                while transfer is None:
+                    job = self._next_job()
+                    if job is None:
+                        return
+                    self.busy = True
+                    transfer = self._plan(job)
+                    if transfer is None:
+                        self.busy = False
+                        self.cond.notify_all()  # a dropped job may have emptied the queue (drain)
+            try:
+                self._move(transfer)
+            except BaseException as exc:  # noqa: BLE001 - any failure is handed to the waiting threads
+                with self.cond:
+                    self._abandon(transfer, exc)
+            else:
+                with self.cond:
+                    self._complete(transfer)
+            finally:
+                with self.cond:
+                    self.busy = False
+                    self.cond.notify_all()
+
+    def _next_job(self) -> _Job | None:
+        while not self.closing:
+            while self.queue:
+                job = heapq.heappop(self.queue)
+                if not job.cancelled:
+                    del self.queued[(job.tier.name, job.key)]
+                    return job
+            self.cond.notify_all()
+            self.cond.wait()
+        return None
+
+    def _reserve(self, tier: Tier, key: Key, demand: bool) -> Entry | None:
+        """A slot for `key`: a demand load waits for one to be released, a prefetch gives up."""
+        while True:
+            entry = tier.cache.reserve(key, demand)
+            if entry is not None or not demand or self.closing:
+                return entry
+            self.cond.wait()
+
+    def _plan(self, job: _Job) -> _Transfer | None:
+        tier, key, demand = job.tier, job.key, job.priority == DEMAND
+        if job.priority == PREFETCH and job.step != self.steps[key[0]]:
+            self.stats.prefetch_dropped += 1
+            return None
+        existing = tier.cache.get(key)
+        if existing is not None:  # brought in by another job meanwhile
+            existing.pins += job.pins
+            return None
+        target = self._reserve(tier, key, demand)
+        if target is None:
+            self.stats.prefetch_dropped += job.priority == PREFETCH
+            return None
+        target.pins += job.pins
+        target.protected = job.priority == PREFETCH and key in self.predicted.get(key[0], ())
+        if tier is self.pool:
+            return _Transfer(job, target, read_into=target, upload_from=None)
+        if self.pool is None:
+            return _Transfer(job, target, read_into=None, upload_from=None)
+        # Into the fast tier through the pool. Only this thread fills the pool, so a
+        # pool entry found here is ready; an absent one is read from the file first.
+        source = self.pool.cache.get(key)
+        read_into = None
+        if source is None:
+            source = read_into = self._reserve(self.pool, key, demand)
+            if source is None:  # not a demand load, and every pool slot is in use
+                tier.cache.discard(target)
+                self.stats.prefetch_dropped += job.priority == PREFETCH
+                return None
+        source.pins += 1
+        return _Transfer(job, target, read_into=read_into, upload_from=source)
+
+    def _move(self, t: _Transfer) -> None:
+        """The transfer itself, outside the lock: file -> pool and/or pool or file -> fast tier."""
+        layer, expert = t.job.key
+        start = time.perf_counter()
+        link_start = start
+        if t.read_into is not None:
+            self.reader.read(self.slabs.ranges(layer, expert), self.pool.views(t.read_into.slot))
+            link_start = time.perf_counter() if t.job.tier is self.fast else start
+        if t.job.tier is self.fast:
+            raw = self.pool.views(t.upload_from.slot) if t.upload_from is not None else self.slabs.views(layer, expert)
+            self.fast.upload(t.target.slot, raw)
+        slept = self.link.finish(link_start, self.layout.nbytes) if self.link is not None else 0.0
+        t.elapsed, t.slept = time.perf_counter() - start, slept
+
+    def _complete(self, t: _Transfer) -> None:
+        s = self.stats
+        if t.read_into is not None:
+            self.pool.cache.loaded(t.read_into)
+            s.bytes_into["ram"] += self.layout.nbytes
+        if t.upload_from is not None:
+            t.upload_from.pins -= 1
+            self.pool.cache.touch(t.upload_from)
+        if t.job.tier is self.fast:
+            self.fast.cache.loaded(t.target)
+            s.bytes_into["fast"] += self.layout.nbytes
+        s.transfers += 1
+        s.transfer_s += t.elapsed
+        s.simulated_s += t.slept
+        s.prefetch_loaded += t.job.priority == PREFETCH
+        if t.job.step != self.steps[t.job.key[0]]:
+            t.target.protected = False  # its layer ran while it was on its way
+
+    def _abandon(self, t: _Transfer, exc: BaseException) -> None:
+        self.error = exc
+        for entry, tier in ((t.target, t.job.tier), (t.read_into, self.pool)):
+            if entry is not None and not entry.ready and tier.cache.get(entry.key) is entry:
+                tier.cache.discard(entry)
+        if t.upload_from is not None and t.upload_from is not t.read_into:
+            t.upload_from.pins -= 1
+
+    # ----------------------------------------------------------------------------- lifetime
+
+    def drain(self) -> None:
+        """Wait until no transfer is queued or running."""
+        with self.cond:
+            while (self.busy or any(not j.cancelled for j in self.queue)) and self.error is None:
+                self.cond.wait()
+
+    def clear(self) -> None:
+        """Forget every resident slab and every statistic: a cold start (between benchmark runs)."""
+        self.drain()
+        with self.cond:
+            for tier in (self.pool, self.fast):
+                if tier is not None:
+                    tier.cache.clear()
+            self.predicted.clear()
+            self.stats = StoreStats.for_layers(self.slabs.layers)
+
+    def close(self) -> None:
+        """Stop the transfer thread and close the file. Idempotent."""
+        with self.cond:
+            self.closing = True
+            self.cond.notify_all()
+        self.thread.join()
+        if self.reader is not None:
+            self.reader.close()

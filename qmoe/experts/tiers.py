@@ -1,0 +1,148 @@
+"""The memory tiers above the file: a RAM pool of quantized slabs and a fast tier of dequantized ones.
+
+Each tier preallocates `n_slots` equal slots for its whole life (so its memory
+is its budget, whatever the traffic) and keeps a `SlotCache` saying which slab
+is in which slot. Filling a slot is the store's transfer thread's job; computing
+from one is the model's thread's.
+
+RamPool   quantized slabs exactly as in the file (raw bytes), for the CPU
+          kernels: what a machine whose RAM cannot hold the model keeps of it.
+FastTier  dequantized experts ready for dense matrix products:
+          CUDA  fp16 slots (bf16 when the file stores bf16) in GPU memory. A
+                slab's raw bytes are copied into a pinned staging buffer, moved
+                to the GPU on a side stream, and dequantized there by torch ops
+                (`dequantize_torch`), so the link carries the quantized bytes;
+                the transfer thread waits on the stream's event before the slot
+                counts as ready, and the model's thread only releases a slot
+                after its products came back to the host (`compute` ends with
+                .cpu()), so a slot is never overwritten while in use.
+          CPU   float32 slots in host memory, dequantized by the numba kernels:
+                the same machinery on machines without CUDA, so that every
+                path runs and is tested anywhere. (On a CPU this tier is slower
+                than computing from the quantized pool: it reads 4-8x more bytes.)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from gguf import GGMLQuantizationType
+
+from qmoe import kernels
+from qmoe.experts.cache import SlotCache
+from qmoe.experts.slabs import SlabLayout
+
+QT = GGMLQuantizationType
+
+
+class RamPool:
+    """Quantized slabs in host RAM: three uint8 arrays [n_slots, rows, row_bytes]."""
+
+    name = "ram"
+
+    def __init__(self, layout: SlabLayout, n_slots: int):
+        self.layout = layout
+        self.slab_bytes = layout.nbytes
+        self.parts = [np.empty((n_slots, *shape), np.uint8) for shape in layout.raw_shapes]
+        self.cache = SlotCache(n_slots)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.parts)
+
+    def views(self, slot: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The slab in `slot`: raw gate, up [n_ff, row_bytes] and down [n_embd, row_bytes]."""
+        return tuple(p[slot] for p in self.parts)
+
+    def describe(self) -> str:
+        return f"RAM pool of quantized slabs, {self.cache.n_slots} slots"
+
+
+def dequantize_torch(raw: torch.Tensor, qtype: GGMLQuantizationType, n: int) -> torch.Tensor:
+    """Raw rows [rows, row_bytes] (uint8, any device) of type `qtype` -> float32 [rows, n].
+
+    The same arithmetic as the numba kernels (an fp16 scale times an integer, in
+    float32), so both give identical values; written in torch ops so that it runs
+    on the GPU next to the slot it fills.
+    """
+    rows = raw.shape[0]
+    if qtype in (QT.Q8_0, QT.Q4_0):
+        blocks = raw.reshape(rows, -1, 34 if qtype == QT.Q8_0 else 18)  # [rows, n/32, block]
+        scale = blocks[..., :2].contiguous().view(torch.float16).float()  # [rows, n/32, 1]
+        if qtype == QT.Q8_0:
+            q = blocks[..., 2:].contiguous().view(torch.int8).float()  # [rows, n/32, 32]
+        else:  # byte i holds element i (low nibble) and element i + 16 (high nibble), offset by 8
+            packed = blocks[..., 2:].to(torch.int16)
+            q = torch.cat(((packed & 15) - 8, (packed >> 4) - 8), dim=-1).float()
+        return (scale * q).reshape(rows, n)
+    dtype = {QT.F32: torch.float32, QT.F16: torch.float16, QT.BF16: torch.bfloat16}[QT(qtype)]
+    return raw.contiguous().view(dtype).float().reshape(rows, n)
+
+
+def dense_expert_ffn(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """One expert's SwiGLU on dequantized weights: x [T, n_embd] -> [T, n_embd] (in x's dtype).
+
+    gate, up: [n_ff, n_embd]; down: [n_embd, n_ff]. The fast tier's compute path,
+    and the reference it is tested against.
+    """
+    return (F.silu(x @ gate.T) * (x @ up.T)) @ down.T
+
+
+class FastTier:
+    """Dequantized experts in preallocated slots: gate, up [n_slots, n_ff, n_embd], down [n_slots, n_embd, n_ff]."""
+
+    name = "fast"
+
+    def __init__(self, layout: SlabLayout, n_slots: int, device: torch.device):
+        self.layout = layout
+        self.device = device
+        self.dtype = self.slot_dtype(layout, device)
+        self.slab_bytes = layout.dense_nbytes(torch.finfo(self.dtype).bits // 8)
+        self.parts = [torch.empty((n_slots, *shape), dtype=self.dtype, device=device) for shape in layout.dense_shapes]
+        self.cache = SlotCache(n_slots)
+        if device.type == "cuda":
+            self.stream = torch.cuda.Stream(device)
+            self.staging = torch.empty(layout.nbytes, dtype=torch.uint8, pin_memory=True)
+            self.raw = torch.empty(layout.nbytes, dtype=torch.uint8, device=device)
+            self.uploaded = torch.cuda.Event()
+
+    @staticmethod
+    def slot_dtype(layout: SlabLayout, device: torch.device) -> torch.dtype:
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if QT.BF16 in layout.qtypes else torch.float16
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.parts)
+
+    def describe(self) -> str:
+        where = "GPU" if self.device.type == "cuda" else "CPU memory"
+        return f"fast tier of dequantized {str(self.dtype).removeprefix('torch.')} experts in {where}, " \
+               f"{self.cache.n_slots} slots"
+
+    def upload(self, slot: int, raw: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
+        """Fill `slot` with the dequantized slab whose raw parts are `raw` (runs in the transfer thread)."""
+        if self.device.type != "cuda":
+            for part, src, qtype in zip(self.parts, raw, self.layout.qtypes):
+                part[slot].numpy()[...] = kernels.dequantize(src, qtype)
+            return
+        staging = self.staging.numpy()
+        offsets = np.cumsum((0, *self.layout.part_bytes))
+        for src, start, stop in zip(raw, offsets, offsets[1:]):
+            staging[start:stop] = src.reshape(-1)
+        with torch.cuda.stream(self.stream):
+            self.raw.copy_(self.staging, non_blocking=True)
+            for part, qtype, (rows, row_bytes), (_, n), start, stop in zip(
+                self.parts, self.layout.qtypes, self.layout.raw_shapes, self.layout.dense_shapes, offsets, offsets[1:]
+            ):
+                part[slot].copy_(dequantize_torch(self.raw[start:stop].view(rows, row_bytes), qtype, n))
+            self.uploaded.record(self.stream)
+        self.uploaded.synchronize()  # the staging buffer is free again, and the slot is complete
+
+    def compute(self, slot: int, x: np.ndarray) -> np.ndarray:
+        """The expert in `slot` on token rows x [T, n_embd] float32 -> float32 [T, n_embd] on the host."""
+        xs = torch.from_numpy(x).to(self.device, self.dtype)
+        y = dense_expert_ffn(self.parts[0][slot], self.parts[1][slot], self.parts[2][slot], xs)
+        return y.float().cpu().numpy()

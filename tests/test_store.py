@@ -1,0 +1,463 @@
+"""The expert store and the prefetcher: budgets, reads, eviction, policies, and that none of it changes results."""
+
+from __future__ import annotations
+
+import functools
+import json
+import shutil
+import threading
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType
+from gguf.quants import quantize
+
+import qmoe
+from qmoe import kernels
+from qmoe.cli import main
+from qmoe.errors import QmoeError
+from qmoe.experts.cache import SlotCache
+from qmoe.experts.link import SimulatedLink
+from qmoe.experts.options import OffloadOptions, parse_budget
+from qmoe.experts.slabs import SlabReader
+from qmoe.experts.store import ExpertStore, expert_groups
+from qmoe.experts.tiers import dense_expert_ffn, dequantize_torch
+from qmoe.models.base import MmapExperts, MoE
+from qmoe.predictor.model import INPUT_PRE_ATTN, PredictorSet, build_predictor, fold_batchnorm
+from qmoe.predictor.sidecar import default_sidecar_path, model_identity, write_sidecar
+from tests.tiny_models import TINY_KINDS
+
+QT = GGMLQuantizationType
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA fast tier needs a CUDA device")
+
+
+@pytest.fixture(autouse=True)
+def _few_threads():
+    """The test machines are small and shared: keep torch to one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def q4_path(tiny_gguf):
+    """qwen3moe with q4_0 experts (2 MoE layers of 8 experts, 2 used)."""
+    return tiny_gguf("qwen3moe", "q8_0", "q4_0")
+
+
+def prompt(n_vocab: int, n: int = 64, seed: int = 0) -> list[int]:
+    """Long enough that some expert gets >= 16 tokens: the kernels' BLAS path runs too."""
+    return np.random.default_rng(seed).integers(3, n_vocab, n).tolist()
+
+
+@functools.cache
+def one_slab(path) -> int:
+    """Bytes of one quantized expert slab of the model at `path`."""
+    with qmoe.load(path, offload=OffloadOptions(ram_budget="100%", direct_io=True)) as m:
+        return m.store.layout.nbytes
+
+
+# ----------------------------------------------------------------------------- pieces
+
+
+def test_budgets_parse_sizes_and_shares():
+    assert parse_budget("6G", 0, "--ram-budget") == 6 * 2**30
+    assert parse_budget("1.5M", 0, "--ram-budget") == 3 * 2**19
+    assert parse_budget("512KiB", 0, "--ram-budget") == 512 * 1024
+    assert parse_budget("1000", 0, "--ram-budget") == 1000
+    assert parse_budget("40%", 1000, "--gpu-budget") == 400
+    assert parse_budget(123, 0, "--gpu-budget") == 123
+    for bad in ("6X", "-5", "%", "ten"):
+        with pytest.raises(QmoeError, match="--ram-budget"):
+            parse_budget(bad, 100, "--ram-budget")
+
+
+def test_options_are_checked():
+    with pytest.raises(QmoeError, match="--ram-budget and/or --gpu-budget"):
+        OffloadOptions(prefetch="pre-attn")
+    with pytest.raises(QmoeError, match="--prefetch"):
+        OffloadOptions(ram_budget="1G", prefetch="psychic")
+    with pytest.raises(QmoeError, match="--on-miss"):
+        OffloadOptions(ram_budget="1G", on_miss="pray")
+    with pytest.raises(QmoeError, match="sim-link-gbps"):
+        SimulatedLink(0.0)
+    assert SimulatedLink(2.0, 100).seconds(2_000_000) == pytest.approx(1e-3 + 1e-4)
+
+
+def test_slot_cache_evicts_lru_but_not_pinned_or_protected():
+    cache = SlotCache(3)
+    a, b, c = (cache.reserve((0, e), demand=False) for e in range(3))
+    for entry in (a, b, c):
+        cache.loaded(entry)
+    assert sorted(e.slot for e in (a, b, c)) == [0, 1, 2]
+    a.pins, b.protected = 1, True
+    d = cache.reserve((0, 3), demand=False)  # a pinned, b protected: c goes
+    assert d.slot == c.slot and cache.get((0, 2)) is None and cache.evicted_unused == 1
+    cache.loaded(d)
+    cache.touch(d)
+    d.pins = 1
+    assert cache.reserve((0, 4), demand=False) is None  # only a prediction could go, and a prefetch may not evict it
+    e = cache.reserve((0, 4), demand=True)  # a demand load may
+    assert e.slot == b.slot and len(cache) == 3
+
+
+def test_expert_groups_follow_the_kernels_order():
+    ids = np.array([[3, 1]] * 20 + [[1, 0]], dtype=np.int32)  # expert 3 and 1 have >= 16 tokens, 0 has one
+    groups = expert_groups(ids)
+    assert [e for e, _ in groups] == [0, 1, 3]
+    assert groups[0][1].tolist() == [41]
+
+
+@pytest.mark.parametrize("qtype", [QT.Q4_0, QT.Q8_0, QT.F16, QT.BF16, QT.F32])
+def test_dequantize_torch_matches_the_kernels(qtype):
+    values = np.random.default_rng(0).normal(size=(6, 64)).astype(np.float32)
+    raw = quantize(values, qtype) if qtype != QT.F32 else values
+    raw = np.ascontiguousarray(raw).view(np.uint8).reshape(6, -1)
+    got = dequantize_torch(torch.from_numpy(raw), qtype, 64).numpy()
+    assert np.array_equal(got, kernels.dequantize(raw, qtype))
+
+
+@pytest.mark.parametrize("direct", [False, True])
+def test_reader_reads_every_slab_as_the_file_has_it(q4_path, direct):
+    with qmoe.load(q4_path, offload=OffloadOptions(ram_budget="100%", direct_io=True)) as m:
+        slabs = m.store.slabs
+        reader = SlabReader(slabs.path, direct)
+        try:
+            for layer in slabs.layers:
+                for e in range(slabs.n_expert):
+                    outs = tuple(np.empty(shape, np.uint8) for shape in slabs.layout.raw_shapes)
+                    reader.read(slabs.ranges(layer, e), outs)
+                    for out, view in zip(outs, slabs.views(layer, e)):
+                        assert np.array_equal(out, view)
+        finally:
+            reader.close()
+
+
+def test_reader_falls_back_where_o_direct_is_refused(q4_path, tmp_path_factory):
+    shm = Path("/dev/shm")
+    if not shm.is_dir():
+        pytest.skip("no tmpfs at /dev/shm to refuse O_DIRECT")
+    copy = Path(shutil.copy(q4_path, shm / f"qmoe-test-{Path(q4_path).name}"))
+    try:
+        with pytest.warns(RuntimeWarning, match="O_DIRECT") if _refuses_o_direct(copy) else warnings.catch_warnings():
+            with qmoe.load(copy, offload=OffloadOptions(ram_budget="25%", direct_io=True)) as m:
+                ids = prompt(m.n_vocab, 20)
+                got = m.logits(ids)
+        with qmoe.load(copy) as plain:
+            assert np.array_equal(got, plain.logits(ids))
+    finally:
+        copy.unlink()
+
+
+def _refuses_o_direct(path: Path) -> bool:
+    import os
+
+    try:
+        os.close(os.open(path, os.O_RDONLY | os.O_DIRECT))
+        return False
+    except OSError:
+        return True
+
+
+# ----------------------------------------------------------------------------- results do not depend on the store
+
+
+KERNEL_PATH_CONFIGS = [
+    dict(ram_budget=1),  # one slot: every expert is read, evicting the last (budget rounded up below)
+    dict(ram_budget="25%", prefetch="cross-layer"),
+    dict(ram_budget="50%", prefetch="oracle", direct_io=True),
+    dict(ram_budget="100%"),  # everything fits: served from the mapped file
+]
+
+
+@pytest.mark.parametrize("kind", TINY_KINDS)
+def test_kernel_path_logits_and_tokens_equal_the_plain_runtime(kind, tiny_gguf):
+    path = tiny_gguf(kind, "q8_0", "q4_0")
+    with qmoe.load(path) as plain:
+        ids = prompt(plain.n_vocab)
+        ref_logits = plain.logits(ids)
+        ref_tokens = list(plain.stream(ids[:8], 6))
+    slab = one_slab(path)
+    for config in KERNEL_PATH_CONFIGS:
+        config = dict(config)
+        if config.get("ram_budget") == 1:
+            config["ram_budget"] = slab
+        with qmoe.load(path, offload=OffloadOptions(**config)) as m:
+            if config.get("prefetch") == "oracle":
+                m.replay_routing(m.record_routing(ids[:8], 6))
+            assert list(m.stream(ids[:8], 6)) == ref_tokens, config
+            assert np.array_equal(m.logits(ids), ref_logits), config
+
+
+class DenseExperts:
+    """The fast tier's compute path with every expert dequantized up front: its reference."""
+
+    def __init__(self, mmap_experts: MmapExperts):
+        self.dense = {}
+        for layer, tensors in mmap_experts.tensors.items():
+            self.dense[layer] = [torch.from_numpy(kernels.dequantize(t.data, t.qtype)) for t in tensors]
+
+    def __call__(self, layer, x, ids, weights):
+        gate, up, down = self.dense[layer]
+        out = np.zeros_like(x)
+        k = ids.shape[1]
+        for e, pairs in expert_groups(ids):
+            y = dense_expert_ffn(gate[e], up[e], down[e], torch.from_numpy(x[pairs // k])).numpy()
+            np.add.at(out, pairs // k, weights.reshape(-1)[pairs, None] * y)
+        return out
+
+
+def dense_reference(path, ids):
+    with qmoe.load(path) as m:
+        kernel_logits = m.logits(ids)
+        moe = [b.ffn for b in m.net.blocks if isinstance(b.ffn, MoE)]
+        dense = DenseExperts(moe[0].experts)
+        for ffn in moe:
+            ffn.experts = dense
+        return m.logits(ids), kernel_logits
+
+
+@pytest.mark.parametrize("kind", TINY_KINDS)
+def test_fast_tier_equals_its_reference_and_is_close_to_the_kernels(kind, tiny_gguf):
+    path = tiny_gguf(kind, "q8_0", "q4_0")
+    with qmoe.load(path) as plain:
+        ids = prompt(plain.n_vocab)
+    dense_logits, kernel_logits = dense_reference(path, ids)
+    scale = np.abs(kernel_logits).max()
+    assert np.abs(dense_logits - kernel_logits).max() <= 1e-4 * scale
+    for config in (dict(gpu_budget="20%", on_miss="wait"),
+                   dict(gpu_budget="50%", ram_budget="25%", on_miss="wait", prefetch="cross-layer")):
+        with qmoe.load(path, offload=OffloadOptions(**config)) as m:
+            assert np.array_equal(m.logits(ids), dense_logits), config
+    with qmoe.load(path, offload=OffloadOptions(gpu_budget="30%", on_miss="cpu", prefetch="cross-layer")) as m:
+        mixed = m.logits(ids)  # hits dense, misses by the kernels
+        assert np.abs(mixed - kernel_logits).max() <= 1e-4 * scale
+
+
+# ----------------------------------------------------------------------------- prefetch policies and statistics
+
+
+def random_predictors(path, moe_layers, n_embd, n_expert, k) -> PredictorSet:
+    torch.manual_seed(0)
+    layers = {layer: fold_batchnorm(build_predictor(n_embd, n_expert, 32, arch=2)) for layer in moe_layers}
+    return PredictorSet(model_identity(path), n_embd, n_expert, k, k + 1, 2, INPUT_PRE_ATTN, 0.1, layers)
+
+
+def test_every_policy_keeps_results_and_measures_itself(q4_path, tmp_path):
+    sidecar = tmp_path / "preds.pred.gguf"
+    with qmoe.load(q4_path) as plain:
+        hp, moe_layers = plain.net.hp, plain.net.moe_layers
+        ids = prompt(plain.n_vocab, 12)
+        ref_tokens = list(plain.stream(ids, 8))
+        write_sidecar(sidecar, random_predictors(q4_path, plain.net.moe_layers, hp.n_embd, hp.n_expert,
+                                                 hp.n_expert_used), weight_type="f16")
+    summaries = {}
+    for policy in ("none", "cross-layer", "pre-attn", "oracle"):
+        options = OffloadOptions(ram_budget="50%", prefetch=policy, predictors=str(sidecar))
+        with qmoe.load(q4_path, offload=options) as m:
+            if policy == "oracle":
+                m.replay_routing(m.record_routing(ids, 8))
+            assert list(m.stream(ids, 8)) == ref_tokens, policy
+            summaries[policy] = m.offload_stats()
+    first, second = (str(layer) for layer in moe_layers)
+    none, cross, pre, oracle = (summaries[p] for p in ("none", "cross-layer", "pre-attn", "oracle"))
+    assert none["total"]["predicted"] == 0 and none["prefetch"]["requested"] == 0
+    assert cross["layers"][first]["predicted"] == 0 and cross["layers"][first]["recall"] == 0  # nothing to reuse
+    assert cross["layers"][second]["predicted"] > 0
+    assert pre["layers"][first]["predicted"] > 0  # pre-attn predicts the first MoE layer too
+    assert oracle["total"]["precision"] == 1.0 and oracle["total"]["recall"] == 1.0
+    assert oracle["prefetch"]["oracle_divergences"] == 0
+    for s in summaries.values():
+        t = s["total"]
+        assert t["hits"] + t["late"] + t["misses"] == none["total"]["hits"] + none["total"]["misses"]
+        assert s["bytes_into"]["ram"] == s["transfers"] * one_slab(q4_path)
+
+
+def test_pre_attn_needs_matching_predictors(q4_path, tmp_path):
+    with pytest.raises(QmoeError, match="needs predictors"):
+        qmoe.load(q4_path, offload=OffloadOptions(ram_budget="50%", prefetch="pre-attn",
+                                                  predictors=str(tmp_path / "none.pred.gguf")))
+    with pytest.raises(QmoeError, match="exceeds the model's 8 experts"):
+        qmoe.load(q4_path, offload=OffloadOptions(ram_budget="50%", prefetch="cross-layer", k_prime=9))
+    with pytest.raises(QmoeError, match="smaller than one expert slab"):
+        qmoe.load(q4_path, offload=OffloadOptions(ram_budget="1K"))
+
+
+def test_simulated_link_slows_transfers_beside_compute(q4_path):
+    link = SimulatedLink(0.05, 200)  # 50 MB/s: a slab of ~28 KB takes ~0.8 ms
+    with qmoe.load(q4_path, offload=OffloadOptions(ram_budget="25%", prefetch="cross-layer", link=link)) as m:
+        list(m.stream(prompt(m.n_vocab, 6), 4))
+        s = m.offload_stats()
+    assert s["simulated_link_s"] > 0 and s["transfer_s"] >= s["simulated_link_s"]
+    assert s["tiers"]["link"]["gbps"] == 0.05
+
+
+def test_without_store_options_the_runtime_is_unchanged(q4_path):
+    with qmoe.load(q4_path) as m:
+        assert m.store is None and m.prefetcher is None and m.offload_stats() is None
+        assert all(isinstance(b.ffn.experts, MmapExperts) for b in m.net.blocks if isinstance(b.ffn, MoE))
+
+
+# ----------------------------------------------------------------------------- budgets under stress
+
+
+def check_budgets(store: ExpertStore, budgets: dict[str, int]) -> None:
+    """Under the store's lock: no tier holds more slabs than its slots, nor more bytes than its budget."""
+    with store.cond:
+        for tier in (store.pool, store.fast):
+            if tier is None:
+                continue
+            cache = tier.cache
+            slots = [e.slot for e in cache.entries.values()]
+            assert len(slots) == len(set(slots)) <= cache.n_slots
+            assert sorted(slots + cache.free) == list(range(cache.n_slots))
+            assert tier.nbytes <= budgets[tier.name]
+            assert len(cache.entries) * tier.slab_bytes <= budgets[tier.name]
+
+
+def run_threads(target, n: int, timeout: float = 120.0) -> None:
+    """Run target(i) in n threads; fail on any exception, and on a hang (a deadlock) after `timeout` s."""
+    errors = []
+
+    def wrapped(i):
+        try:
+            target(i)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=wrapped, args=(i,), daemon=True) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+        assert not t.is_alive(), "a thread hung: the store deadlocked"
+    if errors:
+        raise errors[0]
+
+
+@pytest.mark.parametrize("config", [
+    dict(ram_budget=2, prefetch="cross-layer"),
+    dict(ram_budget=1, gpu_budget=2, on_miss="cpu", prefetch="cross-layer"),
+    dict(ram_budget=2, gpu_budget=1, on_miss="wait", prefetch="cross-layer"),
+])
+def test_budgets_hold_under_many_prompts_tiny_budgets_and_threads(q4_path, config):
+    """3 threads generate from 6 prompts while 2 more call the store directly and prefetch at random;
+    a watcher checks the budgets all along. Budgets are in slabs here: 1 or 2 per tier."""
+    slab = one_slab(q4_path)
+    with qmoe.load(q4_path) as plain:
+        hp, layers = plain.net.hp, plain.net.moe_layers
+        prompts = [prompt(plain.n_vocab, n, seed) for seed, n in enumerate((3, 9, 17, 5, 12, 7))]
+        ref = [list(plain.stream(p, 5)) for p in prompts]
+        mapped = next(b.ffn.experts for b in plain.net.blocks if isinstance(b.ffn, MoE))
+    budgets = {"ram": config["ram_budget"] * slab, "fast": config.get("gpu_budget", 0) * 3 * hp.n_ff_exp * hp.n_embd * 4}
+    options = OffloadOptions(**(config | {"ram_budget": budgets["ram"], "direct_io": True}
+                                | ({"gpu_budget": budgets["fast"]} if "gpu_budget" in config else {})))
+    exact = "gpu_budget" not in config  # the kernel path; the fast tier is only close
+    with qmoe.load(q4_path, offload=options) as m:
+        store = m.store
+        stop = threading.Event()
+
+        def watch():
+            while not stop.is_set():
+                check_budgets(store, budgets)
+
+        results = {}
+
+        def generate(i):
+            for j in range(i, len(prompts), 3):
+                results[j] = list(m.stream(prompts[j], 5))
+
+        def call_store(i):
+            rng = np.random.default_rng(i)
+            for _ in range(20):
+                layer = int(rng.choice(layers))
+                x = rng.normal(size=(int(rng.integers(1, 20)), hp.n_embd)).astype(np.float32)
+                ids = np.stack([rng.choice(hp.n_expert, 2, replace=False) for _ in x]).astype(np.int32)
+                w = rng.random(ids.shape).astype(np.float32)
+                other = int(rng.choice(layers))
+                store.prefetch(other, rng.choice(hp.n_expert, 3, replace=False).tolist(), store.step(other))
+                got, want = store(layer, x, ids, w), mapped(layer, x, ids, w)
+                assert np.array_equal(got, want) if exact else np.allclose(got, want, atol=1e-4, rtol=1e-3)
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        try:
+            run_threads(lambda i: generate(i) if i < 3 else call_store(i), 5)
+        finally:
+            stop.set()
+            watcher.join()
+        check_budgets(store, budgets)
+    if exact:
+        assert [results[j] for j in range(len(prompts))] == ref
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def test_cli_runs_with_a_store_and_writes_statistics(q4_path, tmp_path, capsys):
+    out = tmp_path / "stats.json"
+    code = main(["run", str(q4_path), "-p", "def main(", "-n", "6", "--ram-budget", "40%", "--prefetch",
+                 "cross-layer", "--no-page-cache", "--sim-link-gbps", "1", "--sim-link-latency-us", "50",
+                 "--stats", "--stats-json", str(out)])
+    assert code == 0
+    err = capsys.readouterr().err
+    assert "hit%" in err and "overlapped with compute" in err
+    summary = json.loads(out.read_text())
+    assert set(summary["layers"]) == {"0", "1"}
+    assert summary["tiers"]["ram"]["direct_io"] in (True, False) and summary["tiers"]["link"]["latency_us"] == 50
+
+
+def test_cli_oracle_and_flag_errors(q4_path, capsys):
+    assert main(["run", str(q4_path), "-p", "x", "-n", "4", "--ram-budget", "30%", "--prefetch", "oracle",
+                 "--stats"]) == 0
+    assert "recording the routing" in capsys.readouterr().err
+    assert main(["run", str(q4_path), "-p", "x", "--prefetch", "cross-layer"]) == 1
+    assert "--prefetch only apply with an expert store" in capsys.readouterr().err
+    assert main(["run", str(q4_path), "-p", "x", "--ram-budget", "lots"]) == 1
+    assert "is not a size" in capsys.readouterr().err
+    assert main(["run", str(q4_path), "--chat", "--ram-budget", "30%", "--prefetch", "oracle"]) == 1
+    assert "chat" in capsys.readouterr().err
+
+
+def test_default_sidecar_is_found(q4_path, tmp_path):
+    model = tmp_path / "m.gguf"
+    shutil.copy(q4_path, model)
+    with qmoe.load(model) as plain:
+        hp = plain.net.hp
+        write_sidecar(default_sidecar_path(model),
+                      random_predictors(model, plain.net.moe_layers, hp.n_embd, hp.n_expert, hp.n_expert_used),
+                      weight_type="f16")
+    with qmoe.load(model, offload=OffloadOptions(ram_budget="50%", prefetch="pre-attn")) as m:
+        assert m.prefetcher.policy.k_prime == hp.n_expert_used + 1
+
+
+# ----------------------------------------------------------------------------- CUDA
+
+
+@CUDA
+def test_cuda_fast_tier_is_deterministic_and_close_to_the_kernels(q4_path):
+    with qmoe.load(q4_path) as plain:
+        ids = prompt(plain.n_vocab)
+        kernel_logits = plain.logits(ids)
+    results = []
+    for config in (dict(gpu_budget="20%", on_miss="wait"), dict(gpu_budget="60%", on_miss="wait", prefetch="cross-layer"),
+                   dict(gpu_budget="100%", ram_budget="25%", on_miss="wait", direct_io=True)):
+        with qmoe.load(q4_path, device="cuda", offload=OffloadOptions(**config)) as m:
+            assert m.store.fast.parts[0].is_cuda and m.store.fast.dtype == torch.float16
+            results.append(m.logits(ids))
+    assert all(np.array_equal(r, results[0]) for r in results)
+    cos = (results[0] * kernel_logits).sum(-1) / np.linalg.norm(results[0], axis=-1) / np.linalg.norm(kernel_logits, axis=-1)
+    assert cos.min() > 0.999
+
+
+@CUDA
+@pytest.mark.parametrize("qtype", [QT.Q4_0, QT.Q8_0, QT.F16])
+def test_cuda_dequantize_matches_the_cpu(qtype):
+    values = np.random.default_rng(1).normal(size=(4, 64)).astype(np.float32)
+    raw = np.ascontiguousarray(quantize(values, qtype)).view(np.uint8).reshape(4, -1)
+    got = dequantize_torch(torch.from_numpy(raw).cuda(), qtype, 64).cpu().numpy()
+    assert np.array_equal(got, kernels.dequantize(raw, qtype))
