@@ -25,10 +25,8 @@ def render_chat(model, messages: list[dict]) -> str:
     template = model.tokenizer.chat_template
     if not template:
         raise QmoeError(f"{model.path}: the model has no chat template (tokenizer.chat_template); run without --chat")
-    try:
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-    except ImportError as e:
-        raise QmoeError("--chat needs the jinja2 package to render the model's chat template: pip install jinja2") from e
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
     tok = model.tokenizer
     return env.from_string(template).render(

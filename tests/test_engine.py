@@ -110,3 +110,15 @@ def test_unsupported_architecture_is_named(tmp_path):
     w.close()
     with pytest.raises(UnsupportedArchitectureError, match="'gpt2'.*qwen3moe"):
         qmoe.load(path)
+
+
+def test_cli_chat_applies_the_template_and_ends_at_eof(model_path, model, capsys, monkeypatch):
+    import io
+
+    from qmoe.cli import render_chat
+
+    prompt = render_chat(model, [{"role": "user", "content": "hi"}])
+    assert "hi" in prompt and prompt != "hi"
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))
+    assert main(["run", str(model_path), "--chat", "-p", "hi", "-n", "4"]) == 0
+    assert "decode" in capsys.readouterr().err
