@@ -23,8 +23,9 @@ What it does, top to bottom:
    BPE pieces, and the two would then tokenize indentation differently.
 3. Model. transformers' Qwen3MoeForCausalLM built from a Qwen3MoeConfig
    (``MODEL_CONFIG``): every layer a sparse MoE block with top-k routing,
-   renormalized top-k weights and the load-balancing loss switched on, so all
-   experts stay in use (later work trains expert predictors on this routing).
+   renormalized top-k weights and a load-balancing loss applied to each layer
+   separately, so every layer keeps all its experts in use (later work trains
+   expert predictors on this routing).
 4. Training. AdamW, linear warmup then cosine decay, bf16 autocast on CPU,
    fixed-length windows of the concatenated training files in a seeded order.
    Training and periodic validation loss go to a tqdm bar and the log.
@@ -57,7 +58,7 @@ from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO_ROOT / "models" / "tiny-qwen3moe"
-DEFAULT_STEPS = 2600
+DEFAULT_STEPS = 1200
 SEED = 1234
 
 # Directories (at any depth) whose files are not part of the corpus: test suites,
@@ -91,7 +92,7 @@ MODEL_CONFIG = dict(
     mlp_only_layers=[],
     norm_topk_prob=True,
     output_router_logits=True,
-    router_aux_loss_coef=0.01,
+    router_aux_loss_coef=0.05,  # applied per layer, see load_balancing_loss
     max_position_embeddings=2048,
     rope_theta=10000.0,
     rms_norm_eps=1e-6,
@@ -101,13 +102,13 @@ MODEL_CONFIG = dict(
 )
 
 SEQ_LEN = 512
-BATCH_SIZE = 8
+BATCH_SIZE = 4
 PEAK_LR = 2e-3
 FINAL_LR_FRACTION = 0.1
 WARMUP_FRACTION = 0.05
 WEIGHT_DECAY = 0.1
 GRAD_CLIP = 1.0
-EVAL_WINDOWS = 32  # validation windows used for the periodic (not the final) validation loss
+EVAL_WINDOWS = 16  # validation windows used for the periodic (not the final) validation loss
 EVAL_TIMES = 10  # periodic validations per run
 LOG_EVERY = 25
 PROMPT = "def main("
@@ -239,37 +240,58 @@ def build_model() -> Qwen3MoeForCausalLM:
     return model.train()
 
 
-def cross_entropy(model: Qwen3MoeForCausalLM, batch: torch.Tensor):
-    """Next-token cross-entropy (without the router loss) and the per-layer router logits."""
+def load_balancing_loss(router_logits: tuple[torch.Tensor, ...], top_k: int) -> torch.Tensor:
+    """Switch-style balance loss, computed per layer and averaged over layers.
+
+    transformers' own aux loss pools the routing of all layers before measuring
+    balance, so each layer may collapse onto a few experts as long as the layers
+    pick different ones; in short runs they do. Per layer it is, for each layer,
+    E * sum_e (tokens routed to e / T) * (mean router probability of e), which is
+    top_k when routing is uniform.
+    """
+    losses = []
+    for logits in router_logits:  # [T, E]
+        probs = logits.float().softmax(dim=-1)  # [T, E]
+        num_experts = probs.shape[-1]
+        chosen = probs.topk(top_k, dim=-1).indices  # [T, k]
+        routed_share = torch.nn.functional.one_hot(chosen, num_experts).sum(dim=1).float().mean(dim=0)  # [E]
+        losses.append(num_experts * (routed_share * probs.mean(dim=0)).sum())
+    return torch.stack(losses).mean()
+
+
+def forward(model: Qwen3MoeForCausalLM, batch: torch.Tensor):
+    """Next-token cross-entropy of a batch [B, S], and the per-layer router logits [B*S, E]."""
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        output = model(input_ids=batch, labels=batch)
-    loss = output.loss - model.config.router_aux_loss_coef * output.aux_loss
-    return loss, output
+        output = model(input_ids=batch)
+    logits = output.logits[:, :-1].float()  # [B, S-1, V]
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
+    return loss, output.router_logits
 
 
 @torch.no_grad()
 def validation_loss(model: Qwen3MoeForCausalLM, batches: torch.Tensor) -> float:
     """Mean next-token cross-entropy over validation windows [W, SEQ_LEN]."""
     model.eval()
-    losses = [cross_entropy(model, batches[i : i + BATCH_SIZE])[0].item()
-              for i in range(0, len(batches), BATCH_SIZE)]
+    losses = [forward(model, batches[i : i + BATCH_SIZE])[0].item() for i in range(0, len(batches), BATCH_SIZE)]
     model.train()
     return sum(losses) / len(losses)
 
 
 @torch.no_grad()
-def expert_usage(model: Qwen3MoeForCausalLM, batches: torch.Tensor) -> list[list[float]]:
-    """Per layer, the share of top-k routing slots each expert receives on validation text."""
+def final_validation(model: Qwen3MoeForCausalLM, batches: torch.Tensor) -> tuple[float, list[list[float]]]:
+    """Mean validation cross-entropy, and per layer the share of top-k routing slots each expert gets."""
     model.eval()
     config = model.config
     counts = torch.zeros(config.num_hidden_layers, config.num_experts)  # [L, E]
+    losses = []
     for i in range(0, len(batches), BATCH_SIZE):
-        _, output = cross_entropy(model, batches[i : i + BATCH_SIZE])
-        for layer, logits in enumerate(output.router_logits):  # logits: [T, E]
+        loss, router_logits = forward(model, batches[i : i + BATCH_SIZE])
+        losses.append(loss.item())
+        for layer, logits in enumerate(router_logits):  # logits: [T, E]
             chosen = logits.float().topk(config.num_experts_per_tok, dim=-1).indices  # [T, k]
             counts[layer] += torch.bincount(chosen.flatten(), minlength=config.num_experts)
     model.train()
-    return (counts / counts.sum(dim=1, keepdim=True)).tolist()
+    return sum(losses) / len(losses), (counts / counts.sum(dim=1, keepdim=True)).tolist()
 
 
 @torch.no_grad()
@@ -364,12 +386,13 @@ def main(argv: list[str] | None = None) -> None:
     for step in progress:
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, args.steps)
-        loss, output = cross_entropy(model, next(batches))
-        (loss + model.config.router_aux_loss_coef * output.aux_loss).backward()
+        loss, router_logits = forward(model, next(batches))
+        balance = load_balancing_loss(router_logits, model.config.num_experts_per_tok)
+        (loss + model.config.router_aux_loss_coef * balance).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        record = {"step": step + 1, "loss": loss.item(), "aux_loss": output.aux_loss.item(),
+        record = {"step": step + 1, "loss": loss.item(), "balance_loss": balance.item(),
                   "lr": optimizer.param_groups[0]["lr"]}
         if (step + 1) % eval_every == 0 and step + 1 < args.steps:
             record["val_loss"] = validation_loss(model, validation_windows[:EVAL_WINDOWS])
@@ -379,8 +402,7 @@ def main(argv: list[str] | None = None) -> None:
         progress.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}")
     seconds_per_step = (time.time() - train_started) / max(1, args.steps)
 
-    final_loss = validation_loss(model, validation_windows)
-    usage = expert_usage(model, validation_windows)
+    final_loss, usage = final_validation(model, validation_windows)
     continuation = greedy_continuation(model, tokenizer)
     log(f"validation: loss {final_loss:.4f}, perplexity {math.exp(final_loss):.2f} "
         f"(unigram baseline {unigram_ppl:.2f}) on {len(validation_windows)} windows of {SEQ_LEN}")

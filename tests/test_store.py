@@ -317,6 +317,7 @@ def check_budgets(store: ExpertStore, budgets: dict[str, int]) -> None:
             assert sorted(slots + cache.free) == list(range(cache.n_slots))
             assert tier.nbytes <= budgets[tier.name]
             assert len(cache.entries) * tier.slab_bytes <= budgets[tier.name]
+            assert all(e.pins >= 0 for e in cache.entries.values())
 
 
 def run_threads(target, n: int, timeout: float = 120.0) -> None:
@@ -391,6 +392,8 @@ def test_budgets_hold_under_many_prompts_tiny_budgets_and_threads(q4_path, confi
             stop.set()
             watcher.join()
         check_budgets(store, budgets)
+        m.offload_stats()  # drains: every transfer done, so every pin released
+        assert all(e.pins == 0 for tier in (store.pool, store.fast) if tier for e in tier.cache.entries.values())
     if exact:
         assert [results[j] for j in range(len(prompts))] == ref
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 Key = tuple[int, int]  # (layer, expert)
 
 
-@dataclass
+@dataclass(eq=False)  # entries are compared by identity
 class Entry:
     key: Key
     slot: int

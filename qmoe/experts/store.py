@@ -95,6 +95,8 @@ class _Job:
     tier: Tier = field(compare=False)
     step: int = field(compare=False)  # a prefetch is for this step of its layer; useless after it
     pins: int = field(default=0, compare=False)  # model threads waiting for it: hold it for them on arrival
+    pinned: int = field(default=0, compare=False)  # of those, pins already put on the slab
+    delivered: Entry | None = field(default=None, compare=False)  # the slab, once ready and pinned
     cancelled: bool = field(default=False, compare=False)
 
 
@@ -219,12 +221,12 @@ class ExpertStore:
             self._cancel_prefetches(layer, needed=set(tokens))
             s = self.stats.layers[layer]
             for e in tokens:
-                state, order = self._claim(tier, (layer, e))
+                state, order, handle = self._claim(tier, (layer, e))
                 if state == "ready":
-                    ready.append((e, tier.cache.get((layer, e))))
+                    ready.append((e, handle))
                     s.hits += 1
-                elif state in ("loading", "queued"):
-                    waiting.append((order, e))
+                elif state is not None:
+                    waiting.append((order, e, handle))
                     s.late += 1
                 else:
                     s.misses += 1
@@ -232,22 +234,26 @@ class ExpertStore:
                         on_cpu.append(e)
                         self._queue(FILL, tier, (layer, e), step=-1)  # the cache learns: next time a hit
                     else:
-                        waiting.append((self._request(tier, (layer, e)), e))
-        claimed = [(tier, (layer, e)) for e, _ in ready] + [(tier, (layer, e)) for _, e in waiting]
+                        job = self._request(tier, (layer, e))
+                        waiting.append((job.seq, e, job))
+        # Hits first (their compute overlaps the transfers of the rest), then the others
+        # in the order the transfer thread delivers them.
+        waiting.sort(key=lambda item: item[:2])
+        claimed = [handle for _, handle in ready] + [handle for *_, handle in waiting]
         try:
-            for e, entry in ready:  # hits first: their compute overlaps the transfers of the rest
-                claimed.remove((tier, (layer, e)))
+            for e, entry in ready:
+                claimed.remove(entry)
                 outputs[e] = self._compute_in(tier, entry, x[tokens[e]])
-            for _, e in sorted(waiting):  # in the order the transfer thread delivers them
-                entry = self._wait(tier, (layer, e), layer)
-                claimed.remove((tier, (layer, e)))
+            for _, e, handle in waiting:
+                entry = self._wait(handle, layer)
+                claimed.remove(handle)
                 outputs[e] = self._compute_in(tier, entry, x[tokens[e]])
             for e in on_cpu:
                 outputs[e] = self._compute_on_cpu(layer, e, x[tokens[e]])
         except BaseException:  # an error or Ctrl-C: do not leave slabs pinned for good
             with self.cond:
-                for tier_, key in claimed:
-                    self._unclaim(tier_, key)
+                for handle in claimed:
+                    self._unclaim(handle)
             raise
         with self.cond:
             self.steps[layer] += 1
@@ -262,19 +268,19 @@ class ExpertStore:
             return self._kernel(self.slabs.views(layer, expert), x)
         key = (layer, expert)
         with self.cond:
-            state, _ = self._claim(self.pool, key)
+            state, _, handle = self._claim(self.pool, key)
             if state is None:
-                self._request(self.pool, key)
+                handle = self._request(self.pool, key)
         try:
-            entry = self._wait(self.pool, key, layer)
+            entry = self._wait(handle, layer)
         except BaseException:
             with self.cond:
-                self._unclaim(self.pool, key)
+                self._unclaim(handle)
             raise
         return self._compute_in(self.pool, entry, x)
 
     def _compute_in(self, tier: Tier, entry: Entry, x: np.ndarray) -> np.ndarray:
-        """Compute from a pinned entry, then release it."""
+        """Compute from an entry pinned for us, then release it."""
         try:
             if tier is self.fast:
                 return self.fast.compute(entry.slot, x)
@@ -290,42 +296,51 @@ class ExpertStore:
         return kernels.expert_ffn(*raw, self.layout.qtypes, x)
 
     # ----------------------------------------------------------------------------- model thread: claims (under the lock)
+    # A claim pins a slab for the claiming thread: directly on its entry when it is
+    # in the tier (ready, or loading now), or through the queued job that will
+    # bring it (the job adds its pins when it delivers). A thread waits on exactly
+    # what it claimed, so a slab is never used without its pin.
 
-    def _claim(self, tier: Tier, key: Key) -> tuple[str | None, float]:
-        """Pin `key` in `tier` if it is there or on its way; returns (state, delivery order).
+    def _claim(self, tier: Tier, key: Key) -> tuple[str | None, float, Entry | _Job | None]:
+        """Claim `key` in `tier` if it is there or on its way: (state, delivery order, handle).
 
         state: "ready", "loading" (being transferred now), "queued" (a transfer is
-        queued: made a demand load if it was a prefetch), or None (absent). The
-        delivery order sorts what to wait for as the transfer thread will deliver it.
+        queued: made a demand load if it was a prefetch or fill), or None (absent,
+        nothing claimed). The delivery order sorts what to wait for as the transfer
+        thread will deliver it: the one loading now first, then queued demand loads
+        first come first served.
         """
         entry = tier.cache.get(key)
         if entry is not None:
             entry.pins += 1
-            return ("ready" if entry.ready else "loading"), -1.0
+            return ("ready" if entry.ready else "loading"), -1.0, entry
         job = self.queued.get((tier.name, key))
         if job is None:
-            return None, 0.0
+            return None, 0.0, None
         if job.priority != DEMAND:
             job.cancelled = True
-            return "queued", self._request(tier, key, pins=job.pins + 1)
-        job.pins += 1
-        return "queued", float(job.seq)
+            job = self._request(tier, key)
+        else:
+            job.pins += 1
+        return "queued", float(job.seq), job
 
-    def _unclaim(self, tier: Tier, key: Key) -> None:
-        entry = tier.cache.get(key)
-        if entry is not None:
-            entry.pins -= 1
-        elif (job := self.queued.get((tier.name, key))) is not None:
-            job.pins -= 1
+    def _unclaim(self, handle: Entry | _Job) -> None:
+        if isinstance(handle, _Job):
+            if handle.delivered is not None:
+                handle.delivered.pins -= 1
+            else:
+                handle.pins -= 1  # the transfer thread reconciles if it already pinned the slab
+        else:
+            handle.pins -= 1
         self.cond.notify_all()
 
-    def _request(self, tier: Tier, key: Key, pins: int = 1) -> float:
-        """Queue a demand load of `key` into `tier`, held for `pins` waiting threads; returns its order."""
-        job = _Job(DEMAND, next(self.seq), key, tier, self.steps[key[0]], pins)
+    def _request(self, tier: Tier, key: Key) -> _Job:
+        """Queue a demand load of `key` into `tier`, held for the requesting thread."""
+        job = _Job(DEMAND, next(self.seq), key, tier, self.steps[key[0]], pins=1)
         heapq.heappush(self.queue, job)
         self.queued[(tier.name, key)] = job
         self.cond.notify_all()
-        return float(job.seq)
+        return job
 
     def _queue(self, priority: int, tier: Tier, key: Key, step: int) -> None:
         """Queue a prefetch or a cache fill of `key` unless one is queued already."""
@@ -334,13 +349,13 @@ class ExpertStore:
             heapq.heappush(self.queue, job)
             self.queued[(tier.name, key)] = job
 
-    def _wait(self, tier: Tier, key: Key, layer: int) -> Entry:
-        """Block until `key` (pinned for us) is ready in `tier`; the wait is the layer's stall."""
+    def _wait(self, handle: Entry | _Job, layer: int) -> Entry:
+        """Block until what we claimed is ready (pinned for us); the wait is the layer's stall."""
         start = time.perf_counter()
         with self.cond:
             while True:
                 self._raise_if_failed()
-                entry = tier.cache.get(key)
+                entry = handle.delivered if isinstance(handle, _Job) else handle
                 if entry is not None and entry.ready:
                     self.stats.layers[layer].stall_s += time.perf_counter() - start
                     return entry
@@ -452,14 +467,16 @@ class ExpertStore:
             self.stats.prefetch_dropped += 1
             return None
         existing = tier.cache.get(key)
-        if existing is not None:  # brought in by another job meanwhile
+        if existing is not None:  # brought in by another job meanwhile (only this thread loads: it is ready)
             existing.pins += job.pins
+            job.pinned, job.delivered = job.pins, existing
             return None
         target = self._reserve(tier, key, demand)
         if target is None:
             self.stats.prefetch_dropped += job.priority == PREFETCH
             return None
         target.pins += job.pins
+        job.pinned = job.pins
         target.protected = job.priority == PREFETCH and key in self.predicted.get(key[0], ())
         if tier is self.pool:
             return _Transfer(job, target, read_into=target, upload_from=None)
@@ -503,6 +520,8 @@ class ExpertStore:
         if t.job.tier is self.fast:
             self.fast.cache.loaded(t.target)
             s.bytes_into["fast"] += self.layout.nbytes
+        t.target.pins += t.job.pins - t.job.pinned  # claims withdrawn (or added) during the transfer
+        t.job.delivered = t.target
         s.transfers += 1
         s.transfer_s += t.elapsed
         s.simulated_s += t.slept
@@ -534,6 +553,12 @@ class ExpertStore:
                 if tier is not None:
                     tier.cache.clear()
             self.predicted.clear()
+            self.stats = StoreStats.for_layers(self.slabs.layers)
+
+    def reset_stats(self) -> None:
+        """Zero the statistics, keeping what the tiers hold (e.g. to measure decode apart from prefill)."""
+        self.drain()
+        with self.cond:
             self.stats = StoreStats.for_layers(self.slabs.layers)
 
     def close(self) -> None:

@@ -1,0 +1,395 @@
+"""Expert offloading benchmark: decode tokens/s and stall time per prefetch policy and budget.
+
+For each model, tier setup, budget (10, 25, 50, 100% of the experts in that tier)
+and policy (none, cross-layer, pre-attn, oracle), one run: load the model with
+that store, prefill the prompt (cold store), then decode greedily. Tokens/s, the
+stall time and the hit rate are those of the decode steps; every run of one tier
+setup generates the same tokens (the store does not change results), so the runs
+do the same work and differ only in how long they wait for experts.
+
+Models
+    tiny   models/tiny-qwen3moe, the trained quick-start model (bench/train_tiny_moe.py),
+           converted here to GGUF (q4_0 experts, q8_0 elsewhere) if needed, with
+           its predictors (models/tiny-qwen3moe.pred.gguf) or, if absent,
+           predictors trained here (`qmoe calibrate` on Python standard-library
+           files, the model's own training distribution, then `qmoe train-predictors`).
+    a3b    random weights with Qwen3-30B-A3B's layer shapes: n_embd 2048, 128
+           experts of which 8 are used, expert FFN 768, 32 query / 4 KV heads of
+           128; q4_0 experts, q8_0 elsewhere; A3B_LAYERS layers and a 4096-token
+           byte-level vocabulary (the real 151k-token head would dominate decode).
+           Written from random quantized blocks into ~/.cache/qmoe-bench (1.4 GB). Its predictors are trained
+           the same way on its own activations; in a random model the residual
+           stream changes little inside a layer, so its routing is predictable
+           from attn_norm, as in trained models. Hidden width 512 (not the paper's
+           2048) keeps training within the bench's time budget.
+
+Tier setups
+    ram    RAM pool of quantized slabs, read from the file with O_DIRECT (the page
+           cache bypassed, so every miss is a real read from the drive); the CPU
+           kernels compute from the pool. No simulated link.
+    pcie   fast tier (on this CPU-only machine: float32 experts in CPU memory),
+           link SIMULATED at 25 GB/s + 10 us per transfer, misses wait.
+    flash  the same with the link SIMULATED at 2 GB/s + 100 us.
+    The fast tier's upload dequantizes on the CPU, which is real work on top of the
+    simulated link; on a GPU the dequantization runs on the device.
+
+Output (--out, default out/offload/): offload.json (every run's numbers and store statistics) and
+offload.png (tokens/s against budget, per model and tier setup).
+
+    python bench/offload.py                  # the default run: under 15 minutes on 2 cores
+    python bench/offload.py --models tiny --tiers ram --decode 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import sysconfig
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType, GGUFWriter
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+
+import qmoe  # noqa: E402
+from qmoe.cli import main as qmoe_main  # noqa: E402
+from qmoe.experts.link import SimulatedLink  # noqa: E402
+from qmoe.experts.options import OffloadOptions  # noqa: E402
+from qmoe.experts.prefetch import RoutingTrace, TraceRecorder  # noqa: E402
+from qmoe.predictor.sidecar import default_sidecar_path  # noqa: E402
+
+QT = GGMLQuantizationType
+MODELS_DIR = REPO_ROOT / "models"
+# The 1.4 GB random a3b model is a cache, not a repository file.
+CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "qmoe-bench"
+RESULTS_DIR = REPO_ROOT / "out" / "offload"
+POLICIES = ("none", "cross-layer", "pre-attn", "oracle")
+BUDGETS = (10, 25, 50, 100)
+TIERS = {
+    "ram": dict(direct_io=True),
+    "pcie": dict(gpu_budget=True, on_miss="wait", link=SimulatedLink(25.0, 10.0)),
+    "flash": dict(gpu_budget=True, on_miss="wait", link=SimulatedLink(2.0, 100.0)),
+}
+A3B_LAYERS = 4
+A3B_VOCAB = 4096
+A3B_SHAPE = dict(n_embd=2048, n_expert=128, n_expert_used=8, n_ff_exp=768, n_head=32, n_head_kv=4, head_dim=128)
+# The fast tier holds float32 experts on a CPU: a3b at 100% would be 9.7 GB, more than a shared 2-core
+# development machine should give one benchmark.
+A3B_FAST_BUDGETS = (10, 25, 50)
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def stdlib_texts(n_files: int) -> list[Path]:
+    """Some Python standard-library files: calibration text (the tiny model was trained on such)."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(p for p in root.glob("*.py") if p.stat().st_size > 20_000)
+    return files[:n_files]
+
+
+def train_predictors(model: Path, tokens: int, hidden: int | None, epochs: int) -> Path:
+    """`qmoe calibrate` + `qmoe train-predictors`, writing MODEL.pred.gguf; returns its path."""
+    with tempfile.TemporaryDirectory() as tmp:
+        calib = Path(tmp) / "calib"
+        texts = [str(p) for p in stdlib_texts(12)]
+        args = ["calibrate", str(model), "--text", *texts, "--tokens", str(tokens), "-o", str(calib)]
+        if qmoe_main(args) != 0:
+            raise SystemExit(f"calibration of {model} failed")
+        args = ["train-predictors", str(model), "--data", str(calib), "--epochs", str(epochs), "--device", "cpu"]
+        if hidden:
+            args += ["--hidden", str(hidden)]
+        if qmoe_main(args) != 0:
+            raise SystemExit(f"training predictors for {model} failed")
+    return default_sidecar_path(model)
+
+
+def tiny_model() -> Path | None:
+    """models/tiny-qwen3moe as GGUF with predictors, or None when the checkpoint is not there."""
+    hf = MODELS_DIR / "tiny-qwen3moe"
+    gguf_path = MODELS_DIR / "tiny-qwen3moe.gguf"
+    if not gguf_path.exists():
+        if not (hf / "config.json").exists():
+            print(f"skipping the tiny model: {hf} does not exist (train it with bench/train_tiny_moe.py)")
+            return None
+        from convert.to_gguf import convert
+
+        convert(hf, gguf_path, outtype="q8_0", expert_type="q4_0", progress=False)
+    if not default_sidecar_path(gguf_path).exists():
+        train_predictors(gguf_path, tokens=20_000, hidden=None, epochs=10)
+    return gguf_path
+
+
+def _random_blocks(rng: np.random.Generator, shape: tuple[int, ...], qtype: QT, std: float) -> np.ndarray:
+    """Random quantized weights of `shape` (numpy order) with about `std`: uint8 [..., row_bytes].
+
+    Q4_0: every block's fp16 scale d and uniform nibbles, w = d * (q - 8), std ~ 4.6 d.
+    Q8_0: scale d and uniform int8 in [-127, 127], std ~ 73 d.
+    """
+    block_bytes, spread = {QT.Q4_0: (18, 4.6), QT.Q8_0: (34, 73.3)}[qtype]
+    n_blocks = math.prod(shape) // 32
+    blocks = rng.integers(0, 256, (n_blocks, block_bytes), dtype=np.uint8)
+    if qtype == QT.Q8_0:
+        blocks[:, 2:][blocks[:, 2:] == 128] = 129  # int8 -128 is outside Q8_0's symmetric range
+    blocks[:, :2] = np.array([std / spread], np.float16).view(np.uint8)
+    return blocks.reshape(*shape[:-1], shape[-1] // 32 * block_bytes)
+
+
+def a3b_model(n_layers: int = A3B_LAYERS) -> Path:
+    """The random-weight GGUF with Qwen3-30B-A3B's layer shapes (written once, then reused)."""
+    path = CACHE_DIR / f"qwen3-a3b-shapes-random-{n_layers}l.gguf"
+    if path.exists():
+        return path
+    CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    s = A3B_SHAPE
+    d, e, ff, hd = s["n_embd"], s["n_expert"], s["n_ff_exp"], s["head_dim"]
+    plan = [("token_embd.weight", (A3B_VOCAB, d), QT.Q8_0, 0.02)]
+    for i in range(n_layers):
+        p = f"blk.{i}."
+        plan += [
+            (p + "attn_norm.weight", (d,), QT.F32, 1.0),
+            (p + "attn_q.weight", (s["n_head"] * hd, d), QT.Q8_0, 0.02),
+            (p + "attn_k.weight", (s["n_head_kv"] * hd, d), QT.Q8_0, 0.02),
+            (p + "attn_v.weight", (s["n_head_kv"] * hd, d), QT.Q8_0, 0.02),
+            (p + "attn_q_norm.weight", (hd,), QT.F32, 1.0),
+            (p + "attn_k_norm.weight", (hd,), QT.F32, 1.0),
+            (p + "attn_output.weight", (d, s["n_head"] * hd), QT.Q8_0, 0.02),
+            (p + "ffn_norm.weight", (d,), QT.F32, 1.0),
+            (p + "ffn_gate_inp.weight", (e, d), QT.F32, 0.02),
+            (p + "ffn_gate_exps.weight", (e, ff, d), QT.Q4_0, 0.02),
+            (p + "ffn_up_exps.weight", (e, ff, d), QT.Q4_0, 0.02),
+            (p + "ffn_down_exps.weight", (e, d, ff), QT.Q4_0, 0.02),
+        ]
+    plan += [("output_norm.weight", (d,), QT.F32, 1.0), ("output.weight", (A3B_VOCAB, d), QT.Q8_0, 0.02)]
+
+    tmp = path.with_name(path.name + ".tmp")
+    writer = GGUFWriter(tmp, "qwen3moe")
+    writer.add_name("random weights with Qwen3-30B-A3B layer shapes")
+    writer.add_context_length(4096)
+    writer.add_embedding_length(d)
+    writer.add_block_count(n_layers)
+    writer.add_feed_forward_length(ff)
+    writer.add_head_count(s["n_head"])
+    writer.add_head_count_kv(s["n_head_kv"])
+    writer.add_key_length(hd)
+    writer.add_value_length(hd)
+    writer.add_rope_dimension_count(hd)
+    writer.add_rope_freq_base(1e6)
+    writer.add_layer_norm_rms_eps(1e-6)
+    writer.add_expert_count(e)
+    writer.add_expert_used_count(s["n_expert_used"])
+    writer.add_expert_feed_forward_length(ff)
+    writer.add_expert_weights_norm(True)
+    writer.add_vocab_size(A3B_VOCAB)
+    _add_byte_tokenizer(writer)
+    for name, shape, qtype, _ in plan:
+        nbytes = 4 * math.prod(shape) if qtype == QT.F32 else math.prod(shape) // 32 * {QT.Q4_0: 18, QT.Q8_0: 34}[qtype]
+        writer.add_tensor_info(name, shape, np.dtype(np.float32), nbytes, raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    rng = np.random.default_rng(0)
+    for name, shape, qtype, std in plan:
+        if qtype == QT.F32:
+            values = np.full(shape, std, np.float32) if std == 1.0 else rng.normal(0, std, shape).astype(np.float32)
+            writer.write_tensor_data(values)
+        else:
+            writer.write_tensor_data(_random_blocks(rng, shape, qtype, std))
+    writer.close()
+    tmp.rename(path)
+    return path
+
+
+def _add_byte_tokenizer(writer: GGUFWriter) -> None:
+    """A byte-level "gpt2" vocabulary: the 256 bytes, one merge (two spaces), the rest unused."""
+    from qmoe.tokenizer import gpt2_byte_alphabet
+
+    alphabet = gpt2_byte_alphabet()
+    space = alphabet[ord(" ")]
+    tokens = [alphabet[b] for b in range(256)] + [space * 2] + [f"<unused{i}>" for i in range(A3B_VOCAB - 259)]
+    tokens += ["<|bos|>", "<|eos|>"]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([1] * 257 + [5] * (A3B_VOCAB - 259) + [3, 3])  # normal, unused, control
+    writer.add_token_merges([f"{space} {space}"])
+    writer.add_bos_token_id(A3B_VOCAB - 2)
+    writer.add_eos_token_id(A3B_VOCAB - 1)
+
+
+def a3b_with_predictors() -> Path:
+    path = a3b_model()
+    if not default_sidecar_path(path).exists():
+        train_predictors(path, tokens=6_000, hidden=512, epochs=6)
+    return path
+
+
+# ----------------------------------------------------------------------------- runs
+
+
+def prompt_ids(model: qmoe.Model, n: int) -> list[int]:
+    """The first `n` tokens of a standard-library file: text like the calibration text."""
+    text = stdlib_texts(40)[-1].read_text(encoding="utf-8", errors="replace")
+    return model.tokenize(text)[:n]
+
+
+def decode(model: qmoe.Model, prompt: list[int], n_decode: int, observer=None) -> tuple[list[int], float]:
+    """Prefill `prompt`, then `n_decode` greedy steps; returns the tokens and the decode seconds.
+
+    The store's statistics are reset after the prefill so that they cover the decode steps only.
+    """
+    cache = model.new_cache()
+    logits = model.eval(prompt, cache, observer)
+    if model.store is not None:
+        model.offload_stats()  # wait for the prefill's prefetches to settle
+        model.store.reset_stats()
+    tokens = []
+    start = time.perf_counter()
+    for _ in range(n_decode):
+        token = int(torch.argmax(logits[-1]))
+        tokens.append(token)
+        logits = model.eval([token], cache, observer)
+    return tokens, time.perf_counter() - start
+
+
+def options(tier: str, budget: int, policy: str, k_prime: int) -> OffloadOptions:
+    config = dict(TIERS[tier])
+    share = f"{budget}%"
+    if config.pop("gpu_budget", False):
+        config["gpu_budget"] = share
+    else:
+        config["ram_budget"] = share
+    return OffloadOptions(prefetch=policy, k_prime=k_prime if policy in ("cross-layer", "pre-attn") else None,
+                          **config)
+
+
+def run_model(name: str, path: Path, tiers: list[str], budgets: list[int], n_prompt: int, n_decode: int,
+              fast_budgets: tuple[int, ...], threads: int) -> list[dict]:
+    results = []
+    with qmoe.load(path, threads=threads) as plain:
+        prompt = prompt_ids(plain, n_prompt)
+        k_prime = math.ceil(1.5 * plain.net.hp.n_expert_used)
+        decode(plain, prompt, 2)  # compile and warm up
+        reference, seconds = decode(plain, prompt, n_decode)
+        results.append(dict(model=name, tier="mmap", budget=100, policy="no store",
+                            tokens_per_s=n_decode / seconds, stall_s=0.0, hit_rate=None))
+        print(f"{name}: no store: {n_decode / seconds:.2f} tokens/s")
+    for tier in tiers:
+        trace = None
+        for budget in budgets:
+            if tier != "ram" and budget not in fast_budgets:
+                continue
+            for policy in POLICIES:
+                with qmoe.load(path, threads=threads, offload=options(tier, budget, policy, k_prime)) as m:
+                    recorder = None
+                    if policy == "oracle":
+                        m.replay_routing(trace)
+                    elif trace is None:
+                        trace = RoutingTrace()
+                        recorder = TraceRecorder(trace)
+                    tokens, seconds = decode(m, prompt, n_decode, recorder)
+                    stats = m.offload_stats()
+                if tier == "ram" and tokens != reference:
+                    raise SystemExit(f"{name}/{tier}/{budget}%/{policy}: tokens differ from the plain runtime")
+                row = dict(model=name, tier=tier, budget=budget, policy=policy, tokens_per_s=n_decode / seconds,
+                           stall_s=stats["stall_s"], hit_rate=stats["total"]["hit_rate"],
+                           precision=stats["total"]["precision"], recall=stats["total"]["recall"], stats=stats)
+                results.append(row)
+                print(f"{name} {tier:5} {budget:3}% {policy:11}: {row['tokens_per_s']:7.2f} tokens/s, "
+                      f"stall {1e3 * row['stall_s']:8.1f} ms, hit {100 * (row['hit_rate'] or 0):5.1f}%"
+                      + (f", recall {100 * row['recall']:5.1f}%" if row["recall"] is not None else ""), flush=True)
+    return results
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def table(results: list[dict]) -> str:
+    """Markdown: tokens/s (stall ms) per model/tier/budget and policy, plus the 25% target ratios."""
+    lines = ["| model | tier | budget | " + " | ".join(POLICIES) + " | pre-attn/none | pre-attn/oracle |",
+             "|---|---|---|" + "---|" * (len(POLICIES) + 2)]
+    rows: dict[tuple, dict] = {}
+    for r in results:
+        if r["policy"] in POLICIES:
+            rows.setdefault((r["model"], r["tier"], r["budget"]), {})[r["policy"]] = r
+    for (model, tier, budget), by_policy in rows.items():
+        cells = [f"{by_policy[p]['tokens_per_s']:.1f} ({1e3 * by_policy[p]['stall_s']:.0f})" if p in by_policy else "-"
+                 for p in POLICIES]
+        pre, none, oracle = (by_policy.get(p, {}).get("tokens_per_s") for p in ("pre-attn", "none", "oracle"))
+        ratios = [f"{pre / none:.2f}x" if pre and none else "-", f"{pre / oracle:.2f}x" if pre and oracle else "-"]
+        lines.append(f"| {model} | {tier} | {budget}% | " + " | ".join(cells + ratios) + " |")
+    return "\n".join(lines)
+
+
+def plot(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = sorted({(r["model"], r["tier"]) for r in results if r["policy"] in POLICIES})
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
+    for ax, (model, tier) in zip(axes[0], panels):
+        for policy in POLICIES:
+            points = sorted((r["budget"], r["tokens_per_s"]) for r in results
+                            if (r["model"], r["tier"], r["policy"]) == (model, tier, policy))
+            if points:
+                ax.plot(*zip(*points), marker="o", label=policy)
+        plain = [r["tokens_per_s"] for r in results if r["model"] == model and r["policy"] == "no store"]
+        if plain and tier == "ram":
+            ax.axhline(plain[0], color="gray", linestyle=":", label="no store")
+        ax.set_title(f"{model}, {tier}")
+        ax.set_xlabel("budget (% of experts)")
+        ax.set_ylabel("decode tokens/s")
+        ax.set_xticks(BUDGETS)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", nargs="+", choices=("tiny", "a3b"), default=["tiny", "a3b"])
+    parser.add_argument("--tiers", nargs="+", choices=tuple(TIERS), default=list(TIERS))
+    parser.add_argument("--budgets", nargs="+", type=int, default=list(BUDGETS))
+    parser.add_argument("--prompt", type=int, default=32, help="prompt tokens (default 32)")
+    parser.add_argument("--decode", type=int, default=None, help="decode tokens (default: tiny 64, a3b 16)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR)
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    results = []
+    for name in args.models:
+        path = tiny_model() if name == "tiny" else a3b_with_predictors()
+        if path is None:
+            continue
+        n_decode = args.decode or (64 if name == "tiny" else 16)
+        fast_budgets = tuple(BUDGETS) if name == "tiny" else A3B_FAST_BUDGETS
+        results += run_model(name, path, args.tiers, args.budgets, args.prompt, n_decode, fast_budgets, args.threads)
+    summary = dict(
+        machine=dict(platform=platform.platform(), processor=platform.processor(), threads=args.threads,
+                     python=platform.python_version(), torch=torch.__version__),
+        seconds=time.perf_counter() - started,
+        results=results,
+    )
+    (args.out / "offload.json").write_text(json.dumps(summary, indent=2) + "\n")
+    plot(results, args.out / "offload.png")
+    print(table(results))
+    print(f"wrote {args.out / 'offload.json'} and {args.out / 'offload.png'} in {summary['seconds']:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
