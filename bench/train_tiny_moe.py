@@ -34,8 +34,9 @@ What it does, top to bottom:
    continuation of ``"def main("``; the checkpoint is saved in the Hugging Face
    layout in bf16.
 
-Reproduce the committed model (defaults are the committed run):
-    python bench/train_tiny_moe.py --out models/tiny-qwen3moe --steps <see train_log.txt> --threads 2
+Reproduce the committed model (the defaults are the committed run; about 35 minutes
+on one core of a 2-core machine; the log's first line is the command that wrote it):
+    python bench/train_tiny_moe.py --steps 2400 --out models/tiny-qwen3moe --threads 1
 """
 
 from __future__ import annotations
@@ -58,15 +59,27 @@ from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO_ROOT / "models" / "tiny-qwen3moe"
-DEFAULT_STEPS = 1200
+DEFAULT_STEPS = 2400
 SEED = 1234
 
-# Directories (at any depth) whose files are not part of the corpus: test suites,
-# installed third-party packages, the IDLE application, generated codec tables
-# (encodings/) and the pydoc topic blob, which are data rather than code.
+# Directories (at any depth) whose files are not part of the corpus: test suites and
+# their data (lib2to3 carries Python 2 test inputs), installed third-party packages,
+# the IDLE application, demos, a frozen-module sample (__phello__), generated codec
+# tables (encodings/) and the pydoc topic blob, which are data rather than code.
 EXCLUDED_DIRS = frozenset(
-    {"site-packages", "test", "tests", "idle_test", "idlelib", "encodings", "pydoc_data",
-     "lib2to3", "turtledemo", "__phello__", "__pycache__"}
+    {
+        "site-packages",
+        "test",
+        "tests",
+        "idle_test",
+        "idlelib",
+        "encodings",
+        "pydoc_data",
+        "lib2to3",
+        "turtledemo",
+        "__phello__",
+        "__pycache__",
+    }
 )
 VALIDATION_EVERY = 20  # every 20th file of the sorted list is held out
 
@@ -76,30 +89,31 @@ VOCAB_SIZE = 6144
 # about this many characters so that newlines end up inside pieces.
 TOKENIZER_CHUNK_CHARS = 2000
 
-# Every row length (256, 128, 64) is a multiple of 32 so q4_0/q8_0 blocks apply.
-MODEL_CONFIG = dict(
-    vocab_size=VOCAB_SIZE,
-    hidden_size=256,
-    num_hidden_layers=6,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=64,
-    intermediate_size=512,  # unused: every layer is an MoE layer (decoder_sparse_step=1)
-    moe_intermediate_size=128,
-    num_experts=16,
-    num_experts_per_tok=4,
-    decoder_sparse_step=1,
-    mlp_only_layers=[],
-    norm_topk_prob=True,
-    output_router_logits=True,
-    router_aux_loss_coef=0.05,  # applied per layer, see load_balancing_loss
-    max_position_embeddings=2048,
-    rope_theta=10000.0,
-    rms_norm_eps=1e-6,
-    tie_word_embeddings=False,
-    bos_token_id=BOS_ID,
-    eos_token_id=EOS_ID,
-)
+# Every matrix row length (256 for hidden, 128 for expert down_proj) is a multiple of 32
+# so q4_0/q8_0 blocks apply.
+MODEL_CONFIG = {
+    "vocab_size": VOCAB_SIZE,
+    "hidden_size": 256,
+    "num_hidden_layers": 6,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 64,
+    "intermediate_size": 512,  # unused: every layer is an MoE layer (decoder_sparse_step=1)
+    "moe_intermediate_size": 128,
+    "num_experts": 16,
+    "num_experts_per_tok": 4,
+    "decoder_sparse_step": 1,
+    "mlp_only_layers": [],
+    "norm_topk_prob": True,
+    "output_router_logits": True,
+    "router_aux_loss_coef": 0.05,  # applied per layer, see load_balancing_loss
+    "max_position_embeddings": 2048,
+    "rope_theta": 10000.0,
+    "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": False,
+    "bos_token_id": BOS_ID,
+    "eos_token_id": EOS_ID,
+}
 
 SEQ_LEN = 512
 BATCH_SIZE = 4
@@ -118,7 +132,8 @@ def stdlib_corpus_files() -> tuple[Path, list[Path]]:
     """The stdlib root and its corpus files, sorted by path relative to the root."""
     root = Path(sysconfig.get_paths()["stdlib"])
     files = [
-        path for path in root.rglob("*.py")
+        path
+        for path in root.rglob("*.py")
         if not EXCLUDED_DIRS.intersection(path.relative_to(root).parts[:-1])
         and not path.relative_to(root).parts[0].startswith("config-")  # build helper, not stdlib code
     ]
@@ -272,7 +287,9 @@ def forward(model: Qwen3MoeForCausalLM, batch: torch.Tensor):
 def validation_loss(model: Qwen3MoeForCausalLM, batches: torch.Tensor) -> float:
     """Mean next-token cross-entropy over validation windows [W, SEQ_LEN]."""
     model.eval()
-    losses = [forward(model, batches[i : i + BATCH_SIZE])[0].item() for i in range(0, len(batches), BATCH_SIZE)]
+    losses = [
+        forward(model, batches[i : i + BATCH_SIZE])[0].item() for i in range(0, len(batches), BATCH_SIZE)
+    ]
     model.train()
     return sum(losses) / len(losses)
 
@@ -337,7 +354,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="optimizer steps")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (HF layout)")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    # One thread by default: on a 2-core machine shared with any other busy process, two
+    # threads wait on each other at every small op (measured 5-8 s/step against 0.8 s/step
+    # with one thread); on an idle machine two threads are only ~25% faster.
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     started = time.time()
@@ -349,7 +369,9 @@ def main(argv: list[str] | None = None) -> None:
 
     out = args.out.resolve()
     shown_out = out.relative_to(REPO_ROOT) if out.is_relative_to(REPO_ROOT) else out
-    command = f"python bench/train_tiny_moe.py --steps {args.steps} --out {shown_out} --threads {args.threads}"
+    command = (
+        f"python bench/train_tiny_moe.py --steps {args.steps} --out {shown_out} --threads {args.threads}"
+    )
     log(f"command: {command}")
     log(f"python {platform.python_version()}, torch {torch.__version__}, seed {SEED}")
 
@@ -358,25 +380,32 @@ def main(argv: list[str] | None = None) -> None:
     corpus_hash = corpus_sha256(root, files)
     train_texts = [read_text(path) for path in train_files]
     validation_texts = [read_text(path) for path in validation_files]
-    log(f"corpus: {len(files)} files under {root} ({sum(map(len, train_texts + validation_texts))} chars), "
-        f"sha256 {corpus_hash}; {len(train_files)} train / {len(validation_files)} validation files")
+    log(
+        f"corpus: {len(files)} files under {root} ({sum(map(len, train_texts + validation_texts))} chars), "
+        f"sha256 {corpus_hash}; {len(train_files)} train / {len(validation_files)} validation files"
+    )
 
     tokenizer_model = train_tokenizer(train_texts)
     tokenizer = spm.SentencePieceProcessor(model_proto=tokenizer_model)
     train_ids = encode_files(tokenizer, train_texts)
     validation_ids = encode_files(tokenizer, validation_texts)
     unigram_ppl = unigram_perplexity(train_ids, validation_ids, VOCAB_SIZE)
-    log(f"tokens: {len(train_ids)} train, {len(validation_ids)} validation; "
-        f"unigram validation perplexity {unigram_ppl:.2f}")
+    log(
+        f"tokens: {len(train_ids)} train, {len(validation_ids)} validation; "
+        f"unigram validation perplexity {unigram_ppl:.2f}"
+    )
 
     model = build_model()
     parameter_count = sum(p.numel() for p in model.parameters())
-    log(f"model: {parameter_count} parameters ({2 * parameter_count / 1e6:.1f} MB in bf16); "
+    log(
+        f"model: {parameter_count} parameters ({2 * parameter_count / 1e6:.1f} MB in bf16); "
         f"{SEQ_LEN} tokens x {BATCH_SIZE} per step, {args.steps} steps = "
-        f"{args.steps * SEQ_LEN * BATCH_SIZE / len(train_ids):.2f} epochs")
+        f"{args.steps * SEQ_LEN * BATCH_SIZE / len(train_ids):.2f} epochs"
+    )
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=PEAK_LR, betas=(0.9, 0.95),
-                                  weight_decay=WEIGHT_DECAY)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=PEAK_LR, betas=(0.9, 0.95), weight_decay=WEIGHT_DECAY
+    )
     validation_windows = windows(validation_ids, SEQ_LEN)
     batches = training_batches(train_ids, torch.Generator().manual_seed(SEED))
     eval_every = max(1, args.steps // EVAL_TIMES)
@@ -392,8 +421,12 @@ def main(argv: list[str] | None = None) -> None:
         torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        record = {"step": step + 1, "loss": loss.item(), "balance_loss": balance.item(),
-                  "lr": optimizer.param_groups[0]["lr"]}
+        record = {
+            "step": step + 1,
+            "loss": loss.item(),
+            "balance_loss": balance.item(),
+            "lr": optimizer.param_groups[0]["lr"],
+        }
         if (step + 1) % eval_every == 0 and step + 1 < args.steps:
             record["val_loss"] = validation_loss(model, validation_windows[:EVAL_WINDOWS])
         if "val_loss" in record or (step + 1) % LOG_EVERY == 0:
@@ -404,11 +437,15 @@ def main(argv: list[str] | None = None) -> None:
 
     final_loss, usage = final_validation(model, validation_windows)
     continuation = greedy_continuation(model, tokenizer)
-    log(f"validation: loss {final_loss:.4f}, perplexity {math.exp(final_loss):.2f} "
-        f"(unigram baseline {unigram_ppl:.2f}) on {len(validation_windows)} windows of {SEQ_LEN}")
+    log(
+        f"validation: loss {final_loss:.4f}, perplexity {math.exp(final_loss):.2f} "
+        f"(unigram baseline {unigram_ppl:.2f}) on {len(validation_windows)} windows of {SEQ_LEN}"
+    )
     for layer, shares in enumerate(usage):
-        log(f"layer {layer} expert share: min {min(shares):.3f} max {max(shares):.3f} "
-            f"(uniform {1 / len(shares):.3f})")
+        log(
+            f"layer {layer} expert share: min {min(shares):.3f} max {max(shares):.3f} "
+            f"(uniform {1 / len(shares):.3f})"
+        )
     log(f"greedy continuation of {PROMPT!r}:\n{continuation}")
 
     save_checkpoint(model, tokenizer_model, args.out)
@@ -432,10 +469,19 @@ def main(argv: list[str] | None = None) -> None:
         },
         "model_config": MODEL_CONFIG,
         "parameters": parameter_count,
-        "training": {"steps": args.steps, "seq_len": SEQ_LEN, "batch_size": BATCH_SIZE, "peak_lr": PEAK_LR,
-                     "final_lr_fraction": FINAL_LR_FRACTION, "warmup_fraction": WARMUP_FRACTION,
-                     "weight_decay": WEIGHT_DECAY, "grad_clip": GRAD_CLIP, "threads": args.threads,
-                     "seconds_per_step": seconds_per_step, "total_seconds": total_seconds},
+        "training": {
+            "steps": args.steps,
+            "seq_len": SEQ_LEN,
+            "batch_size": BATCH_SIZE,
+            "peak_lr": PEAK_LR,
+            "final_lr_fraction": FINAL_LR_FRACTION,
+            "warmup_fraction": WARMUP_FRACTION,
+            "weight_decay": WEIGHT_DECAY,
+            "grad_clip": GRAD_CLIP,
+            "threads": args.threads,
+            "seconds_per_step": seconds_per_step,
+            "total_seconds": total_seconds,
+        },
         "history": history,
         "validation_loss": final_loss,
         "validation_perplexity": math.exp(final_loss),

@@ -95,7 +95,7 @@ class Sampler:
             order = order[: self.p.top_k]
         probs = np.exp(z[order] - z[order[0]])
         probs /= probs.sum()
-        keep = int(np.searchsorted(np.cumsum(probs), self.p.top_p) + 1)
+        keep = min(int(np.searchsorted(np.cumsum(probs), self.p.top_p)) + 1, len(probs))
         probs = probs[:keep] / probs[:keep].sum()
         return int(order[self.rng.choice(keep, p=probs)])
 

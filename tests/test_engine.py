@@ -122,3 +122,15 @@ def test_cli_chat_applies_the_template_and_ends_at_eof(model_path, model, capsys
     monkeypatch.setattr("sys.stdin", io.StringIO(""))
     assert main(["run", str(model_path), "--chat", "-p", "hi", "-n", "4"]) == 0
     assert "decode" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("top_k,top_p", [(0, 1.0), (1, 1.0), (5, 0.5), (0, 1e-9)])
+def test_sampler_handles_edge_settings(top_k, top_p):
+    from qmoe.engine import Sampler, SamplingParams
+
+    logits = np.random.default_rng(0).standard_normal(50).astype(np.float32)
+    sampler = Sampler(SamplingParams(temperature=1.0, top_k=top_k, top_p=top_p, seed=3))
+    draws = {sampler(logits) for _ in range(200)}
+    assert draws <= set(range(50))
+    if top_k == 1 or top_p < 1e-6:
+        assert draws == {int(np.argmax(logits))}
