@@ -7,11 +7,14 @@ between architectures is visible in that architecture's file.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import numpy as np
 from gguf import MODEL_TENSOR as T
 from gguf import GGUFWriter, RopeScalingType
 
 from convert.checkpoint import HFConfig
-from convert.plan import OutputTensor, copied, stacked
+from convert.plan import OutputTensor, copied, stacked, transformed
 from qmoe.errors import ConversionError
 
 # Projection of a gated expert -> its GGUF tensor; the HF names differ per family.
@@ -104,4 +107,53 @@ def experts(cfg: HFConfig, bid: int, template: str, hf_proj: dict[str, str], n_f
             shapes[proj],
         )
         for proj in ("gate", "up", "down")
+    ]
+
+
+# HF projection names of a gated FFN in the Llama-style families (Qwen, OLMoE, DeepSeek).
+GATE_UP_DOWN = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
+
+
+def attention(cfg: HFConfig, bid: int, qk_norm: tuple[int, int] | None = None,
+              rope_permute: Callable[[int], Callable[[np.ndarray], np.ndarray]] | None = None
+              ) -> list[OutputTensor]:
+    """attn_norm, q/k/v/output projections and, when `qk_norm` gives their widths, the
+    q/k RMS norms of Llama-style block `bid`. Q/K rows are written as HF has them (NEOX
+    RoPE) unless `rope_permute(n_heads)` gives the row permutation for another layout."""
+    n_embd, hd = int(cfg.require("hidden_size")), head_dim(cfg)
+    n_head = int(cfg.require("num_attention_heads"))
+    n_head_kv = int(cfg.get("num_key_value_heads", default=n_head))
+    n_q, n_kv = n_head * hd, n_head_kv * hd
+    p = f"model.layers.{bid}."
+
+    def q_or_k(kind: T, name: str, rows: int, heads: int) -> OutputTensor:
+        if rope_permute is None:
+            return copied(kind, bid, p + name, (rows, n_embd))
+        return transformed(kind, bid, p + name, (rows, n_embd), (rows, n_embd), rope_permute(heads))
+
+    out = [
+        copied(T.ATTN_NORM, bid, p + "input_layernorm.weight", (n_embd,)),
+        q_or_k(T.ATTN_Q, "self_attn.q_proj.weight", n_q, n_head),
+        q_or_k(T.ATTN_K, "self_attn.k_proj.weight", n_kv, n_head_kv),
+        copied(T.ATTN_V, bid, p + "self_attn.v_proj.weight", (n_kv, n_embd)),
+        copied(T.ATTN_OUT, bid, p + "self_attn.o_proj.weight", (n_embd, n_q)),
+    ]
+    if qk_norm is not None:
+        out += [
+            copied(T.ATTN_Q_NORM, bid, p + "self_attn.q_norm.weight", (qk_norm[0],)),
+            copied(T.ATTN_K_NORM, bid, p + "self_attn.k_norm.weight", (qk_norm[1],)),
+        ]
+    return out
+
+
+def routed_ffn(cfg: HFConfig, bid: int, n_ff: int, module: str = "mlp",
+               hf_proj: dict[str, str] = GATE_UP_DOWN) -> list[OutputTensor]:
+    """ffn_norm, the router and the stacked experts of MoE block `bid`, whose HF MoE
+    module is `model.layers.{bid}.{module}` (mlp, block_sparse_moe)."""
+    n_embd = int(cfg.require("hidden_size"))
+    p = f"model.layers.{bid}."
+    return [
+        copied(T.FFN_NORM, bid, p + "post_attention_layernorm.weight", (n_embd,)),
+        copied(T.FFN_GATE_INP, bid, p + f"{module}.gate.weight", (n_expert(cfg), n_embd)),
+        *experts(cfg, bid, p + module + ".experts.{e}.{proj}.weight", hf_proj, n_ff),
     ]

@@ -10,19 +10,18 @@ from __future__ import annotations
 
 import numpy as np
 from gguf import MODEL_ARCH, GGUFWriter
-from gguf import MODEL_TENSOR as T
 
 from convert.archs.common import (
     add_common_metadata,
     add_rope_scaling,
-    experts,
+    attention,
     head_dim,
-    n_expert,
     output_head,
+    routed_ffn,
     token_embedding,
 )
 from convert.checkpoint import HFConfig
-from convert.plan import OutputTensor, copied, transformed
+from convert.plan import OutputTensor
 
 HF_CLASS = "MixtralForCausalLM"
 ARCH = MODEL_ARCH.LLAMA
@@ -55,35 +54,9 @@ def add_metadata(w: GGUFWriter, cfg: HFConfig) -> None:
 
 
 def tensors(cfg: HFConfig) -> list[OutputTensor]:
-    n_embd, hd = int(cfg.require("hidden_size")), head_dim(cfg)
-    n_head, n_head_kv = int(cfg.require("num_attention_heads")), int(cfg.require("num_key_value_heads"))
-    q_shape, kv_shape = (n_head * hd, n_embd), (n_head_kv * hd, n_embd)
     out = [token_embedding(cfg)]
     for i in range(int(cfg.require("num_hidden_layers"))):
-        p = f"model.layers.{i}."
-        out += [
-            copied(T.ATTN_NORM, i, p + "input_layernorm.weight", (n_embd,)),
-            transformed(
-                T.ATTN_Q, i, p + "self_attn.q_proj.weight", q_shape, q_shape, rope_halves_to_pairs(n_head)
-            ),
-            transformed(
-                T.ATTN_K,
-                i,
-                p + "self_attn.k_proj.weight",
-                kv_shape,
-                kv_shape,
-                rope_halves_to_pairs(n_head_kv),
-            ),
-            copied(T.ATTN_V, i, p + "self_attn.v_proj.weight", kv_shape),
-            copied(T.ATTN_OUT, i, p + "self_attn.o_proj.weight", (n_embd, n_head * hd)),
-            copied(T.FFN_NORM, i, p + "post_attention_layernorm.weight", (n_embd,)),
-            copied(T.FFN_GATE_INP, i, p + "block_sparse_moe.gate.weight", (n_expert(cfg), n_embd)),
-            *experts(
-                cfg,
-                i,
-                p + "block_sparse_moe.experts.{e}.{proj}.weight",
-                {"gate": "w1", "up": "w3", "down": "w2"},
-                int(cfg.require("intermediate_size")),
-            ),
-        ]
+        out += attention(cfg, i, rope_permute=rope_halves_to_pairs) + routed_ffn(
+            cfg, i, int(cfg.require("intermediate_size")), module="block_sparse_moe",
+            hf_proj={"gate": "w1", "up": "w3", "down": "w2"})
     return out + output_head(cfg)

@@ -77,6 +77,8 @@ def add_metadata(w: GGUFWriter, cfg: HFConfig) -> None:
         feed_forward_length=int(cfg.require("intermediate_size")),
     )
     w.add_rope_dimension_count(rope_dims(cfg))
+    # sparsemixer's masking threshold; GGUF has no key for it (llama.cpp uses plain top-2)
+    w.add_float32("qmoe.router_jitter_noise", float(cfg.get("router_jitter_noise", default=0.01)))
     rope = longrope(cfg)
     if rope is not None:
         w.add_rope_scaling_orig_ctx_len(int(rope["original_max_position_embeddings"]))

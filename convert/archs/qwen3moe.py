@@ -8,19 +8,18 @@ when norm_topk_prob (true for Qwen3-30B-A3B). q and k get a per-head RMS norm
 from __future__ import annotations
 
 from gguf import MODEL_ARCH, GGUFWriter
-from gguf import MODEL_TENSOR as T
 
 from convert.archs.common import (
     add_common_metadata,
     add_rope_scaling,
-    experts,
+    attention,
     head_dim,
-    n_expert,
     output_head,
+    routed_ffn,
     token_embedding,
 )
 from convert.checkpoint import HFConfig
-from convert.plan import OutputTensor, copied
+from convert.plan import OutputTensor
 from qmoe.errors import ConversionError
 
 HF_CLASS = "Qwen3MoeForCausalLM"
@@ -48,28 +47,8 @@ def tensors(cfg: HFConfig) -> list[OutputTensor]:
         raise ConversionError(
             f"{cfg.path}: dense layers (mlp_only_layers, decoder_sparse_step) are not supported"
         )
-    n_embd, hd = int(cfg.require("hidden_size")), head_dim(cfg)
-    n_q, n_kv = int(cfg.require("num_attention_heads")) * hd, int(cfg.require("num_key_value_heads")) * hd
-    n_ff_exp = int(cfg.require("moe_intermediate_size"))
+    hd, n_ff_exp = head_dim(cfg), int(cfg.require("moe_intermediate_size"))
     out = [token_embedding(cfg)]
     for i in range(int(cfg.require("num_hidden_layers"))):
-        p = f"model.layers.{i}."
-        out += [
-            copied(T.ATTN_NORM, i, p + "input_layernorm.weight", (n_embd,)),
-            copied(T.ATTN_Q, i, p + "self_attn.q_proj.weight", (n_q, n_embd)),
-            copied(T.ATTN_K, i, p + "self_attn.k_proj.weight", (n_kv, n_embd)),
-            copied(T.ATTN_V, i, p + "self_attn.v_proj.weight", (n_kv, n_embd)),
-            copied(T.ATTN_Q_NORM, i, p + "self_attn.q_norm.weight", (hd,)),
-            copied(T.ATTN_K_NORM, i, p + "self_attn.k_norm.weight", (hd,)),
-            copied(T.ATTN_OUT, i, p + "self_attn.o_proj.weight", (n_embd, n_q)),
-            copied(T.FFN_NORM, i, p + "post_attention_layernorm.weight", (n_embd,)),
-            copied(T.FFN_GATE_INP, i, p + "mlp.gate.weight", (n_expert(cfg), n_embd)),
-            *experts(
-                cfg,
-                i,
-                p + "mlp.experts.{e}.{proj}.weight",
-                {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"},
-                n_ff_exp,
-            ),
-        ]
+        out += attention(cfg, i, qk_norm=(hd, hd)) + routed_ffn(cfg, i, n_ff_exp)
     return out + output_head(cfg)
