@@ -5,12 +5,19 @@ every weight once from memory. Many tokens (prefill) dequantize tiles of rows to
 float32 and multiply them with BLAS, which does far more arithmetic per byte than a
 row loop can. `BLAS_MIN_TOKENS` is about where the second starts to win
 (bench/kernels_bench.py, "tokens" section, on the 2-core development machines).
+
+The BLAS products go through torch, not numpy: OpenBLAS's threads spin after each
+call and numba's OpenMP threads spin after each parallel loop, and alternating the two
+on a 2-core machine made a 256-token prefill of the tiny model take 3 s instead of
+0.08 s. torch's threads follow torch.set_num_threads (the CLI's -t) and, like numba's,
+wait passively under OMP_WAIT_POLICY=PASSIVE, which qmoe sets unless the user has.
 """
 
 from __future__ import annotations
 
 import numba
 import numpy as np
+import torch
 from gguf import GGMLQuantizationType
 
 from qmoe.errors import QmoeError
@@ -63,7 +70,8 @@ def matmul(
     if x.shape[0] < BLAS_MIN_TOKENS:
         compiled.matmul_rows(int(qtype), wb, row_bytes(qtype, n), x, out)
     elif qtype == QT.F32:
-        np.matmul(x, wb.view(np.float32).reshape(rows, n).T, out=out)
+        torch.matmul(torch.from_numpy(x), torch.from_numpy(wb.view(np.float32).reshape(rows, n)).T,
+                     out=torch.from_numpy(out))
     else:
         _matmul_blas_tiles(wb, qtype, rows, n, x, out)
     return out
@@ -74,10 +82,11 @@ def _matmul_blas_tiles(
 ) -> None:
     tile_rows = max(1, min(rows, TILE_FLOATS // max(n, 1)))
     tile = np.empty((tile_rows, n), np.float32)
+    x_t, out_t, tile_t = torch.from_numpy(x), torch.from_numpy(out), torch.from_numpy(tile)
     for r0 in range(0, rows, tile_rows):
         r1 = min(rows, r0 + tile_rows)
         compiled.dequantize_rows(int(qtype), wb, row_bytes(qtype, n), r0, tile[: r1 - r0])
-        out[:, r0:r1] = x @ tile[: r1 - r0].T  # [T, n] @ [n, r1 - r0]
+        out_t[:, r0:r1] = x_t @ tile_t[: r1 - r0].T  # [T, n] @ [n, r1 - r0]
 
 
 def dequantize(w: np.ndarray, qtype: GGMLQuantizationType | int) -> np.ndarray:
