@@ -252,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     off = run.add_argument_group(
         "expert offloading", "Keep the routed experts within memory budgets and prefetch them ahead of use. "
         "SIZE is bytes with an optional K/M/G/T suffix (binary: 6G = 6 GiB) or a share of all experts "
-        "in that tier's form, e.g. 40%%.")
+        "in that tier's form, e.g. 40%.")
     off.add_argument("--ram-budget", metavar="SIZE",
                      help="RAM pool of quantized expert slabs, filled by explicit reads from the file")
     off.add_argument("--gpu-budget", metavar="SIZE",

@@ -24,8 +24,15 @@ import torch
 from qmoe import kernels
 from qmoe.errors import ContextOverflowError, QmoeError
 from qmoe.experts.options import OffloadOptions
-from qmoe.experts.prefetch import (CrossLayerPolicy, OraclePolicy, Policy, PreAttentionPolicy, Prefetcher,
-                                   RoutingTrace, TraceRecorder)
+from qmoe.experts.prefetch import (
+    CrossLayerPolicy,
+    OraclePolicy,
+    Policy,
+    PreAttentionPolicy,
+    Prefetcher,
+    RoutingTrace,
+    TraceRecorder,
+)
 from qmoe.experts.slabs import ExpertSlabs
 from qmoe.experts.store import ExpertStore
 from qmoe.gguf_file import GGUFFile
@@ -228,7 +235,7 @@ class Model:
         if self.store is not None:
             self.store.close()
 
-    def __enter__(self) -> "Model":
+    def __enter__(self) -> Model:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -100,7 +100,9 @@ def test_slot_cache_evicts_lru_but_not_pinned_or_protected():
     cache.loaded(d)
     cache.touch(d)
     d.pins = 1
-    assert cache.reserve((0, 4), demand=False) is None  # only a prediction could go, and a prefetch may not evict it
+    assert (
+        cache.reserve((0, 4), demand=False) is None
+    )  # only a prediction could go, and a prefetch may not evict it
     e = cache.reserve((0, 4), demand=True)  # a demand load may
     assert e.slot == b.slot and len(cache) == 3
 
@@ -143,7 +145,11 @@ def test_reader_falls_back_where_o_direct_is_refused(q4_path, tmp_path_factory):
         pytest.skip("no tmpfs at /dev/shm to refuse O_DIRECT")
     copy = Path(shutil.copy(q4_path, shm / f"qmoe-test-{Path(q4_path).name}"))
     try:
-        with pytest.warns(RuntimeWarning, match="O_DIRECT") if _refuses_o_direct(copy) else warnings.catch_warnings():
+        with (
+            pytest.warns(RuntimeWarning, match="O_DIRECT")
+            if _refuses_o_direct(copy)
+            else warnings.catch_warnings()
+        ):
             with qmoe.load(copy, offload=OffloadOptions(ram_budget="25%", direct_io=True)) as m:
                 ids = prompt(m.n_vocab, 20)
                 got = m.logits(ids)
@@ -229,11 +235,15 @@ def test_fast_tier_equals_its_reference_and_is_close_to_the_kernels(kind, tiny_g
     dense_logits, kernel_logits = dense_reference(path, ids)
     scale = np.abs(kernel_logits).max()
     assert np.abs(dense_logits - kernel_logits).max() <= 1e-4 * scale
-    for config in (dict(gpu_budget="20%", on_miss="wait"),
-                   dict(gpu_budget="50%", ram_budget="25%", on_miss="wait", prefetch="cross-layer")):
+    for config in (
+        dict(gpu_budget="20%", on_miss="wait"),
+        dict(gpu_budget="50%", ram_budget="25%", on_miss="wait", prefetch="cross-layer"),
+    ):
         with qmoe.load(path, offload=OffloadOptions(**config)) as m:
             assert np.array_equal(m.logits(ids), dense_logits), config
-    with qmoe.load(path, offload=OffloadOptions(gpu_budget="30%", on_miss="cpu", prefetch="cross-layer")) as m:
+    with qmoe.load(
+        path, offload=OffloadOptions(gpu_budget="30%", on_miss="cpu", prefetch="cross-layer")
+    ) as m:
         mixed = m.logits(ids)  # hits dense, misses by the kernels
         assert np.abs(mixed - kernel_logits).max() <= 1e-4 * scale
 
@@ -253,8 +263,11 @@ def test_every_policy_keeps_results_and_measures_itself(q4_path, tmp_path):
         hp, moe_layers = plain.net.hp, plain.net.moe_layers
         ids = prompt(plain.n_vocab, 12)
         ref_tokens = list(plain.stream(ids, 8))
-        write_sidecar(sidecar, random_predictors(q4_path, plain.net.moe_layers, hp.n_embd, hp.n_expert,
-                                                 hp.n_expert_used), weight_type="f16")
+        write_sidecar(
+            sidecar,
+            random_predictors(q4_path, plain.net.moe_layers, hp.n_embd, hp.n_expert, hp.n_expert_used),
+            weight_type="f16",
+        )
     summaries = {}
     for policy in ("none", "cross-layer", "pre-attn", "oracle"):
         options = OffloadOptions(ram_budget="50%", prefetch=policy, predictors=str(sidecar))
@@ -266,7 +279,9 @@ def test_every_policy_keeps_results_and_measures_itself(q4_path, tmp_path):
     first, second = (str(layer) for layer in moe_layers)
     none, cross, pre, oracle = (summaries[p] for p in ("none", "cross-layer", "pre-attn", "oracle"))
     assert none["total"]["predicted"] == 0 and none["prefetch"]["requested"] == 0
-    assert cross["layers"][first]["predicted"] == 0 and cross["layers"][first]["recall"] == 0  # nothing to reuse
+    assert (
+        cross["layers"][first]["predicted"] == 0 and cross["layers"][first]["recall"] == 0
+    )  # nothing to reuse
     assert cross["layers"][second]["predicted"] > 0
     assert pre["layers"][first]["predicted"] > 0  # pre-attn predicts the first MoE layer too
     assert oracle["total"]["precision"] == 1.0 and oracle["total"]["recall"] == 1.0
@@ -279,12 +294,34 @@ def test_every_policy_keeps_results_and_measures_itself(q4_path, tmp_path):
 
 def test_pre_attn_needs_matching_predictors(q4_path, tmp_path):
     with pytest.raises(QmoeError, match="needs predictors"):
-        qmoe.load(q4_path, offload=OffloadOptions(ram_budget="50%", prefetch="pre-attn",
-                                                  predictors=str(tmp_path / "none.pred.gguf")))
+        qmoe.load(
+            q4_path,
+            offload=OffloadOptions(
+                ram_budget="50%", prefetch="pre-attn", predictors=str(tmp_path / "none.pred.gguf")
+            ),
+        )
     with pytest.raises(QmoeError, match="exceeds the model's 8 experts"):
         qmoe.load(q4_path, offload=OffloadOptions(ram_budget="50%", prefetch="cross-layer", k_prime=9))
     with pytest.raises(QmoeError, match="smaller than one expert slab"):
         qmoe.load(q4_path, offload=OffloadOptions(ram_budget="1K"))
+
+
+def test_predictions_are_protected_until_their_layer_runs(q4_path):
+    with qmoe.load(q4_path, offload=OffloadOptions(ram_budget=3 * one_slab(q4_path))) as m:
+        store, cache = m.store, m.store.pool.cache
+        layer, other = m.net.moe_layers
+        x = np.random.default_rng(0).normal(size=(1, m.net.hp.n_embd)).astype(np.float32)
+        one = np.ones((1, 1), np.float32)
+        store.prefetch(layer, [0, 1], store.step(layer))
+        store.drain()
+        for e in (2, 3, 4):  # demand loads of another layer cycle through the one unprotected slot
+            store(other, x, np.array([[e]], np.int32), one)
+        assert cache.get((other, 4)) is not None and cache.get((other, 2)) is None
+        assert all(cache.get((layer, e)).protected for e in (0, 1))
+        store(layer, x, np.array([[0]], np.int32), one)  # the layer runs: used or not, no longer protected
+        assert not any(cache.get((layer, e)).protected for e in (0, 1))
+        assert next(iter(cache.lru)) == (layer, 1)  # the wrong guess goes first
+        assert store.summary()["layers"][str(layer)]["hits"] == 1
 
 
 def test_simulated_link_slows_transfers_beside_compute(q4_path):
@@ -307,7 +344,7 @@ def test_without_store_options_the_runtime_is_unchanged(q4_path):
 
 def check_budgets(store: ExpertStore, budgets: dict[str, int]) -> None:
     """Under the store's lock: no tier holds more slabs than its slots, nor more bytes than its budget."""
-    with store.cond:
+    with store.lock:
         for tier in (store.pool, store.fast):
             if tier is None:
                 continue
@@ -340,11 +377,14 @@ def run_threads(target, n: int, timeout: float = 120.0) -> None:
         raise errors[0]
 
 
-@pytest.mark.parametrize("config", [
-    dict(ram_budget=2, prefetch="cross-layer"),
-    dict(ram_budget=1, gpu_budget=2, on_miss="cpu", prefetch="cross-layer"),
-    dict(ram_budget=2, gpu_budget=1, on_miss="wait", prefetch="cross-layer"),
-])
+@pytest.mark.parametrize(
+    "config",
+    [
+        dict(ram_budget=2, prefetch="cross-layer"),
+        dict(ram_budget=1, gpu_budget=2, on_miss="cpu", prefetch="cross-layer"),
+        dict(ram_budget=2, gpu_budget=1, on_miss="wait", prefetch="cross-layer"),
+    ],
+)
 def test_budgets_hold_under_many_prompts_tiny_budgets_and_threads(q4_path, config):
     """3 threads generate from 6 prompts while 2 more call the store directly and prefetch at random;
     a watcher checks the budgets all along. Budgets are in slabs here: 1 or 2 per tier."""
@@ -354,9 +394,17 @@ def test_budgets_hold_under_many_prompts_tiny_budgets_and_threads(q4_path, confi
         prompts = [prompt(plain.n_vocab, n, seed) for seed, n in enumerate((3, 9, 17, 5, 12, 7))]
         ref = [list(plain.stream(p, 5)) for p in prompts]
         mapped = next(b.ffn.experts for b in plain.net.blocks if isinstance(b.ffn, MoE))
-    budgets = {"ram": config["ram_budget"] * slab, "fast": config.get("gpu_budget", 0) * 3 * hp.n_ff_exp * hp.n_embd * 4}
-    options = OffloadOptions(**(config | {"ram_budget": budgets["ram"], "direct_io": True}
-                                | ({"gpu_budget": budgets["fast"]} if "gpu_budget" in config else {})))
+    budgets = {
+        "ram": config["ram_budget"] * slab,
+        "fast": config.get("gpu_budget", 0) * 3 * hp.n_ff_exp * hp.n_embd * 4,
+    }
+    options = OffloadOptions(
+        **(
+            config
+            | {"ram_budget": budgets["ram"], "direct_io": True}
+            | ({"gpu_budget": budgets["fast"]} if "gpu_budget" in config else {})
+        )
+    )
     exact = "gpu_budget" not in config  # the kernel path; the fast tier is only close
     with qmoe.load(q4_path, offload=options) as m:
         store = m.store
@@ -393,7 +441,9 @@ def test_budgets_hold_under_many_prompts_tiny_budgets_and_threads(q4_path, confi
             watcher.join()
         check_budgets(store, budgets)
         m.offload_stats()  # drains: every transfer done, so every pin released
-        assert all(e.pins == 0 for tier in (store.pool, store.fast) if tier for e in tier.cache.entries.values())
+        assert all(
+            e.pins == 0 for tier in (store.pool, store.fast) if tier for e in tier.cache.entries.values()
+        )
     if exact:
         assert [results[j] for j in range(len(prompts))] == ref
 
@@ -403,20 +453,57 @@ def test_budgets_hold_under_many_prompts_tiny_budgets_and_threads(q4_path, confi
 
 def test_cli_runs_with_a_store_and_writes_statistics(q4_path, tmp_path, capsys):
     out = tmp_path / "stats.json"
-    code = main(["run", str(q4_path), "-p", "def main(", "-n", "6", "--ram-budget", "40%", "--prefetch",
-                 "cross-layer", "--no-page-cache", "--sim-link-gbps", "1", "--sim-link-latency-us", "50",
-                 "--stats", "--stats-json", str(out)])
+    code = main(
+        [
+            "run",
+            str(q4_path),
+            "-p",
+            "def main(",
+            "-n",
+            "6",
+            "--ram-budget",
+            "40%",
+            "--prefetch",
+            "cross-layer",
+            "--no-page-cache",
+            "--sim-link-gbps",
+            "1",
+            "--sim-link-latency-us",
+            "50",
+            "--stats",
+            "--stats-json",
+            str(out),
+        ]
+    )
     assert code == 0
     err = capsys.readouterr().err
     assert "hit%" in err and "overlapped with compute" in err
     summary = json.loads(out.read_text())
     assert set(summary["layers"]) == {"0", "1"}
-    assert summary["tiers"]["ram"]["direct_io"] in (True, False) and summary["tiers"]["link"]["latency_us"] == 50
+    assert (
+        summary["tiers"]["ram"]["direct_io"] in (True, False) and summary["tiers"]["link"]["latency_us"] == 50
+    )
 
 
 def test_cli_oracle_and_flag_errors(q4_path, capsys):
-    assert main(["run", str(q4_path), "-p", "x", "-n", "4", "--ram-budget", "30%", "--prefetch", "oracle",
-                 "--stats"]) == 0
+    assert (
+        main(
+            [
+                "run",
+                str(q4_path),
+                "-p",
+                "x",
+                "-n",
+                "4",
+                "--ram-budget",
+                "30%",
+                "--prefetch",
+                "oracle",
+                "--stats",
+            ]
+        )
+        == 0
+    )
     assert "recording the routing" in capsys.readouterr().err
     assert main(["run", str(q4_path), "-p", "x", "--prefetch", "cross-layer"]) == 1
     assert "--prefetch only apply with an expert store" in capsys.readouterr().err
@@ -431,9 +518,11 @@ def test_default_sidecar_is_found(q4_path, tmp_path):
     shutil.copy(q4_path, model)
     with qmoe.load(model) as plain:
         hp = plain.net.hp
-        write_sidecar(default_sidecar_path(model),
-                      random_predictors(model, plain.net.moe_layers, hp.n_embd, hp.n_expert, hp.n_expert_used),
-                      weight_type="f16")
+        write_sidecar(
+            default_sidecar_path(model),
+            random_predictors(model, plain.net.moe_layers, hp.n_embd, hp.n_expert, hp.n_expert_used),
+            weight_type="f16",
+        )
     with qmoe.load(model, offload=OffloadOptions(ram_budget="50%", prefetch="pre-attn")) as m:
         assert m.prefetcher.policy.k_prime == hp.n_expert_used + 1
 
@@ -447,13 +536,20 @@ def test_cuda_fast_tier_is_deterministic_and_close_to_the_kernels(q4_path):
         ids = prompt(plain.n_vocab)
         kernel_logits = plain.logits(ids)
     results = []
-    for config in (dict(gpu_budget="20%", on_miss="wait"), dict(gpu_budget="60%", on_miss="wait", prefetch="cross-layer"),
-                   dict(gpu_budget="100%", ram_budget="25%", on_miss="wait", direct_io=True)):
+    for config in (
+        dict(gpu_budget="20%", on_miss="wait"),
+        dict(gpu_budget="60%", on_miss="wait", prefetch="cross-layer"),
+        dict(gpu_budget="100%", ram_budget="25%", on_miss="wait", direct_io=True),
+    ):
         with qmoe.load(q4_path, device="cuda", offload=OffloadOptions(**config)) as m:
             assert m.store.fast.parts[0].is_cuda and m.store.fast.dtype == torch.float16
             results.append(m.logits(ids))
     assert all(np.array_equal(r, results[0]) for r in results)
-    cos = (results[0] * kernel_logits).sum(-1) / np.linalg.norm(results[0], axis=-1) / np.linalg.norm(kernel_logits, axis=-1)
+    cos = (
+        (results[0] * kernel_logits).sum(-1)
+        / np.linalg.norm(results[0], axis=-1)
+        / np.linalg.norm(kernel_logits, axis=-1)
+    )
     assert cos.min() > 0.999
 
 

@@ -14,6 +14,9 @@ entry that is
                     a demand load (a miss the model is waiting for) may evict it,
                     so one prediction cannot push out another before it is used
 
+A prediction its layer did not use is demoted to the front of the LRU order (the
+store calls `demote`), so that a wrong guess does not push out the working set.
+
 Not thread-safe by itself: the store calls it under its lock.
 """
 
@@ -92,6 +95,11 @@ class SlotCache:
         """Mark as most recently used."""
         entry.used = True
         self.lru.move_to_end(entry.key)
+
+    def demote(self, entry: Entry) -> None:
+        """Make a ready entry the first to evict (a prediction its layer did not use)."""
+        if entry.key in self.lru:
+            self.lru.move_to_end(entry.key, last=False)
 
     def discard(self, entry: Entry) -> None:
         """Forget an entry whose transfer failed; its slot is free again."""

@@ -51,11 +51,13 @@ def parse_budget(spec: str | int, total_bytes: int, flag: str) -> int:
 
 
 def format_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
+    """`n` bytes for people: 512 B, 2.5 MiB, 1.4 GiB."""
+    unit = "B"
+    for bigger in ("KiB", "MiB", "GiB"):
+        if n < 1024:
+            break
+        n, unit = n / 1024, bigger
+    return f"{n:.0f} B" if unit == "B" else f"{n:.1f} {unit}"
 
 
 @dataclass
@@ -68,7 +70,8 @@ class OffloadOptions:
         float32 in CPU memory without CUDA); None = no fast tier.
     prefetch: "none" | "cross-layer" | "pre-attn" | "oracle".
     on_miss: what a fast-tier miss does: "cpu" computes it with the CPU kernels from
-        the quantized slab, "wait" loads it and computes it in the fast tier.
+        the quantized slab (and queues the slab for the fast tier in the background),
+        "wait" loads it and computes it in the fast tier.
         Without a fast tier every expert is computed by the CPU kernels from the
         pool, and a pool miss is always read (there is nothing else to compute from).
     k_prime: experts prefetched per token (default: the predictors' k', else ceil(1.5 k)).
@@ -88,9 +91,7 @@ class OffloadOptions:
 
     def __post_init__(self) -> None:
         if self.ram_budget is None and self.gpu_budget is None:
-            raise QmoeError(
-                "expert offloading needs a tier to manage: give --ram-budget and/or --gpu-budget"
-            )
+            raise QmoeError("expert offloading needs a tier to manage: give --ram-budget and/or --gpu-budget")
         if self.prefetch not in POLICIES:
             raise QmoeError(f"--prefetch must be one of {', '.join(POLICIES)}, got {self.prefetch!r}")
         if self.on_miss not in MISS_POLICIES:

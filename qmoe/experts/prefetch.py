@@ -131,7 +131,13 @@ Policy = PreAttentionPolicy | CrossLayerPolicy | OraclePolicy
 
 
 class Prefetcher:
-    """Observer that predicts each MoE layer's experts in a worker thread and prefetches them."""
+    """Observer that predicts each MoE layer's experts in a worker thread and prefetches them.
+
+    On CUDA the worker runs its predictions on a stream of its own, so that they
+    overlap attention on the model's stream; each activation comes with an event
+    recorded on the model's stream, which the worker's stream waits for before
+    reading it.
+    """
 
     def __init__(self, store: ExpertStore, policy: Policy, moe_layers: list[int]):
         self.store = store
@@ -140,6 +146,7 @@ class Prefetcher:
         self.predicted: dict[int, set[int]] = {}  # worker only: layer -> its latest prediction
         self.messages: queue.SimpleQueue = queue.SimpleQueue()
         self.error: BaseException | None = None
+        self.stream: torch.cuda.Stream | None = None  # worker only, created on the first CUDA activation
         self.thread = threading.Thread(target=self._work, name="qmoe-prefetch", daemon=True)
         self.thread.start()
 
@@ -148,13 +155,21 @@ class Prefetcher:
     def pre_attention(self, layer: int, x: torch.Tensor) -> None:
         self._raise_if_failed()
         if self.policy.hook == "pre_attention":
-            self.messages.put(("predict", layer, self.store.step(layer), x))
+            self._predict(layer, x)
 
     def routed(self, layer: int, x: torch.Tensor, logits: torch.Tensor, ids: torch.Tensor) -> None:
         nxt = self.next_layer.get(layer)
         if self.policy.hook == "routed" and nxt is not None:
-            self.messages.put(("predict", nxt, self.store.step(nxt), x))
-        self.messages.put(("truth", layer, None, ids))
+            self._predict(nxt, x)
+        # On the host now: the model copies the ids there right after this anyway.
+        self.messages.put(("truth", layer, None, ids.cpu()))
+
+    def _predict(self, layer: int, x: torch.Tensor) -> None:
+        ready = None
+        if x.is_cuda:
+            ready = torch.cuda.Event()
+            ready.record()  # on the model's stream, after x was computed
+        self.messages.put(("predict", layer, self.store.step(layer), (x, ready)))
 
     def _raise_if_failed(self) -> None:
         if self.error is not None:
@@ -164,24 +179,35 @@ class Prefetcher:
 
     def _work(self) -> None:
         while (message := self.messages.get()) is not None:
-            kind, layer, step, tensor = message
+            kind, layer, step, payload = message
             if kind == "flush":
-                tensor.set()
+                payload.set()
                 continue
             if self.error is not None:
                 continue
             try:
                 if kind == "predict":
-                    experts = self.policy.predict(layer, tensor)
-                    self.predicted[layer] = set(experts)
-                    self.store.prefetch(layer, experts, step)
+                    self._prefetch(layer, step, *payload)
                 else:
-                    actual = {int(e) for e in tensor.reshape(-1).cpu().numpy()}
+                    actual = {int(e) for e in payload.reshape(-1).numpy()}
                     self.store.record_prediction(layer, self.predicted.pop(layer, None), actual)
                     if not self.policy.observe(layer, actual):
                         self.store.record_oracle_divergence()
             except BaseException as exc:  # noqa: BLE001 - reported to the model thread at the next layer
                 self.error = exc
+
+    def _prefetch(self, layer: int, step: int, x: torch.Tensor, ready: torch.cuda.Event | None) -> None:
+        if ready is None:
+            experts = self.policy.predict(layer, x)
+        else:
+            if self.stream is None:
+                self.stream = torch.cuda.Stream(x.device)
+            with torch.cuda.stream(self.stream):
+                self.stream.wait_event(ready)
+                x.record_stream(self.stream)  # x's memory is not reused before this stream is done with it
+                experts = self.policy.predict(layer, x)
+        self.predicted[layer] = set(experts)
+        self.store.prefetch(layer, experts, step)
 
     def set_policy(self, policy: Policy) -> None:
         """Switch policies between runs (the oracle gets its recording this way)."""

@@ -12,7 +12,8 @@ O_DIRECT so that the page cache does not keep a second, unaccounted copy of what
 the RAM pool holds: with O_DIRECT the kernel moves the bytes straight from the
 device into a page-aligned bounce buffer, from which the slot is filled.
 Filesystems that refuse O_DIRECT (tmpfs, some overlays) get buffered reads
-followed by POSIX_FADV_DONTNEED on the range, with a warning.
+followed by POSIX_FADV_DONTNEED on the range, with a warning. The three parts of
+a slab are read in parallel.
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ from __future__ import annotations
 import errno
 import mmap
 import os
+import threading
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,7 +48,11 @@ class SlabLayout:
     @property
     def raw_shapes(self) -> tuple[tuple[int, int], ...]:
         """Each part as raw bytes [rows, row_bytes] (what the kernels read)."""
-        return (self.n_ff, self.row_bytes[0]), (self.n_ff, self.row_bytes[1]), (self.n_embd, self.row_bytes[2])
+        return (
+            (self.n_ff, self.row_bytes[0]),
+            (self.n_ff, self.row_bytes[1]),
+            (self.n_embd, self.row_bytes[2]),
+        )
 
     @property
     def dense_shapes(self) -> tuple[tuple[int, int], ...]:
@@ -98,8 +105,9 @@ class ExpertSlabs:
                 f"{self.path}: block {layer}'s expert tensors do not fit together: gate {gate.shape}, "
                 f"up {up.shape}, down {down.shape}"
             )
-        return SlabLayout((gate.qtype, up.qtype, down.qtype), n_embd, n_ff,
-                          (gate.row_bytes, up.row_bytes, down.row_bytes))
+        return SlabLayout(
+            (gate.qtype, up.qtype, down.qtype), n_embd, n_ff, (gate.row_bytes, up.row_bytes, down.row_bytes)
+        )
 
     @property
     def n_slabs(self) -> int:
@@ -120,35 +128,40 @@ class ExpertSlabs:
     def ranges(self, layer: int, expert: int) -> tuple[tuple[int, int], ...]:
         """(absolute file offset, bytes) of the slab's gate, up and down parts."""
         return tuple(
-            (t.offset + expert * nbytes, nbytes) for t, nbytes in zip(self.tensors[layer], self.layout.part_bytes)
+            (t.offset + expert * nbytes, nbytes)
+            for t, nbytes in zip(self.tensors[layer], self.layout.part_bytes)
         )
 
 
 class SlabReader:
-    """Explicit reads of slab parts from the GGUF file into caller-owned buffers.
+    """Explicit reads of slabs from the GGUF file into caller-owned buffers.
 
-    Used by one thread at a time (the store's transfer thread): the O_DIRECT bounce
-    buffer is shared between calls.
+    A slab's three parts are read at once, one thread each: a drive serves parallel
+    requests in little more than the time of one, and small slabs are bound by
+    latency (three 35 KB O_DIRECT reads took 660 us one after the other and 170 us
+    together on the development machines). Used by one thread at a time (the
+    store's transfer thread).
     """
 
     ALIGN = 4096  # O_DIRECT wants offsets, lengths and buffers aligned to the logical block size
 
     def __init__(self, path: str | os.PathLike, direct: bool):
         self.path = Path(path)
+        self.fd = self._open(os.O_RDONLY)
+        self.direct_fd = -1
         self.direct = False
         self.drop_cache = False  # fallback for O_DIRECT: evict what a buffered read cached
-        self.bounce: mmap.mmap | None = None
-        self.fd = -1
-        if direct and hasattr(os, "O_DIRECT"):
+        if direct and not hasattr(os, "O_DIRECT"):
+            self._fall_back("this platform has no O_DIRECT")
+        elif direct:
             try:
-                self.fd = os.open(self.path, os.O_RDONLY | os.O_DIRECT)
+                self.direct_fd = os.open(self.path, os.O_RDONLY | os.O_DIRECT)
                 self.direct = True
             except OSError as e:
                 self._fall_back(f"cannot open it with O_DIRECT ({e.strerror})")
-        elif direct:
-            self._fall_back("this platform has no O_DIRECT")
-        if self.fd < 0:
-            self.fd = self._open(os.O_RDONLY)
+        self.fallback_lock = threading.Lock()
+        self.bounces: list[mmap.mmap | None] = [None] * len(PARTS)  # one O_DIRECT buffer per part
+        self.workers = ThreadPoolExecutor(max_workers=len(PARTS), thread_name_prefix="qmoe-read")
 
     def _open(self, flags: int) -> int:
         try:
@@ -163,28 +176,36 @@ class SlabReader:
             RuntimeWarning,
             stacklevel=3,
         )
-        if self.direct:
-            os.close(self.fd)
-            self.fd = self._open(os.O_RDONLY)
         self.direct = False
         self.drop_cache = hasattr(os, "posix_fadvise")
 
     def read(self, ranges: tuple[tuple[int, int], ...], outs: tuple[np.ndarray, ...]) -> None:
         """Fill each writable contiguous buffer of `outs` with its (offset, nbytes) range of the file."""
-        for (offset, nbytes), out in zip(ranges, outs):
-            flat = out.reshape(-1).view(np.uint8)
-            assert flat.nbytes == nbytes and flat.flags.c_contiguous
-            if self.direct:
-                try:
-                    self._read_direct(offset, nbytes, flat)
-                    continue
-                except OSError as e:
-                    if e.errno != errno.EINVAL:
-                        raise QmoeError(f"{self.path}: reading {nbytes} bytes at {offset} failed ({e.strerror})") from e
-                    self._fall_back("the filesystem refused an O_DIRECT read")
-            self._read_exact(memoryview(flat), offset, nbytes)
-            if self.drop_cache:
-                os.posix_fadvise(self.fd, offset, nbytes, os.POSIX_FADV_DONTNEED)
+        parts = [
+            self.workers.submit(self._read_part, i, offset, nbytes, out)
+            for i, ((offset, nbytes), out) in enumerate(zip(ranges, outs))
+        ]
+        for part in parts:
+            part.result()  # raises the part's error, if any
+
+    def _read_part(self, part: int, offset: int, nbytes: int, out: np.ndarray) -> None:
+        flat = out.reshape(-1).view(np.uint8)
+        assert flat.nbytes == nbytes and flat.flags.c_contiguous
+        if self.direct:
+            try:
+                self._read_direct(part, offset, nbytes, flat)
+                return
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise QmoeError(
+                        f"{self.path}: reading {nbytes} bytes at {offset} failed ({e.strerror})"
+                    ) from e
+                with self.fallback_lock:
+                    if self.direct:
+                        self._fall_back("the filesystem refused an O_DIRECT read")
+        self._read_exact(memoryview(flat), offset, nbytes)
+        if self.drop_cache:
+            os.posix_fadvise(self.fd, offset, nbytes, os.POSIX_FADV_DONTNEED)
 
     def _read_exact(self, buf: memoryview, offset: int, nbytes: int) -> None:
         got = 0
@@ -192,31 +213,42 @@ class SlabReader:
             try:
                 n = os.preadv(self.fd, [buf[got:nbytes]], offset + got)
             except OSError as e:
-                raise QmoeError(f"{self.path}: reading {nbytes} bytes at {offset} failed ({e.strerror})") from e
+                raise QmoeError(
+                    f"{self.path}: reading {nbytes} bytes at {offset} failed ({e.strerror})"
+                ) from e
             if n == 0:
-                raise GGUFFormatError(f"{self.path}: the file ends before the expert bytes at {offset}+{nbytes}")
+                raise GGUFFormatError(
+                    f"{self.path}: the file ends before the expert bytes at {offset}+{nbytes}"
+                )
             got += n
 
-    def _read_direct(self, offset: int, nbytes: int, out: np.ndarray) -> None:
+    def _read_direct(self, part: int, offset: int, nbytes: int, out: np.ndarray) -> None:
         start = offset // self.ALIGN * self.ALIGN
         end = -(-(offset + nbytes) // self.ALIGN) * self.ALIGN
-        if self.bounce is None or len(self.bounce) < end - start:
-            self.bounce = mmap.mmap(-1, end - start)  # anonymous mappings are page-aligned
-        view = memoryview(self.bounce)
+        bounce = self.bounces[part]
+        if bounce is None or len(bounce) < end - start:
+            bounce = self.bounces[part] = mmap.mmap(-1, end - start)  # anonymous mappings are page-aligned
+        view = memoryview(bounce)
         need = offset + nbytes - start
         got = 0
         while got < need:  # the last block of the file may come back short: that is fine once `need` is in
-            n = os.preadv(self.fd, [view[got:end - start]], start + got)
+            n = os.preadv(self.direct_fd, [view[got : end - start]], start + got)
             if n == 0:
-                raise GGUFFormatError(f"{self.path}: the file ends before the expert bytes at {offset}+{nbytes}")
+                raise GGUFFormatError(
+                    f"{self.path}: the file ends before the expert bytes at {offset}+{nbytes}"
+                )
             got += n
-        out[:] = np.frombuffer(self.bounce, np.uint8, count=nbytes, offset=offset - start)
+        out[:] = np.frombuffer(bounce, np.uint8, count=nbytes, offset=offset - start)
         view.release()
 
     def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-        if self.bounce is not None:
-            self.bounce.close()
-            self.bounce = None
+        """Stop the reading threads and close the file. Idempotent."""
+        self.workers.shutdown()
+        for fd in (self.fd, self.direct_fd):
+            if fd >= 0:
+                os.close(fd)
+        self.fd = self.direct_fd = -1
+        for bounce in self.bounces:
+            if bounce is not None:
+                bounce.close()
+        self.bounces = [None] * len(PARTS)

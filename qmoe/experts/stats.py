@@ -53,11 +53,11 @@ class StoreStats:
     prefetch_requested: int = 0  # experts named by predictions in time to be useful
     prefetch_loaded: int = 0  # of those, transfers actually made
     prefetch_dropped: int = 0  # dropped unstarted: the layer had run, or no slot could be freed
-    late_predictions: int = 0  # predictions that arrived after their layer had run
+    late_predictions: int = 0  # predictions that arrived after their layer had started
     oracle_divergences: int = 0  # oracle only: steps whose routing differed from the recorded run
 
     @classmethod
-    def for_layers(cls, layers: list[int]) -> "StoreStats":
+    def for_layers(cls, layers: list[int]) -> StoreStats:
         return cls({layer: LayerStats() for layer in layers})
 
     def record_prediction(self, layer: int, predicted: set[int] | None, actual: set[int]) -> None:

@@ -22,27 +22,30 @@ so that the fast tier learns from use as an LRU cache does.
 Threads:
     model thread(s)  call the store; compute hits at once, then late/missed experts
                      as they arrive, so transfers overlap the compute of hits.
-    transfer thread  the one link between tiers: runs transfers one at a time,
-                     demand loads (a model thread is waiting) before prefetches
-                     before background fills,
-                     each as file -> pool and/or pool/file -> fast tier, with the
-                     simulated link's delay if one is set (link.py).
+    transfer thread  the one link between tiers: runs transfers one at a time
+                     (demand loads, for which a model thread waits, first; then
+                     prefetches; then background fills), each as file -> pool
+                     and/or pool or file -> fast tier, with the simulated link's
+                     delay if one is set (link.py). File reads fetch a slab's
+                     three parts in parallel (slabs.py).
     prefetch worker  (prefetch.py) predicts, and calls `prefetch`, which queues
                      transfers; a prefetch for a layer that has already run is
                      dropped unstarted.
 
 Accounting: the budgets fix each tier's slot count (budget // slab bytes); slots
 are allocated once, so the bytes held never exceed the budget. Fixed I/O buffers
-(the O_DIRECT bounce buffer, CUDA's pinned staging buffer: one slab each) are
+(the O_DIRECT bounce buffers, CUDA's pinned staging buffer: one slab in all) are
 outside the budgets. A slot is taken by evicting the least recently used slab
-that nobody pins and that is not a prediction waiting for its layer (cache.py).
+that nobody pins and that is not a prediction waiting for its layer; a prediction
+its layer did not use goes to the front of the eviction order (cache.py).
 
 Results do not depend on the tiers: an expert's output is computed by the same
 code whether it was a hit or a miss, and the outputs are summed in the order
 `kernels.moe_ffn` sums them, so on the kernel path (no fast tier) the layer's
-output is bit-identical to the model without a store. The fast tier is a different compute path (dense float32/fp16
-products); with `--on-miss wait` every expert takes it, so its results are
-independent of budgets and policy too; with `cpu` misses they mix both paths.
+output is bit-identical to the model without a store. The fast tier is a
+different compute path (dense float32/fp16 products); with `--on-miss wait`
+every expert takes it, so its results are independent of budgets and policy
+too; with `cpu` misses they mix both paths.
 """
 
 from __future__ import annotations
@@ -81,8 +84,10 @@ def expert_groups(ids: np.ndarray) -> list[tuple[int, np.ndarray]]:
     pairs = np.argsort(pair_experts, kind="stable")
     starts = np.flatnonzero(np.diff(pair_experts[pairs], prepend=-1))
     counts = np.diff(starts, append=len(pairs))
-    groups = [(int(pair_experts[pairs[s]]), pairs[s:s + c]) for s, c in zip(starts, counts)]
-    return [g for g in groups if len(g[1]) < BLAS_MIN_TOKENS] + [g for g in groups if len(g[1]) >= BLAS_MIN_TOKENS]
+    groups = [(int(pair_experts[pairs[s]]), pairs[s : s + c]) for s, c in zip(starts, counts)]
+    return [g for g in groups if len(g[1]) < BLAS_MIN_TOKENS] + [
+        g for g in groups if len(g[1]) >= BLAS_MIN_TOKENS
+    ]
 
 
 @dataclass(order=True)
@@ -124,11 +129,15 @@ class ExpertStore:
         self.fast = self._make_fast(options, device)
         self.compute_tier: Tier | None = self.fast or self.pool
         self.reader = SlabReader(slabs.path, options.direct_io) if self.pool else None
-        self.cond = threading.Condition()
+        # One lock, two conditions, so that a thread is woken only for what it waits for:
+        self.lock = threading.Lock()
+        self.work = threading.Condition(self.lock)  # transfer thread: a job queued, a slot released
+        self.arrivals = threading.Condition(self.lock)  # model threads: a transfer done, or none left (drain)
+        self.waiting_for_slot = False  # the transfer thread waits for a pin to be released
         self.queue: list[_Job] = []  # heap: demand before prefetch, then first come first served
         self.queued: dict[tuple[str, Key], _Job] = {}
         self.seq = itertools.count()
-        self.steps = {layer: 0 for layer in slabs.layers}  # forward passes each layer has completed
+        self.steps = {layer: 0 for layer in slabs.layers}  # forward passes each layer has started
         self.predicted: dict[int, set[Key]] = {}  # layer -> slabs protected for its coming step
         self.busy = False
         self.closing = False
@@ -175,48 +184,53 @@ class ExpertStore:
                     "bytes": tier.nbytes,
                     "share": share,
                     "description": f"{tier.describe()} of {self.slabs.n_slabs} slabs ({100 * share:.1f}%, "
-                                   f"{format_bytes(tier.nbytes)})",
+                    f"{format_bytes(tier.nbytes)})",
                 }
         if self.pool is None:
-            tiers["file"] = {"description": f"every expert served from the memory-mapped {self.slabs.path.name}"}
+            tiers["file"] = {
+                "description": f"every expert served from the memory-mapped {self.slabs.path.name}"
+            }
         if self.reader is not None:
             tiers["ram"]["direct_io"] = self.reader.direct
         if self.link is not None:
-            tiers["link"] = {"gbps": self.link.gbps, "latency_us": self.link.latency_us,
-                             "description": f"simulated at {self.link.gbps:g} GB/s + {self.link.latency_us:g} us "
-                                            "per transfer"}
+            tiers["link"] = {
+                "gbps": self.link.gbps,
+                "latency_us": self.link.latency_us,
+                "description": f"simulated at {self.link.gbps:g} GB/s + {self.link.latency_us:g} us "
+                "per transfer",
+            }
         return tiers
 
     def summary(self) -> dict:
-        with self.cond:
+        with self.lock:
             return report(self.stats, self.describe())
 
     # ----------------------------------------------------------------------------- model thread: compute
 
     def __call__(self, layer: int, x: np.ndarray, ids: np.ndarray, weights: np.ndarray) -> np.ndarray:
         """The routed experts' weighted sum: x [T, n_embd], ids and weights [T, k] -> [T, n_embd]."""
+        if self.compute_tier is None:  # every expert is in the mapped file: as the model without a store
+            gate, up, down = self.slabs.tensors[layer]
+            with self.lock:
+                self.stats.layers[layer].hits += len(np.unique(ids))
+            return kernels.moe_ffn(gate.data, up.data, down.data, self.layout.qtypes, x, ids, weights)
         groups = expert_groups(ids)
         k = ids.shape[1]
         tokens = {e: pairs // k for e, pairs in groups}
         outputs: dict[int, np.ndarray] = {}  # expert -> its output on its tokens [n, n_embd]
-        if self.compute_tier is None:
-            for e, _ in groups:
-                outputs[e] = self._kernel(self.slabs.views(layer, e), x[tokens[e]])
-            with self.cond:
-                self.stats.layers[layer].hits += len(groups)
-        else:
-            self._compute_layer(layer, x, tokens, outputs)
+        self._compute_layer(layer, x, tokens, outputs)
         out = np.zeros_like(x)
         pair_weights = weights.reshape(-1)
         for e, pairs in groups:
             np.add.at(out, tokens[e], pair_weights[pairs, None] * outputs[e])
         return out
 
-    def _compute_layer(self, layer: int, x: np.ndarray, tokens: dict[int, np.ndarray],
-                       outputs: dict[int, np.ndarray]) -> None:
+    def _compute_layer(
+        self, layer: int, x: np.ndarray, tokens: dict[int, np.ndarray], outputs: dict[int, np.ndarray]
+    ) -> None:
         tier = self.compute_tier
         ready, waiting, on_cpu = [], [], []
-        with self.cond:
+        with self.lock:
             self._raise_if_failed()
             self._cancel_prefetches(layer, needed=set(tokens))
             s = self.stats.layers[layer]
@@ -236,6 +250,15 @@ class ExpertStore:
                     else:
                         job = self._request(tier, (layer, e))
                         waiting.append((job.seq, e, job))
+            # The layer runs now: a prediction for this step that comes later is too late, and
+            # those that came are used (and claimed above) or wrong: evict those first.
+            self.steps[layer] += 1
+            for key in self.predicted.pop(layer, ()):
+                entry = tier.cache.get(key)
+                if entry is not None:
+                    entry.protected = False
+                    if key[1] not in tokens:
+                        tier.cache.demote(entry)
         # Hits first (their compute overlaps the transfers of the rest), then the others
         # in the order the transfer thread delivers them.
         waiting.sort(key=lambda item: item[:2])
@@ -251,30 +274,24 @@ class ExpertStore:
             for e in on_cpu:
                 outputs[e] = self._compute_on_cpu(layer, e, x[tokens[e]])
         except BaseException:  # an error or Ctrl-C: do not leave slabs pinned for good
-            with self.cond:
+            with self.lock:
                 for handle in claimed:
                     self._unclaim(handle)
             raise
-        with self.cond:
-            self.steps[layer] += 1
-            for key in self.predicted.pop(layer, ()):  # predictions for this step are used or stale now
-                entry = tier.cache.get(key)
-                if entry is not None:
-                    entry.protected = False
 
     def _compute_on_cpu(self, layer: int, expert: int, x: np.ndarray) -> np.ndarray:
         """A fast-tier miss computed by the kernels from the quantized slab: pool (read if absent) or file."""
         if self.pool is None:
             return self._kernel(self.slabs.views(layer, expert), x)
         key = (layer, expert)
-        with self.cond:
+        with self.lock:
             state, _, handle = self._claim(self.pool, key)
             if state is None:
                 handle = self._request(self.pool, key)
         try:
             entry = self._wait(handle, layer)
         except BaseException:
-            with self.cond:
+            with self.lock:
                 self._unclaim(handle)
             raise
         return self._compute_in(self.pool, entry, x)
@@ -286,11 +303,10 @@ class ExpertStore:
                 return self.fast.compute(entry.slot, x)
             return self._kernel(self.pool.views(entry.slot), x)
         finally:
-            with self.cond:
+            with self.lock:
                 entry.pins -= 1
                 tier.cache.touch(entry)
-                if entry.pins == 0:
-                    self.cond.notify_all()  # the transfer thread may be waiting for a slot
+                self._slot_released(entry)
 
     def _kernel(self, raw: tuple[np.ndarray, np.ndarray, np.ndarray], x: np.ndarray) -> np.ndarray:
         return kernels.expert_ffn(*raw, self.layout.qtypes, x)
@@ -326,20 +342,23 @@ class ExpertStore:
 
     def _unclaim(self, handle: Entry | _Job) -> None:
         if isinstance(handle, _Job):
-            if handle.delivered is not None:
-                handle.delivered.pins -= 1
-            else:
+            if handle.delivered is None:
                 handle.pins -= 1  # the transfer thread reconciles if it already pinned the slab
-        else:
-            handle.pins -= 1
-        self.cond.notify_all()
+                return
+            handle = handle.delivered
+        handle.pins -= 1
+        self._slot_released(handle)
+
+    def _slot_released(self, entry: Entry) -> None:
+        if entry.pins == 0 and self.waiting_for_slot:
+            self.work.notify()
 
     def _request(self, tier: Tier, key: Key) -> _Job:
         """Queue a demand load of `key` into `tier`, held for the requesting thread."""
         job = _Job(DEMAND, next(self.seq), key, tier, self.steps[key[0]], pins=1)
         heapq.heappush(self.queue, job)
         self.queued[(tier.name, key)] = job
-        self.cond.notify_all()
+        self.work.notify()
         return job
 
     def _queue(self, priority: int, tier: Tier, key: Key, step: int) -> None:
@@ -348,11 +367,12 @@ class ExpertStore:
             job = _Job(priority, next(self.seq), key, tier, step)
             heapq.heappush(self.queue, job)
             self.queued[(tier.name, key)] = job
+            self.work.notify()
 
     def _wait(self, handle: Entry | _Job, layer: int) -> Entry:
         """Block until what we claimed is ready (pinned for us); the wait is the layer's stall."""
         start = time.perf_counter()
-        with self.cond:
+        with self.lock:
             while True:
                 self._raise_if_failed()
                 entry = handle.delivered if isinstance(handle, _Job) else handle
@@ -361,7 +381,7 @@ class ExpertStore:
                     return entry
                 if self.closing:
                     raise QmoeError("the expert store was closed while a layer waited for an expert")
-                self.cond.wait()
+                self.arrivals.wait()
 
     def _cancel_prefetches(self, layer: int, needed: set[int]) -> None:
         """Drop queued prefetches for `layer` that it does not need: it is running now."""
@@ -378,19 +398,19 @@ class ExpertStore:
     # ----------------------------------------------------------------------------- prefetch (any thread)
 
     def step(self, layer: int) -> int:
-        """How many forward passes `layer` has completed: a prediction made now is for this step."""
+        """How many forward passes `layer` has started: a prediction made now is for the next one."""
         return self.steps[layer]
 
     def prefetch(self, layer: int, experts: list[int], step: int) -> None:
         """Bring `experts` of `layer` (most wanted first) into the compute tier for its step `step`.
 
-        Resident ones are protected until the layer has run; absent ones are queued
-        behind any demand load. Nothing happens if the layer has already run its step.
+        Resident ones are protected until the layer runs; absent ones are queued
+        behind any demand load. Nothing happens if the layer has already started its step.
         """
         if self.compute_tier is None:
             return
         tier = self.compute_tier
-        with self.cond:
+        with self.lock:
             if step != self.steps[layer]:
                 self.stats.late_predictions += 1
                 return
@@ -404,21 +424,20 @@ class ExpertStore:
                     entry.protected = True
                 else:
                     self._queue(PREFETCH, tier, key, step)
-            self.cond.notify_all()
 
     def record_prediction(self, layer: int, predicted: set[int] | None, actual: set[int]) -> None:
-        with self.cond:
+        with self.lock:
             self.stats.record_prediction(layer, predicted, actual)
 
     def record_oracle_divergence(self) -> None:
-        with self.cond:
+        with self.lock:
             self.stats.oracle_divergences += 1
 
     # ----------------------------------------------------------------------------- transfer thread
 
     def _transfer_loop(self) -> None:
         while True:
-            with self.cond:
+            with self.lock:
                 transfer = None
                 while transfer is None:
                     job = self._next_job()
@@ -428,19 +447,19 @@ class ExpertStore:
                     transfer = self._plan(job)
                     if transfer is None:
                         self.busy = False
-                        self.cond.notify_all()  # a dropped job may have emptied the queue (drain)
+                        self.arrivals.notify_all()  # it may have delivered a slab that was already there
             try:
                 self._move(transfer)
             except BaseException as exc:  # noqa: BLE001 - any failure is handed to the waiting threads
-                with self.cond:
+                with self.lock:
                     self._abandon(transfer, exc)
             else:
-                with self.cond:
+                with self.lock:
                     self._complete(transfer)
             finally:
-                with self.cond:
+                with self.lock:
                     self.busy = False
-                    self.cond.notify_all()
+                    self.arrivals.notify_all()
 
     def _next_job(self) -> _Job | None:
         while not self.closing:
@@ -449,8 +468,8 @@ class ExpertStore:
                 if not job.cancelled:
                     del self.queued[(job.tier.name, job.key)]
                     return job
-            self.cond.notify_all()
-            self.cond.wait()
+            self.arrivals.notify_all()  # idle: wake drain()
+            self.work.wait()
         return None
 
     def _reserve(self, tier: Tier, key: Key, demand: bool) -> Entry | None:
@@ -459,7 +478,9 @@ class ExpertStore:
             entry = tier.cache.reserve(key, demand)
             if entry is not None or not demand or self.closing:
                 return entry
-            self.cond.wait()
+            self.waiting_for_slot = True
+            self.work.wait()
+            self.waiting_for_slot = False
 
     def _plan(self, job: _Job) -> _Transfer | None:
         tier, key, demand = job.tier, job.key, job.priority == DEMAND
@@ -504,7 +525,11 @@ class ExpertStore:
             self.reader.read(self.slabs.ranges(layer, expert), self.pool.views(t.read_into.slot))
             link_start = time.perf_counter() if t.job.tier is self.fast else start
         if t.job.tier is self.fast:
-            raw = self.pool.views(t.upload_from.slot) if t.upload_from is not None else self.slabs.views(layer, expert)
+            raw = (
+                self.pool.views(t.upload_from.slot)
+                if t.upload_from is not None
+                else self.slabs.views(layer, expert)
+            )
             self.fast.upload(t.target.slot, raw)
         slept = self.link.finish(link_start, self.layout.nbytes) if self.link is not None else 0.0
         t.elapsed, t.slept = time.perf_counter() - start, slept
@@ -541,14 +566,14 @@ class ExpertStore:
 
     def drain(self) -> None:
         """Wait until no transfer is queued or running."""
-        with self.cond:
+        with self.lock:
             while (self.busy or any(not j.cancelled for j in self.queue)) and self.error is None:
-                self.cond.wait()
+                self.arrivals.wait()
 
     def clear(self) -> None:
         """Forget every resident slab and every statistic: a cold start (between benchmark runs)."""
         self.drain()
-        with self.cond:
+        with self.lock:
             for tier in (self.pool, self.fast):
                 if tier is not None:
                     tier.cache.clear()
@@ -558,14 +583,15 @@ class ExpertStore:
     def reset_stats(self) -> None:
         """Zero the statistics, keeping what the tiers hold (e.g. to measure decode apart from prefill)."""
         self.drain()
-        with self.cond:
+        with self.lock:
             self.stats = StoreStats.for_layers(self.slabs.layers)
 
     def close(self) -> None:
         """Stop the transfer thread and close the file. Idempotent."""
-        with self.cond:
+        with self.lock:
             self.closing = True
-            self.cond.notify_all()
+            self.work.notify_all()
+            self.arrivals.notify_all()
         self.thread.join()
         if self.reader is not None:
             self.reader.close()

@@ -80,7 +80,9 @@ def dequantize_torch(raw: torch.Tensor, qtype: GGMLQuantizationType, n: int) -> 
     return raw.contiguous().view(dtype).float().reshape(rows, n)
 
 
-def dense_expert_ffn(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def dense_expert_ffn(
+    gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, x: torch.Tensor
+) -> torch.Tensor:
     """One expert's SwiGLU on dequantized weights: x [T, n_embd] -> [T, n_embd] (in x's dtype).
 
     gate, up: [n_ff, n_embd]; down: [n_embd, n_ff]. The fast tier's compute path,
@@ -99,7 +101,9 @@ class FastTier:
         self.device = device
         self.dtype = self.slot_dtype(layout, device)
         self.slab_bytes = layout.dense_nbytes(torch.finfo(self.dtype).bits // 8)
-        self.parts = [torch.empty((n_slots, *shape), dtype=self.dtype, device=device) for shape in layout.dense_shapes]
+        self.parts = [
+            torch.empty((n_slots, *shape), dtype=self.dtype, device=device) for shape in layout.dense_shapes
+        ]
         self.cache = SlotCache(n_slots)
         if device.type == "cuda":
             self.stream = torch.cuda.Stream(device)
@@ -119,8 +123,10 @@ class FastTier:
 
     def describe(self) -> str:
         where = "GPU" if self.device.type == "cuda" else "CPU memory"
-        return f"fast tier of dequantized {str(self.dtype).removeprefix('torch.')} experts in {where}, " \
-               f"{self.cache.n_slots} slots"
+        return (
+            f"fast tier of dequantized {str(self.dtype).removeprefix('torch.')} experts in {where}, "
+            f"{self.cache.n_slots} slots"
+        )
 
     def upload(self, slot: int, raw: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
         """Fill `slot` with the dequantized slab whose raw parts are `raw` (runs in the transfer thread)."""
@@ -135,7 +141,12 @@ class FastTier:
         with torch.cuda.stream(self.stream):
             self.raw.copy_(self.staging, non_blocking=True)
             for part, qtype, (rows, row_bytes), (_, n), start, stop in zip(
-                self.parts, self.layout.qtypes, self.layout.raw_shapes, self.layout.dense_shapes, offsets, offsets[1:]
+                self.parts,
+                self.layout.qtypes,
+                self.layout.raw_shapes,
+                self.layout.dense_shapes,
+                offsets,
+                offsets[1:],
             ):
                 part[slot].copy_(dequantize_torch(self.raw[start:stop].view(rows, row_bytes), qtype, n))
             self.uploaded.record(self.stream)
