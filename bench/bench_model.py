@@ -125,7 +125,7 @@ def make_bench_gguf(path: str | os.PathLike, n_layers: int = 8, seed: int = 0) -
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
-    for name, shape, qtype in tqdm(plan, desc=f"writing {path.name}", unit="tensor"):
+    for _name, shape, qtype in tqdm(plan, desc=f"writing {path.name}", unit="tensor"):
         if qtype == F32:
             data = norm(shape[0]) if len(shape) == 1 else (rng.standard_normal(shape) / np.sqrt(shape[-1])).astype(np.float32)
         else:

@@ -32,8 +32,13 @@ from bench.train_tiny_moe import split_by_file, stdlib_corpus_files  # noqa: E40
 from qmoe.predictor.calib_data import CalibData  # noqa: E402
 from qmoe.predictor.calibrate import calibration_router_weights, record, tokenize_files  # noqa: E402
 from qmoe.predictor.evaluate import evaluate, format_table, plot_exact_match, write_json  # noqa: E402
-from qmoe.predictor.model import INPUT_PRE_ATTN, INPUT_PREV_ROUTER, build_predictor, fold_batchnorm  # noqa: E402
-from qmoe.predictor.model import predict_scores  # noqa: E402
+from qmoe.predictor.model import (  # noqa: E402
+    INPUT_PRE_ATTN,
+    INPUT_PREV_ROUTER,
+    build_predictor,
+    fold_batchnorm,
+    predict_scores,  # noqa: E402
+)
 from qmoe.predictor.train import train_all  # noqa: E402
 
 

@@ -23,8 +23,9 @@ the experts stay quantized in host memory (computed on the CPU, like llama.cpp's
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -65,7 +66,7 @@ class HParams:
     rope_scaling: dict = field(default_factory=dict)
 
     @classmethod
-    def from_gguf(cls, f: GGUFFile) -> "HParams":
+    def from_gguf(cls, f: GGUFFile) -> HParams:
         n_embd = int(f.arch_get("embedding_length"))
         n_head = int(f.arch_get("attention.head_count"))
         head_dim = int(f.arch_get("attention.key_length", n_embd // n_head))

@@ -22,8 +22,23 @@ import torch
 
 from qmoe.errors import GGUFFormatError
 from qmoe.gguf_file import GGUFFile
-from qmoe.models.base import (HParams, KVCache, Linear, MmapExperts, MoE, RMSNorm, Rope, SwiGLU, Transformer,
-                              assemble, causal_attention, make_rope, rms_norms, softmax_topk, to_torch)
+from qmoe.models.base import (
+    HParams,
+    KVCache,
+    Linear,
+    MmapExperts,
+    MoE,
+    RMSNorm,
+    Rope,
+    SwiGLU,
+    Transformer,
+    assemble,
+    causal_attention,
+    make_rope,
+    rms_norms,
+    softmax_topk,
+    to_torch,
+)
 
 ARCH = "deepseek2"
 
@@ -38,7 +53,7 @@ class MLADims:
     v: int
 
     @classmethod
-    def from_gguf(cls, f: GGUFFile, hp: HParams) -> "MLADims":
+    def from_gguf(cls, f: GGUFFile, hp: HParams) -> MLADims:
         # Files from current llama.cpp describe the absorbed form in key_length and keep
         # the per-head sizes in *_mla keys; older files have the per-head sizes directly.
         qk = int(f.arch_get("attention.key_length_mla", hp.head_dim))

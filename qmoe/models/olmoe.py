@@ -7,8 +7,17 @@ from __future__ import annotations
 import torch
 
 from qmoe.gguf_file import GGUFFile
-from qmoe.models.base import (Attention, HParams, MmapExperts, MoE, Transformer, assemble, make_rope,
-                              rms_norms, softmax_topk)
+from qmoe.models.base import (
+    Attention,
+    HParams,
+    MmapExperts,
+    MoE,
+    Transformer,
+    assemble,
+    make_rope,
+    rms_norms,
+    softmax_topk,
+)
 
 ARCH = "olmoe"
 

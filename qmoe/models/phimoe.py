@@ -15,8 +15,18 @@ import torch
 
 from qmoe.errors import GGUFFormatError
 from qmoe.gguf_file import GGUFFile
-from qmoe.models.base import (Attention, HParams, LayerNorm, MmapExperts, MoE, Rope, Transformer, assemble,
-                              make_rope, to_numpy)
+from qmoe.models.base import (
+    Attention,
+    HParams,
+    LayerNorm,
+    MmapExperts,
+    MoE,
+    Rope,
+    Transformer,
+    assemble,
+    make_rope,
+    to_numpy,
+)
 
 ARCH = "phimoe"
 
