@@ -15,6 +15,8 @@ wait passively under OMP_WAIT_POLICY=PASSIVE, which qmoe sets unless the user ha
 
 from __future__ import annotations
 
+import warnings
+
 import numba
 import numpy as np
 import torch
@@ -23,6 +25,9 @@ from gguf import GGMLQuantizationType
 from qmoe.errors import QmoeError
 from qmoe.kernels import compiled
 from qmoe.kernels.formats import QT, check_qtype, row_bytes, weight_bytes
+
+# torch warns about wrapping the read-only memory-mapped weights; they are only read.
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
 
 BLAS_MIN_TOKENS = 32
 TILE_FLOATS = 1 << 20  # rows dequantized per BLAS call: about 4 MB of float32, at home in L2/L3
