@@ -26,9 +26,6 @@ from qmoe.errors import QmoeError
 from qmoe.kernels import compiled
 from qmoe.kernels.formats import QT, check_qtype, row_bytes, weight_bytes
 
-# torch warns about wrapping the read-only memory-mapped weights; they are only read.
-warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
-
 BLAS_MIN_TOKENS = 32
 TILE_FLOATS = 1 << 20  # rows dequantized per BLAS call: about 4 MB of float32, at home in L2/L3
 
@@ -75,8 +72,10 @@ def matmul(
     if x.shape[0] < BLAS_MIN_TOKENS:
         compiled.matmul_rows(int(qtype), wb, row_bytes(qtype, n), x, out)
     elif qtype == QT.F32:
-        torch.matmul(torch.from_numpy(x), torch.from_numpy(wb.view(np.float32).reshape(rows, n)).T,
-                     out=torch.from_numpy(out))
+        with warnings.catch_warnings():  # torch warns on read-only (memory-mapped) arrays; we only read them
+            warnings.simplefilter("ignore", UserWarning)
+            w_t = torch.from_numpy(wb.view(np.float32).reshape(rows, n))
+        torch.matmul(torch.from_numpy(x), w_t.T, out=torch.from_numpy(out))
     else:
         _matmul_blas_tiles(wb, qtype, rows, n, x, out)
     return out
