@@ -69,13 +69,11 @@ import tempfile
 import time
 from pathlib import Path
 
-# Thread pools on a small shared machine, set before numpy and numba load. OpenMP threads that
-# spin-wait between parallel regions fight every other thread (the model's, the prefetch worker, the
-# transfer thread, other processes) for the 2 cores: passive waiting made decode 13x faster here
-# (47 vs 3.6 tokens/s on the a3b model). And numpy's OpenBLAS pool beside numba's made prefill 6x
-# slower (10 vs 61 tokens/s): one BLAS thread.
-os.environ.setdefault("OMP_WAIT_POLICY", "passive")
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+# OpenMP threads that spin-wait between parallel regions fight every other thread (the model's, the
+# prefetch worker, the transfer thread, other processes) for the cores: passive waiting made decode
+# 13x faster here (47 vs 3.6 tokens/s on the a3b model). qmoe sets this when it is imported first;
+# here torch loads before qmoe, so set it before anything loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -511,8 +509,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
 
-    # numba's kernels take the cores; torch (attention, norms: small) gets one thread, because two
-    # OpenMP pools spinning on 2 cores slowed decode 25x in our measurements.
+    # numba's kernels take the cores; torch gets one thread: its work here is small (one token's
+    # attention, norms, the predictors) and the prefetch worker's share should not spread over
+    # the cores the kernels use.
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
