@@ -138,19 +138,25 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_info(args: argparse.Namespace) -> int:
     from gguf import GGMLQuantizationType
 
-    from qmoe.gguf_file import GGUFFile
+    from qmoe.gguf_file import STRING_ERRORS, GGUFFile
+
+    def shown(value) -> str:
+        """`value` for the terminal: bytes of a string that were not UTF-8 in the file (lone
+        surrogates, see gguf_file.STRING_ERRORS) become \\xNN instead of failing the print."""
+        return str(value).encode("utf-8", STRING_ERRORS).decode("utf-8", "backslashreplace")
 
     f = GGUFFile(args.model)
-    print(f"file:          {f.path}")
-    print(f"architecture:  {f.arch}")
-    print(f"name:          {f.get('general.name', '-')}")
+    print(f"file:          {shown(f.path)}")
+    print(f"architecture:  {shown(f.arch)}")
+    print(f"name:          {shown(f.get('general.name', '-'))}")
     for key in ("block_count", "embedding_length", "context_length", "attention.head_count",
                 "attention.head_count_kv", "expert_count", "expert_used_count", "expert_feed_forward_length",
                 "expert_shared_count", "leading_dense_block_count"):
         value = f.arch_get(key, None)
         if value is not None:
-            print(f"{key + ':':<28}{value}")
-    print(f"tokenizer:     {f.get('tokenizer.ggml.model', '-')} ({len(f.get('tokenizer.ggml.tokens', []))} tokens)")
+            print(f"{key + ':':<28}{shown(value)}")
+    print(f"tokenizer:     {shown(f.get('tokenizer.ggml.model', '-'))} "
+          f"({len(f.get('tokenizer.ggml.tokens', []))} tokens)")
     by_type: Counter = Counter()
     expert_bytes = 0
     for t in f.tensors.values():
@@ -256,7 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
     off.add_argument("--ram-budget", metavar="SIZE",
                      help="RAM pool of quantized expert slabs, filled by explicit reads from the file")
     off.add_argument("--gpu-budget", metavar="SIZE",
-                     help="fast tier of dequantized experts: GPU slots with --device cuda, else CPU memory")
+                     help="compute-ready fast tier: dequantized experts in GPU slots with --device cuda, else "
+                          "quantized slabs in CPU memory behind their own (e.g. simulated) link")
     off.add_argument("--prefetch", choices=POLICIES, default="none",
                      help="none: on-demand loads and an LRU cache; cross-layer: layer l's router on layer l-1's "
                           "router input; pre-attn: the trained predictors on attn_norm; oracle: the true "

@@ -177,6 +177,9 @@ KERNEL_PATH_CONFIGS = [
     dict(ram_budget="25%", prefetch="cross-layer"),
     dict(ram_budget="50%", prefetch="oracle", direct_io=True),
     dict(ram_budget="100%"),  # everything fits: served from the mapped file
+    # without CUDA the fast tier holds quantized slabs for the same kernels
+    dict(gpu_budget="20%", on_miss="wait"),
+    dict(gpu_budget="30%", ram_budget="25%", on_miss="cpu", prefetch="cross-layer"),
 ]
 
 
@@ -239,10 +242,12 @@ def test_fast_tier_equals_its_reference_and_is_close_to_the_kernels(kind, tiny_g
         dict(gpu_budget="20%", on_miss="wait"),
         dict(gpu_budget="50%", ram_budget="25%", on_miss="wait", prefetch="cross-layer"),
     ):
-        with qmoe.load(path, offload=OffloadOptions(**config)) as m:
+        with qmoe.load(path, offload=OffloadOptions(**config, cpu_fast_tier_dense=True)) as m:
+            assert m.store.fast.dense and m.store.fast.dtype == torch.float32
             assert np.array_equal(m.logits(ids), dense_logits), config
     with qmoe.load(
-        path, offload=OffloadOptions(gpu_budget="30%", on_miss="cpu", prefetch="cross-layer")
+        path,
+        offload=OffloadOptions(gpu_budget="30%", on_miss="cpu", prefetch="cross-layer", cpu_fast_tier_dense=True),
     ) as m:
         mixed = m.logits(ids)  # hits dense, misses by the kernels
         assert np.abs(mixed - kernel_logits).max() <= 1e-4 * scale
@@ -383,6 +388,7 @@ def run_threads(target, n: int, timeout: float = 120.0) -> None:
         dict(ram_budget=2, prefetch="cross-layer"),
         dict(ram_budget=1, gpu_budget=2, on_miss="cpu", prefetch="cross-layer"),
         dict(ram_budget=2, gpu_budget=1, on_miss="wait", prefetch="cross-layer"),
+        dict(ram_budget=2, gpu_budget=1, on_miss="wait", prefetch="cross-layer", cpu_fast_tier_dense=True),
     ],
 )
 def test_budgets_hold_under_many_prompts_tiny_budgets_and_threads(q4_path, config):
@@ -396,7 +402,8 @@ def test_budgets_hold_under_many_prompts_tiny_budgets_and_threads(q4_path, confi
         mapped = next(b.ffn.experts for b in plain.net.blocks if isinstance(b.ffn, MoE))
     budgets = {
         "ram": config["ram_budget"] * slab,
-        "fast": config.get("gpu_budget", 0) * 3 * hp.n_ff_exp * hp.n_embd * 4,
+        "fast": config.get("gpu_budget", 0)
+        * (3 * hp.n_ff_exp * hp.n_embd * 4 if config.get("cpu_fast_tier_dense") else slab),
     }
     options = OffloadOptions(
         **(
@@ -405,7 +412,7 @@ def test_budgets_hold_under_many_prompts_tiny_budgets_and_threads(q4_path, confi
             | ({"gpu_budget": budgets["fast"]} if "gpu_budget" in config else {})
         )
     )
-    exact = "gpu_budget" not in config  # the kernel path; the fast tier is only close
+    exact = not config.get("cpu_fast_tier_dense")  # the kernel path; the dense fast tier is only close
     with qmoe.load(q4_path, offload=options) as m:
         store = m.store
         stop = threading.Event()

@@ -78,6 +78,8 @@ class OffloadOptions:
     predictors: sidecar path for "pre-attn" (default: MODEL.pred.gguf).
     direct_io: read the file with O_DIRECT so the page cache does not hold a second copy.
     link: simulated link into the compute tier (None: transfers run at real speed).
+    cpu_fast_tier_dense: without CUDA, run the CUDA tier's dense path instead (float32 slots
+        in CPU memory): slower, for testing that path on machines without a GPU.
     """
 
     ram_budget: str | int | None = None
@@ -88,6 +90,7 @@ class OffloadOptions:
     predictors: str | None = None
     direct_io: bool = False
     link: SimulatedLink | None = None
+    cpu_fast_tier_dense: bool = False
 
     def __post_init__(self) -> None:
         if self.ram_budget is None and self.gpu_budget is None:

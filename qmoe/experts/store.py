@@ -7,8 +7,8 @@ Tiers, from slow to fast:
                 (optionally O_DIRECT); `--ram-budget`. Without one, or with one
                 that covers every expert (and the page cache allowed), the
                 mapped file plays this part.
-    fast tier   dequantized slabs ready to multiply (CUDA, or float32 in CPU
-                memory); `--gpu-budget`.
+    fast tier   slabs ready to multiply: dequantized on CUDA, quantized for the
+                CPU kernels in CPU memory (tiers.py); `--gpu-budget`.
 
 The compute tier is the fast tier when there is one, else the RAM pool. The store
 implements the models' `ExpertCompute`: for every expert the router chose it
@@ -42,10 +42,11 @@ its layer did not use goes to the front of the eviction order (cache.py).
 Results do not depend on the tiers: an expert's output is computed by the same
 code whether it was a hit or a miss, and the outputs are summed in the order
 `kernels.moe_ffn` sums them, so on the kernel path (no fast tier) the layer's
-output is bit-identical to the model without a store. The fast tier is a
-different compute path (dense float32/fp16 products); with `--on-miss wait`
-every expert takes it, so its results are independent of budgets and policy
-too; with `cpu` misses they mix both paths.
+output is bit-identical to the model without a store; so is it with a fast
+tier on the CPU, which computes with the same kernels. A dense fast tier (CUDA)
+is a different compute path (fp16 products); with `--on-miss wait` every expert
+takes it, so its results are independent of budgets and policy too; with `cpu`
+misses they mix both paths.
 """
 
 from __future__ import annotations
@@ -168,10 +169,10 @@ class ExpertStore:
     def _make_fast(self, options: OffloadOptions, device: torch.device) -> FastTier | None:
         if options.gpu_budget is None:
             return None
-        itemsize = torch.finfo(FastTier.slot_dtype(self.layout, device)).bits // 8
-        slab_bytes = self.layout.dense_nbytes(itemsize)
+        dense = device.type == "cuda" or options.cpu_fast_tier_dense
+        slab_bytes = FastTier.slot_bytes(self.layout, device, dense)
         budget = parse_budget(options.gpu_budget, self.slabs.n_slabs * slab_bytes, "--gpu-budget")
-        return FastTier(self.layout, self._slots(budget, slab_bytes, "--gpu-budget"), device)
+        return FastTier(self.layout, self._slots(budget, slab_bytes, "--gpu-budget"), device, dense)
 
     def describe(self) -> dict:
         """The tiers as configured: for statistics and the CLI."""

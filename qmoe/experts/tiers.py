@@ -1,4 +1,4 @@
-"""The memory tiers above the file: a RAM pool of quantized slabs and a fast tier of dequantized ones.
+"""The memory tiers above the file: a RAM pool of quantized slabs and a compute-ready fast tier.
 
 Each tier preallocates `n_slots` equal slots for its whole life (so its memory
 is its budget, whatever the traffic) and keeps a `SlotCache` saying which slab
@@ -7,19 +7,25 @@ from one is the model's thread's.
 
 RamPool   quantized slabs exactly as in the file (raw bytes), for the CPU
           kernels: what a machine whose RAM cannot hold the model keeps of it.
-FastTier  dequantized experts ready for dense matrix products:
-          CUDA  fp16 slots (bf16 when the file stores bf16) in GPU memory. A
-                slab's raw bytes are copied into a pinned staging buffer, moved
-                to the GPU on a side stream, and dequantized there by torch ops
-                (`dequantize_torch`), so the link carries the quantized bytes;
-                the transfer thread waits on the stream's event before the slot
-                counts as ready, and the model's thread only releases a slot
-                after its products came back to the host (`compute` ends with
-                .cpu()), so a slot is never overwritten while in use.
-          CPU   float32 slots in host memory, dequantized by the numba kernels:
-                the same machinery on machines without CUDA, so that every
-                path runs and is tested anywhere. (On a CPU this tier is slower
-                than computing from the quantized pool: it reads 4-8x more bytes.)
+FastTier  experts in the form its compute engine multiplies fastest:
+          CUDA  dequantized fp16 slots (bf16 when the file stores bf16) in GPU
+                memory. A slab's raw bytes are copied into a pinned staging
+                buffer, moved to the GPU on a side stream, and dequantized there
+                by torch ops (`dequantize_torch`), so the link carries the
+                quantized bytes; the transfer thread waits on the stream's event
+                before the slot counts as ready, and the model's thread only
+                releases a slot after its products came back to the host
+                (`compute` ends with .cpu()), so a slot is never overwritten while
+                in use.
+          CPU   quantized slabs in host memory, computed by the numba kernels,
+                which read quantized blocks faster than any dequantized copy (a
+                float32 slab is 4-8x the bytes). It is the same tier with its own
+                budget behind its own (simulated) link, so every store path runs
+                and is tested on machines without CUDA, and its results are
+                bit-identical to the plain runtime's.
+          CPU, dense=True: the CUDA tier's compute path (dequantize_torch, then
+                dense products) with float32 slots in CPU memory: slower, and
+                there to test that path where no GPU is at hand.
 """
 
 from __future__ import annotations
@@ -92,18 +98,26 @@ def dense_expert_ffn(
 
 
 class FastTier:
-    """Dequantized experts in preallocated slots: gate, up [n_slots, n_ff, n_embd], down [n_slots, n_embd, n_ff]."""
+    """Compute-ready experts in preallocated slots (see the module docstring for the forms).
+
+    dense: gate, up [n_slots, n_ff, n_embd] and down [n_slots, n_embd, n_ff] as
+    torch tensors; quantized: three uint8 arrays [n_slots, rows, row_bytes] as in the pool.
+    """
 
     name = "fast"
 
-    def __init__(self, layout: SlabLayout, n_slots: int, device: torch.device):
+    def __init__(self, layout: SlabLayout, n_slots: int, device: torch.device, dense: bool):
         self.layout = layout
         self.device = device
-        self.dtype = self.slot_dtype(layout, device)
-        self.slab_bytes = layout.dense_nbytes(torch.finfo(self.dtype).bits // 8)
-        self.parts = [
-            torch.empty((n_slots, *shape), dtype=self.dtype, device=device) for shape in layout.dense_shapes
-        ]
+        self.dense = dense
+        self.dtype = self.slot_dtype(layout, device, dense)
+        self.slab_bytes = self.slot_bytes(layout, device, dense)
+        if not dense:
+            self.parts = [np.empty((n_slots, *shape), np.uint8) for shape in layout.raw_shapes]
+        else:
+            self.parts = [
+                torch.empty((n_slots, *shape), dtype=self.dtype, device=device) for shape in layout.dense_shapes
+            ]
         self.cache = SlotCache(n_slots)
         if device.type == "cuda":
             self.stream = torch.cuda.Stream(device)
@@ -112,16 +126,27 @@ class FastTier:
             self.uploaded = torch.cuda.Event()
 
     @staticmethod
-    def slot_dtype(layout: SlabLayout, device: torch.device) -> torch.dtype:
+    def slot_dtype(layout: SlabLayout, device: torch.device, dense: bool) -> torch.dtype:
+        if not dense:
+            return torch.uint8
         if device.type != "cuda":
             return torch.float32
         return torch.bfloat16 if QT.BF16 in layout.qtypes else torch.float16
 
+    @classmethod
+    def slot_bytes(cls, layout: SlabLayout, device: torch.device, dense: bool) -> int:
+        """Bytes one slab takes in this tier: what its budget counts."""
+        if not dense:
+            return layout.nbytes
+        return layout.dense_nbytes(torch.finfo(cls.slot_dtype(layout, device, dense)).bits // 8)
+
     @property
     def nbytes(self) -> int:
-        return sum(p.numel() * p.element_size() for p in self.parts)
+        return sum(p.nbytes for p in self.parts)
 
     def describe(self) -> str:
+        if not self.dense:
+            return f"fast tier of quantized slabs in CPU memory (the kernels' form), {self.cache.n_slots} slots"
         where = "GPU" if self.device.type == "cuda" else "CPU memory"
         return (
             f"fast tier of dequantized {str(self.dtype).removeprefix('torch.')} experts in {where}, "
@@ -129,10 +154,14 @@ class FastTier:
         )
 
     def upload(self, slot: int, raw: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
-        """Fill `slot` with the dequantized slab whose raw parts are `raw` (runs in the transfer thread)."""
+        """Fill `slot` with the slab whose raw parts are `raw` (runs in the transfer thread)."""
+        if not self.dense:
+            for part, src in zip(self.parts, raw):
+                part[slot] = src
+            return
         if self.device.type != "cuda":
-            for part, src, qtype in zip(self.parts, raw, self.layout.qtypes):
-                part[slot].numpy()[...] = kernels.dequantize(src, qtype)
+            for part, src, qtype, (_, n) in zip(self.parts, raw, self.layout.qtypes, self.layout.dense_shapes):
+                part[slot].copy_(dequantize_torch(torch.from_numpy(src), qtype, n))
             return
         staging = self.staging.numpy()
         offsets = np.cumsum((0, *self.layout.part_bytes))
@@ -154,6 +183,8 @@ class FastTier:
 
     def compute(self, slot: int, x: np.ndarray) -> np.ndarray:
         """The expert in `slot` on token rows x [T, n_embd] float32 -> float32 [T, n_embd] on the host."""
+        if not self.dense:
+            return kernels.expert_ffn(*(p[slot] for p in self.parts), self.layout.qtypes, x)
         xs = torch.from_numpy(x).to(self.device, self.dtype)
         y = dense_expert_ffn(self.parts[0][slot], self.parts[1][slot], self.parts[2][slot], xs)
         return y.float().cpu().numpy()
