@@ -130,6 +130,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         sys.stdout.write("\n")
     print(model.timings.summary(), file=sys.stderr)
     print(f"qmoe: peak RSS     = {_peak_rss_mib():9.1f} MiB", file=sys.stderr)
+    ram = model.store.describe().get("ram") if model.store is not None else None
+    if ram is not None:  # the part of the RSS the budget bounds; the rest is a fixed overhead
+        print(f"qmoe: RAM pool     = {ram['bytes'] / 2**20:9.1f} MiB ({ram['slots']} expert slabs)",
+              file=sys.stderr)
     _report_offload(model, args)
     model.close()
     return 0
@@ -197,7 +201,14 @@ def cmd_train_predictors(args: argparse.Namespace) -> int:
     from qmoe.gguf_file import GGUFFile
     from qmoe.predictor.calib_data import CalibData
     from qmoe.predictor.model import INPUT_PRE_ATTN, INPUT_PREV_ROUTER
-    from qmoe.predictor.sidecar import default_sidecar_path, model_identity, write_sidecar
+    from qmoe.predictor.sidecar import (
+        check_output_path,
+        default_embedded_path,
+        default_sidecar_path,
+        model_identity,
+        write_embedded,
+        write_sidecar,
+    )
     from qmoe.predictor.train import train_all
 
     calib = CalibData(args.data)
@@ -205,10 +216,18 @@ def cmd_train_predictors(args: argparse.Namespace) -> int:
         raise QmoeError(f"{args.data} was recorded from another model than {args.model}")
     options = dict(hidden=args.hidden, arch=args.arch, k_prime=args.k_prime, epochs=args.epochs, lr=args.lr,
                    batch=args.batch, device=args.device, patience=args.patience, seed=args.seed)
-    out = args.output or default_sidecar_path(args.model)
+    out = args.output or (default_embedded_path if args.embed else default_sidecar_path)(args.model)
+    # Before training, which may take long. A sidecar is replaced as before (retraining renews
+    # it); an embedded file is a whole model, replaced only with --force.
+    check_output_path(out, [args.model], overwrite=args.force or not args.embed)
     predictors, _ = train_all(calib, input=INPUT_PRE_ATTN, **options)
-    write_sidecar(out, predictors, weight_type=args.type)
-    print(f"wrote {len(predictors.layers)} predictors (hidden {predictors.hidden}) to {out}")
+    if args.embed:
+        write_embedded(args.model, predictors, out, weight_type=args.type, overwrite=args.force)
+        print(f"wrote {args.model} with {len(predictors.layers)} predictors (hidden {predictors.hidden}) "
+              f"embedded to {out} (qmoe only: llama.cpp refuses the extra tensors)")
+    else:
+        write_sidecar(out, predictors, weight_type=args.type)
+        print(f"wrote {len(predictors.layers)} predictors (hidden {predictors.hidden}) to {out}")
     if args.cross_layer_output:
         baseline, _ = train_all(calib, input=INPUT_PREV_ROUTER, **options)
         write_sidecar(args.cross_layer_output, baseline, weight_type=args.type)
@@ -221,11 +240,11 @@ def cmd_eval_predictors(args: argparse.Namespace) -> int:
     from qmoe.models.base import to_numpy
     from qmoe.predictor.calib_data import CalibData
     from qmoe.predictor.evaluate import evaluate, format_table, plot_exact_match, write_json
-    from qmoe.predictor.sidecar import default_sidecar_path, load_sidecar, model_identity
+    from qmoe.predictor.sidecar import load_sidecar, model_identity, predictor_source
 
     f = GGUFFile(args.model)
     identity = model_identity(f)
-    predictors = load_sidecar(args.predictors or default_sidecar_path(args.model), identity)
+    predictors = load_sidecar(predictor_source(f, args.predictors), identity)
     cross = load_sidecar(args.cross_layer, identity) if args.cross_layer else None
     calib = CalibData(args.data)
     routers = {i: to_numpy(f.tensor(f"blk.{i}.ffn_gate_inp.weight")) for i in calib.moe_layers}
@@ -306,10 +325,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     tr = sub.add_parser("train-predictors", help="train the pre-attention expert predictors",
                         description="Train one predictor per MoE layer on a calibration recording and write "
-                        "them to a sidecar GGUF (model.pred.gguf beside the model by default).")
+                        "them to a sidecar GGUF (model.pred.gguf beside the model by default), or with --embed "
+                        "to a copy of the model that holds them (qmoe only: llama.cpp does not load it).")
     tr.add_argument("model", help="path to the .gguf model the recording came from")
     tr.add_argument("--data", required=True, metavar="CALIB_DIR", help="output of `qmoe calibrate`")
-    tr.add_argument("-o", "--output", default=None, help="sidecar path (default: MODEL.pred.gguf)")
+    tr.add_argument("-o", "--output", default=None,
+                    help="output path (default: MODEL.pred.gguf, with --embed MODEL.pred-embedded.gguf)")
+    tr.add_argument("--embed", action="store_true",
+                    help="write one GGUF with the model and its predictors instead of a sidecar; qmoe loads it, "
+                         "llama.cpp refuses it (tensors its architecture does not know)")
+    tr.add_argument("--force", action="store_true", help="with --embed: overwrite an existing output file")
     tr.add_argument("--hidden", type=int, default=None, help="predictor width (default min(2048, 4*n_embd))")
     tr.add_argument("--arch", type=int, choices=(1, 2), default=1,
                     help="1: Linear-BatchNorm-GELU-Dropout-Linear (default); 2: Linear-SiLU-Linear")
@@ -318,7 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 1e-3)")
     tr.add_argument("--batch", type=int, default=512, help="batch size (default 512)")
     tr.add_argument("--k-prime", type=int, default=None, help="suggested over-provisioning (default ceil(1.5k))")
-    tr.add_argument("--type", choices=("f16", "q8_0"), default="f16", help="weight type in the sidecar")
+    tr.add_argument("--type", choices=("f16", "q8_0"), default="f16", help="weight type of the predictors")
     tr.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--cross-layer-output", default=None, metavar="PATH",
@@ -330,7 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "tokens, per layer, for pre-attn and the baselines.")
     ev.add_argument("model", help="path to the .gguf model")
     ev.add_argument("--data", required=True, metavar="CALIB_DIR", help="output of `qmoe calibrate`")
-    ev.add_argument("--predictors", default=None, help="sidecar (default: MODEL.pred.gguf)")
+    ev.add_argument("--predictors", default=None, metavar="PATH",
+                    help="predictor GGUF (default: those embedded in MODEL, else MODEL.pred.gguf)")
     ev.add_argument("--cross-layer", default=None, metavar="PATH", help="cross-layer-trained baseline sidecar")
     ev.add_argument("--k-prime", type=int, default=None, help="over-provisioning for the over-provisioned metric")
     ev.add_argument("--json", default=None, metavar="OUT", help="write the full result as JSON")

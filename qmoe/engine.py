@@ -40,7 +40,8 @@ from qmoe.models import build_model
 from qmoe.models.base import KVCache, MmapExperts, MoE, Observer, Transformer
 from qmoe.predictor.metrics import default_k_prime
 from qmoe.predictor.model import INPUT_PRE_ATTN
-from qmoe.predictor.sidecar import default_sidecar_path, load_sidecar, model_identity
+from qmoe.predictor.runtime import KernelPredictors
+from qmoe.predictor.sidecar import load_sidecar, model_identity, predictor_source
 from qmoe.tokenizer import Tokenizer
 
 DEFAULT_CTX = 4096
@@ -177,17 +178,16 @@ class Model:
             return OraclePolicy(RoutingTrace())  # predicts nothing until replay_routing() gives it a recording
         if options.prefetch == "cross-layer":
             return CrossLayerPolicy(routers, options.k_prime or default_k_prime(hp.n_expert_used))
-        path = Path(options.predictors) if options.predictors else default_sidecar_path(self.path)
-        if not path.exists():
-            raise QmoeError(f"--prefetch pre-attn needs predictors, and {path} does not exist: train them with "
-                            "`qmoe calibrate` and `qmoe train-predictors`, or give --predictors PATH")
+        path = predictor_source(self.file, options.predictors)  # explicit, else embedded, else the sidecar
         predictors = load_sidecar(path, model_identity(self.file))
         missing = sorted(set(self.net.moe_layers) - set(predictors.layers))
         if predictors.input != INPUT_PRE_ATTN or missing:
             raise QmoeError(f"{path}: these predictors do not read every MoE layer's attn_norm output "
                             f"(input {predictors.input!r}, layers missing: {missing}); pre-attn needs those")
-        dtype = torch.float16 if self.device.type == "cuda" else torch.float32
-        return PreAttentionPolicy(predictors.to(self.device, dtype), options.k_prime or predictors.k_prime)
+        k_prime = options.k_prime or predictors.k_prime
+        if self.device.type == "cuda":
+            return PreAttentionPolicy(predictors.to(self.device, torch.float16), k_prime)
+        return PreAttentionPolicy(KernelPredictors(GGUFFile(path), predictors), k_prime)
 
     def record_routing(self, prompt_ids: list[int], max_tokens: int,
                        sampling: SamplingParams | None = None) -> RoutingTrace:

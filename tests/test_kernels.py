@@ -269,3 +269,19 @@ def test_every_supported_type_has_compiled_row_loops():
     from qmoe.kernels import compiled, formats
 
     assert {int(q) for q in formats.FORMATS} == set(compiled.IR_FORMATS)
+
+
+@pytest.mark.parametrize("activation", ["gelu", "silu"])
+def test_bias_activation_matches_torch(activation, rng):
+    import torch
+
+    h = rng.normal(0, 4, size=(3, 70)).astype(np.float32)
+    bias = rng.normal(size=70).astype(np.float32)
+    act = torch.nn.functional.gelu if activation == "gelu" else torch.nn.functional.silu
+    want = act(torch.from_numpy(h) + torch.from_numpy(bias)).numpy()
+    got = kernels.bias_activation(h.copy(), bias, activation)
+    assert np.allclose(got, want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(QmoeError, match="activation"):
+        kernels.bias_activation(h.copy(), bias, "relu")
+    with pytest.raises(QmoeError, match="bias"):
+        kernels.bias_activation(h.copy(), bias[:5], activation)

@@ -34,6 +34,7 @@ from qmoe.predictor.model import (
     fold_batchnorm,
     predict_scores,
 )
+from qmoe.predictor.runtime import KernelPredictors
 from qmoe.predictor.sidecar import default_sidecar_path, load_sidecar, model_identity, write_sidecar
 from qmoe.predictor.train import predictor_loss, rank_tiers, router_order, train_all, train_layer
 
@@ -439,6 +440,17 @@ def test_sidecar_round_trip(tmp_path, weight_type, hidden):
             assert torch.all((restored - original).abs() <= bound + 1e-7), name
         assert torch.equal(back.fc1_bias, weights.fc1_bias) and torch.equal(back.fc2_bias, weights.fc2_bias)
         assert torch.allclose(loaded.predict(layer, x), predict_scores(weights, x), atol=0.05)
+
+    # The runtime's CPU path (the kernels on the file's raw blocks) computes what the torch
+    # forward computes on the dequantized weights, to float32 rounding, and ranks alike.
+    kernel = KernelPredictors(stored, loaded)
+    for layer in loaded.layers:
+        want = loaded.predict(layer, x).numpy()
+        got = kernel.predict(layer, x)
+        assert np.allclose(got, want, atol=1e-5 * np.abs(want).max()), layer
+        top = kernel.predict_topk(layer, x[:1])
+        assert top.shape == (1, loaded.k_prime)
+        assert list(top[0]) == list(np.argsort(-want[0], kind="stable")[: loaded.k_prime])
 
 
 def test_sidecar_refuses_another_model_and_non_sidecars(tmp_path):

@@ -39,6 +39,7 @@ from collections import defaultdict
 import numpy as np
 import torch
 
+from qmoe import kernels
 from qmoe.errors import QmoeError
 from qmoe.experts.store import ExpertStore
 
@@ -57,12 +58,14 @@ class PreAttentionPolicy:
     hook = "pre_attention"
 
     def __init__(self, predictors, k_prime: int):
-        self.predictors = predictors  # qmoe.predictor.model.PredictorSet, on the model's device
+        # KernelPredictors (CPU: the kernels on the file's quantized weights) or a PredictorSet
+        # on the model's CUDA device (torch, fp16)
+        self.predictors = predictors
         self.k_prime = k_prime
 
     def predict(self, layer: int, x: torch.Tensor) -> list[int]:
-        scores = self.predictors.predict(layer, x)  # [T, E]
-        return ranked_union(scores.topk(self.k_prime, dim=-1).indices.cpu().numpy())
+        top = self.predictors.predict_topk(layer, x, self.k_prime)  # [T, k']
+        return ranked_union(top.cpu().numpy() if isinstance(top, torch.Tensor) else top)
 
     def observe(self, layer: int, actual: set[int]) -> bool:
         return True
@@ -178,6 +181,8 @@ class Prefetcher:
     # worker thread
 
     def _work(self) -> None:
+        # One kernel thread for the predictions: the model's thread keeps the other cores.
+        kernels.set_num_threads(1)
         while (message := self.messages.get()) is not None:
             kind, layer, step, payload = message
             if kind == "flush":

@@ -30,6 +30,7 @@ parallel over output rows.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -446,3 +447,16 @@ def moe_rows(
                         for j in range(m):
                             p = pairs[q + j]
                             out[p // k, c] += pair_weights[p] * y4[j]
+
+
+@njit(nogil=True, cache=True)
+def bias_activation_rows(h, bias, gelu):
+    """h [T, n] = act(h + bias) in place; act is exact (erf) GELU when `gelu`, else SiLU."""
+    inv_sqrt2 = np.float32(0.7071067811865476)
+    for t in range(h.shape[0]):
+        for i in range(h.shape[1]):
+            a = h[t, i] + bias[i]
+            if gelu:
+                h[t, i] = np.float32(0.5) * a * (np.float32(1.0) + np.float32(math.erf(a * inv_sqrt2)))
+            else:
+                h[t, i] = silu(a)

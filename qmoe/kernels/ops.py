@@ -93,6 +93,27 @@ def _matmul_blas_tiles(
         out_t[:, r0:r1] = x_t @ tile_t[: r1 - r0].T  # [T, n] @ [n, r1 - r0]
 
 
+ACTIVATIONS = ("gelu", "silu")
+
+
+def bias_activation(h: np.ndarray, bias: np.ndarray, activation: str) -> np.ndarray:
+    """h [T, n] = activation(h + bias), in place (h: writable C-contiguous float32); returns h.
+
+    activation: "gelu" (exact, with erf, as torch's default) or "silu". One compiled
+    pass that releases the GIL, for small products where separate numpy or torch
+    calls would cost more than the arithmetic.
+    """
+    if activation not in ACTIVATIONS:
+        raise QmoeError(f"bias_activation: activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if h.ndim != 2 or h.dtype != np.float32 or not h.flags.c_contiguous or not h.flags.writeable:
+        raise QmoeError(f"bias_activation: h must be a writable C-contiguous float32 [T, n], got {h.dtype} {list(h.shape)}")
+    bias = np.ascontiguousarray(bias, dtype=np.float32)
+    if bias.shape != (h.shape[1],):
+        raise QmoeError(f"bias_activation: bias must be [{h.shape[1]}], got {list(bias.shape)}")
+    compiled.bias_activation_rows(h, bias, activation == "gelu")
+    return h
+
+
 def dequantize(w: np.ndarray, qtype: GGMLQuantizationType | int) -> np.ndarray:
     """A raw weight [..., row] of type qtype as float32 [..., n]."""
     qtype = check_qtype(qtype)

@@ -1,8 +1,9 @@
-"""The predictor sidecar: a GGUF file of its own next to the model (`model.pred.gguf`).
+"""The predictor sidecar: a GGUF file of its own next to the model (`model.pred.gguf`),
+or the same predictors embedded in a copy of the model (`model.pred-embedded.gguf`).
 
 llama.cpp refuses a model file with tensors its architecture does not create, so
-the predictors live in a separate GGUF with `general.architecture = "qmoe-predictor"`.
-It stores, per MoE block l, the exported (BatchNorm-folded) predictor:
+by default the predictors live in a separate GGUF with `general.architecture =
+"qmoe-predictor"`. It stores, per MoE block l, the exported (BatchNorm-folded) predictor:
 
     blk.{l}.pred_fc1.weight  [H, n_embd]   f16 or q8_0
     blk.{l}.pred_fc1.bias    [H]           f32
@@ -19,6 +20,18 @@ The base model's identity is a sha256 over its metadata and tensor table (names,
 types, shapes, offsets), not its tensor data: fast on a 30 GB file, and any
 reconversion or requantization changes it, so predictors trained on one file are
 refused for another (`PredictorMismatchError`).
+
+An embedded file is the model, byte for byte (every metadata key and tensor, in
+order, at the same offsets within the data section), plus the sidecar's
+`qmoe-predictor.*` keys and `blk.{l}.pred_*` tensors after the model's own. Its
+identity leaves those out and counts offsets from the first model tensor, so it
+is the original model's identity and the same predictors fit both files. qmoe
+runs it like the model (architectures read only the tensors they know); llama.cpp
+refuses it for the extra tensors.
+
+Where the runtime finds predictors (`predictor_source`): the path given
+explicitly, else the predictors embedded in the model file, else the sidecar
+beside the model.
 """
 
 from __future__ import annotations
@@ -26,30 +39,55 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import struct
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType, GGUFWriter
 from gguf.quants import dequantize, quantize
+from tqdm import tqdm
 
-from qmoe.errors import GGUFFormatError, PredictorMismatchError
-from qmoe.gguf_file import GGUFFile, Tensor
+from qmoe.errors import GGUFFormatError, PredictorMismatchError, QmoeError
+from qmoe.gguf_file import (
+    DEFAULT_ALIGNMENT,
+    GGUF_MAGIC,
+    GGUFFile,
+    Tensor,
+    _Cursor,
+    _read_header,
+    _read_tensor_info,
+    _read_value,
+    _value_type,
+)
 from qmoe.predictor.model import ACTIVATIONS, PredictorSet, PredictorWeights
 
 ARCH = "qmoe-predictor"
 SIDECAR_SUFFIX = ".pred.gguf"
+EMBEDDED_SUFFIX = ".pred-embedded.gguf"
 WEIGHT_TYPES = ("f16", "q8_0")
 Q8_0_BLOCK = 32
+_PREDICTOR_TENSOR = re.compile(r"blk\.\d+\.pred_.+")
+_COPY_CHUNK = 64 * 2**20  # bytes written per call when copying the model's tensors
 
 
 def _key(name: str) -> str:
     return f"{ARCH}.{name}"
 
 
-def _tensor_name(layer: int, part: str) -> str:
+def tensor_name(layer: int, part: str) -> str:
     """part: fc1.weight, fc1.bias, fc2.weight, fc2.bias."""
     return f"blk.{layer}.pred_{part}"
+
+
+def _is_predictor_key(key: str) -> bool:
+    return key.startswith(ARCH + ".")
+
+
+def _is_predictor_tensor(name: str) -> bool:
+    return _PREDICTOR_TENSOR.fullmatch(name) is not None
 
 
 def default_sidecar_path(model_path: str | os.PathLike) -> Path:
@@ -59,15 +97,39 @@ def default_sidecar_path(model_path: str | os.PathLike) -> Path:
     return path.with_name(stem + SIDECAR_SUFFIX)
 
 
+def default_embedded_path(model_path: str | os.PathLike) -> Path:
+    """Where `train-predictors --embed` writes by default: `model.pred-embedded.gguf` beside the model.
+
+    Not `model.gguf` itself (the original stays loadable by llama.cpp) and not a name
+    ending in `.pred.gguf` (that would read as a sidecar).
+    """
+    path = Path(model_path)
+    return path.with_name(path.name.removesuffix(".gguf") + EMBEDDED_SUFFIX)
+
+
+def has_embedded_predictors(model: GGUFFile) -> bool:
+    """Whether a model file carries predictors of its own (written by `embed_predictors`)."""
+    return model.arch != ARCH and _key("base_model_identity") in model.fields
+
+
 def model_identity(model: str | os.PathLike | GGUFFile) -> str:
-    """sha256 (hex) over a GGUF's metadata and tensor table; never reads tensor data."""
+    """sha256 (hex) over a GGUF's metadata and tensor table; never reads tensor data.
+
+    Embedded predictors (`qmoe-predictor.*` keys, `blk.*.pred_*` tensors) are left out, and
+    offsets count from the first model tensor rather than the file's start, so a copy of the
+    model with predictors embedded has the original's identity: the header it grows
+    moves the data section, not the tensors within it.
+    """
     gguf = model if isinstance(model, GGUFFile) else GGUFFile(model)
     digest = hashlib.sha256()
     for key in sorted(gguf.fields):
-        digest.update(json.dumps([key, gguf.fields[key]], default=_json_scalar).encode())
-    for name in sorted(gguf.tensors):
-        t = gguf.tensors[name]
-        digest.update(json.dumps([name, int(t.qtype), list(t.shape), t.offset]).encode())
+        if not _is_predictor_key(key):
+            digest.update(json.dumps([key, gguf.fields[key]], default=_json_scalar).encode())
+    tensors = {name: t for name, t in gguf.tensors.items() if not _is_predictor_tensor(name)}
+    base = min((t.offset for t in tensors.values()), default=0)
+    for name in sorted(tensors):
+        t = tensors[name]
+        digest.update(json.dumps([name, int(t.qtype), list(t.shape), t.offset - base]).encode())
     return digest.hexdigest()
 
 
@@ -100,10 +162,10 @@ def write_sidecar(path: str | os.PathLike, predictors: PredictorSet, weight_type
     writer.add_array(_key("layers"), sorted(predictors.layers))
     for layer in sorted(predictors.layers):
         weights = predictors.layers[layer]
-        _add_matrix(writer, _tensor_name(layer, "fc1.weight"), weights.fc1_weight, weight_type)
-        writer.add_tensor(_tensor_name(layer, "fc1.bias"), weights.fc1_bias.float().cpu().numpy())
-        _add_matrix(writer, _tensor_name(layer, "fc2.weight"), weights.fc2_weight, weight_type)
-        writer.add_tensor(_tensor_name(layer, "fc2.bias"), weights.fc2_bias.float().cpu().numpy())
+        _add_matrix(writer, tensor_name(layer, "fc1.weight"), weights.fc1_weight, weight_type)
+        writer.add_tensor(tensor_name(layer, "fc1.bias"), weights.fc1_bias.float().cpu().numpy())
+        _add_matrix(writer, tensor_name(layer, "fc2.weight"), weights.fc2_weight, weight_type)
+        writer.add_tensor(tensor_name(layer, "fc2.bias"), weights.fc2_bias.float().cpu().numpy())
     try:
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
@@ -124,12 +186,32 @@ def _add_matrix(writer: GGUFWriter, name: str, matrix: torch.Tensor, weight_type
         writer.add_tensor(name, values.astype(np.float16))
 
 
+def predictor_source(model: GGUFFile, explicit: str | os.PathLike | None = None) -> Path:
+    """The GGUF to read `model`'s predictors from: `explicit` when given, else the model file
+    itself when it has predictors embedded, else the sidecar `model.pred.gguf` beside it."""
+    if explicit is not None:
+        path = Path(explicit)
+    elif has_embedded_predictors(model):
+        return model.path
+    else:
+        path = default_sidecar_path(model.path)
+    if not path.is_file():
+        raise QmoeError(
+            f"{model.path.name} needs predictors for pre-attn prediction, and {path} does not exist"
+            + ("" if explicit is not None else " (nor are predictors embedded in the model)")
+            + ": train them with `qmoe calibrate` and `qmoe train-predictors`, or give --predictors PATH"
+        )
+    return path
+
+
 def load_sidecar(path: str | os.PathLike, expected_identity: str) -> PredictorSet:
-    """Read a sidecar (float32, CPU); refuse it unless it was made for the model `expected_identity`."""
+    """Read predictors (float32, CPU) from a sidecar or from a model file they are embedded in;
+    refuse them unless they were made for the model `expected_identity`."""
     gguf = GGUFFile(path)
-    if gguf.arch != ARCH:
+    if gguf.arch != ARCH and not has_embedded_predictors(gguf):
         raise GGUFFormatError(
-            f"{gguf.path}: general.architecture is {gguf.arch!r}, expected {ARCH!r} (a predictor sidecar)"
+            f"{gguf.path}: holds no predictors: general.architecture is {gguf.arch!r}, not {ARCH!r} "
+            f"(a predictor sidecar), and it has no embedded {_key('base_model_identity')} key"
         )
     identity = gguf.get(_key("base_model_identity"))
     if identity != expected_identity:
@@ -149,10 +231,10 @@ def load_sidecar(path: str | os.PathLike, expected_identity: str) -> PredictorSe
     layers = {}
     for layer in gguf.get(_key("layers")):
         layers[int(layer)] = PredictorWeights(
-            _load_float(gguf.tensor(_tensor_name(layer, "fc1.weight"), (hidden, n_embd))),
-            _load_float(gguf.tensor(_tensor_name(layer, "fc1.bias"), (hidden,))),
-            _load_float(gguf.tensor(_tensor_name(layer, "fc2.weight"), (n_expert, hidden))),
-            _load_float(gguf.tensor(_tensor_name(layer, "fc2.bias"), (n_expert,))),
+            _load_float(gguf.tensor(tensor_name(layer, "fc1.weight"), (hidden, n_embd))),
+            _load_float(gguf.tensor(tensor_name(layer, "fc1.bias"), (hidden,))),
+            _load_float(gguf.tensor(tensor_name(layer, "fc2.weight"), (n_expert, hidden))),
+            _load_float(gguf.tensor(tensor_name(layer, "fc2.bias"), (n_expert,))),
             activation,
         )
     try:
@@ -179,3 +261,137 @@ def _load_float(t: Tensor) -> torch.Tensor:
         values = dequantize(t.data, t.qtype)
     # a copy: the result must not alias the memory-mapped file
     return torch.from_numpy(np.array(values, dtype=np.float32).reshape(t.shape))
+
+
+def check_output_path(out_path: str | os.PathLike, inputs: list[str | os.PathLike], overwrite: bool) -> Path:
+    """Refuse to write over one of `inputs` (ever) or over an existing file unless `overwrite`."""
+    out = Path(out_path)
+    for source in inputs:
+        if out.exists() and os.path.samefile(out, source):
+            raise QmoeError(f"{out}: is the input {source}; choose another output path (-o)")
+    if out.exists() and not overwrite:
+        raise QmoeError(f"{out}: already exists; pass --force to overwrite it")
+    if not out.parent.is_dir():
+        raise QmoeError(f"{out.parent}: output directory does not exist")
+    return out
+
+
+def write_embedded(
+    model_path: str | os.PathLike,
+    predictors: PredictorSet,
+    out_path: str | os.PathLike,
+    weight_type: str = "q8_0",
+    overwrite: bool = False,
+    progress: bool = True,
+) -> None:
+    """Write a copy of the model with `predictors` embedded (see `embed_predictors`)."""
+    out = check_output_path(out_path, [model_path], overwrite)
+    sidecar = out.with_name(f".{out.name}.tmp-{os.getpid()}-predictors")
+    try:
+        write_sidecar(sidecar, predictors, weight_type)
+        embed_predictors(model_path, sidecar, out, overwrite=overwrite, progress=progress)
+    finally:
+        sidecar.unlink(missing_ok=True)
+
+
+def embed_predictors(
+    model_path: str | os.PathLike,
+    predictors_path: str | os.PathLike,
+    out_path: str | os.PathLike,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> None:
+    """Write `out_path`: the model of `model_path` with the predictors of `predictors_path` added.
+
+    The model's metadata and tensor infos are copied byte for byte and its tensors keep their
+    offsets within the data section; the predictors' `qmoe-predictor.*` keys and `blk.*.pred_*`
+    tensors follow the model's own. Predictors already embedded in `model_path` are dropped,
+    and `predictors_path` may be a sidecar or another embedded file. Tensors are copied in
+    pieces through one buffer, with plain reads rather than through the memory map, so a
+    30 GB model costs neither 30 GB of memory nor 30 GB of resident mapped pages; the file
+    appears at `out_path` only when complete.
+    """
+    model = GGUFFile(model_path)
+    out = check_output_path(out_path, [model_path, predictors_path], overwrite)
+    load_sidecar(predictors_path, model_identity(model))  # refuses another model's or malformed predictors
+    source = GGUFFile(predictors_path)
+    model_header, source_header = _read_layout(model.path), _read_layout(source.path)
+    alignment = model_header.alignment
+
+    keys = [raw for key, raw in model_header.keys if not _is_predictor_key(key)]
+    keys += [raw for key, raw in source_header.keys if _is_predictor_key(key)]
+    infos = [raw for name, raw in model_header.tensor_infos if not _is_predictor_tensor(name)]
+    # (file, tensor, offset within the new data section): the model's tensors where they were,
+    # the predictors after them
+    placed = [(model, model.tensors[name], model.tensors[name].offset - model_header.data_start)
+              for name, _ in model_header.tensor_infos if not _is_predictor_tensor(name)]
+    end = max((offset + t.nbytes for _, t, offset in placed), default=0)
+    for name, raw in source_header.tensor_infos:
+        if _is_predictor_tensor(name):
+            offset = _align(end, alignment)
+            infos.append(raw[:-8] + struct.pack("<Q", offset))  # a tensor info ends with its u64 offset
+            placed.append((source, source.tensors[name], offset))
+            end = offset + source.tensors[name].nbytes
+
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    buffer = memoryview(bytearray(_COPY_CHUNK))
+    try:
+        with (open(model.path, "rb") as model_bytes, open(source.path, "rb") as source_bytes,
+              open(tmp, "wb") as f,
+              tqdm(total=sum(t.nbytes for _, t, _ in placed), unit="B", unit_scale=True, desc=out.name,
+                   disable=not progress) as bar):
+            f.write(GGUF_MAGIC + struct.pack("<IQQ", model_header.version, len(infos), len(keys)))
+            for raw in keys + infos:
+                f.write(raw)
+            data_start = _align(f.tell(), alignment)
+            for gguf, t, offset in sorted(placed, key=lambda entry: entry[2]):
+                f.write(bytes(data_start + offset - f.tell()))  # zero padding up to the tensor
+                src = model_bytes if gguf is model else source_bytes
+                src.seek(t.offset)
+                for start in range(0, t.nbytes, len(buffer)):
+                    piece = buffer[: min(len(buffer), t.nbytes - start)]
+                    if src.readinto(piece) != len(piece):
+                        raise GGUFFormatError(f"{gguf.path}: tensor {t.name!r} ends early; was the file changed?")
+                    f.write(piece)
+                    bar.update(len(piece))
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _align(n: int, alignment: int) -> int:
+    return -(-n // alignment) * alignment
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """A GGUF header as raw byte pieces, to copy the pieces verbatim into another file."""
+
+    version: int
+    keys: list[tuple[str, bytes]]  # (key, its whole key-value entry), in file order
+    tensor_infos: list[tuple[str, bytes]]  # (name, its whole tensor info; the last 8 bytes are the offset)
+    alignment: int
+    data_start: int  # absolute offset of the data section
+
+
+def _read_layout(path: Path) -> _Layout:
+    """Walk a GGUF header (already validated by GGUFFile) and cut it into its entries."""
+    mapped = np.memmap(path, dtype=np.uint8, mode="r")
+    with memoryview(mapped) as buf:
+        cur = _Cursor(path, buf)
+        n_tensors, n_kv = _read_header(cur)
+        (version,) = struct.unpack_from("<I", buf, len(GGUF_MAGIC))
+        keys, alignment = [], DEFAULT_ALIGNMENT
+        for i in range(n_kv):
+            start = cur.pos
+            key = cur.string(f"metadata key #{i}")
+            value = _read_value(cur, _value_type(cur, key), key)
+            if key == "general.alignment":
+                alignment = value
+            keys.append((key, bytes(buf[start:cur.pos])))
+        infos = []
+        for i in range(n_tensors):
+            start = cur.pos
+            info = _read_tensor_info(cur, i)
+            infos.append((info.name, bytes(buf[start:cur.pos])))
+        return _Layout(version, keys, infos, alignment, _align(cur.pos, alignment))
