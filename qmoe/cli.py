@@ -292,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "wait loads it (default cpu)")
     off.add_argument("--k-prime", type=int, default=None,
                      help="experts to prefetch per token (default: the predictors' k', else ceil(1.5 k))")
-    off.add_argument("--predictors", default=None, metavar="PATH", help="sidecar for pre-attn (default MODEL.pred.gguf)")
+    off.add_argument("--predictors", default=None, metavar="PATH", help="predictor GGUF for pre-attn (default: embedded in MODEL, else MODEL.pred.gguf)")
     off.add_argument("--sim-link-gbps", type=float, default=None, metavar="GB_S",
                      help="SIMULATE a link of this many gigabytes/s for transfers into the compute tier")
     off.add_argument("--sim-link-latency-us", type=float, default=None, metavar="US",

@@ -75,7 +75,7 @@ class OffloadOptions:
         Without a fast tier every expert is computed by the CPU kernels from the
         pool, and a pool miss is always read (there is nothing else to compute from).
     k_prime: experts prefetched per token (default: the predictors' k', else ceil(1.5 k)).
-    predictors: sidecar path for "pre-attn" (default: MODEL.pred.gguf).
+    predictors: predictor GGUF for "pre-attn" (default: embedded in the model, else MODEL.pred.gguf).
     direct_io: read the file with O_DIRECT so the page cache does not hold a second copy.
     link: simulated link into the compute tier (None: transfers run at real speed).
     cpu_fast_tier_dense: without CUDA, run the CUDA tier's dense path instead (float32 slots
