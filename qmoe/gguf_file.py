@@ -12,6 +12,13 @@ where a string is a u64 byte length followed by UTF-8 bytes and an array value i
 type, a u64 count and the elements (arrays may nest). `ne` is in ggml order: the numpy shape
 reversed.
 
+The specification says UTF-8, but llama.cpp keeps a string's bytes as they are, and real files
+have strings that are not valid UTF-8 (a vocabulary token that is part of a multi-byte character).
+So strings are decoded with `errors="surrogateescape"`: each byte that is not part of valid UTF-8
+becomes a lone surrogate U+DC80..U+DCFF, and `s.encode("utf-8", "surrogateescape")` gives the
+file's bytes back exactly. Code that prints or encodes metadata must allow for such characters:
+`print` to a UTF-8 terminal and `str.encode("utf-8")` refuse them (`json.dumps` escapes them).
+
 qmoe opens files downloaded from anywhere, so this parser validates every field before it trusts
 it: each length and count is checked against the bytes that remain before anything is sized by it,
 so a corrupt file costs at most one pass over its own bytes and never a huge allocation or a hang.
@@ -59,6 +66,9 @@ _HEADER_BYTES = 4 + 4 + 8 + 8
 # before the loop that reads it starts.
 _MIN_KV_BYTES = 8 + 4 + 1  # empty key, value type, a one-byte value
 _MIN_TENSOR_INFO_BYTES = 8 + 4 + 8 + 4 + 8  # empty name, n_dims, one dim, type, offset
+
+# How strings are decoded; see the module docstring.
+STRING_ERRORS = "surrogateescape"
 
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
@@ -171,10 +181,7 @@ class _Cursor:
                 f"({self.remaining()} bytes left)",
             )
         start = self.skip(n, what)
-        try:
-            return str(self.buf[start : start + n], "utf-8")
-        except UnicodeDecodeError as e:
-            raise self.fail(what, f"string is not valid UTF-8 ({e.reason} at byte {e.start} of it)") from None
+        return str(self.buf[start : start + n], "utf-8", STRING_ERRORS)
 
 
 def _value_type(cur: _Cursor, what: str) -> GGUFValueType:
@@ -243,11 +250,7 @@ def _read_string_array(cur: _Cursor, count: int, what: str) -> list[str]:
                 f"string length {n} at byte {pos - 8} runs past the end of the file "
                 f"({size - pos} bytes left)",
             )
-        try:
-            out.append(str(buf[pos : pos + n], "utf-8"))
-        except UnicodeDecodeError:
-            cur.pos = pos
-            raise cur.fail(f"{what}[{i}]", "string is not valid UTF-8") from None
+        out.append(str(buf[pos : pos + n], "utf-8", STRING_ERRORS))
         pos += n
     cur.pos = pos
     return out

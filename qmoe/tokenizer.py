@@ -37,7 +37,7 @@ import regex
 from gguf import TokenType
 
 from qmoe.errors import GGUFFormatError, TokenizerError
-from qmoe.gguf_file import GGUFFile
+from qmoe.gguf_file import STRING_ERRORS, GGUFFile
 
 NORMALIZER_KEY = "qmoe.tokenizer.normalizer"
 PREPEND_SCHEME_KEY = "qmoe.tokenizer.prepend_scheme"
@@ -205,7 +205,7 @@ class _ByteLevelBPE:
         return ids
 
     def _encode_piece(self, piece: str) -> list[int]:
-        spelled = [self.alphabet[b] for b in piece.encode("utf-8")]
+        spelled = [self.alphabet[b] for b in piece.encode("utf-8", STRING_ERRORS)]
         symbols = _merge_pairs(spelled, lambda a, b: self.ranks.get((a, b)))
         ids = []
         for symbol in symbols:
@@ -220,11 +220,12 @@ class _ByteLevelBPE:
     def normal_token_bytes(self, token: str) -> bytes:
         """A vocabulary token's bytes: its characters read back through the byte alphabet
         (a token with a character outside the alphabet stands for its own UTF-8, as
-        Hugging Face's ByteLevel decoder reads it)."""
+        Hugging Face's ByteLevel decoder reads it, and a token that is not valid UTF-8
+        in the file for its bytes there; see gguf_file.STRING_ERRORS)."""
         try:
             return bytes(self.alphabet_bytes[c] for c in token)
         except KeyError:
-            return token.encode("utf-8")
+            return token.encode("utf-8", STRING_ERRORS)
 
     def decode(self, parts: list[tuple[str, int]]) -> str:
         """Text of (token, type) pairs: all bytes joined, then read as UTF-8."""
@@ -235,7 +236,7 @@ class _ByteLevelBPE:
     def token_bytes(self, token: str, kind: int) -> bytes:
         if kind == TokenType.NORMAL:
             return self.normal_token_bytes(token)
-        return token.encode("utf-8")
+        return token.encode("utf-8", STRING_ERRORS)
 
 
 class _SentencePieceBPE:
@@ -268,7 +269,7 @@ class _SentencePieceBPE:
             if token_id is not None:
                 ids.append(token_id)
                 continue
-            for b in symbol.encode("utf-8"):
+            for b in symbol.encode("utf-8", STRING_ERRORS):
                 byte_id = self.byte_ids[b] if self.byte_ids[b] is not None else self.unk_id
                 if byte_id is None:
                     raise TokenizerError(
@@ -317,7 +318,7 @@ class _SentencePieceBPE:
     def token_bytes(self, token: str, kind: int) -> bytes:
         if kind == TokenType.BYTE:
             return bytes([int(token[3:5], 16)])
-        return token.replace(_SPACE_MARK, " ").encode("utf-8")
+        return token.replace(_SPACE_MARK, " ").encode("utf-8", STRING_ERRORS)
 
 
 class Tokenizer:

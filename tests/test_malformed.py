@@ -17,6 +17,7 @@ import signal
 import struct
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import gguf
 import numpy as np
@@ -235,10 +236,6 @@ def _value_type(key: str, value: int) -> Callable[[bytes], bytes]:
     return lambda data: put(data, value_at(data, key) - 4, value, 4)
 
 
-def _corrupt_utf8(text: str) -> Callable[[bytes], bytes]:
-    return lambda data: data.replace(text.encode(), b"\xff" + text.encode()[1:], 1)
-
-
 # name -> (mutation of the seed, a fragment the message must contain; None where the error is
 # whatever the misread bytes break first)
 CASES: dict[str, tuple[Callable[[bytes], bytes], str | None]] = {
@@ -256,19 +253,16 @@ CASES: dict[str, tuple[Callable[[bytes], bytes], str | None]] = {
     # metadata
     "key-length-past-end": (lambda d: put(d, key_at(d, "test.aaaa"), len(d), 8), "runs past the end"),
     "key-length-huge": (lambda d: put(d, key_at(d, "test.aaaa"), 2**64 - 1, 8), "runs past the end"),
-    "key-not-utf8": (_corrupt_utf8("test.text"), "metadata key #7: string is not valid UTF-8"),
     "duplicate-key": (_rename("test.bbbb", "test.aaaa"), "'test.aaaa': appears twice"),
     "unknown-value-type": (_value_type("test.aaaa", 13), "'test.aaaa': unknown value type 13"),
     "value-type-max": (_value_type("test.aaaa", 2**32 - 1), "unknown value type 4294967295"),
     "string-length-past-end": (_value("test.text", 10**6, 8), "'test.text': string length 1000000"),
-    "string-not-utf8": (_corrupt_utf8("héllo"), "'test.text': string is not valid UTF-8"),
     "bool-not-0-or-1": (_value("test.flag", 2, 1), "'test.flag': bool byte is 2"),
     "array-length-huge": (
         _value("test.words", 2**62, 8, skip=4),
         "'test.words': array of 4611686018427387904",
     ),
     "array-element-past-end": (_value("test.words", 2**40, 8, skip=4 + 8 + 8 + 1), "'test.words'[1]"),
-    "array-element-not-utf8": (_corrupt_utf8("def"), "'test.words'[2]: string is not valid UTF-8"),
     "array-element-type-unknown": (_value("test.nums", 99, 4), "unknown value type 99"),
     "array-bool-not-0-or-1": (_value("test.bits", 3, 1, skip=4 + 8), "'test.bits'[0]: bool byte is 3"),
     "array-nested-element-type-unknown": (_value("test.nest", 42, 4, skip=4 + 8), "unknown value type 42"),
@@ -298,7 +292,6 @@ CASES: dict[str, tuple[Callable[[bytes], bytes], str | None]] = {
     "removed-tensor-type": (_tensor("tensor_b", "type", 4), "'tensor_b': unknown ggml type 4"),
     "unknown-tensor-type": (_tensor("tensor_b", "type", 2**32 - 1), "unknown ggml type 4294967295"),
     "tensor-name-past-end": (lambda d: put(d, key_at(d, "tensor_c"), 2**50, 8), "tensor info #2 name"),
-    "tensor-name-not-utf8": (_corrupt_utf8("tensor_c"), "tensor info #2 name: string is not valid UTF-8"),
     "duplicate-tensor-name": (_rename("tensor_c", "tensor_b"), "'tensor_b': appears twice"),
     "offset-past-end": (
         lambda d: _tensor("tensor_c", "offset", len(d) // 64 * 64 + 64)(d),
@@ -371,6 +364,113 @@ def test_flipped_header_bytes_are_refused(seed, tmp_path, flip):
     for at in range(24):
         mutated = seed[:at] + bytes([seed[at] ^ flip]) + seed[at + 1 :]
         expect_refused(tmp_path / "flip.gguf", mutated)
+
+
+# ---- strings that are not UTF-8: read, and kept byte for byte ----
+#
+# The specification says UTF-8, but llama.cpp keeps a string's bytes as they are and real files
+# have tokens cut inside a character, so qmoe reads them too (gguf_file.STRING_ERRORS) and
+# everything that prints, hashes or detokenizes them must cope.
+
+NOT_UTF8 = "surrogateescape"  # str -> the file's bytes
+
+
+def test_strings_that_are_not_utf8_keep_their_bytes(seed, tmp_path):
+    data = seed
+    for text in ("test.text", "héllo", "def", "tensor_c"):  # a key, a value, an array element, a tensor name
+        data = data.replace(text.encode(), b"\xff" + text.encode()[1:], 1)
+    path = tmp_path / "not-utf8.gguf"
+    path.write_bytes(data)
+    assert open_and_check(path)
+    f = GGUFFile(path)
+    keys = {key.encode("utf-8", NOT_UTF8): key for key in f.fields}
+    assert f.get(keys[b"\xffest.text"]).encode("utf-8", NOT_UTF8) == b"\xff" + "héllo".encode()[1:]
+    assert f.get("test.words")[2].encode("utf-8", NOT_UTF8) == b"\xffef"
+    assert b"\xffensor_c" in {name.encode("utf-8", NOT_UTF8) for name in f.tensors}
+
+
+def string_array_item(data: bytes, key: str, index: int) -> tuple[int, int]:
+    """(offset, length) of the bytes of element `index` of the string array `key`."""
+    at = value_at(data, key) + 4 + 8  # past the element type and the count
+    for _ in range(index):
+        at += 8 + struct.unpack_from("<Q", data, at)[0]
+    return at + 8, struct.unpack_from("<Q", data, at)[0]
+
+
+class UndecodableModel(NamedTuple):
+    path: Path
+    original: Path  # the same model before the strings were broken
+    token_id: int
+    token_bytes: bytes  # the token's bytes in the file
+    name_bytes: bytes  # general.name's bytes in the file
+
+
+@pytest.fixture(scope="module")
+def undecodable_model(tiny_gguf, tmp_path_factory) -> UndecodableModel:
+    """The tiny qwen3moe model (byte-level vocabulary) with two strings that are not UTF-8:
+    general.name starts with byte 0xFF, and the last plain vocabulary token ends in 0xE2, the
+    first byte of a three-byte character, as a token cut inside a character does."""
+    original = tiny_gguf("qwen3moe", "q8_0")
+    data = bytearray(original.read_bytes())
+    name_at = value_at(data, "general.name") + 8
+    data[name_at] = 0xFF
+    name_length = struct.unpack_from("<Q", data, name_at - 8)[0]
+    f = GGUFFile(original)
+    types, tokens = f.get("tokenizer.ggml.token_type"), f.get("tokenizer.ggml.tokens")
+    token_id = max(i for i, t in enumerate(types) if t == gguf.TokenType.NORMAL and len(tokens[i]) > 1)
+    at, length = string_array_item(data, "tokenizer.ggml.tokens", token_id)
+    data[at + length - 1] = 0xE2
+    path = tmp_path_factory.mktemp("not-utf8") / "undecodable.gguf"
+    path.write_bytes(data)
+    return UndecodableModel(
+        path, original, token_id, bytes(data[at : at + length]), bytes(data[name_at : name_at + name_length])
+    )
+
+
+def test_a_model_with_undecodable_strings_loads_and_detokenizes_them(undecodable_model):
+    import qmoe
+
+    m = undecodable_model
+    with qmoe.load(m.path) as model:
+        assert model.file.get("general.name").encode("utf-8", NOT_UTF8) == m.name_bytes
+        assert model.tokenizer.decode_token(m.token_id) == m.token_bytes
+        assert model.tokenizer.decode([m.token_id]).endswith("\ufffd")  # an incomplete character
+        assert len(list(model.stream([m.token_id], 2))) == 2  # and it runs with that token as its prompt
+
+
+def test_info_prints_undecodable_strings(undecodable_model, capsys):
+    from qmoe.cli import main
+
+    assert main(["info", str(undecodable_model.path)]) == 0
+    name_shown = "\\xff" + undecodable_model.name_bytes[1:].decode()
+    assert f"name:          {name_shown}\n" in capsys.readouterr().out
+
+
+def test_model_identity_hashes_undecodable_strings(undecodable_model):
+    from qmoe.predictor.sidecar import model_identity
+
+    path = undecodable_model.path
+    assert model_identity(path) == model_identity(GGUFFile(path))
+    assert model_identity(path) != model_identity(undecodable_model.original)
+
+
+def test_sentencepiece_token_that_is_not_utf8_detokenizes_to_its_bytes(tmp_path):
+    from qmoe.tokenizer import Tokenizer
+
+    path = tmp_path / "spm-vocab.gguf"
+    w = gguf.GGUFWriter(path, "qwen3moe")
+    w.add_tokenizer_model("llama")
+    tokens = ["<unk>", "<s>", "</s>", "▁a", b"\xe2\x96"]  # the last: "▁" cut after two of its three bytes
+    w.add_key_value("tokenizer.ggml.tokens", tokens, GGUFValueType.ARRAY, sub_type=GGUFValueType.STRING)
+    w.add_token_types([2, 3, 3, 1, 1])
+    w.add_token_scores([0.0] * len(tokens))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    tokenizer = Tokenizer.from_gguf(GGUFFile(path))
+    assert tokenizer.decode_token(4) == b"\xe2\x96"
+    assert tokenizer.decode_token(3) == b" a"
 
 
 # ---- random mutations ----

@@ -19,15 +19,16 @@ Policies (`--prefetch`):
                  tokens do not depend on budgets or policy, so a first run records
                  exactly what the measured run will route. It is issued at the same
                  moment as pre-attn's prediction, so oracle vs pre-attn isolates the
-                 cost of prediction errors. Every step checks the replay against the
-                 real routing and counts divergences (possible only where results
-                 are not bit-identical: fast tier with cpu misses, or sampling
+                 cost of prediction errors. Its precision in the statistics is 100%
+                 unless the run left the recording (possible only where results are
+                 not bit-identical: a dense fast tier with cpu misses, or sampling
                  without a seed).
 
 Each prediction is a list of experts, most wanted first: for one token its
 top-k' (k' >= k over-provisions), for several tokens (prefill) the union of their
-top-k', most often named first. Precision and recall are measured per layer and
-step against the router's choice (stats.py).
+top-k', most often named first. The store measures precision and recall per layer
+and step, against the router's choice, of the predictions that reached it before
+their layer ran (stats.py).
 """
 
 from __future__ import annotations
@@ -67,9 +68,6 @@ class PreAttentionPolicy:
         top = self.predictors.predict_topk(layer, x, self.k_prime)  # [T, k']
         return ranked_union(top.cpu().numpy() if isinstance(top, torch.Tensor) else top)
 
-    def observe(self, layer: int, actual: set[int]) -> bool:
-        return True
-
 
 class CrossLayerPolicy:
     """FATE-style: layer l's router on layer l-1's router input (the previous MoE layer's `routed` call)."""
@@ -83,9 +81,6 @@ class CrossLayerPolicy:
     def predict(self, layer: int, x: torch.Tensor) -> list[int]:
         logits = x.float() @ self.routers[layer].float().T  # [T, E]
         return ranked_union(logits.topk(self.k_prime, dim=-1).indices.cpu().numpy())
-
-    def observe(self, layer: int, actual: set[int]) -> bool:
-        return True
 
 
 class RoutingTrace:
@@ -123,12 +118,6 @@ class OraclePolicy:
         self.position[layer] += 1
         return calls[i] if i < len(calls) else []
 
-    def observe(self, layer: int, actual: set[int]) -> bool:
-        """False when the run has left the recording (the replay no longer knows the truth)."""
-        i = self.position[layer] - 1
-        calls = self.trace.calls[layer]
-        return 0 <= i < len(calls) and set(calls[i]) == actual
-
 
 Policy = PreAttentionPolicy | CrossLayerPolicy | OraclePolicy
 
@@ -146,7 +135,6 @@ class Prefetcher:
         self.store = store
         self.policy = policy
         self.next_layer = dict(zip(moe_layers, moe_layers[1:]))
-        self.predicted: dict[int, set[int]] = {}  # worker only: layer -> its latest prediction
         self.messages: queue.SimpleQueue = queue.SimpleQueue()
         self.error: BaseException | None = None
         self.stream: torch.cuda.Stream | None = None  # worker only, created on the first CUDA activation
@@ -164,8 +152,6 @@ class Prefetcher:
         nxt = self.next_layer.get(layer)
         if self.policy.hook == "routed" and nxt is not None:
             self._predict(nxt, x)
-        # On the host now: the model copies the ids there right after this anyway.
-        self.messages.put(("truth", layer, None, ids.cpu()))
 
     def _predict(self, layer: int, x: torch.Tensor) -> None:
         ready = None
@@ -191,13 +177,7 @@ class Prefetcher:
             if self.error is not None:
                 continue
             try:
-                if kind == "predict":
-                    self._prefetch(layer, step, *payload)
-                else:
-                    actual = {int(e) for e in payload.reshape(-1).numpy()}
-                    self.store.record_prediction(layer, self.predicted.pop(layer, None), actual)
-                    if not self.policy.observe(layer, actual):
-                        self.store.record_oracle_divergence()
+                self._prefetch(layer, step, *payload)
             except BaseException as exc:  # noqa: BLE001 - reported to the model thread at the next layer
                 self.error = exc
 
@@ -211,14 +191,12 @@ class Prefetcher:
                 self.stream.wait_event(ready)
                 x.record_stream(self.stream)  # x's memory is not reused before this stream is done with it
                 experts = self.policy.predict(layer, x)
-        self.predicted[layer] = set(experts)
         self.store.prefetch(layer, experts, step)
 
     def set_policy(self, policy: Policy) -> None:
         """Switch policies between runs (the oracle gets its recording this way)."""
         self.drain()
         self.policy = policy
-        self.predicted.clear()
 
     def drain(self) -> None:
         """Wait until every message so far has been handled."""

@@ -54,7 +54,6 @@ class StoreStats:
     prefetch_loaded: int = 0  # of those, transfers actually made
     prefetch_dropped: int = 0  # dropped unstarted: the layer had run, or no slot could be freed
     late_predictions: int = 0  # predictions that arrived after their layer had started
-    oracle_divergences: int = 0  # oracle only: steps whose routing differed from the recorded run
 
     @classmethod
     def for_layers(cls, layers: list[int]) -> StoreStats:
@@ -96,7 +95,6 @@ def report(stats: StoreStats, tiers: dict) -> dict:
             "loaded": stats.prefetch_loaded,
             "dropped": stats.prefetch_dropped,
             "late_predictions": stats.late_predictions,
-            "oracle_divergences": stats.oracle_divergences,
         },
     }
 
@@ -139,7 +137,6 @@ def format_table(summary: dict) -> str:
     lines.append(
         f"prefetch: {p['requested']} experts requested, {p['loaded']} loaded, {p['dropped']} dropped, "
         f"{p['late_predictions']} predictions too late"
-        + (f", {p['oracle_divergences']} oracle divergences" if p["oracle_divergences"] else "")
     )
     return "\n".join(lines)
 

@@ -254,7 +254,11 @@ class ExpertStore:
             # The layer runs now: a prediction for this step that comes later is too late, and
             # those that came are used (and claimed above) or wrong: evict those first.
             self.steps[layer] += 1
-            for key in self.predicted.pop(layer, ()):
+            predicted = self.predicted.pop(layer, None)
+            self.stats.record_prediction(
+                layer, None if predicted is None else {e for _, e in predicted}, set(tokens)
+            )
+            for key in predicted or ():
                 entry = tier.cache.get(key)
                 if entry is not None:
                     entry.protected = False
@@ -408,31 +412,23 @@ class ExpertStore:
         Resident ones are protected until the layer runs; absent ones are queued
         behind any demand load. Nothing happens if the layer has already started its step.
         """
-        if self.compute_tier is None:
-            return
         tier = self.compute_tier
         with self.lock:
             if step != self.steps[layer]:
                 self.stats.late_predictions += 1
                 return
-            self.stats.prefetch_requested += len(experts)
             protected = self.predicted.setdefault(layer, set())
+            protected.update((layer, e) for e in experts)
+            if tier is None:  # every expert is served from the mapped file: only measure the prediction
+                return
+            self.stats.prefetch_requested += len(experts)
             for e in experts:
                 key = (layer, e)
-                protected.add(key)
                 entry = tier.cache.get(key)
                 if entry is not None:
                     entry.protected = True
                 else:
                     self._queue(PREFETCH, tier, key, step)
-
-    def record_prediction(self, layer: int, predicted: set[int] | None, actual: set[int]) -> None:
-        with self.lock:
-            self.stats.record_prediction(layer, predicted, actual)
-
-    def record_oracle_divergence(self) -> None:
-        with self.lock:
-            self.stats.oracle_divergences += 1
 
     # ----------------------------------------------------------------------------- transfer thread
 
