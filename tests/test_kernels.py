@@ -215,6 +215,21 @@ def test_moe_ffn(experts, n_tokens, k, rng):
     assert_moe_close(got, reference_moe(exacts, x, ids, weights))
 
 
+@pytest.mark.parametrize("n_tokens", [1, 5, ops.BLAS_MIN_TOKENS + 1])
+def test_moe_ffn_over_cache_slots_is_bit_identical(experts, n_tokens, rng):
+    """The experts' slabs shuffled into other slots (as in the expert store's tiers), found by `slabs`."""
+    raws, _, qtypes = experts
+    x = rng.standard_normal((n_tokens, N_EMBD)).astype(np.float32)
+    ids, weights = routing(rng, n_tokens, 3)
+    order = rng.permutation(N_EXPERT)  # slot i holds expert order[i]
+    slots = [np.ascontiguousarray(raw[order]) for raw in raws]
+    slab_of = np.argsort(order)
+    got = kernels.moe_ffn(*slots, qtypes, x, ids, weights, slabs=slab_of)
+    assert np.array_equal(got, kernels.moe_ffn(*raws, qtypes, x, ids, weights))
+    with pytest.raises(QmoeError, match="slabs of the chosen experts"):
+        kernels.moe_ffn(*slots, qtypes, x, ids, weights, slabs=np.full(N_EXPERT, N_EXPERT))
+
+
 def test_moe_ffn_rejects_bad_routing(experts):
     raws, _, qtypes = experts
     x = np.ones((2, N_EMBD), np.float32)
@@ -272,16 +287,24 @@ def test_every_supported_type_has_compiled_row_loops():
 
 
 @pytest.mark.parametrize("activation", ["gelu", "silu"])
-def test_bias_activation_matches_torch(activation, rng):
+@pytest.mark.parametrize("qtype", [QT.Q8_0, QT.F16])
+def test_mlp_topk_ranks_like_the_float_network(activation, qtype, rng):
     import torch
 
-    h = rng.normal(0, 4, size=(3, 70)).astype(np.float32)
-    bias = rng.normal(size=70).astype(np.float32)
+    fc1 = rng.normal(size=(64, 96)).astype(np.float32)
+    fc2 = rng.normal(size=(20, 64)).astype(np.float32)
+    b1, b2 = rng.normal(size=64).astype(np.float32), rng.normal(size=20).astype(np.float32)
+    raw1, raw2 = (np.ascontiguousarray(quantize(w, qtype)).view(np.uint8).reshape(w.shape[0], -1) for w in (fc1, fc2))
+    x = rng.normal(size=(7, 96)).astype(np.float32)
     act = torch.nn.functional.gelu if activation == "gelu" else torch.nn.functional.silu
-    want = act(torch.from_numpy(h) + torch.from_numpy(bias)).numpy()
-    got = kernels.bias_activation(h.copy(), bias, activation)
-    assert np.allclose(got, want, rtol=1e-5, atol=1e-6)
+    w1, w2 = (torch.from_numpy(gguf_dequantize(r, qtype)) for r in (raw1, raw2))
+    scores = (act(torch.from_numpy(x) @ w1.T + torch.from_numpy(b1)) @ w2.T + torch.from_numpy(b2)).numpy()
+    got = kernels.mlp_topk(raw1, qtype, b1, raw2, qtype, b2, activation, x, 5)
+    assert got.dtype == np.int64 and got.shape == (7, 5)
+    assert np.array_equal(got, np.argsort(-scores, axis=1, kind="stable")[:, :5])
     with pytest.raises(QmoeError, match="activation"):
-        kernels.bias_activation(h.copy(), bias, "relu")
-    with pytest.raises(QmoeError, match="bias"):
-        kernels.bias_activation(h.copy(), bias[:5], activation)
+        kernels.mlp_topk(raw1, qtype, b1, raw2, qtype, b2, "relu", x, 5)
+    with pytest.raises(QmoeError, match="shapes do not fit"):
+        kernels.mlp_topk(raw1, qtype, b1[:3], raw2, qtype, b2, activation, x, 5)
+    with pytest.raises(QmoeError, match="count"):
+        kernels.mlp_topk(raw1, qtype, b1, raw2, qtype, b2, activation, x, 21)

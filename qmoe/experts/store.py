@@ -219,7 +219,9 @@ class ExpertStore:
         k = ids.shape[1]
         tokens = {e: pairs // k for e, pairs in groups}
         outputs: dict[int, np.ndarray] = {}  # expert -> its output on its tokens [n, n_embd]
-        self._compute_layer(layer, x, tokens, outputs)
+        all_ready = self._compute_layer(layer, x, tokens, outputs)
+        if all_ready is not None:
+            return self._compute_all(all_ready, x, ids, weights)
         out = np.zeros_like(x)
         pair_weights = weights.reshape(-1)
         for e, pairs in groups:
@@ -228,7 +230,12 @@ class ExpertStore:
 
     def _compute_layer(
         self, layer: int, x: np.ndarray, tokens: dict[int, np.ndarray], outputs: dict[int, np.ndarray]
-    ) -> None:
+    ) -> list[tuple[int, Entry]] | None:
+        """Claim every expert the layer needs and fill `outputs` with their outputs, as they come.
+
+        When every one is ready in a tier of quantized slabs, computes nothing and returns
+        them [(expert, entry pinned for us)], for one `moe_ffn` call over the tier's slots.
+        """
         tier = self.compute_tier
         ready, waiting, on_cpu = [], [], []
         with self.lock:
@@ -264,6 +271,8 @@ class ExpertStore:
                     entry.protected = False
                     if key[1] not in tokens:
                         tier.cache.demote(entry)
+        if not waiting and not on_cpu and (tier is self.pool or not tier.dense):
+            return ready
         # Hits first (their compute overlaps the transfers of the rest), then the others
         # in the order the transfer thread delivers them.
         waiting.sort(key=lambda item: item[:2])
@@ -283,6 +292,24 @@ class ExpertStore:
                 for handle in claimed:
                     self._unclaim(handle)
             raise
+
+    def _compute_all(
+        self, ready: list[tuple[int, Entry]], x: np.ndarray, ids: np.ndarray, weights: np.ndarray
+    ) -> np.ndarray:
+        """The layer's output when all its experts are ready in the compute tier's quantized slots:
+        one kernel call, with the experts' slots for their ids (bit-identical to moe_ffn on the file)."""
+        tier = self.compute_tier
+        slots = np.zeros(self.slabs.n_expert, np.int64)
+        for e, entry in ready:
+            slots[e] = entry.slot
+        try:
+            return kernels.moe_ffn(*tier.parts, self.layout.qtypes, x, ids, weights, slabs=slots)
+        finally:
+            with self.lock:
+                for _, entry in ready:
+                    entry.pins -= 1
+                    tier.cache.touch(entry)
+                    self._slot_released(entry)
 
     def _compute_on_cpu(self, layer: int, expert: int, x: np.ndarray) -> np.ndarray:
         """A fast-tier miss computed by the kernels from the quantized slab: pool (read if absent) or file."""

@@ -449,14 +449,30 @@ def moe_rows(
                             out[p // k, c] += pair_weights[p] * y4[j]
 
 
+@njit(nogil=True)
+def _activate(a, gelu):
+    """Exact (erf) GELU when `gelu`, else SiLU."""
+    if gelu:
+        return np.float32(0.5) * a * (np.float32(1.0) + np.float32(math.erf(a * np.float32(0.7071067811865476))))
+    return silu(a)
+
+
 @njit(nogil=True, cache=True)
-def bias_activation_rows(h, bias, gelu):
-    """h [T, n] = act(h + bias) in place; act is exact (erf) GELU when `gelu`, else SiLU."""
-    inv_sqrt2 = np.float32(0.7071067811865476)
-    for t in range(h.shape[0]):
-        for i in range(h.shape[1]):
-            a = h[t, i] + bias[i]
-            if gelu:
-                h[t, i] = np.float32(0.5) * a * (np.float32(1.0) + np.float32(math.erf(a * inv_sqrt2)))
-            else:
-                h[t, i] = silu(a)
+def mlp_top(q1, w1, rb1, b1, q2, w2, rb2, b2, gelu, x, count, out):
+    """out[t] = the `count` largest of fc2(act(fc1 x[t] + b1)) + b2, best first (ties: lower index).
+
+    w1, w2: flat weight bytes of [H, n] and [E, H]; x: float32 [T, n]; out: int64 [T, count].
+    Serial on purpose: the caller runs it on a core of its own, beside the model.
+    """
+    n_tokens, n = x.shape
+    hidden_size, n_out = b1.shape[0], b2.shape[0]
+    hidden = np.empty(hidden_size, np.float32)
+    scores = np.empty(n_out, np.float32)
+    for t in range(n_tokens):
+        for r in range(hidden_size):
+            hidden[r] = _activate(dot_row(q1, w1, r * rb1, x, t * n, n) + b1[r], gelu)
+        for e in range(n_out):
+            scores[e] = dot_row(q2, w2, e * rb2, hidden, 0, hidden_size) + b2[e]
+        order = np.argsort(-scores, kind="mergesort")
+        out[t] = order[:count]
+

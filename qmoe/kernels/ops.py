@@ -96,22 +96,45 @@ def _matmul_blas_tiles(
 ACTIVATIONS = ("gelu", "silu")
 
 
-def bias_activation(h: np.ndarray, bias: np.ndarray, activation: str) -> np.ndarray:
-    """h [T, n] = activation(h + bias), in place (h: writable C-contiguous float32); returns h.
+def mlp_topk(
+    fc1: np.ndarray,
+    fc1_type: GGMLQuantizationType | int,
+    fc1_bias: np.ndarray,
+    fc2: np.ndarray,
+    fc2_type: GGMLQuantizationType | int,
+    fc2_bias: np.ndarray,
+    activation: str,
+    x: np.ndarray,
+    count: int,
+) -> np.ndarray:
+    """The `count` largest outputs of fc2 @ act(fc1 @ x + b1) + b2 per token, best first: int64 [T, count].
 
-    activation: "gelu" (exact, with erf, as torch's default) or "silu". One compiled
-    pass that releases the GIL, for small products where separate numpy or torch
-    calls would cost more than the arithmetic.
+    fc1: raw [H, n]; fc2: raw [E, H]; biases float32 [H] and [E]; activation "gelu" | "silu";
+    x: float32 [T, n]. A small two-layer network (the expert predictors) in one compiled call
+    that releases the GIL and uses no threads: it is meant to run on a core of its own beside
+    the model, where separate products, activations and a sort would each cost a Python round
+    trip and a turn at the GIL. Equal ties rank the lower index first.
     """
     if activation not in ACTIVATIONS:
-        raise QmoeError(f"bias_activation: activation must be one of {ACTIVATIONS}, got {activation!r}")
-    if h.ndim != 2 or h.dtype != np.float32 or not h.flags.c_contiguous or not h.flags.writeable:
-        raise QmoeError(f"bias_activation: h must be a writable C-contiguous float32 [T, n], got {h.dtype} {list(h.shape)}")
-    bias = np.ascontiguousarray(bias, dtype=np.float32)
-    if bias.shape != (h.shape[1],):
-        raise QmoeError(f"bias_activation: bias must be [{h.shape[1]}], got {list(bias.shape)}")
-    compiled.bias_activation_rows(h, bias, activation == "gelu")
-    return h
+        raise QmoeError(f"mlp_topk: activation must be one of {ACTIVATIONS}, got {activation!r}")
+    fc1_type, fc2_type = check_qtype(fc1_type), check_qtype(fc2_type)
+    w1, n = weight_bytes(fc1, fc1_type, "mlp_topk fc1")
+    w2, hidden = weight_bytes(fc2, fc2_type, "mlp_topk fc2")
+    if fc1.shape[0] != hidden or np.shape(fc1_bias) != (hidden,) or np.shape(fc2_bias) != (fc2.shape[0],):
+        raise QmoeError(
+            f"mlp_topk: shapes do not fit: fc1 [{fc1.shape[0]}, {n}], fc2 [{fc2.shape[0]}, {hidden}], "
+            f"biases {list(np.shape(fc1_bias))} and {list(np.shape(fc2_bias))}"
+        )
+    if not 1 <= count <= fc2.shape[0]:
+        raise QmoeError(f"mlp_topk: count must be between 1 and {fc2.shape[0]}, got {count}")
+    x = _activations(x, n, "mlp_topk")
+    out = np.empty((x.shape[0], count), np.int64)
+    compiled.mlp_top(
+        int(fc1_type), w1, row_bytes(fc1_type, n), np.asarray(fc1_bias, np.float32),
+        int(fc2_type), w2, row_bytes(fc2_type, hidden), np.asarray(fc2_bias, np.float32),
+        activation == "gelu", x, count, out,
+    )  # fmt: skip
+    return out
 
 
 def dequantize(w: np.ndarray, qtype: GGMLQuantizationType | int) -> np.ndarray:
@@ -155,6 +178,7 @@ def moe_ffn(
     x: np.ndarray,
     expert_ids: np.ndarray,
     expert_weights: np.ndarray,
+    slabs: np.ndarray | None = None,
 ) -> np.ndarray:
     """The routed experts' weighted sum for T tokens.
 
@@ -165,8 +189,15 @@ def moe_ffn(
     -> float32 [T, n_embd]. The (token, expert) pairs are grouped by expert; experts chosen
     by at least BLAS_MIN_TOKENS tokens run through BLAS, all others in one compiled call
     that reads each of their weight rows once.
+    slabs: int [n_ids], expert id -> its index in the stacked arrays, when these are not
+    the model's tensors but slots of a cache (the expert store's tiers); the sums run in
+    the order of the expert ids all the same, so the result is bit-identical.
     """
     flat, qt, rb, n_expert, n_embd, n_ff = _experts(gate_exps, up_exps, down_exps, qtypes, "moe_ffn")
+    n_ids = n_expert
+    if slabs is not None:
+        slabs = np.asarray(slabs, dtype=np.int64)
+        n_ids = len(slabs)
     x = _activations(x, n_embd, "moe_ffn")
     ids = np.ascontiguousarray(expert_ids, dtype=np.int64)
     weights = np.ascontiguousarray(expert_weights, dtype=np.float32)
@@ -175,8 +206,10 @@ def moe_ffn(
             f"moe_ffn: expert_ids {list(ids.shape)} and expert_weights {list(weights.shape)} must both be "
             f"[tokens = {x.shape[0]}, k]"
         )
-    if ids.size and (ids.min() < 0 or ids.max() >= n_expert):
-        raise QmoeError(f"moe_ffn: expert ids must be in 0..{n_expert - 1}, got {ids.min()}..{ids.max()}")
+    if ids.size and (ids.min() < 0 or ids.max() >= n_ids):
+        raise QmoeError(f"moe_ffn: expert ids must be in 0..{n_ids - 1}, got {ids.min()}..{ids.max()}")
+    if slabs is not None and ids.size and (slabs[ids].min() < 0 or slabs[ids].max() >= n_expert):
+        raise QmoeError(f"moe_ffn: the slabs of the chosen experts must be in 0..{n_expert - 1}")
     out = np.zeros((x.shape[0], n_embd), np.float32)
     if ids.size == 0:
         return out
@@ -186,6 +219,8 @@ def moe_ffn(
     starts = np.flatnonzero(np.diff(pair_experts[pairs], prepend=-1))
     counts = np.diff(starts, append=len(pairs))
     experts = pair_experts[pairs[starts]]
+    if slabs is not None:
+        experts = slabs[experts]  # where each expert's weights are; the groups keep the ids' order
     by_blas = counts >= BLAS_MIN_TOKENS
     small = ~by_blas
     if small.any():

@@ -1,16 +1,17 @@
-"""The predictors at run time on the CPU: the file's quantized matrices, multiplied by the kernels.
+"""The predictors at run time on the CPU: the file's quantized matrices, run by one compiled call.
 
 A decode step asks each MoE layer's predictor about one token, from the prefetch
 worker thread, while the model's thread runs attention. At that size a torch
-forward costs more in dispatch than in arithmetic, holds the GIL while it
-dispatches (which the model's thread then waits for), and reads float32 weights
-(4x the bytes of q8_0). Here the forward is two `kernels.matmul` calls straight on
-the q8_0 (or f16) blocks as they lie in the memory-mapped GGUF, and one compiled
-bias + activation pass; all three release the GIL.
+forward costs more in dispatch than in arithmetic, every op is a turn at the GIL
+that the model's thread then waits for, and it reads float32 weights (4x the bytes
+of q8_0). Here the whole forward and the top-k are `kernels.mlp_topk`: one serial
+compiled call on the q8_0 (or f16) blocks as they lie in the memory-mapped GGUF,
+without the GIL, on the worker's own core.
 
 The arithmetic is the exported predictor's (`predict_scores`): fc1, bias, GELU
 (exact) or SiLU, fc2, bias, in float32 on the dequantized weights, so both paths
-agree to float32 rounding. CUDA keeps the torch path (fp16 on the GPU).
+rank the experts alike up to float32 rounding. CUDA keeps the torch path (fp16
+on the GPU).
 """
 
 from __future__ import annotations
@@ -47,20 +48,11 @@ class KernelPredictors:
                 weights.fc2_bias.numpy().astype(np.float32),
             )
 
-    def predict(self, layer: int, x: torch.Tensor | np.ndarray) -> np.ndarray:
-        """Expert scores [T, E] (float32) for layer `layer` from x [T, n_embd] (or [n_embd])."""
-        x = x.numpy() if isinstance(x, torch.Tensor) else x
-        x = np.ascontiguousarray(x.reshape(-1, self.n_embd), dtype=np.float32)
-        fc1, b1, fc2, b2 = self.layers[layer]
-        h = kernels.bias_activation(kernels.matmul(fc1.data, fc1.qtype, x), b1, self.activation)  # [T, H]
-        scores = kernels.matmul(fc2.data, fc2.qtype, h)  # [T, E]
-        scores += b2
-        return scores
-
     def predict_topk(self, layer: int, x: torch.Tensor | np.ndarray, count: int | None = None) -> np.ndarray:
-        """The `count` (default k') best predicted experts [T, count], best first."""
-        scores = self.predict(layer, x)
-        count = count or self.k_prime
-        top = np.argpartition(-scores, count - 1, axis=1)[:, :count]
-        order = np.argsort(-np.take_along_axis(scores, top, axis=1), axis=1, kind="stable")
-        return np.take_along_axis(top, order, axis=1)
+        """The `count` (default k') best predicted experts [T, count] for x [T, n_embd], best first."""
+        x = x.numpy() if isinstance(x, torch.Tensor) else x
+        fc1, b1, fc2, b2 = self.layers[layer]
+        return kernels.mlp_topk(
+            fc1.data, fc1.qtype, b1, fc2.data, fc2.qtype, b2, self.activation, x.reshape(-1, self.n_embd),
+            count or self.k_prime,
+        )  # fmt: skip
