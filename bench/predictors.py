@@ -7,10 +7,10 @@
 3. The chosen configuration against every baseline (`qmoe eval-predictors`'s
    methods), as a table, JSON and a PNG plot by layer.
 4. The predictor's run-time cost: the per-token forward of all layers' predictors
-   as a share of the model's decode step, on this model and on the Qwen3-30B-A3B
-   bench shapes.
+   as the runtime runs them on the CPU, as a share of the model's decode step (one
+   thread for both), on this model and on the Qwen3-30B-A3B bench shapes.
 
-    python -m bench.predictors [--model models/tiny-qwen3moe.gguf] [--quick]
+    python -m bench.predictors [--model models/tiny-qwen3moe.gguf] [--quick] [--cost-only]
 """
 
 from __future__ import annotations
@@ -24,22 +24,22 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from gguf import GGMLQuantizationType
+from gguf.quants import quantize
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import qmoe  # noqa: E402
 from bench.train_tiny_moe import split_by_file, stdlib_corpus_files  # noqa: E402
+from qmoe import kernels  # noqa: E402
 from qmoe.predictor.calib_data import CalibData  # noqa: E402
 from qmoe.predictor.calibrate import calibration_router_weights, record, tokenize_files  # noqa: E402
 from qmoe.predictor.evaluate import evaluate, format_table, plot_exact_match, write_json  # noqa: E402
-from qmoe.predictor.model import (  # noqa: E402
-    INPUT_PRE_ATTN,
-    INPUT_PREV_ROUTER,
-    build_predictor,
-    fold_batchnorm,
-    predict_scores,  # noqa: E402
-)
+from qmoe.predictor.metrics import default_k_prime  # noqa: E402
+from qmoe.predictor.model import INPUT_PRE_ATTN, INPUT_PREV_ROUTER, build_predictor, fold_batchnorm  # noqa: E402
 from qmoe.predictor.train import train_all  # noqa: E402
+
+Q8_0 = GGMLQuantizationType.Q8_0
 
 
 def calibrate(model, out: Path, tokens: int) -> CalibData:
@@ -61,24 +61,36 @@ def score(calib: CalibData, routers, **options) -> dict:
 
 
 def predictor_cost(model, hidden: int, steps: int = 30) -> dict:
-    """Median decode step with and without every layer's predictor forward, one thread."""
+    """Median decode step, and median time of every MoE layer's predictor forward for one token as
+    the runtime runs it on the CPU (`kernels.mlp_topk` on q8_0 weights, one thread, top-k')."""
     hp = model.net.hp
-    net = build_predictor(hp.n_embd, hp.n_expert, hidden).eval()
-    weights = fold_batchnorm(net)
+    weights = fold_batchnorm(build_predictor(hp.n_embd, hp.n_expert, hidden).eval())
+    fc1, fc2 = (np.ascontiguousarray(quantize(w.numpy(), Q8_0)) for w in (weights.fc1_weight, weights.fc2_weight))
+    b1, b2 = weights.fc1_bias.numpy(), weights.fc2_bias.numpy()
+    k_prime = default_k_prime(hp.n_expert_used)
     cache = model.new_cache()
     model.eval(model.tokenize("def main("), cache)
     step, pred = [], []
-    x = torch.randn(1, hp.n_embd)
+    x = np.random.default_rng(0).normal(size=(1, hp.n_embd)).astype(np.float32)
     for i in range(steps):
         t0 = time.perf_counter()
         model.eval([100 + i], cache)
         step.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
         for _ in model.net.moe_layers:
-            predict_scores(weights, x)
+            kernels.mlp_topk(fc1, Q8_0, b1, fc2, Q8_0, b2, weights.activation, x, k_prime)
         pred.append(time.perf_counter() - t0)
     s, p = float(np.median(step)), float(np.median(pred))
     return {"hidden": hidden, "decode_step_ms": s * 1e3, "predictors_ms": p * 1e3, "share": p / s}
+
+
+def cost_table(model, bench_model: str) -> dict:
+    """The predictors' cost at several widths on this model and, if present, the bench shapes."""
+    cost = {"tiny": [predictor_cost(model, h) for h in (64, 256, 1024)]}
+    if Path(bench_model).exists():
+        big = qmoe.load(bench_model, n_ctx=256)
+        cost["qwen3_shapes"] = [predictor_cost(big, h, steps=10) for h in (256, 512, 1024, 2048)]
+    return cost
 
 
 def main() -> None:
@@ -91,13 +103,22 @@ def main() -> None:
     parser.add_argument("--bench-model", default="/tmp/qmoe-bench/qwen3-30b-a3b-shapes-8L.gguf",
                         help="GGUF with Qwen3-30B-A3B shapes for the cost measurement (bench/bench_model.py)")
     parser.add_argument("--quick", action="store_true", help="small sweep, for a smoke run")
+    parser.add_argument("--cost-only", action="store_true", help="only the run-time cost (cost.json)")
     args = parser.parse_args()
     if args.quick:
         args.tokens, args.hidden, args.epochs = [5000], [64], [2]
-    torch.set_num_threads(2)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    # The cost is measured with one thread for everything: the share a predictor takes of a core.
+    torch.set_num_threads(1)
+    kernels.set_num_threads(1)
     model = qmoe.load(args.model)
+    if args.cost_only:
+        cost = cost_table(model, args.bench_model)
+        print(json.dumps(cost, indent=2))
+        (out / "cost.json").write_text(json.dumps(cost, indent=2) + "\n")
+        return
+    torch.set_num_threads(2)
     routers = calibration_router_weights(model)
     results: dict = {"model": args.model, "sweep": []}
 
@@ -128,10 +149,9 @@ def main() -> None:
     write_json(full, out / "eval.json")
     plot_exact_match(full, out / "exact_match_by_layer.png")
 
-    results["cost"] = {"tiny": predictor_cost(model, best["hidden"])}
-    if Path(args.bench_model).exists():
-        big = qmoe.load(args.bench_model, threads=1, n_ctx=256)
-        results["cost"]["qwen3_shapes"] = [predictor_cost(big, h, steps=10) for h in (256, 512, 2048)]
+    torch.set_num_threads(1)
+    kernels.set_num_threads(1)
+    results["cost"] = cost_table(model, args.bench_model)
     print(json.dumps(results["cost"], indent=2))
     (out / "predictors.json").write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {out / 'predictors.json'}")
