@@ -31,13 +31,22 @@ Tier setups
     ram    RAM pool of quantized slabs, read from the file with O_DIRECT (the page
            cache bypassed, so every miss is a real read from the drive); the CPU
            kernels compute from the pool. No simulated link.
-    pcie   fast tier (on this CPU-only machine: float32 experts in CPU memory),
-           link SIMULATED at 25 GB/s + 10 us per transfer, misses wait.
+    pcie   fast tier (on this CPU-only machine: quantized slabs in CPU memory,
+           computed by the same kernels), link SIMULATED at 25 GB/s + 10 us per
+           transfer, misses wait.
     flash  the same with the link SIMULATED at 2 GB/s + 100 us.
-    The fast tier's upload dequantizes on the CPU, which is real work on top of the
-    simulated link, and its float32 products read 7x the bytes of the q4_0 kernels;
-    on a GPU both run on the device. For a3b it runs at 10 and 25% only (float32
-    experts at 50% would take 4.8 GB of a shared machine's memory).
+    link-X (--link-sweep X ...) the same with the link SIMULATED at X GB/s + 10 us:
+           how the value of prefetching depends on the ratio of transfer time to
+           compute time (a second plot, offload-links.png).
+
+Why the gain over on-demand loading is bounded: a prediction for layer l can only
+be made from layer l's input, so its transfers overlap at most layer l's attention
+(A) and the compute of the experts already there (M). Per layer, on-demand loading
+takes about A + T (T: the transfers of the misses, whose wait overlaps the hits'
+compute), a perfect prefetcher max(A + M, T). The ratio peaks where T = A + M, at
+1 + A / (A + M): about 1.5x when attention and experts cost the same, as on the a3b
+shapes; a faster link leaves little to hide, a slower one leaves T >> A to wait for
+whatever the policy.
 
 Cross-layer and pre-attn prefetch k' = k experts per token by default (--k-prime).
 Over-provisioning (the paper's k' = 1.5 k) raises recall but, at these budgets,
@@ -111,9 +120,6 @@ A3B_VOCAB = 4096
 A3B_SHAPE = dict(
     n_embd=2048, n_expert=128, n_expert_used=8, n_ff_exp=768, n_head=32, n_head_kv=4, head_dim=128
 )
-# The fast tier holds float32 experts on a CPU: a3b at 50% would be 4.8 GB, at 100% 9.7 GB, more
-# than a shared development machine should give one benchmark.
-A3B_FAST_BUDGETS = (10, 25)
 
 
 # ----------------------------------------------------------------------------- models
@@ -329,8 +335,22 @@ def decode(model: qmoe.Model, prompt: list[int], continuation: list[int], observ
     return time.perf_counter() - start
 
 
+SWEEP_LATENCY_US = 10.0
+
+
+def link_tier(gbps: float) -> str:
+    return f"link-{gbps:g}"
+
+
+def tier_config(tier: str) -> dict:
+    """The store options of a tier setup: one of TIERS, or link-X (--link-sweep)."""
+    if tier.startswith("link-"):
+        return dict(gpu_budget=True, on_miss="wait", link=SimulatedLink(float(tier[5:]), SWEEP_LATENCY_US))
+    return dict(TIERS[tier])
+
+
 def options(tier: str, budget: int, policy: str, k_prime: int, predictors: Path) -> OffloadOptions:
-    config = dict(TIERS[tier])
+    config = tier_config(tier)
     share = f"{budget}%"
     if config.pop("gpu_budget", False):
         config["gpu_budget"] = share
@@ -371,7 +391,6 @@ def run_model(
     budgets: list[int],
     n_prompt: int,
     n_decode: int,
-    fast_budgets: tuple[int, ...],
     repeats: int,
     k_prime: int | None,
 ) -> list[dict]:
@@ -399,8 +418,6 @@ def run_model(
     for tier in tiers:
         trace = RoutingTrace()  # recorded by the first run of this tier setup, replayed by the oracle
         for budget in budgets:
-            if tier != "ram" and budget not in fast_budgets:
-                continue
             best: dict[str, dict] = {}
             for repeat in range(repeats):
                 for policy in POLICIES if repeat % 2 == 0 else reversed(POLICIES):
@@ -458,6 +475,8 @@ def plot(results: list[dict], path: Path) -> None:
 
     models = list(dict.fromkeys(r["model"] for r in results))
     tiers = [t for t in TIERS if any(r["tier"] == t for r in results)]
+    if not tiers:
+        return
     fig, axes = plt.subplots(
         len(models), len(tiers), figsize=(4.2 * len(tiers), 3.4 * len(models)), squeeze=False
     )
@@ -484,10 +503,39 @@ def plot(results: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def plot_links(results: list[dict], path: Path) -> None:
+    """Speed-up over on-demand loading against the simulated link's speed: one panel per model and budget."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = sorted({(r["model"], r["budget"]) for r in results if r["tier"].startswith("link-")})
+    if not panels:
+        return
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.6), squeeze=False)
+    for ax, (model, budget) in zip(axes[0], panels):
+        rows = [r for r in results if r["tier"].startswith("link-") and (r["model"], r["budget"]) == (model, budget)]
+        speed = {(r["tier"], r["policy"]): r["tokens_per_s"] for r in rows}
+        links = sorted({r["tier"] for r in rows}, key=lambda t: float(t[5:]))
+        for policy in ("cross-layer", "pre-attn", "oracle"):
+            points = [(float(t[5:]), speed[t, policy] / speed[t, "none"]) for t in links if (t, policy) in speed]
+            ax.plot(*zip(*points), marker="o", label=f"{policy} / none")
+        ax.axhline(1.5, color="gray", linestyle=":", label="1.5x")
+        ax.set_xscale("log")
+        ax.set_title(f"{model}, fast tier {budget}% of experts")
+        ax.set_xlabel(f"simulated link GB/s (+{SWEEP_LATENCY_US:g} us per transfer)")
+        ax.set_ylabel("decode tokens/s relative to none")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", nargs="+", choices=("tiny", "a3b"), default=["tiny", "a3b"])
-    parser.add_argument("--tiers", nargs="+", choices=tuple(TIERS), default=list(TIERS))
+    parser.add_argument("--tiers", nargs="*", choices=tuple(TIERS), default=list(TIERS))
     parser.add_argument("--budgets", nargs="+", type=int, default=list(BUDGETS))
     parser.add_argument("--prompt", type=int, default=32, help="prompt tokens (default 32)")
     parser.add_argument("--decode", type=int, default=None, help="decode tokens (default: tiny 64, a3b 32)")
@@ -506,8 +554,17 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="experts prefetched per token by cross-layer and pre-attn (default k)",
     )
+    parser.add_argument(
+        "--link-sweep",
+        nargs="*",
+        type=float,
+        default=[],
+        metavar="GB_S",
+        help=f"also run the fast tier behind a simulated link of each speed (+{SWEEP_LATENCY_US:g} us)",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
+    args.tiers += [link_tier(g) for g in args.link_sweep]
 
     # numba's kernels take the cores; torch gets one thread: its work here is small (one token's
     # attention, norms, the predictors) and the prefetch worker's share should not spread over
@@ -522,7 +579,6 @@ def main(argv: list[str] | None = None) -> None:
             continue
         qmoe_kernels.set_num_threads(args.threads or KERNEL_THREADS[name])
         n_decode = args.decode or (64 if name == "tiny" else 32)
-        fast_budgets = tuple(BUDGETS) if name == "tiny" else A3B_FAST_BUDGETS
         results += run_model(
             name,
             *model,
@@ -530,7 +586,6 @@ def main(argv: list[str] | None = None) -> None:
             args.budgets,
             args.prompt,
             n_decode,
-            fast_budgets,
             args.repeats,
             args.k_prime,
         )
@@ -546,9 +601,10 @@ def main(argv: list[str] | None = None) -> None:
         results=results,
     )
     (args.out / "offload.json").write_text(json.dumps(summary, indent=2) + "\n")
-    plot(results, args.out / "offload.png")
+    plot([r for r in results if not r["tier"].startswith("link-")], args.out / "offload.png")
+    plot_links(results, args.out / "offload-links.png")
     print(table(results))
-    print(f"wrote {args.out / 'offload.json'} and {args.out / 'offload.png'} in {summary['seconds']:.0f} s")
+    print(f"wrote {args.out} in {summary['seconds']:.0f} s")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,20 @@ from qmoe.experts.options import MISS_POLICIES, POLICIES
 
 
 def _peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    """This process's peak resident set size in MiB.
+
+    Linux's VmHWM, the high-water mark of this program's own memory: getrusage's
+    ru_maxrss also keeps the peak of whatever process forked us before exec (a
+    500 MB test runner, say), so it can report the parent's memory instead of ours.
+    """
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 1024)
 
 
 def render_chat(model, messages: list[dict]) -> str:

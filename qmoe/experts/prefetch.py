@@ -19,16 +19,16 @@ Policies (`--prefetch`):
                  tokens do not depend on budgets or policy, so a first run records
                  exactly what the measured run will route. It is issued at the same
                  moment as pre-attn's prediction, so oracle vs pre-attn isolates the
-                 cost of prediction errors. Its precision in the statistics is 100%
+                 cost of prediction errors. Its precision and recall are 100%
                  unless the run left the recording (possible only where results are
                  not bit-identical: a dense fast tier with cpu misses, or sampling
                  without a seed).
 
 Each prediction is a list of experts, most wanted first: for one token its
 top-k' (k' >= k over-provisions), for several tokens (prefill) the union of their
-top-k', most often named first. The store measures precision and recall per layer
-and step, against the router's choice, of the predictions that reached it before
-their layer ran (stats.py).
+top-k', most often named first. The store measures their precision and recall per
+layer and step against the router's choice, and counts those that came too late
+(stats.py).
 """
 
 from __future__ import annotations
@@ -133,6 +133,7 @@ class Prefetcher:
 
     def __init__(self, store: ExpertStore, policy: Policy, moe_layers: list[int]):
         self.store = store
+        store.predicting = True
         self.policy = policy
         self.next_layer = dict(zip(moe_layers, moe_layers[1:]))
         self.messages: queue.SimpleQueue = queue.SimpleQueue()

@@ -9,7 +9,9 @@ and per prediction (one per layer and forward pass, P = predicted set, T = the
 experts the router chose, both over the pass's tokens):
     precision = sum |P & T| / sum |P|,  recall = sum |P & T| / sum |T|
 (a layer the policy makes no prediction for, like the first under cross-layer,
-adds to |T| only: its recall counts the experts nobody prefetched).
+adds to |T| only: its recall counts the experts nobody predicted). A prediction
+that arrives after its layer ran still counts here, for the predictor's accuracy;
+`late_predictions` says how many came too late to prefetch anything.
 
 For the run: bytes moved into each tier, transfer count and busy time (including
 any simulated link time), and the share of that busy time that overlapped compute,
@@ -59,12 +61,15 @@ class StoreStats:
     def for_layers(cls, layers: list[int]) -> StoreStats:
         return cls({layer: LayerStats() for layer in layers})
 
-    def record_prediction(self, layer: int, predicted: set[int] | None, actual: set[int]) -> None:
+    def record_routing(self, layer: int, actual: set[int]) -> None:
+        """A forward pass of `layer` routed to `actual` (counted whether or not it was predicted)."""
+        self.layers[layer].actual += len(actual)
+
+    def record_prediction(self, layer: int, predicted: set[int], actual: set[int]) -> None:
+        """The prediction for a forward pass whose routing was `actual`, in time or late."""
         s = self.layers[layer]
-        s.actual += len(actual)
-        if predicted is not None:
-            s.predicted += len(predicted)
-            s.correct += len(predicted & actual)
+        s.predicted += len(predicted)
+        s.correct += len(predicted & actual)
 
 
 def _ratio(num: float, den: float) -> float | None:

@@ -69,6 +69,7 @@ from qmoe.experts.stats import StoreStats, report
 from qmoe.experts.tiers import FastTier, RamPool
 from qmoe.kernels.ops import BLAS_MIN_TOKENS
 
+UNPREDICTED_KEPT = 1024  # forward passes whose late prediction may still be scored (stats only)
 DEMAND, PREFETCH, FILL = 0, 1, 2  # transfer priorities: a waiting model thread, a prediction, a cache fill
 Tier = RamPool | FastTier
 
@@ -140,6 +141,8 @@ class ExpertStore:
         self.seq = itertools.count()
         self.steps = {layer: 0 for layer in slabs.layers}  # forward passes each layer has started
         self.predicted: dict[int, set[Key]] = {}  # layer -> slabs protected for its coming step
+        self.predicting = False  # a prefetcher is attached: measure its predictions
+        self.unpredicted: dict[tuple[int, int], set[int]] = {}  # (layer, step) run unpredicted -> routing
         self.busy = False
         self.closing = False
         self.error: BaseException | None = None
@@ -262,9 +265,15 @@ class ExpertStore:
             # those that came are used (and claimed above) or wrong: evict those first.
             self.steps[layer] += 1
             predicted = self.predicted.pop(layer, None)
-            self.stats.record_prediction(
-                layer, None if predicted is None else {e for _, e in predicted}, set(tokens)
-            )
+            if self.predicting:
+                actual = set(tokens)
+                self.stats.record_routing(layer, actual)
+                if predicted is not None:
+                    self.stats.record_prediction(layer, {e for _, e in predicted}, actual)
+                else:  # the prediction may still come: its accuracy counts all the same
+                    self.unpredicted[layer, self.steps[layer] - 1] = actual
+                    if len(self.unpredicted) > UNPREDICTED_KEPT:
+                        del self.unpredicted[next(iter(self.unpredicted))]  # the oldest
             for key in predicted or ():
                 entry = tier.cache.get(key)
                 if entry is not None:
@@ -443,6 +452,9 @@ class ExpertStore:
         with self.lock:
             if step != self.steps[layer]:
                 self.stats.late_predictions += 1
+                actual = self.unpredicted.pop((layer, step), None)
+                if actual is not None:
+                    self.stats.record_prediction(layer, set(experts), actual)
                 return
             protected = self.predicted.setdefault(layer, set())
             protected.update((layer, e) for e in experts)
@@ -602,6 +614,7 @@ class ExpertStore:
                 if tier is not None:
                     tier.cache.clear()
             self.predicted.clear()
+            self.unpredicted.clear()
             self.stats = StoreStats.for_layers(self.slabs.layers)
 
     def reset_stats(self) -> None:

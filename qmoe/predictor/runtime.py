@@ -47,6 +47,9 @@ class KernelPredictors:
                 fc2,
                 weights.fc2_bias.numpy().astype(np.float32),
             )
+        # Compile (or load from numba's cache) now: the first predictions would otherwise wait
+        # for the compiler and arrive after their layers ran.
+        self.predict_topk(next(iter(self.layers)), np.zeros((1, self.n_embd), np.float32))
 
     def predict_topk(self, layer: int, x: torch.Tensor | np.ndarray, count: int | None = None) -> np.ndarray:
         """The `count` (default k') best predicted experts [T, count] for x [T, n_embd], best first."""
