@@ -463,3 +463,39 @@ class GGUFFile:
                 "from the model's hyperparameters"
             )
         return t
+
+
+@dataclass(frozen=True)
+class HeaderLayout:
+    """A GGUF header as raw byte pieces, to copy the pieces verbatim into another file."""
+
+    version: int
+    keys: list[tuple[str, bytes]]  # (key, its whole key-value entry), in file order
+    tensor_infos: list[tuple[str, bytes]]  # (name, its whole tensor info; the last 8 bytes are the offset)
+    alignment: int
+    data_start: int  # absolute offset of the data section
+
+
+def read_header_layout(path: str | os.PathLike) -> HeaderLayout:
+    """Walk a GGUF header (already validated by GGUFFile) and cut it into its entries, for
+    writers that copy a file's metadata and tensor table verbatim (embedding predictors)."""
+    path = Path(path)
+    mapped = np.memmap(path, dtype=np.uint8, mode="r")
+    with memoryview(mapped) as buf:
+        cur = _Cursor(path, buf)
+        n_tensors, n_kv = _read_header(cur)
+        (version,) = struct.unpack_from("<I", buf, len(GGUF_MAGIC))
+        keys, alignment = [], DEFAULT_ALIGNMENT
+        for i in range(n_kv):
+            start = cur.pos
+            key = cur.string(f"metadata key #{i}")
+            value = _read_value(cur, _value_type(cur, key), key)
+            if key == "general.alignment":
+                alignment = value
+            keys.append((key, bytes(buf[start:cur.pos])))
+        infos = []
+        for i in range(n_tensors):
+            start = cur.pos
+            info = _read_tensor_info(cur, i)
+            infos.append((info.name, bytes(buf[start:cur.pos])))
+        return HeaderLayout(version, keys, infos, alignment, -(-cur.pos // alignment) * alignment)

@@ -41,7 +41,6 @@ import json
 import os
 import re
 import struct
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -51,17 +50,7 @@ from gguf.quants import dequantize, quantize
 from tqdm import tqdm
 
 from qmoe.errors import GGUFFormatError, PredictorMismatchError, QmoeError
-from qmoe.gguf_file import (
-    DEFAULT_ALIGNMENT,
-    GGUF_MAGIC,
-    GGUFFile,
-    Tensor,
-    _Cursor,
-    _read_header,
-    _read_tensor_info,
-    _read_value,
-    _value_type,
-)
+from qmoe.gguf_file import GGUF_MAGIC, GGUFFile, Tensor, read_header_layout
 from qmoe.predictor.model import ACTIVATIONS, PredictorSet, PredictorWeights
 
 ARCH = "qmoe-predictor"
@@ -315,7 +304,7 @@ def embed_predictors(
     out = check_output_path(out_path, [model_path, predictors_path], overwrite)
     load_sidecar(predictors_path, model_identity(model))  # refuses another model's or malformed predictors
     source = GGUFFile(predictors_path)
-    model_header, source_header = _read_layout(model.path), _read_layout(source.path)
+    model_header, source_header = read_header_layout(model.path), read_header_layout(source.path)
     alignment = model_header.alignment
 
     keys = [raw for key, raw in model_header.keys if not _is_predictor_key(key)]
@@ -361,37 +350,3 @@ def embed_predictors(
 
 def _align(n: int, alignment: int) -> int:
     return -(-n // alignment) * alignment
-
-
-@dataclass(frozen=True)
-class _Layout:
-    """A GGUF header as raw byte pieces, to copy the pieces verbatim into another file."""
-
-    version: int
-    keys: list[tuple[str, bytes]]  # (key, its whole key-value entry), in file order
-    tensor_infos: list[tuple[str, bytes]]  # (name, its whole tensor info; the last 8 bytes are the offset)
-    alignment: int
-    data_start: int  # absolute offset of the data section
-
-
-def _read_layout(path: Path) -> _Layout:
-    """Walk a GGUF header (already validated by GGUFFile) and cut it into its entries."""
-    mapped = np.memmap(path, dtype=np.uint8, mode="r")
-    with memoryview(mapped) as buf:
-        cur = _Cursor(path, buf)
-        n_tensors, n_kv = _read_header(cur)
-        (version,) = struct.unpack_from("<I", buf, len(GGUF_MAGIC))
-        keys, alignment = [], DEFAULT_ALIGNMENT
-        for i in range(n_kv):
-            start = cur.pos
-            key = cur.string(f"metadata key #{i}")
-            value = _read_value(cur, _value_type(cur, key), key)
-            if key == "general.alignment":
-                alignment = value
-            keys.append((key, bytes(buf[start:cur.pos])))
-        infos = []
-        for i in range(n_tensors):
-            start = cur.pos
-            info = _read_tensor_info(cur, i)
-            infos.append((info.name, bytes(buf[start:cur.pos])))
-        return _Layout(version, keys, infos, alignment, _align(cur.pos, alignment))
