@@ -10,12 +10,17 @@
    as the runtime runs them on the CPU, as a share of the model's decode step (one
    thread for both), on this model and on the Qwen3-30B-A3B bench shapes.
 
+5. The ceiling of the first MoE layer: its input is a function of the token alone,
+   so no predictor can beat the best fixed k'-set per token (`first_layer_ceiling`).
+
     python -m bench.predictors [--model models/tiny-qwen3moe.gguf] [--quick] [--cost-only]
+    python -m bench.predictors --ceiling-only --data CALIB_DIR
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import shutil
 import sys
@@ -84,6 +89,38 @@ def predictor_cost(model, hidden: int, steps: int = 30) -> dict:
     return {"hidden": hidden, "decode_step_ms": s * 1e3, "predictors_ms": p * 1e3, "share": p / s}
 
 
+def first_layer_ceiling(calib: CalibData, k_prime: int) -> dict:
+    """The best over-provisioned exact match ANY predictor of block 0 can reach on `calib`.
+
+    Block 0's pre-attention activation is attn_norm(embedding of the current token): a
+    function of the token alone, so a predictor of block 0 can at best name, for each
+    token, one set of k' experts. The best set per token is found exactly (every k'-subset
+    of the E experts scored against the token's recorded top-k sets), and the share of
+    all recorded tokens it covers is a ceiling that no width, data or training can pass
+    (measured in-sample, so if anything optimistic). Exact search: small E only.
+    """
+    meta = calib.meta
+    if calib.moe_layers[0] != 0 or meta.n_expert > 20:
+        raise SystemExit("the ceiling needs block 0 to be an MoE layer and at most 20 experts")
+    x, topk = calib.x_pre(0), np.asarray(calib.topk(0), np.int64)
+    n = len(topk)
+    # tokens: identical activations (the first 8 values' bytes tell them apart)
+    _, token = np.unique(np.ascontiguousarray(x[:, :8]).view(np.uint8).reshape(n, -1), axis=0, return_inverse=True)
+    token = token.ravel()
+    masks = (1 << topk).sum(axis=1)  # each token's top-k as an expert bitmask
+    subsets = list(itertools.combinations(range(meta.n_expert), k_prime))
+    inside = np.array([[sum(1 << e for e in s) for s in itertools.combinations(c, meta.k)] for c in subsets])
+    order = np.argsort(token, kind="stable")
+    starts = np.flatnonzero(np.diff(token[order], prepend=-1))
+    covered = 0
+    for start, stop in zip(starts, np.append(starts[1:], n)):
+        seen, counts = np.unique(masks[order[start:stop]], return_counts=True)
+        count_of = np.zeros(1 << meta.n_expert, np.int64)
+        count_of[seen] = counts
+        covered += count_of[inside].sum(axis=1).max()  # the best k'-set for this token
+    return {"k_prime": k_prime, "tokens": n, "distinct_tokens": len(starts), "ceiling": covered / n}
+
+
 def cost_table(model, bench_model: str) -> dict:
     """The predictors' cost at several widths on this model and, if present, the bench shapes."""
     cost = {"tiny": [predictor_cost(model, h) for h in (64, 256, 1024)]}
@@ -104,7 +141,17 @@ def main() -> None:
                         help="GGUF with Qwen3-30B-A3B shapes for the cost measurement (bench/bench_model.py)")
     parser.add_argument("--quick", action="store_true", help="small sweep, for a smoke run")
     parser.add_argument("--cost-only", action="store_true", help="only the run-time cost (cost.json)")
+    parser.add_argument("--ceiling-only", action="store_true",
+                        help="only the first-layer ceiling of the recording --data (ceiling.json)")
+    parser.add_argument("--data", default=None, metavar="CALIB_DIR", help="recording for --ceiling-only")
     args = parser.parse_args()
+    if args.ceiling_only:
+        calib = CalibData(args.data)
+        ceiling = first_layer_ceiling(calib, default_k_prime(calib.meta.k))
+        print(json.dumps(ceiling, indent=2))
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "ceiling.json").write_text(json.dumps(ceiling, indent=2) + "\n")
+        return
     if args.quick:
         args.tokens, args.hidden, args.epochs = [5000], [64], [2]
     out = Path(args.out)
@@ -152,6 +199,7 @@ def main() -> None:
     torch.set_num_threads(1)
     kernels.set_num_threads(1)
     results["cost"] = cost_table(model, args.bench_model)
+    results["first_layer_ceiling"] = first_layer_ceiling(calib, default_k_prime(calib.meta.k))
     print(json.dumps(results["cost"], indent=2))
     (out / "predictors.json").write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {out / 'predictors.json'}")
