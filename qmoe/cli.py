@@ -116,7 +116,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     seed = args.seed
     if offload is not None and offload.prefetch == "oracle" and seed is None and args.temp > 0:
         seed = random.randrange(2**31)  # the recording and the replay must sample the same tokens
-    sampling = SamplingParams(args.temp, args.top_k, args.top_p, seed)
+    sampling = SamplingParams(args.temp, args.top_k, args.top_p, seed, args.repeat_penalty, args.repeat_last_n)
     model = load(args.model, device=args.device, n_ctx=args.ctx, threads=args.threads, offload=offload)
     print(f"qmoe: {model.path.name}: {model.file.arch}, {model.net.hp.n_layer} layers, "
           f"{model.net.hp.n_expert} experts ({model.net.hp.n_expert_used} used), ctx {model.n_ctx}, "
@@ -282,6 +282,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--temp", type=float, default=0.0, help="sampling temperature; 0 = greedy (default 0)")
     run.add_argument("--top-k", type=int, default=40, help="keep the K most likely tokens; 0 = all (default 40)")
     run.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling threshold (default 0.95)")
+    run.add_argument("--repeat-penalty", type=float, default=1.0,
+                     help="divide the (positive) logits of recently seen tokens by this; 1 = off (default 1)")
+    run.add_argument("--repeat-last-n", type=int, default=64,
+                     help="how many recent tokens, prompt included, the repeat penalty looks at (default 64)")
     run.add_argument("--seed", type=int, default=None, help="random seed for sampling")
     run.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores)")
     run.add_argument("--ctx", type=int, default=None, help="context size in tokens (default min(4096, trained))")

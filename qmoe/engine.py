@@ -73,10 +73,16 @@ class Timings:
 
 @dataclass
 class SamplingParams:
+    """temperature 0 = greedy. repeat_penalty (llama.cpp's): the logits of the tokens among the
+    last `repeat_last_n` (prompt included) are divided by it where positive and multiplied where
+    negative, so > 1 discourages repeating them; 1 = off."""
+
     temperature: float = 0.0
     top_k: int = 40
     top_p: float = 0.95
     seed: int | None = None
+    repeat_penalty: float = 1.0
+    repeat_last_n: int = 64
 
     def __post_init__(self):
         if not (self.temperature >= 0 and np.isfinite(self.temperature)):
@@ -85,6 +91,10 @@ class SamplingParams:
             raise QmoeError(f"top_k must be >= 0 (0 = no limit), got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise QmoeError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not (self.repeat_penalty > 0 and np.isfinite(self.repeat_penalty)):
+            raise QmoeError(f"repeat_penalty must be a finite number > 0 (1 = off), got {self.repeat_penalty}")
+        if self.repeat_last_n < 0:
+            raise QmoeError(f"repeat_last_n must be >= 0, got {self.repeat_last_n}")
 
 
 class Sampler:
@@ -94,7 +104,14 @@ class Sampler:
         self.p = params
         self.rng = np.random.default_rng(params.seed)
 
-    def __call__(self, logits: np.ndarray) -> int:
+    def __call__(self, logits: np.ndarray, recent: list[int] = ()) -> int:
+        """The next token from `logits` [n_vocab]; `recent`: the tokens so far, for the repeat penalty."""
+        window = recent[-self.p.repeat_last_n :] if self.p.repeat_last_n else []
+        if self.p.repeat_penalty != 1 and len(window):
+            seen = np.unique(np.asarray(window))
+            logits = logits.copy()
+            penalized = logits[seen]
+            logits[seen] = np.where(penalized > 0, penalized / self.p.repeat_penalty, penalized * self.p.repeat_penalty)
         if self.p.temperature == 0:
             return int(np.argmax(logits))
         z = logits.astype(np.float64) / self.p.temperature
@@ -308,10 +325,12 @@ class Model:
         self.timings.prompt_tokens, self.timings.prompt_s = len(prompt_ids), time.perf_counter() - t0
         self.timings.decode_tokens, self.timings.decode_s = 0, 0.0
         t0 = time.perf_counter()
+        context = list(prompt_ids)
         for n in range(max_tokens):
-            token = sampler(logits[-1].float().cpu().numpy())
+            token = sampler(logits[-1].float().cpu().numpy(), context)
             if token in self.tokenizer.eos_ids:
                 break
+            context.append(token)
             yield token
             if n + 1 == max_tokens:
                 break
@@ -320,9 +339,10 @@ class Model:
             self.timings.decode_s = time.perf_counter() - t0
 
     def generate(self, prompt: str, max_tokens: int, temperature: float = 0.0, seed: int | None = None,
-                 top_k: int = 40, top_p: float = 0.95) -> str:
-        """The continuation of `prompt` (without the prompt)."""
-        sampling = SamplingParams(temperature, top_k, top_p, seed)
+                 top_k: int = 40, top_p: float = 0.95, repeat_penalty: float = 1.0,
+                 repeat_last_n: int = 64) -> str:
+        """The continuation of `prompt` (without the prompt); sampling as in `SamplingParams`."""
+        sampling = SamplingParams(temperature, top_k, top_p, seed, repeat_penalty, repeat_last_n)
         return self.detokenize(list(self.stream(self.tokenize(prompt), max_tokens, sampling)))
 
 

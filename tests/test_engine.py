@@ -68,6 +68,9 @@ def test_prompt_longer_than_context_is_refused(model_path):
     ({"temperature": float("nan")}, "temperature"),
     ({"top_p": 0.0}, "top_p"),
     ({"top_k": -2}, "top_k"),
+    ({"repeat_penalty": 0.0}, "repeat_penalty"),
+    ({"repeat_penalty": float("inf")}, "repeat_penalty"),
+    ({"repeat_last_n": -1}, "repeat_last_n"),
 ])
 def test_invalid_sampling_parameters_are_refused(model, kwargs, message):
     with pytest.raises(QmoeError, match=message):
@@ -134,3 +137,22 @@ def test_sampler_handles_edge_settings(top_k, top_p):
     assert draws <= set(range(50))
     if top_k == 1 or top_p < 1e-6:
         assert draws == {int(np.argmax(logits))}
+
+
+def test_repeat_penalty_discourages_recent_tokens():
+    from qmoe.engine import Sampler, SamplingParams
+
+    logits = np.array([3.0, 2.9, -1.0, 0.5], np.float32)
+    assert Sampler(SamplingParams())(logits, [0, 0]) == 0  # off by default
+    penalized = Sampler(SamplingParams(repeat_penalty=1.3))
+    assert penalized(logits, [0]) == 1  # 3.0 / 1.3 < 2.9
+    assert penalized(logits, [2]) == 0  # a negative logit gets more negative: still not chosen
+    assert Sampler(SamplingParams(repeat_penalty=1.3, repeat_last_n=1))(logits, [0, 3]) == 0  # 0 is out of the window
+    assert Sampler(SamplingParams(repeat_penalty=1.3, repeat_last_n=0))(logits, [0]) == 0  # no window
+    assert logits[0] == 3.0  # the caller's logits are left alone
+
+
+def test_repeat_penalty_changes_greedy_generation(model):
+    plain = model.generate("def main(", max_tokens=12)
+    assert model.generate("def main(", max_tokens=12, repeat_penalty=1.0) == plain
+    assert model.generate("def main(", max_tokens=12, repeat_penalty=5.0) != plain
