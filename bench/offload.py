@@ -16,14 +16,11 @@ Models
            `qmoe train-predictors`).
     a3b    random weights with Qwen3-30B-A3B's layer shapes: n_embd 2048, 128
            experts of which 8 are used, expert FFN 768, 32 query / 4 KV heads of
-           128; q4_0 experts, q8_0 elsewhere; A3B_LAYERS layers and a 4096-token
-           byte-level vocabulary (the real 151k-token head would dominate decode).
-           Written from random quantized blocks into ~/.cache/qmoe-bench (1.4 GB).
-           The scales make the residual stream dominate each layer's update, as
-           in trained transformers (embeddings std 1, attention output std 0.002,
-           experts 0.02): that is the property pre-attention prediction relies on.
-           (With an attention update as large as the residual, routing is no more
-           predictable from attn_norm than from anything else.) Its predictors are
+           128; q4_0 experts, q8_0 elsewhere; 4 layers and a 4096-token byte-level
+           vocabulary (the real 151k-token head would dominate decode). Written from
+           random quantized blocks into ~/.cache/qmoe-bench (1.4 GB) by
+           bench/random_moe.py, whose scales make routing predictable from the
+           pre-attention activation as in trained models. Its predictors are
            trained the same way as the tiny model's, on 20,000 tokens of its own
            activations, with the default width (the paper's 2048).
 
@@ -69,7 +66,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import sys
@@ -84,14 +80,14 @@ from pathlib import Path
 # here torch loads before qmoe, so set it before anything loads.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from gguf import GGMLQuantizationType, GGUFWriter  # noqa: E402
+from gguf import GGMLQuantizationType  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
 import qmoe  # noqa: E402
+from bench.random_moe import MoEShape, write_random_moe  # noqa: E402
 from qmoe import kernels as qmoe_kernels  # noqa: E402
 from qmoe.cli import main as qmoe_main  # noqa: E402
 from qmoe.errors import PredictorMismatchError  # noqa: E402
@@ -115,10 +111,9 @@ TIERS = {
 # The tiny model's matrices are too small for two kernel threads to pay off (one: 359, two: 307
 # tokens/s without a store), and one leaves a core to the prefetch and transfer threads.
 KERNEL_THREADS = {"tiny": 1, "a3b": 2}
-A3B_LAYERS = 4
-A3B_VOCAB = 4096
-A3B_SHAPE = dict(
-    n_embd=2048, n_expert=128, n_expert_used=8, n_ff_exp=768, n_head=32, n_head_kv=4, head_dim=128
+A3B = MoEShape(
+    n_layers=4, n_embd=2048, n_head=32, n_head_kv=4, head_dim=128, n_expert=128, n_expert_used=8,
+    n_ff_exp=768, n_vocab=4096, expert_type=QT.Q4_0,
 )
 
 
@@ -190,113 +185,13 @@ def tiny_model() -> tuple[Path, Path] | None:
     return gguf_path, predictors_for(gguf_path, sidecars, tokens=20_000, hidden=None, epochs=10)
 
 
-def _random_blocks(rng: np.random.Generator, shape: tuple[int, ...], qtype: QT, std: float) -> np.ndarray:
-    """Random quantized weights of `shape` (numpy order) with about `std`: uint8 [..., row_bytes].
-
-    Q4_0: every block's fp16 scale d and uniform nibbles, w = d * (q - 8), std ~ 4.6 d.
-    Q8_0: scale d and uniform int8 in [-127, 127], std ~ 73 d.
-    """
-    block_bytes, spread = {QT.Q4_0: (18, 4.6), QT.Q8_0: (34, 73.3)}[qtype]
-    n_blocks = math.prod(shape) // 32
-    blocks = rng.integers(0, 256, (n_blocks, block_bytes), dtype=np.uint8)
-    if qtype == QT.Q8_0:
-        blocks[:, 2:][blocks[:, 2:] == 128] = 129  # int8 -128 is outside Q8_0's symmetric range
-    blocks[:, :2] = np.array([std / spread], np.float16).view(np.uint8)
-    return blocks.reshape(*shape[:-1], shape[-1] // 32 * block_bytes)
-
-
-def a3b_model(n_layers: int = A3B_LAYERS) -> Path:
+def a3b_model() -> Path:
     """The random-weight GGUF with Qwen3-30B-A3B's layer shapes (written once, then reused)."""
-    path = CACHE_DIR / f"qwen3-a3b-shapes-random-{n_layers}l.gguf"
-    if path.exists():
-        return path
-    CACHE_DIR.mkdir(parents=True, exist_ok=True)
-    s = A3B_SHAPE
-    d, e, ff, hd = s["n_embd"], s["n_expert"], s["n_ff_exp"], s["head_dim"]
-    # Scales: the residual stream (embeddings, std 1) dominates each layer's update (attention output
-    # projection std 0.002, experts 0.02), as in trained transformers.
-    plan = [("token_embd.weight", (A3B_VOCAB, d), QT.Q8_0, 1.0)]
-    for i in range(n_layers):
-        p = f"blk.{i}."
-        plan += [
-            (p + "attn_norm.weight", (d,), QT.F32, 1.0),
-            (p + "attn_q.weight", (s["n_head"] * hd, d), QT.Q8_0, 0.02),
-            (p + "attn_k.weight", (s["n_head_kv"] * hd, d), QT.Q8_0, 0.02),
-            (p + "attn_v.weight", (s["n_head_kv"] * hd, d), QT.Q8_0, 0.02),
-            (p + "attn_q_norm.weight", (hd,), QT.F32, 1.0),
-            (p + "attn_k_norm.weight", (hd,), QT.F32, 1.0),
-            (p + "attn_output.weight", (d, s["n_head"] * hd), QT.Q8_0, 0.002),
-            (p + "ffn_norm.weight", (d,), QT.F32, 1.0),
-            (p + "ffn_gate_inp.weight", (e, d), QT.F32, 0.02),
-            (p + "ffn_gate_exps.weight", (e, ff, d), QT.Q4_0, 0.02),
-            (p + "ffn_up_exps.weight", (e, ff, d), QT.Q4_0, 0.02),
-            (p + "ffn_down_exps.weight", (e, d, ff), QT.Q4_0, 0.02),
-        ]
-    plan += [("output_norm.weight", (d,), QT.F32, 1.0), ("output.weight", (A3B_VOCAB, d), QT.Q8_0, 0.02)]
-
-    tmp = path.with_name(path.name + ".tmp")
-    writer = GGUFWriter(tmp, "qwen3moe")
-    writer.add_name("random weights with Qwen3-30B-A3B layer shapes")
-    writer.add_context_length(4096)
-    writer.add_embedding_length(d)
-    writer.add_block_count(n_layers)
-    writer.add_feed_forward_length(ff)
-    writer.add_head_count(s["n_head"])
-    writer.add_head_count_kv(s["n_head_kv"])
-    writer.add_key_length(hd)
-    writer.add_value_length(hd)
-    writer.add_rope_dimension_count(hd)
-    writer.add_rope_freq_base(1e6)
-    writer.add_layer_norm_rms_eps(1e-6)
-    writer.add_expert_count(e)
-    writer.add_expert_used_count(s["n_expert_used"])
-    writer.add_expert_feed_forward_length(ff)
-    writer.add_expert_weights_norm(True)
-    writer.add_vocab_size(A3B_VOCAB)
-    _add_byte_tokenizer(writer)
-    for name, shape, qtype, _ in plan:
-        nbytes = (
-            4 * math.prod(shape)
-            if qtype == QT.F32
-            else math.prod(shape) // 32 * {QT.Q4_0: 18, QT.Q8_0: 34}[qtype]
-        )
-        writer.add_tensor_info(name, shape, np.dtype(np.float32), nbytes, raw_dtype=qtype)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_ti_data_to_file()
-    rng = np.random.default_rng(0)
-    for _, shape, qtype, std in plan:
-        if qtype == QT.F32:
-            values = (
-                np.full(shape, std, np.float32)
-                if std == 1.0
-                else rng.normal(0, std, shape).astype(np.float32)
-            )
-            writer.write_tensor_data(values)
-        else:
-            writer.write_tensor_data(_random_blocks(rng, shape, qtype, std))
-    writer.close()
-    tmp.rename(path)
+    path = CACHE_DIR / f"qwen3-a3b-shapes-random-{A3B.n_layers}l.gguf"
+    if not path.exists():
+        CACHE_DIR.mkdir(parents=True, exist_ok=True)
+        write_random_moe(path, A3B, "random weights with Qwen3-30B-A3B layer shapes")
     return path
-
-
-def _add_byte_tokenizer(writer: GGUFWriter) -> None:
-    """A byte-level "gpt2" vocabulary: the 256 bytes, one merge (two spaces), the rest unused."""
-    from qmoe.tokenizer import gpt2_byte_alphabet
-
-    alphabet = gpt2_byte_alphabet()
-    space = alphabet[ord(" ")]
-    tokens = (
-        [alphabet[b] for b in range(256)] + [space * 2] + [f"<unused{i}>" for i in range(A3B_VOCAB - 259)]
-    )
-    tokens += ["<|bos|>", "<|eos|>"]
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("gpt2")
-    writer.add_token_list(tokens)
-    writer.add_token_types([1] * 257 + [5] * (A3B_VOCAB - 259) + [3, 3])  # normal, unused, control
-    writer.add_token_merges([f"{space} {space}"])
-    writer.add_bos_token_id(A3B_VOCAB - 2)
-    writer.add_eos_token_id(A3B_VOCAB - 1)
 
 
 def a3b_with_predictors() -> tuple[Path, Path]:

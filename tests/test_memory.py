@@ -11,8 +11,8 @@ numba and its compiled kernels, the non-expert weights (memory-mapped; a touched
 file counts in RSS), the KV cache and the store's I/O buffers (one slab). It is measured here as
 the peak RSS of the same generation with the smallest pool, one slab.
 
-The model is written here: a qwen3moe with 4 layers of 64 experts (FFN 512, n_embd 256, q8_0),
-about 100 MiB of experts next to about 1 MiB of everything else. Each run is `qmoe run` in a
+The model is written here (bench/random_moe.py): a qwen3moe with 4 layers of 64 experts (FFN 512,
+n_embd 256, q8_0), about 100 MiB of experts next to about 1 MiB of everything else. Each run is `qmoe run` in a
 fresh process, and the test reads the numbers it reports (its peak RSS and its pool) from its
 stderr, as a user would. A run without a budget serves the experts from the memory map; its
 RSS grows by nearly all the experts (the prompt routes to almost all of them), which shows that
@@ -21,25 +21,23 @@ the measurement would see a store that touched them.
 
 from __future__ import annotations
 
-import math
 import re
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
-from gguf import GGMLQuantizationType, GGUFWriter
+from gguf import GGMLQuantizationType
 
-from qmoe.tokenizer import gpt2_byte_alphabet
+from bench.random_moe import MoEShape, expert_bytes, nbytes, write_random_moe
 
-QT = GGMLQuantizationType
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
-# The test model: small everywhere except the routed experts.
-N_LAYER, N_EMBD, N_EXPERT, N_EXPERT_USED, N_FF_EXP = 4, 256, 64, 8, 512
-N_HEAD, N_HEAD_KV, HEAD_DIM = 4, 2, 64
-N_VOCAB = 256 + 2  # the bytes, BOS, EOS
+# The test model: small everywhere except the routed experts. Decisive routers: routing follows the token.
+SHAPE = MoEShape(
+    n_layers=4, n_embd=256, n_head=4, n_head_kv=2, head_dim=64, n_expert=64, n_expert_used=8, n_ff_exp=512,
+    n_vocab=259, expert_type=GGMLQuantizationType.Q8_0, router_std=0.1,
+)
 
 # Bytes of RSS a run may differ by besides its pool: allocator and interpreter noise, the
 # store's per-slot bookkeeping. What the tests allow on top of the measured fixed overhead.
@@ -51,95 +49,9 @@ N_PREDICT = 16
 BUDGET_PERCENT = 25  # of the experts
 
 
-def q8_0_bytes(shape: tuple[int, ...]) -> int:
-    return math.prod(shape) // 32 * 34
-
-
-def random_q8_0(rng: np.random.Generator, shape: tuple[int, ...], std: float) -> np.ndarray:
-    """Random Q8_0 weights of `shape` (numpy order) with about `std`: uint8 [..., row_bytes].
-
-    Every block: an fp16 scale d, then 32 int8 uniform in [-127, 127] (std ~73 d)."""
-    blocks = rng.integers(0, 256, (math.prod(shape) // 32, 34), dtype=np.uint8)
-    blocks[:, 2:][blocks[:, 2:] == 128] = 129  # int8 -128 is outside Q8_0's symmetric range
-    blocks[:, :2] = np.array([std / 73.3], np.float16).view(np.uint8)
-    return blocks.reshape(*shape[:-1], shape[-1] // 32 * 34)
-
-
-def write_model(path: Path) -> int:
-    """Write the test model (see the module docstring) to `path`; return its routed experts' bytes."""
-    hd = HEAD_DIM
-    # (name, numpy shape, type, std); norms are all ones. The residual stream (embeddings, std 1)
-    # dominates each layer's update, and the routers are decisive: routing follows the token.
-    plan = [("token_embd.weight", (N_VOCAB, N_EMBD), QT.Q8_0, 1.0)]
-    for i in range(N_LAYER):
-        p = f"blk.{i}."
-        plan += [
-            (p + "attn_norm.weight", (N_EMBD,), QT.F32, 1.0),
-            (p + "attn_q.weight", (N_HEAD * hd, N_EMBD), QT.Q8_0, 0.02),
-            (p + "attn_k.weight", (N_HEAD_KV * hd, N_EMBD), QT.Q8_0, 0.02),
-            (p + "attn_v.weight", (N_HEAD_KV * hd, N_EMBD), QT.Q8_0, 0.02),
-            (p + "attn_q_norm.weight", (hd,), QT.F32, 1.0),
-            (p + "attn_k_norm.weight", (hd,), QT.F32, 1.0),
-            (p + "attn_output.weight", (N_EMBD, N_HEAD * hd), QT.Q8_0, 0.002),
-            (p + "ffn_norm.weight", (N_EMBD,), QT.F32, 1.0),
-            (p + "ffn_gate_inp.weight", (N_EXPERT, N_EMBD), QT.F32, 0.1),
-            (p + "ffn_gate_exps.weight", (N_EXPERT, N_FF_EXP, N_EMBD), QT.Q8_0, 0.02),
-            (p + "ffn_up_exps.weight", (N_EXPERT, N_FF_EXP, N_EMBD), QT.Q8_0, 0.02),
-            (p + "ffn_down_exps.weight", (N_EXPERT, N_EMBD, N_FF_EXP), QT.Q8_0, 0.02),
-        ]
-    plan += [
-        ("output_norm.weight", (N_EMBD,), QT.F32, 1.0),
-        ("output.weight", (N_VOCAB, N_EMBD), QT.Q8_0, 0.02),
-    ]
-
-    writer = GGUFWriter(path, "qwen3moe")
-    writer.add_name("qmoe memory test model")
-    writer.add_context_length(512)
-    writer.add_embedding_length(N_EMBD)
-    writer.add_block_count(N_LAYER)
-    writer.add_feed_forward_length(N_FF_EXP)
-    writer.add_head_count(N_HEAD)
-    writer.add_head_count_kv(N_HEAD_KV)
-    writer.add_key_length(hd)
-    writer.add_value_length(hd)
-    writer.add_rope_dimension_count(hd)
-    writer.add_rope_freq_base(1e6)
-    writer.add_layer_norm_rms_eps(1e-6)
-    writer.add_expert_count(N_EXPERT)
-    writer.add_expert_used_count(N_EXPERT_USED)
-    writer.add_expert_feed_forward_length(N_FF_EXP)
-    writer.add_expert_weights_norm(True)
-    writer.add_vocab_size(N_VOCAB)
-    alphabet = gpt2_byte_alphabet()  # a byte-level vocabulary: one token per byte, no merges
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("gpt2")
-    writer.add_token_list([alphabet[b] for b in range(256)] + ["<|bos|>", "<|eos|>"])
-    writer.add_token_types([1] * 256 + [3, 3])  # normal, control
-    writer.add_token_merges([f"{alphabet[ord('a')]} {alphabet[ord('b')]}"])
-    writer.add_bos_token_id(N_VOCAB - 2)
-    writer.add_eos_token_id(N_VOCAB - 1)
-    for name, shape, qtype, _ in plan:
-        nbytes = 4 * math.prod(shape) if qtype == QT.F32 else q8_0_bytes(shape)
-        writer.add_tensor_info(name, shape, np.dtype(np.float32), nbytes, raw_dtype=qtype)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_ti_data_to_file()
-    rng = np.random.default_rng(0)
-    for _, shape, qtype, std in plan:
-        if qtype != QT.F32:
-            values = random_q8_0(rng, shape, std)
-        elif std == 1.0:
-            values = np.ones(shape, np.float32)  # a norm
-        else:
-            values = rng.normal(0, std, shape).astype(np.float32)  # a router
-        writer.write_tensor_data(values)
-    writer.close()
-    return sum(q8_0_bytes(shape) for name, shape, _, _ in plan if "_exps." in name)
-
-
 def slab_bytes() -> int:
     """One expert of one layer: its gate, up and down rows; the smallest pool there is."""
-    return 3 * q8_0_bytes((N_FF_EXP, N_EMBD))
+    return 3 * nbytes((SHAPE.n_ff_exp, SHAPE.n_embd), SHAPE.expert_type)
 
 
 def peak_rss_and_slabs(model: Path, *budget_args: str) -> tuple[int, int | None]:
@@ -160,7 +72,7 @@ def peak_rss_and_slabs(model: Path, *budget_args: str) -> tuple[int, int | None]
 @pytest.fixture(scope="module")
 def model(tmp_path_factory) -> tuple[Path, int]:
     path = tmp_path_factory.mktemp("memory") / "big-experts.gguf"
-    return path, write_model(path)
+    return write_random_moe(path, SHAPE, "mostly experts"), expert_bytes(SHAPE)
 
 
 def test_the_model_is_mostly_experts(model):
