@@ -274,6 +274,7 @@ def measure(
         hit_rate=t["hit_rate"],
         precision=t["precision"],
         recall=t["recall"],
+        predict_share=stats["prefetch"]["predict_s"] / seconds,  # the predictor's time / decode time
         stats=stats,
     )
 

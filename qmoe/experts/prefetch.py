@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections import defaultdict
 
 import numpy as np
@@ -183,6 +184,7 @@ class Prefetcher:
                 self.error = exc
 
     def _prefetch(self, layer: int, step: int, x: torch.Tensor, ready: torch.cuda.Event | None) -> None:
+        start = time.perf_counter()
         if ready is None:
             experts = self.policy.predict(layer, x)
         else:
@@ -192,7 +194,7 @@ class Prefetcher:
                 self.stream.wait_event(ready)
                 x.record_stream(self.stream)  # x's memory is not reused before this stream is done with it
                 experts = self.policy.predict(layer, x)
-        self.store.prefetch(layer, experts, step)
+        self.store.prefetch(layer, experts, step, time.perf_counter() - start)
 
     def set_policy(self, policy: Policy) -> None:
         """Switch policies between runs (the oracle gets its recording this way)."""

@@ -56,6 +56,8 @@ class StoreStats:
     prefetch_loaded: int = 0  # of those, transfers actually made
     prefetch_dropped: int = 0  # dropped unstarted: the layer had run, or no slot could be freed
     late_predictions: int = 0  # predictions that arrived after their layer had started
+    predictions: int = 0  # predictions made (one per MoE layer and forward pass)
+    predict_s: float = 0.0  # the prefetch worker's time computing them (the predictor's run-time cost)
 
     @classmethod
     def for_layers(cls, layers: list[int]) -> StoreStats:
@@ -100,6 +102,8 @@ def report(stats: StoreStats, tiers: dict) -> dict:
             "loaded": stats.prefetch_loaded,
             "dropped": stats.prefetch_dropped,
             "late_predictions": stats.late_predictions,
+            "predictions": stats.predictions,
+            "predict_s": stats.predict_s,
         },
     }
 
@@ -141,7 +145,8 @@ def format_table(summary: dict) -> str:
     p = summary["prefetch"]
     lines.append(
         f"prefetch: {p['requested']} experts requested, {p['loaded']} loaded, {p['dropped']} dropped, "
-        f"{p['late_predictions']} predictions too late"
+        f"{p['late_predictions']} predictions too late; {p['predictions']} predictions took "
+        f"{1e3 * p['predict_s']:.1f} ms"
     )
     return "\n".join(lines)
 

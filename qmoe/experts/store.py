@@ -442,14 +442,17 @@ class ExpertStore:
         """How many forward passes `layer` has started: a prediction made now is for the next one."""
         return self.steps[layer]
 
-    def prefetch(self, layer: int, experts: list[int], step: int) -> None:
+    def prefetch(self, layer: int, experts: list[int], step: int, predict_s: float = 0.0) -> None:
         """Bring `experts` of `layer` (most wanted first) into the compute tier for its step `step`.
 
         Resident ones are protected until the layer runs; absent ones are queued
         behind any demand load. Nothing happens if the layer has already started its step.
+        predict_s: how long the prediction took to compute (statistics).
         """
         tier = self.compute_tier
         with self.lock:
+            self.stats.predictions += 1
+            self.stats.predict_s += predict_s
             if step != self.steps[layer]:
                 self.stats.late_predictions += 1
                 actual = self.unpredicted.pop((layer, step), None)
