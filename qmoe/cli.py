@@ -121,6 +121,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"qmoe: {model.path.name}: {model.file.arch}, {model.net.hp.n_layer} layers, "
           f"{model.net.hp.n_expert} experts ({model.net.hp.n_expert_used} used), ctx {model.n_ctx}, "
           f"device {model.device}", file=sys.stderr)
+    status = 0
     try:
         if offload is not None and offload.prefetch == "oracle":
             _prepare_oracle(model, args, sampling)
@@ -139,7 +140,10 @@ def cmd_run(args: argparse.Namespace) -> int:
                 raise QmoeError("give a prompt with -p PROMPT (or use --chat)")
             sys.stdout.write(args.prompt)
             _stream_text(model, model.tokenize(args.prompt), args, sampling)
-    except (KeyboardInterrupt, EOFError):
+    except KeyboardInterrupt:  # Ctrl-C ends the generation, not the report
+        sys.stdout.write("\n")
+        status = 130  # as a shell reports a SIGINT
+    except EOFError:  # the end of a --chat session's input
         sys.stdout.write("\n")
     print(model.timings.summary(), file=sys.stderr)
     print(f"qmoe: peak RSS     = {_peak_rss_mib():9.1f} MiB", file=sys.stderr)
@@ -149,7 +153,7 @@ def cmd_run(args: argparse.Namespace) -> int:
               file=sys.stderr)
     _report_offload(model, args)
     model.close()
-    return 0
+    return status
 
 
 def cmd_info(args: argparse.Namespace) -> int:

@@ -156,3 +156,27 @@ def test_repeat_penalty_changes_greedy_generation(model):
     plain = model.generate("def main(", max_tokens=12)
     assert model.generate("def main(", max_tokens=12, repeat_penalty=1.0) == plain
     assert model.generate("def main(", max_tokens=12, repeat_penalty=5.0) != plain
+
+
+@pytest.mark.parametrize("store", [[], ["--ram-budget", "25%", "--prefetch", "pre-attn"]])
+def test_ctrl_c_during_generation_exits_cleanly(store):
+    """SIGINT while tokens stream: the run stops, prints its timings, exits 130, no traceback;
+    with an expert store its threads do not keep the process alive."""
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    run = subprocess.Popen(
+        [sys.executable, "-m", "qmoe.cli", "run", "models/tiny-qwen3moe.gguf", "-p", "def main(", "-n", "2000",
+         "--temp", "0.8", "--seed", "1", "-t", "1", *store],
+        cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    first = run.stdout.read(12)  # the prompt and the first generated tokens: it is generating
+    run.send_signal(signal.SIGINT)
+    out, err = run.communicate(timeout=60)
+    err = err.decode()
+    assert first.startswith(b"def main(")
+    assert run.returncode == 130, err
+    assert "decode" in err and "peak RSS" in err and "Traceback" not in err

@@ -454,6 +454,54 @@ def test_budgets_hold_under_many_prompts_tiny_budgets_and_threads(q4_path, confi
         assert [results[j] for j in range(len(prompts))] == ref
 
 
+# ----------------------------------------------------------------------------- failures in the store's threads
+
+
+def _within(seconds: float, call):
+    """call() in a thread; its result or exception, or a failure if it hangs (a deadlock)."""
+    outcome = {}
+
+    def run():
+        try:
+            outcome["value"] = call()
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), "the call hung: a failed worker thread left the model waiting"
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
+def test_a_failed_read_in_the_transfer_thread_surfaces_in_the_caller(q4_path, monkeypatch):
+    with qmoe.load(q4_path, offload=OffloadOptions(ram_budget="30%", direct_io=True)) as m:
+        ids = prompt(m.n_vocab, 8)
+
+        def broken_read(ranges, views):
+            raise OSError(5, "Input/output error")
+
+        monkeypatch.setattr(m.store.reader, "read", broken_read)
+        with pytest.raises(QmoeError, match="loading experts failed: .*Input/output error") as caught:
+            _within(60, lambda: m.logits(ids))
+        assert isinstance(caught.value.__cause__, OSError)
+
+
+def test_a_failed_prediction_surfaces_in_the_caller(q4_path, monkeypatch):
+    with qmoe.load(q4_path, offload=OffloadOptions(ram_budget="50%", prefetch="cross-layer")) as m:
+        ids = prompt(m.n_vocab, 8)
+
+        def broken_predict(layer, x):
+            raise ValueError("predictor exploded")
+
+        monkeypatch.setattr(m.prefetcher.policy, "predict", broken_predict)
+        with pytest.raises(QmoeError, match="expert prediction failed: predictor exploded") as caught:
+            _within(60, lambda: list(m.stream(ids, 6)))  # reported at the next layer that asks
+        assert isinstance(caught.value.__cause__, ValueError)
+
+
 # ----------------------------------------------------------------------------- CLI
 
 
