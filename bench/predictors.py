@@ -67,7 +67,7 @@ def score(calib: CalibData, routers, **options) -> dict:
 
 def predictor_cost(model, hidden: int, steps: int = 30) -> dict:
     """Median decode step, and median time of every MoE layer's predictor forward for one token as
-    the runtime runs it on the CPU (`kernels.mlp_topk` on q8_0 weights, one thread, top-k')."""
+    the runtime runs it on the CPU (`kernels.MLPTopK` on q8_0 weights, one thread, top-k')."""
     hp = model.net.hp
     weights = fold_batchnorm(build_predictor(hp.n_embd, hp.n_expert, hidden).eval())
     fc1, fc2 = (np.ascontiguousarray(quantize(w.numpy(), Q8_0)) for w in (weights.fc1_weight, weights.fc2_weight))
@@ -77,13 +77,14 @@ def predictor_cost(model, hidden: int, steps: int = 30) -> dict:
     model.eval(model.tokenize("def main("), cache)
     step, pred = [], []
     x = np.random.default_rng(0).normal(size=(1, hp.n_embd)).astype(np.float32)
+    predictor = kernels.MLPTopK(fc1, Q8_0, b1, fc2, Q8_0, b2, weights.activation)
     for i in range(steps):
         t0 = time.perf_counter()
         model.eval([100 + i], cache)
         step.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
         for _ in model.net.moe_layers:
-            kernels.mlp_topk(fc1, Q8_0, b1, fc2, Q8_0, b2, weights.activation, x, k_prime)
+            predictor(x, k_prime)
         pred.append(time.perf_counter() - t0)
     s, p = float(np.median(step)), float(np.median(pred))
     return {"hidden": hidden, "decode_step_ms": s * 1e3, "predictors_ms": p * 1e3, "share": p / s}

@@ -288,7 +288,7 @@ def test_every_supported_type_has_compiled_row_loops():
 
 @pytest.mark.parametrize("activation", ["gelu", "silu"])
 @pytest.mark.parametrize("qtype", [QT.Q8_0, QT.F16])
-def test_mlp_topk_ranks_like_the_float_network(activation, qtype, rng):
+def test_mlp_top_k_ranks_like_the_float_network(activation, qtype, rng):
     import torch
 
     fc1 = rng.normal(size=(64, 96)).astype(np.float32)
@@ -299,12 +299,12 @@ def test_mlp_topk_ranks_like_the_float_network(activation, qtype, rng):
     act = torch.nn.functional.gelu if activation == "gelu" else torch.nn.functional.silu
     w1, w2 = (torch.from_numpy(gguf_dequantize(r, qtype)) for r in (raw1, raw2))
     scores = (act(torch.from_numpy(x) @ w1.T + torch.from_numpy(b1)) @ w2.T + torch.from_numpy(b2)).numpy()
-    got = kernels.mlp_topk(raw1, qtype, b1, raw2, qtype, b2, activation, x, 5)
+    got = kernels.MLPTopK(raw1, qtype, b1, raw2, qtype, b2, activation)(x, 5)
     assert got.dtype == np.int64 and got.shape == (7, 5)
     assert np.array_equal(got, np.argsort(-scores, axis=1, kind="stable")[:, :5])
     with pytest.raises(QmoeError, match="activation"):
-        kernels.mlp_topk(raw1, qtype, b1, raw2, qtype, b2, "relu", x, 5)
+        kernels.MLPTopK(raw1, qtype, b1, raw2, qtype, b2, "relu")
     with pytest.raises(QmoeError, match="shapes do not fit"):
-        kernels.mlp_topk(raw1, qtype, b1[:3], raw2, qtype, b2, activation, x, 5)
+        kernels.MLPTopK(raw1, qtype, b1[:3], raw2, qtype, b2, activation)
     with pytest.raises(QmoeError, match="count"):
-        kernels.mlp_topk(raw1, qtype, b1, raw2, qtype, b2, activation, x, 21)
+        kernels.MLPTopK(raw1, qtype, b1, raw2, qtype, b2, activation)(x, 21)

@@ -4,7 +4,7 @@
     dequantize(w, qtype)                raw [..., row] -> float32 [..., n]
     expert_ffn(gate, up, down, qtypes, x)                     one expert's SwiGLU on T tokens
     moe_ffn(gate_exps, up_exps, down_exps, qtypes, x, ids, weights)   routed sum over top-k experts
-    mlp_topk(fc1, t1, b1, fc2, t2, b2, activation, x, count)  top outputs of a 2-layer net, serially
+    MLPTopK(fc1, t1, b1, fc2, t2, b2, activation)(x, count)   top outputs of a 2-layer net, serially
     set_num_threads(n)
 
 Weights are the raw views of qmoe.gguf_file (F32 float32 [rows, n], F16 float16,
@@ -28,12 +28,12 @@ worker can run beside them; concurrent calls from several threads need numba's
 """
 
 from qmoe.kernels.ops import (
+    MLPTopK,
     dequantize,
     expert_ffn,
     matmul,
-    mlp_topk,
     moe_ffn,
     set_num_threads,
 )
 
-__all__ = ["dequantize", "expert_ffn", "matmul", "mlp_topk", "moe_ffn", "set_num_threads"]
+__all__ = ["MLPTopK", "dequantize", "expert_ffn", "matmul", "moe_ffn", "set_num_threads"]

@@ -96,45 +96,50 @@ def _matmul_blas_tiles(
 ACTIVATIONS = ("gelu", "silu")
 
 
-def mlp_topk(
-    fc1: np.ndarray,
-    fc1_type: GGMLQuantizationType | int,
-    fc1_bias: np.ndarray,
-    fc2: np.ndarray,
-    fc2_type: GGMLQuantizationType | int,
-    fc2_bias: np.ndarray,
-    activation: str,
-    x: np.ndarray,
-    count: int,
-) -> np.ndarray:
-    """The `count` largest outputs of fc2 @ act(fc1 @ x + b1) + b2 per token, best first: int64 [T, count].
+class MLPTopK:
+    """The top outputs of a small two-layer network, fc2 @ act(fc1 @ x + b1) + b2, per token.
 
-    fc1: raw [H, n]; fc2: raw [E, H]; biases float32 [H] and [E]; activation "gelu" | "silu";
-    x: float32 [T, n]. A small two-layer network (the expert predictors) in one compiled call
-    that releases the GIL and uses no threads: it is meant to run on a core of its own beside
+    fc1: raw [H, n]; fc2: raw [E, H]; biases float32 [H] and [E]; activation "gelu" | "silu".
+    Made for the expert predictors: checked once here, then each call is one serial compiled
+    call that releases the GIL and uses no threads, meant to run on a core of its own beside
     the model, where separate products, activations and a sort would each cost a Python round
-    trip and a turn at the GIL. Equal ties rank the lower index first.
+    trip and a turn at the GIL.
     """
-    if activation not in ACTIVATIONS:
-        raise QmoeError(f"mlp_topk: activation must be one of {ACTIVATIONS}, got {activation!r}")
-    fc1_type, fc2_type = check_qtype(fc1_type), check_qtype(fc2_type)
-    w1, n = weight_bytes(fc1, fc1_type, "mlp_topk fc1")
-    w2, hidden = weight_bytes(fc2, fc2_type, "mlp_topk fc2")
-    if fc1.shape[0] != hidden or np.shape(fc1_bias) != (hidden,) or np.shape(fc2_bias) != (fc2.shape[0],):
-        raise QmoeError(
-            f"mlp_topk: shapes do not fit: fc1 [{fc1.shape[0]}, {n}], fc2 [{fc2.shape[0]}, {hidden}], "
-            f"biases {list(np.shape(fc1_bias))} and {list(np.shape(fc2_bias))}"
-        )
-    if not 1 <= count <= fc2.shape[0]:
-        raise QmoeError(f"mlp_topk: count must be between 1 and {fc2.shape[0]}, got {count}")
-    x = _activations(x, n, "mlp_topk")
-    out = np.empty((x.shape[0], count), np.int64)
-    compiled.mlp_top(
-        int(fc1_type), w1, row_bytes(fc1_type, n), np.asarray(fc1_bias, np.float32),
-        int(fc2_type), w2, row_bytes(fc2_type, hidden), np.asarray(fc2_bias, np.float32),
-        activation == "gelu", x, count, out,
-    )  # fmt: skip
-    return out
+
+    def __init__(
+        self,
+        fc1: np.ndarray,
+        fc1_type: GGMLQuantizationType | int,
+        fc1_bias: np.ndarray,
+        fc2: np.ndarray,
+        fc2_type: GGMLQuantizationType | int,
+        fc2_bias: np.ndarray,
+        activation: str,
+    ):
+        if activation not in ACTIVATIONS:
+            raise QmoeError(f"MLPTopK: activation must be one of {ACTIVATIONS}, got {activation!r}")
+        fc1_type, fc2_type = check_qtype(fc1_type), check_qtype(fc2_type)
+        self.w1, self.n = weight_bytes(fc1, fc1_type, "MLPTopK fc1")
+        self.w2, hidden = weight_bytes(fc2, fc2_type, "MLPTopK fc2")
+        self.n_out = fc2.shape[0]
+        if fc1.shape[0] != hidden or np.shape(fc1_bias) != (hidden,) or np.shape(fc2_bias) != (self.n_out,):
+            raise QmoeError(
+                f"MLPTopK: shapes do not fit: fc1 [{fc1.shape[0]}, {self.n}], fc2 [{self.n_out}, {hidden}], "
+                f"biases {list(np.shape(fc1_bias))} and {list(np.shape(fc2_bias))}"
+            )
+        self.layer1 = (int(fc1_type), self.w1, row_bytes(fc1_type, self.n), np.asarray(fc1_bias, np.float32))
+        self.layer2 = (int(fc2_type), self.w2, row_bytes(fc2_type, hidden), np.asarray(fc2_bias, np.float32))
+        self.gelu = activation == "gelu"
+
+    def __call__(self, x: np.ndarray, count: int) -> np.ndarray:
+        """x float32 [T, n] -> the `count` largest outputs' indices, best first: int64 [T, count].
+        Equal outputs rank the lower index first."""
+        if not 1 <= count <= self.n_out:
+            raise QmoeError(f"MLPTopK: count must be between 1 and {self.n_out}, got {count}")
+        x = _activations(x, self.n, "MLPTopK")
+        out = np.empty((x.shape[0], count), np.int64)
+        compiled.mlp_top(*self.layer1, *self.layer2, self.gelu, x, count, out)
+        return out
 
 
 def dequantize(w: np.ndarray, qtype: GGMLQuantizationType | int) -> np.ndarray:
