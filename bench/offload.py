@@ -22,7 +22,7 @@ Models
            bench/random_moe.py, whose scales make routing predictable from the
            pre-attention activation as in trained models. Its predictors are
            trained the same way as the tiny model's, on 20,000 tokens of its own
-           activations, with the default width (the paper's 2048).
+           activations, with the default width (1024), q8_0 like the shipped ones.
 
 Tier setups
     ram    RAM pool of quantized slabs, read from the file with O_DIRECT (the page
@@ -146,6 +146,8 @@ def train_predictors(model: Path, sidecar: Path, tokens: int, hidden: int | None
             str(epochs),
             "--device",
             "cpu",
+            "--type",
+            "q8_0",
         ] + (["--hidden", str(hidden)] if hidden else [])
         if qmoe_main(args) != 0:
             raise SystemExit(f"training predictors for {model} failed")

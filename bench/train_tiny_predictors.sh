@@ -3,7 +3,7 @@
 # (models/tiny-qwen3moe.pred.gguf), as README's "Expert predictors" reports them.
 # Calibration text: 1M tokens of the model's own training files (bench/train_tiny_moe.py's
 # training split of the stdlib corpus); the predictors' held-out tokens are a block split of the
-# recording (qmoe/predictor/calib_data.py). Width: the default, min(2048, n_embd) = 256.
+# recording (qmoe/predictor/calib_data.py). Width: the default, min(1024, n_embd) = 256.
 # About 30 minutes on one core of the development machines.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -356,7 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="write one GGUF with the model and its predictors instead of a sidecar; qmoe loads it, "
                          "llama.cpp refuses it (tensors its architecture does not know)")
     tr.add_argument("--force", action="store_true", help="with --embed: overwrite an existing output file")
-    tr.add_argument("--hidden", type=int, default=None, help="predictor width (default min(2048, n_embd))")
+    tr.add_argument("--hidden", type=int, default=None, help="predictor width (default min(1024, n_embd))")
     tr.add_argument("--arch", type=int, choices=(1, 2), default=1,
                     help="1: Linear-BatchNorm-GELU-Dropout-Linear (default); 2: Linear-SiLU-Linear")
     tr.add_argument("--epochs", type=int, default=30, help="maximum epochs (default 30)")

@@ -168,8 +168,8 @@ def test_folded_batchnorm_equals_the_net_in_eval_mode():
 
 
 def test_default_hidden_follows_the_embedding_size():
-    assert default_hidden(2048) == 2048
-    assert default_hidden(4096) == 2048
+    assert default_hidden(2048) == 1024
+    assert default_hidden(4096) == 1024
     assert default_hidden(64) == 64
 
 

@@ -23,7 +23,7 @@ from torch import nn
 # architecture number -> activation between the two matmuls
 ACTIVATIONS = {1: "gelu", 2: "silu"}
 DROPOUT = 0.1
-MAX_HIDDEN = 2048
+DEFAULT_MAX_HIDDEN = 1024  # the paper used 2048; see default_hidden
 
 # What a predictor reads (stored in the sidecar so a file says which kind it holds).
 INPUT_PRE_ATTN = "attn_norm"  # layer l's attn_norm output: ours ("pre-attn")
@@ -32,15 +32,16 @@ INPUTS = (INPUT_PRE_ATTN, INPUT_PREV_ROUTER)
 
 
 def default_hidden(n_embd: int) -> int:
-    """Hidden width: the paper's 2048, but at most n_embd.
+    """Hidden width: 1024, or n_embd when that is smaller.
 
-    A model with n_embd 2048 or more gets the paper's net. A small model gets its
-    own width: the predictors' forward runs once per MoE layer and token, and its
-    fc1 (n_embd x H) must stay small beside the layer's own weights. On the trained
-    tiny model (n_embd 256) width 256 cost 2.9 % of a one-thread decode step and
-    width 1024 cost 6.3 %, for 2 points of exact match (bench/predictors.py).
+    Measured (bench/predictors.py, README "Expert predictors"): on the Qwen3-30B-A3B
+    layer shapes the paper's 2048 predicted no better than 1024 (68.3 vs 68.8 % exact
+    match) and cost twice as much per token on the CPU (3.4 vs 1.7 % of a decode step:
+    the forward is memory-bound, fc1 alone is n_embd x width bytes per layer). On the
+    trained tiny model (n_embd 256) width 1024 bought 2 points over 256 for 2.8x the
+    cost (5.5 vs 2.0 %). `--hidden` overrides it.
     """
-    return min(MAX_HIDDEN, n_embd)
+    return min(DEFAULT_MAX_HIDDEN, n_embd)
 
 
 def build_predictor(n_embd: int, n_expert: int, hidden: int, arch: int = 1) -> nn.Sequential:
