@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 
+import numba
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType
@@ -241,8 +242,11 @@ def test_moe_ffn_rejects_bad_routing(experts):
         kernels.moe_ffn(raws[0], raws[1], raws[0], qtypes, x, np.zeros((2, 1), np.int64), np.ones((2, 1)))
 
 
-def test_thread_count_does_not_change_results(experts, rng):
-    """Each output is summed by one thread in a fixed order: bit-identical at 1 and 2 threads."""
+@pytest.mark.parametrize("parallel_min_bytes", [0, ops.PARALLEL_MIN_BYTES])
+def test_thread_count_does_not_change_results(experts, rng, monkeypatch, parallel_min_bytes):
+    """Each output is summed by one thread in a fixed order: bit-identical at 1 and 2 threads, with
+    these small weights run in parallel (threshold 0) or on one thread (the default threshold)."""
+    monkeypatch.setattr(ops, "PARALLEL_MIN_BYTES", parallel_min_bytes)
     raws, _, qtypes = experts
     x = rng.standard_normal((3, N_EMBD)).astype(np.float32)
     ids, weights = routing(rng, 3, 4)
@@ -252,6 +256,7 @@ def test_thread_count_does_not_change_results(experts, rng):
         results.append(
             (kernels.moe_ffn(*raws, qtypes, x, ids, weights), kernels.matmul(raws[0][3], qtypes[0], x))
         )
+        assert numba.get_num_threads() == threads  # the small-work rule restores the setting
     kernels.set_num_threads(2)
     for a, b in zip(*results):
         np.testing.assert_array_equal(a, b)
