@@ -136,11 +136,13 @@ class ExpertSlabs:
 class SlabReader:
     """Explicit reads of slabs from the GGUF file into caller-owned buffers.
 
-    A slab's three parts are read at once, one thread each: a drive serves parallel
-    requests in little more than the time of one, and small slabs are bound by
-    latency (three 35 KB O_DIRECT reads took 660 us one after the other and 170 us
-    together on the development machines). Used by one thread at a time (the
-    store's transfer thread).
+    With O_DIRECT a slab's three parts are read at once, one thread each: a drive
+    serves parallel requests in little more than the time of one, and small slabs
+    are bound by latency (three 35 KB O_DIRECT reads took 660 us one after the other
+    and 170 us together on the development machines). Through the page cache a read
+    is a copy, and handing it to other threads costs more than it could overlap: the
+    parts are read one after the other. Used by one thread at a time (the store's
+    transfer thread).
     """
 
     ALIGN = 4096  # O_DIRECT wants offsets, lengths and buffers aligned to the logical block size
@@ -181,6 +183,10 @@ class SlabReader:
 
     def read(self, ranges: tuple[tuple[int, int], ...], outs: tuple[np.ndarray, ...]) -> None:
         """Fill each writable contiguous buffer of `outs` with its (offset, nbytes) range of the file."""
+        if not self.direct:  # through the page cache: copies, with no device latency to overlap
+            for i, ((offset, nbytes), out) in enumerate(zip(ranges, outs)):
+                self._read_part(i, offset, nbytes, out)
+            return
         parts = [
             self.workers.submit(self._read_part, i, offset, nbytes, out)
             for i, ((offset, nbytes), out) in enumerate(zip(ranges, outs))
