@@ -296,6 +296,15 @@ def test_every_policy_keeps_results_and_measures_itself(q4_path, tmp_path):
         assert s["bytes_into"]["ram"] == s["transfers"] * one_slab(q4_path)
 
 
+def test_predictions_are_scored_when_every_expert_is_served_from_the_file(q4_path):
+    """A budget that holds every expert needs no transfers, but the statistics still judge the predictions."""
+    with qmoe.load(q4_path, offload=OffloadOptions(ram_budget="100%", prefetch="cross-layer")) as m:
+        assert m.store.compute_tier is None
+        list(m.stream(prompt(m.n_vocab, 6), 4))
+        s = m.offload_stats()
+    assert s["total"]["predicted"] > 0 and s["total"]["recall"] is not None and s["transfers"] == 0
+
+
 def test_pre_attn_needs_matching_predictors(q4_path, tmp_path):
     with pytest.raises(QmoeError, match="needs predictors"):
         qmoe.load(

@@ -215,8 +215,10 @@ class ExpertStore:
         """The routed experts' weighted sum: x [T, n_embd], ids and weights [T, k] -> [T, n_embd]."""
         if self.compute_tier is None:  # every expert is in the mapped file: as the model without a store
             gate, up, down = self.slabs.tensors[layer]
+            needed = {int(e) for e in np.unique(ids)}
             with self.lock:
-                self.stats.layers[layer].hits += len(np.unique(ids))
+                self.stats.layers[layer].hits += len(needed)
+                self._layer_starts(layer, needed)
             return kernels.moe_ffn(gate.data, up.data, down.data, self.layout.qtypes, x, ids, weights)
         groups = expert_groups(ids)
         k = ids.shape[1]
@@ -261,19 +263,8 @@ class ExpertStore:
                     else:
                         job = self._request(tier, (layer, e))
                         waiting.append((job.seq, e, job))
-            # The layer runs now: a prediction for this step that comes later is too late, and
-            # those that came are used (and claimed above) or wrong: evict those first.
-            self.steps[layer] += 1
-            predicted = self.predicted.pop(layer, None)
-            if self.predicting:
-                actual = set(tokens)
-                self.stats.record_routing(layer, actual)
-                if predicted is not None:
-                    self.stats.record_prediction(layer, {e for _, e in predicted}, actual)
-                else:  # the prediction may still come: its accuracy counts all the same
-                    self.unpredicted[layer, self.steps[layer] - 1] = actual
-                    if len(self.unpredicted) > UNPREDICTED_KEPT:
-                        del self.unpredicted[next(iter(self.unpredicted))]  # the oldest
+            predicted = self._layer_starts(layer, set(tokens))
+            # The predictions that came are used (and claimed above) or wrong: evict those first.
             for key in predicted or ():
                 entry = tier.cache.get(key)
                 if entry is not None:
@@ -301,6 +292,21 @@ class ExpertStore:
                 for handle in claimed:
                     self._unclaim(handle)
             raise
+
+    def _layer_starts(self, layer: int, actual: set[int]) -> set[Key] | None:
+        """Under the lock: `layer` runs a forward pass that routes to `actual`. A prediction for this
+        pass that comes later is too late; the one that came is scored and returned (its slabs)."""
+        self.steps[layer] += 1
+        predicted = self.predicted.pop(layer, None)
+        if self.predicting:
+            self.stats.record_routing(layer, actual)
+            if predicted is not None:
+                self.stats.record_prediction(layer, {e for _, e in predicted}, actual)
+            else:  # the prediction may still come: its accuracy counts all the same
+                self.unpredicted[layer, self.steps[layer] - 1] = actual
+                if len(self.unpredicted) > UNPREDICTED_KEPT:
+                    del self.unpredicted[next(iter(self.unpredicted))]  # the oldest
+        return predicted
 
     def _compute_all(
         self, ready: list[tuple[int, Entry]], x: np.ndarray, ids: np.ndarray, weights: np.ndarray
