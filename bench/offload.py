@@ -36,6 +36,12 @@ Tier setups
            how the value of prefetching depends on the ratio of transfer time to
            compute time (a second plot, offload-links.png).
 
+Policies (POLICIES): none, cross-layer, pre-attn and oracle as `--prefetch` names them,
+with the paper's schedule (lookahead 0); pre-attn+1 and oracle+1 with --lookahead 1 (each
+layer also guessed right after the previous layer's attention); oracle-token, the true
+routing of every MoE layer queued right after the token's first attention: about the best
+that any prediction made within a token could do on this machine.
+
 Why the gain over on-demand loading is bounded: a prediction for layer l can only
 be made from layer l's input, so its transfers overlap at most layer l's attention
 (A) and the compute of the experts already there (M). Per layer, on-demand loading
@@ -43,7 +49,9 @@ takes about A + T (T: the transfers of the misses, whose wait overlaps the hits'
 compute), a perfect prefetcher max(A + M, T). The ratio peaks where T = A + M, at
 1 + A / (A + M): about 1.5x when attention and experts cost the same, as on the a3b
 shapes; a faster link leaves little to hide, a slower one leaves T >> A to wait for
-whatever the policy.
+whatever the policy. A lookahead widens the window by the previous layer's experts,
+but the link still carries every miss one after the other, and on a CPU-only machine
+the copies into the fast tier take the cores that compute.
 
 Cross-layer and pre-attn prefetch k' = k experts per token by default (--k-prime).
 Over-provisioning (the paper's k' = 1.5 k) raises recall but, at these budgets,
@@ -58,7 +66,7 @@ decide a comparison.
 Output (--out, default out/offload/): offload.json (every run's numbers and store statistics) and
 offload.png (tokens/s against budget, per model and tier setup).
 
-    python bench/offload.py                  # the default run: under 15 minutes on 2 cores
+    python bench/offload.py                  # the default run: about 40 minutes on 2 cores
     python bench/offload.py --models tiny --tiers ram --decode 64
 """
 
@@ -101,7 +109,18 @@ MODELS_DIR = REPO_ROOT / "models"
 # The 1.4 GB random a3b model is a cache, not a repository file.
 CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "qmoe-bench"
 RESULTS_DIR = REPO_ROOT / "out" / "offload"
-POLICIES = ("none", "cross-layer", "pre-attn", "oracle")
+TOKEN = -1  # lookahead: every MoE layer of the token, right after the first attention
+# label -> (--prefetch, --lookahead): the policies, pre-attn and the oracle also one layer ahead,
+# and the oracle with the whole token ahead (nearly the best any prediction could do here).
+POLICIES = {
+    "none": ("none", 0),
+    "cross-layer": ("cross-layer", 0),
+    "pre-attn": ("pre-attn", 0),
+    "oracle": ("oracle", 0),
+    "pre-attn+1": ("pre-attn", 1),
+    "oracle+1": ("oracle", 1),
+    "oracle-token": ("oracle", TOKEN),
+}
 BUDGETS = (10, 25, 50, 100)
 TIERS = {
     "ram": dict(direct_io=True),
@@ -246,7 +265,9 @@ def tier_config(tier: str) -> dict:
     return dict(TIERS[tier])
 
 
-def options(tier: str, budget: int, policy: str, k_prime: int, predictors: Path) -> OffloadOptions:
+def options(tier: str, budget: int, label: str, k_prime: int, predictors: Path, n_layer: int) -> OffloadOptions:
+    """The store options of one run: `label` is one of POLICIES."""
+    policy, lookahead = POLICIES[label]
     config = tier_config(tier)
     share = f"{budget}%"
     if config.pop("gpu_budget", False):
@@ -254,7 +275,8 @@ def options(tier: str, budget: int, policy: str, k_prime: int, predictors: Path)
     else:
         config["ram_budget"] = share
     k_prime = k_prime if policy in ("cross-layer", "pre-attn") else None
-    return OffloadOptions(prefetch=policy, k_prime=k_prime, predictors=str(predictors), **config)
+    lookahead = n_layer if lookahead == TOKEN else lookahead
+    return OffloadOptions(prefetch=policy, k_prime=k_prime, lookahead=lookahead, predictors=str(predictors), **config)
 
 
 def measure(
@@ -299,6 +321,7 @@ def run_model(
         ids = text_ids(plain, n_prompt + n_decode)
         prompt, continuation = ids[:n_prompt], ids[n_prompt:]
         k_prime = k_prime or plain.net.hp.n_expert_used
+        n_layer = plain.net.hp.n_layer
         decode(plain, prompt, continuation[:2])  # compile and warm up
         seconds = min(decode(plain, prompt, continuation) for _ in range(repeats))
         results.append(
@@ -319,15 +342,16 @@ def run_model(
             best: dict[str, dict] = {}
             for repeat in range(repeats):
                 for policy in POLICIES if repeat % 2 == 0 else reversed(POLICIES):
-                    opts = options(tier, budget, policy, k_prime, predictors)
+                    opts = options(tier, budget, policy, k_prime, predictors, n_layer)
                     row = measure(path, opts, prompt, continuation, trace)
                     if policy not in best or row["tokens_per_s"] > best[policy]["tokens_per_s"]:
                         best[policy] = row
             for policy in POLICIES:
-                row = dict(model=name, tier=tier, budget=budget, policy=policy) | best[policy]
+                row = dict(model=name, tier=tier, budget=budget, policy=policy, prefetch=POLICIES[policy][0],
+                           lookahead=POLICIES[policy][1]) | best[policy]
                 results.append(row)
                 print(
-                    f"{name} {tier:5} {budget:3}% {policy:11}: {row['tokens_per_s']:7.2f} tokens/s, "
+                    f"{name} {tier:5} {budget:3}% {policy:12}: {row['tokens_per_s']:7.2f} tokens/s, "
                     f"stall {1e3 * row['stall_s']:8.1f} ms, hit {100 * (row['hit_rate'] or 0):5.1f}%"
                     + (f", recall {100 * row['recall']:5.1f}%" if row["recall"] is not None else ""),
                     flush=True,
@@ -339,10 +363,12 @@ def run_model(
 
 
 def table(results: list[dict]) -> str:
-    """Markdown: tokens/s (stall ms) per model/tier/budget and policy, plus the 25% target ratios."""
+    """Markdown: tokens/s (stall ms) per model/tier/budget and policy, plus the 25% target ratios
+    (pre-attn at lookahead 0 and 1, each against none and against the oracle on the same schedule)."""
     lines = [
-        "| model | tier | budget | " + " | ".join(POLICIES) + " | pre-attn/none | pre-attn/oracle |",
-        "|---|---|---|" + "---|" * (len(POLICIES) + 2),
+        "| model | tier | budget | " + " | ".join(POLICIES) + " | pre-attn / none | pre-attn / oracle "
+        "| pre-attn+1 / none | pre-attn+1 / oracle+1 |",
+        "|---|---|---|" + "---|" * (len(POLICIES) + 4),
     ]
     rows: dict[tuple, dict] = {}
     for r in results:
@@ -355,10 +381,11 @@ def table(results: list[dict]) -> str:
             else "-"
             for p in POLICIES
         ]
-        pre, none, oracle = (by_policy.get(p, {}).get("tokens_per_s") for p in ("pre-attn", "none", "oracle"))
+        speed = {p: by_policy.get(p, {}).get("tokens_per_s") for p in POLICIES}
         ratios = [
-            f"{pre / none:.2f}x" if pre and none else "-",
-            f"{pre / oracle:.2f}x" if pre and oracle else "-",
+            f"{speed[a] / speed[b]:.2f}x" if speed[a] and speed[b] else "-"
+            for a, b in (("pre-attn", "none"), ("pre-attn", "oracle"), ("pre-attn+1", "none"),
+                         ("pre-attn+1", "oracle+1"))
         ]
         lines.append(f"| {model} | {tier} | {budget}% | " + " | ".join(cells + ratios) + " |")
     return "\n".join(lines)
@@ -416,7 +443,9 @@ def plot_links(results: list[dict], path: Path) -> None:
         rows = [r for r in results if r["tier"].startswith("link-") and (r["model"], r["budget"]) == (model, budget)]
         speed = {(r["tier"], r["policy"]): r["tokens_per_s"] for r in rows}
         links = sorted({r["tier"] for r in rows}, key=lambda t: float(t[5:]))
-        for policy in ("cross-layer", "pre-attn", "oracle"):
+        for policy in POLICIES:
+            if policy == "none":
+                continue
             points = [(float(t[5:]), speed[t, policy] / speed[t, "none"]) for t in links if (t, policy) in speed]
             ax.plot(*zip(*points), marker="o", label=f"{policy} / none")
         ax.axhline(1.5, color="gray", linestyle=":", label="1.5x")

@@ -13,7 +13,7 @@ import sys
 from collections import Counter
 
 from qmoe.errors import QmoeError
-from qmoe.experts.options import MISS_POLICIES, POLICIES
+from qmoe.experts.options import MISS_POLICIES, POLICIES, OffloadOptions
 
 
 def _peak_rss_mib() -> float:
@@ -66,12 +66,12 @@ def _stream_text(model, ids: list[int], args, sampling) -> str:
 def _offload_options(args: argparse.Namespace):
     """OffloadOptions from `run`'s flags, or None when no tier is asked for (the plain runtime)."""
     from qmoe.experts.link import SimulatedLink
-    from qmoe.experts.options import OffloadOptions
 
     if args.ram_budget is None and args.gpu_budget is None:
         given = [flag for flag, value in (
             ("--prefetch", args.prefetch != "none"), ("--on-miss", args.on_miss), ("--k-prime", args.k_prime),
-            ("--predictors", args.predictors), ("--sim-link-gbps", args.sim_link_gbps),
+            ("--lookahead", args.lookahead != OffloadOptions.lookahead), ("--predictors", args.predictors),
+            ("--sim-link-gbps", args.sim_link_gbps),
             ("--sim-link-latency-us", args.sim_link_latency_us), ("--no-page-cache", args.no_page_cache),
             ("--stats", args.stats), ("--stats-json", args.stats_json),
         ) if value]
@@ -82,8 +82,8 @@ def _offload_options(args: argparse.Namespace):
         raise QmoeError("--sim-link-latency-us needs --sim-link-gbps")
     link = SimulatedLink(args.sim_link_gbps, args.sim_link_latency_us or 0.0) if args.sim_link_gbps else None
     return OffloadOptions(ram_budget=args.ram_budget, gpu_budget=args.gpu_budget, prefetch=args.prefetch,
-                          on_miss=args.on_miss or "cpu", k_prime=args.k_prime, predictors=args.predictors,
-                          direct_io=args.no_page_cache, link=link)
+                          on_miss=args.on_miss or "cpu", k_prime=args.k_prime, lookahead=args.lookahead,
+                          predictors=args.predictors, direct_io=args.no_page_cache, link=link)
 
 
 def _prepare_oracle(model, args, sampling) -> None:
@@ -313,6 +313,11 @@ def build_parser() -> argparse.ArgumentParser:
                           "wait loads it (default cpu)")
     off.add_argument("--k-prime", type=int, default=None,
                      help="experts to prefetch per token (default: the predictors' k', else ceil(1.5 k))")
+    off.add_argument("--lookahead", type=int, default=OffloadOptions.lookahead, metavar="N",
+                     help="pre-attn and oracle: also guess the next N MoE layers' experts right after each "
+                          "attention, from the residual stream, so that their transfers start a layer earlier; "
+                          "pre-attn still predicts each layer at the layer and replaces the guess. 0 = the "
+                          f"paper's schedule (default {OffloadOptions.lookahead})")
     off.add_argument("--predictors", default=None, metavar="PATH", help="predictor GGUF for pre-attn (default: embedded in MODEL, else MODEL.pred.gguf)")
     off.add_argument("--sim-link-gbps", type=float, default=None, metavar="GB_S",
                      help="SIMULATE a link of this many gigabytes/s for transfers into the compute tier")

@@ -135,6 +135,10 @@ class _Observers:
         self.first.pre_attention(layer, x)
         self.second.pre_attention(layer, x)
 
+    def attended(self, layer: int, h: torch.Tensor) -> None:
+        self.first.attended(layer, h)
+        self.second.attended(layer, h)
+
     def routed(self, layer: int, x: torch.Tensor, logits: torch.Tensor, ids: torch.Tensor) -> None:
         self.first.routed(layer, x, logits, ids)
         self.second.routed(layer, x, logits, ids)
@@ -183,7 +187,8 @@ class Model:
             m.experts = self.store
         policy = self._prefetch_policy(options, {m.layer: m.router for m in moe})
         if policy is not None:
-            self.prefetcher = Prefetcher(self.store, policy, self.net.moe_layers)
+            norms = [block.attn_norm for block in self.net.blocks]
+            self.prefetcher = Prefetcher(self.store, policy, self.net.moe_layers, norms, options.lookahead)
 
     def _prefetch_policy(self, options: OffloadOptions, routers: dict[int, torch.Tensor]) -> Policy | None:
         hp = self.net.hp

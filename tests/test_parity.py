@@ -63,6 +63,9 @@ class RoutingRecorder:
     def pre_attention(self, layer, x):
         pass
 
+    def attended(self, layer, h):
+        pass
+
     def routed(self, layer, x, logits, ids):
         ids, weights = self.model.net.blocks[layer].ffn.route(logits)
         order = ids.argsort(dim=-1)

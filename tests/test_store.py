@@ -83,6 +83,10 @@ def test_options_are_checked():
         OffloadOptions(ram_budget="1G", prefetch="psychic")
     with pytest.raises(QmoeError, match="--on-miss"):
         OffloadOptions(ram_budget="1G", on_miss="pray")
+    with pytest.raises(QmoeError, match="--lookahead must be >= 0"):
+        OffloadOptions(ram_budget="1G", prefetch="pre-attn", lookahead=-1)
+    with pytest.raises(QmoeError, match="--lookahead applies to --prefetch pre-attn and oracle, not cross-layer"):
+        OffloadOptions(ram_budget="1G", prefetch="cross-layer", lookahead=1)
     with pytest.raises(QmoeError, match="sim-link-gbps"):
         SimulatedLink(0.0)
     assert SimulatedLink(2.0, 100).seconds(2_000_000) == pytest.approx(1e-3 + 1e-4)
@@ -179,6 +183,7 @@ KERNEL_PATH_CONFIGS = [
     dict(ram_budget="100%"),  # everything fits: served from the mapped file
     # without CUDA the fast tier holds quantized slabs for the same kernels
     dict(gpu_budget="20%", on_miss="wait"),
+    dict(gpu_budget="25%", on_miss="wait", prefetch="oracle", lookahead=2),  # guesses from dense blocks too
     dict(gpu_budget="30%", ram_budget="25%", on_miss="cpu", prefetch="cross-layer"),
 ]
 
@@ -240,6 +245,7 @@ def test_fast_tier_equals_its_reference_and_is_close_to_the_kernels(kind, tiny_g
     assert np.abs(dense_logits - kernel_logits).max() <= 1e-4 * scale
     for config in (
         dict(gpu_budget="20%", on_miss="wait"),
+    dict(gpu_budget="25%", on_miss="wait", prefetch="oracle", lookahead=2),  # guesses from dense blocks too
         dict(gpu_budget="50%", ram_budget="25%", on_miss="wait", prefetch="cross-layer"),
     ):
         with qmoe.load(path, offload=OffloadOptions(**config, cpu_fast_tier_dense=True)) as m:
@@ -274,15 +280,16 @@ def test_every_policy_keeps_results_and_measures_itself(q4_path, tmp_path):
             weight_type="f16",
         )
     summaries = {}
-    for policy in ("none", "cross-layer", "pre-attn", "oracle"):
-        options = OffloadOptions(ram_budget="50%", prefetch=policy, predictors=str(sidecar))
+    runs = [("none", 0), ("cross-layer", 0), ("pre-attn", 0), ("oracle", 0), ("pre-attn", 1), ("oracle", 1)]
+    for policy, lookahead in runs:
+        options = OffloadOptions(ram_budget="50%", prefetch=policy, predictors=str(sidecar), lookahead=lookahead)
         with qmoe.load(q4_path, offload=options) as m:
             if policy == "oracle":
                 m.replay_routing(m.record_routing(ids, 8))
-            assert list(m.stream(ids, 8)) == ref_tokens, policy
-            summaries[policy] = m.offload_stats()
+            assert list(m.stream(ids, 8)) == ref_tokens, (policy, lookahead)
+            summaries[policy, lookahead] = m.offload_stats()
     first, second = (str(layer) for layer in moe_layers)
-    none, cross, pre, oracle = (summaries[p] for p in ("none", "cross-layer", "pre-attn", "oracle"))
+    none, cross, pre, oracle = (summaries[p, 0] for p in ("none", "cross-layer", "pre-attn", "oracle"))
     assert none["total"]["predicted"] == 0 and none["prefetch"]["requested"] == 0
     assert (
         cross["layers"][first]["predicted"] == 0 and cross["layers"][first]["recall"] == 0
@@ -290,6 +297,14 @@ def test_every_policy_keeps_results_and_measures_itself(q4_path, tmp_path):
     assert cross["layers"][second]["predicted"] > 0
     assert pre["layers"][first]["predicted"] > 0  # pre-attn predicts the first MoE layer too
     assert oracle["total"]["precision"] == 1.0 and oracle["total"]["recall"] == 1.0  # the replay is the truth
+    # Lookahead 1: the second MoE layer is also guessed after the first one's attention. Pre-attn
+    # predicts it again at the layer (the store scores that, the last one); the oracle, exact
+    # already, predicts each layer once, only earlier.
+    passes = pre["prefetch"]["predictions"] // len(moe_layers)
+    assert summaries["pre-attn", 1]["prefetch"]["predictions"] == pre["prefetch"]["predictions"] + passes
+    assert summaries["pre-attn", 1]["total"]["actual"] == pre["total"]["actual"]
+    assert summaries["oracle", 1]["prefetch"]["predictions"] == oracle["prefetch"]["predictions"]
+    assert summaries["oracle", 1]["total"]["precision"] == summaries["oracle", 1]["total"]["recall"] == 1.0
     for s in summaries.values():
         t = s["total"]
         assert t["hits"] + t["late"] + t["misses"] == none["total"]["hits"] + none["total"]["misses"]
@@ -335,6 +350,23 @@ def test_predictions_are_protected_until_their_layer_runs(q4_path):
         assert not any(cache.get((layer, e)).protected for e in (0, 1))
         assert next(iter(cache.lru)) == (layer, 1)  # the wrong guess goes first
         assert store.summary()["layers"][str(layer)]["hits"] == 1
+
+
+def test_a_newer_prediction_replaces_the_guess_for_the_same_step(q4_path):
+    """A lookahead guess, then the layer's own prediction: the guessed transfers it does not
+    repeat are cancelled, and a guessed slab it does not name is no longer protected."""
+    link = SimulatedLink(0.0001, 0)  # 100 kB/s: a ~28 KB slab takes ~0.3 s, so the rest stay queued
+    with qmoe.load(q4_path, offload=OffloadOptions(ram_budget="50%", link=link)) as m:
+        store, cache = m.store, m.store.pool.cache
+        layer = m.net.moe_layers[0]
+        step = store.step(layer)
+        store.prefetch(layer, [0, 1, 2, 3], step)  # the guess: 0 goes onto the link, 1-3 wait
+        store.prefetch(layer, [3], step)  # the layer's own prediction
+        store.drain()
+        assert cache.get((layer, 1)) is None and cache.get((layer, 2)) is None  # cancelled unstarted
+        assert cache.get((layer, 3)).protected
+        assert cache.get((layer, 0)) is None or not cache.get((layer, 0)).protected  # moved, but not wanted
+        assert store.summary()["prefetch"]["dropped"] >= 2
 
 
 def test_simulated_link_slows_transfers_beside_compute(q4_path):
@@ -570,6 +602,8 @@ def test_cli_oracle_and_flag_errors(q4_path, capsys):
     assert "recording the routing" in capsys.readouterr().err
     assert main(["run", str(q4_path), "-p", "x", "--prefetch", "cross-layer"]) == 1
     assert "--prefetch only apply with an expert store" in capsys.readouterr().err
+    assert main(["run", str(q4_path), "-p", "x", "--lookahead", "1"]) == 1
+    assert "--lookahead only apply with an expert store" in capsys.readouterr().err
     assert main(["run", str(q4_path), "-p", "x", "--ram-budget", "lots"]) == 1
     assert "is not a size" in capsys.readouterr().err
     assert main(["run", str(q4_path), "--chat", "--ram-budget", "30%", "--prefetch", "oracle"]) == 1
@@ -601,6 +635,7 @@ def test_cuda_fast_tier_is_deterministic_and_close_to_the_kernels(q4_path):
     results = []
     for config in (
         dict(gpu_budget="20%", on_miss="wait"),
+    dict(gpu_budget="25%", on_miss="wait", prefetch="oracle", lookahead=2),  # guesses from dense blocks too
         dict(gpu_budget="60%", on_miss="wait", prefetch="cross-layer"),
         dict(gpu_budget="100%", ram_budget="25%", on_miss="wait", direct_io=True),
     ):

@@ -75,6 +75,9 @@ class OffloadOptions:
         Without a fast tier every expert is computed by the CPU kernels from the
         pool, and a pool miss is always read (there is nothing else to compute from).
     k_prime: experts prefetched per token (default: the predictors' k', else ceil(1.5 k)).
+    lookahead: for "pre-attn" and "oracle", how many of the next MoE layers to guess right
+        after each attention, besides each layer's own prediction (prefetch.py); 0 = the
+        paper's schedule.
     predictors: predictor GGUF for "pre-attn" (default: embedded in the model, else MODEL.pred.gguf).
     direct_io: read the file with O_DIRECT so the page cache does not hold a second copy.
     link: simulated link into the compute tier (None: transfers run at real speed).
@@ -87,6 +90,7 @@ class OffloadOptions:
     prefetch: str = "none"
     on_miss: str = "cpu"
     k_prime: int | None = None
+    lookahead: int = 0
     predictors: str | None = None
     direct_io: bool = False
     link: SimulatedLink | None = None
@@ -101,3 +105,7 @@ class OffloadOptions:
             raise QmoeError(f"--on-miss must be one of {', '.join(MISS_POLICIES)}, got {self.on_miss!r}")
         if self.k_prime is not None and self.k_prime < 1:
             raise QmoeError(f"--k-prime must be >= 1, got {self.k_prime}")
+        if self.lookahead < 0:
+            raise QmoeError(f"--lookahead must be >= 0, got {self.lookahead}")
+        if self.lookahead and self.prefetch not in ("pre-attn", "oracle"):
+            raise QmoeError(f"--lookahead applies to --prefetch pre-attn and oracle, not {self.prefetch}")

@@ -17,12 +17,26 @@ Policies (`--prefetch`):
     oracle       the true routing, as the upper bound: replayed from a recording
                  of the same generation (`RoutingTrace`). The store guarantees that
                  tokens do not depend on budgets or policy, so a first run records
-                 exactly what the measured run will route. It is issued at the same
-                 moment as pre-attn's prediction, so oracle vs pre-attn isolates the
-                 cost of prediction errors. Its precision and recall are 100%
+                 exactly what the measured run will route. It is issued at the moment
+                 pre-attn first predicts the layer (with the same lookahead), so oracle
+                 vs pre-attn isolates the cost of prediction errors. Its precision and recall are 100%
                  unless the run left the recording (possible only where results are
                  not bit-identical: a dense fast tier with cpu misses, or sampling
                  without a seed).
+
+Lookahead (`--lookahead N`, pre-attn and oracle): a layer's own prediction can
+only start after the previous layer is done, so its transfers overlap one
+attention at most. With lookahead, right after block i's attention
+(`attended`) the worker also guesses the next N MoE layers' experts from that
+residual stream, each through its own layer's attn_norm and predictor, so their
+transfers also overlap block i's experts and what lies between. The residual
+stream still lacks block i's expert output (and, for N > 1, whole blocks), so a
+guess is worse than a later one: pre-attn guesses again after each attention
+on the way and predicts at the layer itself, each prediction replacing the one
+before (the store cancels the guessed transfers it does not repeat). The oracle
+knows the routing already: it issues each layer once, at the earliest point (a
+layer no lookahead reaches, at its own pre-attention). N = 0 is the paper's
+schedule.
 
 Each prediction is a list of experts, most wanted first: for one token its
 top-k' (k' >= k over-provisions), for several tokens (prefill) the union of their
@@ -37,6 +51,7 @@ import queue
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -58,6 +73,7 @@ class PreAttentionPolicy:
     """Ours: layer l's predictor (PredictorSet from the sidecar) on layer l's attn_norm output."""
 
     hook = "pre_attention"
+    refines = True  # its prediction at the layer itself is better than a lookahead guess: make both
 
     def __init__(self, predictors, k_prime: int):
         # KernelPredictors (CPU: the kernels on the file's quantized weights) or a PredictorSet
@@ -100,6 +116,9 @@ class TraceRecorder:
     def pre_attention(self, layer: int, x: torch.Tensor) -> None:
         pass
 
+    def attended(self, layer: int, h: torch.Tensor) -> None:
+        pass
+
     def routed(self, layer: int, x: torch.Tensor, logits: torch.Tensor, ids: torch.Tensor) -> None:
         self.trace.calls[layer].append(ranked_union(ids.cpu().numpy()))
 
@@ -108,6 +127,7 @@ class OraclePolicy:
     """The true routing, replayed from a recorded run of the same generation."""
 
     hook = "pre_attention"
+    refines = False  # exact already: each layer once, as early as the lookahead allows
 
     def __init__(self, trace: RoutingTrace):
         self.trace = trace
@@ -132,11 +152,20 @@ class Prefetcher:
     reading it.
     """
 
-    def __init__(self, store: ExpertStore, policy: Policy, moe_layers: list[int]):
+    def __init__(self, store: ExpertStore, policy: Policy, moe_layers: list[int],
+                 attn_norms: list[Callable[[torch.Tensor], torch.Tensor]], lookahead: int = 0):
+        """attn_norms: every block's input norm; lookahead: MoE layers guessed ahead (module docstring)."""
         self.store = store
         store.predicting = True
         self.policy = policy
         self.next_layer = dict(zip(moe_layers, moe_layers[1:]))
+        self.attn_norms = attn_norms
+        # block -> the MoE layers guessed right after its attention
+        self.ahead = {i: [m for m in moe_layers if m > i][:lookahead] for i in range(len(attn_norms))}
+        self.first_guess: dict[int, int] = {}  # MoE layer -> the first block that guesses it
+        for i, layers in self.ahead.items():
+            for m in layers:
+                self.first_guess.setdefault(m, i)
         self.messages: queue.SimpleQueue = queue.SimpleQueue()
         self.error: BaseException | None = None
         self.stream: torch.cuda.Stream | None = None  # worker only, created on the first CUDA activation
@@ -147,20 +176,28 @@ class Prefetcher:
 
     def pre_attention(self, layer: int, x: torch.Tensor) -> None:
         self._raise_if_failed()
-        if self.policy.hook == "pre_attention":
+        if self.policy.hook == "pre_attention" and (self.policy.refines or layer not in self.first_guess):
             self._predict(layer, x)
+
+    def attended(self, layer: int, h: torch.Tensor) -> None:
+        if self.policy.hook == "pre_attention":
+            for ahead in self.ahead[layer]:
+                if self.policy.refines or self.first_guess[ahead] == layer:
+                    self._predict(ahead, h, normalize=True)
 
     def routed(self, layer: int, x: torch.Tensor, logits: torch.Tensor, ids: torch.Tensor) -> None:
         nxt = self.next_layer.get(layer)
         if self.policy.hook == "routed" and nxt is not None:
             self._predict(nxt, x)
 
-    def _predict(self, layer: int, x: torch.Tensor) -> None:
+    def _predict(self, layer: int, x: torch.Tensor, normalize: bool = False) -> None:
+        """Queue a prediction of `layer` from x (its attn_norm output), or from a residual stream
+        that the worker normalizes with the layer's attn_norm first."""
         ready = None
         if x.is_cuda:
             ready = torch.cuda.Event()
             ready.record()  # on the model's stream, after x was computed
-        self.messages.put(("predict", layer, self.store.step(layer), (x, ready)))
+        self.messages.put(("predict", layer, self.store.step(layer), (x, ready, normalize)))
 
     def _raise_if_failed(self) -> None:
         if self.error is not None:
@@ -183,17 +220,19 @@ class Prefetcher:
             except BaseException as exc:  # noqa: BLE001 - reported to the model thread at the next layer
                 self.error = exc
 
-    def _prefetch(self, layer: int, step: int, x: torch.Tensor, ready: torch.cuda.Event | None) -> None:
+    def _prefetch(
+        self, layer: int, step: int, x: torch.Tensor, ready: torch.cuda.Event | None, normalize: bool
+    ) -> None:
         start = time.perf_counter()
         if ready is None:
-            experts = self.policy.predict(layer, x)
+            experts = self.policy.predict(layer, self.attn_norms[layer](x) if normalize else x)
         else:
             if self.stream is None:
                 self.stream = torch.cuda.Stream(x.device)
             with torch.cuda.stream(self.stream):
                 self.stream.wait_event(ready)
                 x.record_stream(self.stream)  # x's memory is not reused before this stream is done with it
-                experts = self.policy.predict(layer, x)
+                experts = self.policy.predict(layer, self.attn_norms[layer](x) if normalize else x)
         self.store.prefetch(layer, experts, step, time.perf_counter() - start)
 
     def set_policy(self, policy: Policy) -> None:

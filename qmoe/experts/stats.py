@@ -9,7 +9,9 @@ and per prediction (one per layer and forward pass, P = predicted set, T = the
 experts the router chose, both over the pass's tokens):
     precision = sum |P & T| / sum |P|,  recall = sum |P & T| / sum |T|
 (a layer the policy makes no prediction for, like the first under cross-layer,
-adds to |T| only: its recall counts the experts nobody predicted). A prediction
+adds to |T| only: its recall counts the experts nobody predicted; with
+--lookahead, the prediction scored is the last that came before the layer ran,
+the layer's own when it was in time). A prediction
 that arrives after its layer ran still counts here, for the predictor's accuracy;
 `late_predictions` says how many came too late to prefetch anything.
 

@@ -431,7 +431,7 @@ class ExpertStore:
                 self.arrivals.wait()
 
     def _cancel_prefetches(self, layer: int, needed: set[int]) -> None:
-        """Drop queued prefetches for `layer` that it does not need: it is running now."""
+        """Drop queued prefetches for `layer` outside `needed`: it runs now, or a newer prediction replaced them."""
         for (_, (job_layer, e)), job in list(self.queued.items()):
             if job_layer == layer and job.priority == PREFETCH and e not in needed:
                 job.cancelled = True
@@ -453,6 +453,9 @@ class ExpertStore:
 
         Resident ones are protected until the layer runs; absent ones are queued
         behind any demand load. Nothing happens if the layer has already started its step.
+        A second prediction for the same step (a lookahead guess, then the layer's own)
+        replaces the first: the guessed transfers it does not repeat are cancelled and the
+        guessed slabs it does not name lose their protection.
         predict_s: how long the prediction took to compute (statistics).
         """
         tier = self.compute_tier
@@ -465,10 +468,16 @@ class ExpertStore:
                 if actual is not None:
                     self.stats.record_prediction(layer, set(experts), actual)
                 return
-            protected = self.predicted.setdefault(layer, set())
-            protected.update((layer, e) for e in experts)
+            guessed = self.predicted.get(layer, set())
+            self.predicted[layer] = {(layer, e) for e in experts}
             if tier is None:  # every expert is served from the mapped file: only measure the prediction
                 return
+            if guessed:
+                self._cancel_prefetches(layer, needed=set(experts))
+                for key in guessed - self.predicted[layer]:
+                    entry = tier.cache.get(key)
+                    if entry is not None:
+                        entry.protected = False
             self.stats.prefetch_requested += len(experts)
             for e in experts:
                 key = (layer, e)
@@ -596,8 +605,8 @@ class ExpertStore:
         s.transfer_s += t.elapsed
         s.simulated_s += t.slept
         s.prefetch_loaded += t.job.priority == PREFETCH
-        if t.job.step != self.steps[t.job.key[0]]:
-            t.target.protected = False  # its layer ran while it was on its way
+        if t.job.step != self.steps[t.job.key[0]] or t.job.key not in self.predicted.get(t.job.key[0], ()):
+            t.target.protected = False  # its layer ran while it was on its way, or a newer prediction dropped it
 
     def _abandon(self, t: _Transfer, exc: BaseException) -> None:
         self.error = exc

@@ -42,6 +42,21 @@ from qmoe.experts.slabs import SlabLayout
 QT = GGMLQuantizationType
 
 
+def host_slots(n_slots: int, shapes: list[tuple[int, int]]) -> list[np.ndarray]:
+    """Preallocated uint8 slots [n_slots, *shape] per slab part, every page touched now.
+
+    An untouched page faults the first time a transfer writes it: filling a fresh 2.6 MB
+    slot took 6.6 ms against 0.35 ms for a touched one (A3B shapes, on a busy 2-core
+    machine), a cost that would land on the first use of each slot, in the middle of a
+    generation. Touching them here moves it to load time, and the budget's memory is
+    committed from the start.
+    """
+    parts = [np.empty((n_slots, *shape), np.uint8) for shape in shapes]
+    for part in parts:
+        part.fill(0)
+    return parts
+
+
 class RamPool:
     """Quantized slabs in host RAM: three uint8 arrays [n_slots, rows, row_bytes]."""
 
@@ -50,7 +65,7 @@ class RamPool:
     def __init__(self, layout: SlabLayout, n_slots: int):
         self.layout = layout
         self.slab_bytes = layout.nbytes
-        self.parts = [np.empty((n_slots, *shape), np.uint8) for shape in layout.raw_shapes]
+        self.parts = host_slots(n_slots, layout.raw_shapes)
         self.cache = SlotCache(n_slots)
 
     @property
@@ -113,7 +128,7 @@ class FastTier:
         self.dtype = self.slot_dtype(layout, device, dense)
         self.slab_bytes = self.slot_bytes(layout, device, dense)
         if not dense:
-            self.parts = [np.empty((n_slots, *shape), np.uint8) for shape in layout.raw_shapes]
+            self.parts = host_slots(n_slots, layout.raw_shapes)
         else:
             self.parts = [
                 torch.empty((n_slots, *shape), dtype=self.dtype, device=device) for shape in layout.dense_shapes

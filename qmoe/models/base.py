@@ -419,6 +419,9 @@ class Observer(Protocol):
 
     def pre_attention(self, layer: int, x: torch.Tensor) -> None: ...
 
+    def attended(self, layer: int, h: torch.Tensor) -> None:
+        """Block `layer`'s residual stream right after its attention, any block (lookahead prefetch)."""
+
     def routed(self, layer: int, x: torch.Tensor, logits: torch.Tensor, ids: torch.Tensor) -> None: ...
 
 
@@ -480,6 +483,8 @@ class Transformer:
             if observer is not None and isinstance(block.ffn, MoE):
                 observer.pre_attention(i, x)
             h = h + block.attn(x, cache, positions)
+            if observer is not None:
+                observer.attended(i, h)
             y = block.ffn_norm(h)
             h = h + (block.ffn(y, observer) if isinstance(block.ffn, MoE) else block.ffn(y))
         cache.n_past += T

@@ -37,6 +37,9 @@ class _Recorder:
     def pre_attention(self, layer: int, x: torch.Tensor) -> None:
         self.x_pre[layer] = x
 
+    def attended(self, layer: int, h: torch.Tensor) -> None:
+        pass
+
     def routed(self, layer: int, x: torch.Tensor, logits: torch.Tensor, ids: torch.Tensor) -> None:
         self.writer.append(layer, self.x_pre.pop(layer), x, logits, ids)
 
