@@ -32,6 +32,9 @@ Tier setups
            computed by the same kernels), link SIMULATED at 25 GB/s + 10 us per
            transfer, misses wait.
     flash  the same with the link SIMULATED at 2 GB/s + 100 us.
+    gpu    (--device cuda, the default tiers there with flash) the fast tier in GPU memory:
+           fp16 experts in GPU slots, uploaded over the machine's real link and
+           dequantized on the GPU; misses wait. bench/gpu_offload.sh runs this.
     link-X (--link-sweep X ...) the same with the link SIMULATED at X GB/s + 10 us:
            how the value of prefetching depends on the ratio of transfer time to
            compute time (a second plot, offload-links.png).
@@ -126,7 +129,9 @@ TIERS = {
     "ram": dict(direct_io=True),
     "pcie": dict(gpu_budget=True, on_miss="wait", link=SimulatedLink(25.0, 10.0)),
     "flash": dict(gpu_budget=True, on_miss="wait", link=SimulatedLink(2.0, 100.0)),
+    "gpu": dict(gpu_budget=True, on_miss="wait"),  # with --device cuda: the real host -> GPU link
 }
+CPU_TIERS, CUDA_TIERS = ["ram", "pcie", "flash"], ["gpu", "flash"]
 # The tiny model's matrices are too small for two kernel threads to pay off (one: 359, two: 307
 # tokens/s without a store), and one leaves a core to the prefetch and transfer threads.
 KERNEL_THREADS = {"tiny": 1, "a3b": 2}
@@ -280,10 +285,15 @@ def options(tier: str, budget: int, label: str, k_prime: int, predictors: Path, 
 
 
 def measure(
-    path: Path, opts: OffloadOptions, prompt: list[int], continuation: list[int], trace: RoutingTrace
+    path: Path,
+    opts: OffloadOptions,
+    prompt: list[int],
+    continuation: list[int],
+    trace: RoutingTrace,
+    device: str = "cpu",
 ) -> dict:
     """One run with a fresh store. The oracle replays `trace`; the first run of a tier setup records it."""
-    with qmoe.load(path, offload=opts) as m:
+    with qmoe.load(path, device=device, offload=opts) as m:
         recorder = None
         if opts.prefetch == "oracle":
             m.replay_routing(trace)
@@ -313,11 +323,12 @@ def run_model(
     n_decode: int,
     repeats: int,
     k_prime: int | None,
+    device: str = "cpu",
 ) -> list[dict]:
     """Every tier setup, budget and policy; each run `repeats` times (policies in alternating
     order, so that a slow spell of a shared machine does not hit one policy only), keeping the fastest."""
     results = []
-    with qmoe.load(path) as plain:
+    with qmoe.load(path, device=device) as plain:
         ids = text_ids(plain, n_prompt + n_decode)
         prompt, continuation = ids[:n_prompt], ids[n_prompt:]
         k_prime = k_prime or plain.net.hp.n_expert_used
@@ -343,7 +354,7 @@ def run_model(
             for repeat in range(repeats):
                 for policy in POLICIES if repeat % 2 == 0 else reversed(POLICIES):
                     opts = options(tier, budget, policy, k_prime, predictors, n_layer)
-                    row = measure(path, opts, prompt, continuation, trace)
+                    row = measure(path, opts, prompt, continuation, trace, device)
                     if policy not in best or row["tokens_per_s"] > best[policy]["tokens_per_s"]:
                         best[policy] = row
             for policy in POLICIES:
@@ -462,7 +473,14 @@ def plot_links(results: list[dict], path: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", nargs="+", choices=("tiny", "a3b"), default=["tiny", "a3b"])
-    parser.add_argument("--tiers", nargs="*", choices=tuple(TIERS), default=list(TIERS))
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="qmoe.load's device (default cpu)")
+    parser.add_argument(
+        "--tiers",
+        nargs="*",
+        choices=tuple(TIERS),
+        default=None,
+        help=f"tier setups (default: {' '.join(CPU_TIERS)}; with --device cuda {' '.join(CUDA_TIERS)})",
+    )
     parser.add_argument("--budgets", nargs="+", type=int, default=list(BUDGETS))
     parser.add_argument("--prompt", type=int, default=32, help="prompt tokens (default 32)")
     parser.add_argument("--decode", type=int, default=None, help="decode tokens (default: tiny 64, a3b 32)")
@@ -491,6 +509,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
+    if args.tiers is None:
+        args.tiers = list(CUDA_TIERS if args.device == "cuda" else CPU_TIERS)
     args.tiers += [link_tier(g) for g in args.link_sweep]
 
     # numba's kernels take the cores; torch gets one thread: its work here is small (one token's
@@ -515,6 +535,7 @@ def main(argv: list[str] | None = None) -> None:
             n_decode,
             args.repeats,
             args.k_prime,
+            args.device,
         )
     summary = dict(
         machine=dict(
@@ -523,6 +544,7 @@ def main(argv: list[str] | None = None) -> None:
             threads=args.threads or KERNEL_THREADS,
             python=platform.python_version(),
             torch=torch.__version__,
+            device=torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
         ),
         seconds=time.perf_counter() - started,
         results=results,
