@@ -69,7 +69,7 @@ decide a comparison.
 Output (--out, default out/offload/): offload.json (every run's numbers and store statistics) and
 offload.png (tokens/s against budget, per model and tier setup).
 
-    python bench/offload.py                  # the default run: about 40 minutes on 2 cores
+    python bench/offload.py                  # the default run: about 13 minutes on 2 cores
     python bench/offload.py --models tiny --tiers ram --decode 64
 """
 
