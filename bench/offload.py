@@ -103,7 +103,7 @@ from qmoe import kernels as qmoe_kernels  # noqa: E402
 from qmoe.cli import main as qmoe_main  # noqa: E402
 from qmoe.errors import PredictorMismatchError  # noqa: E402
 from qmoe.experts.link import SimulatedLink  # noqa: E402
-from qmoe.experts.options import OffloadOptions  # noqa: E402
+from qmoe.experts.options import PREDICT_IN, OffloadOptions  # noqa: E402
 from qmoe.experts.prefetch import RoutingTrace, TraceRecorder  # noqa: E402
 from qmoe.predictor.sidecar import default_sidecar_path, load_sidecar, model_identity  # noqa: E402
 
@@ -270,7 +270,9 @@ def tier_config(tier: str) -> dict:
     return dict(TIERS[tier])
 
 
-def options(tier: str, budget: int, label: str, k_prime: int, predictors: Path, n_layer: int) -> OffloadOptions:
+def options(
+    tier: str, budget: int, label: str, k_prime: int, predictors: Path, n_layer: int, predict_in: str = "auto"
+) -> OffloadOptions:
     """The store options of one run: `label` is one of POLICIES."""
     policy, lookahead = POLICIES[label]
     config = tier_config(tier)
@@ -281,7 +283,14 @@ def options(tier: str, budget: int, label: str, k_prime: int, predictors: Path, 
         config["ram_budget"] = share
     k_prime = k_prime if policy in ("cross-layer", "pre-attn") else None
     lookahead = n_layer if lookahead == TOKEN else lookahead
-    return OffloadOptions(prefetch=policy, k_prime=k_prime, lookahead=lookahead, predictors=str(predictors), **config)
+    return OffloadOptions(
+        prefetch=policy,
+        k_prime=k_prime,
+        lookahead=lookahead,
+        predict_in=predict_in,
+        predictors=str(predictors),
+        **config,
+    )
 
 
 def measure(
@@ -324,6 +333,7 @@ def run_model(
     repeats: int,
     k_prime: int | None,
     device: str = "cpu",
+    predict_in: str = "auto",
 ) -> list[dict]:
     """Every tier setup, budget and policy; each run `repeats` times (policies in alternating
     order, so that a slow spell of a shared machine does not hit one policy only), keeping the fastest."""
@@ -353,7 +363,7 @@ def run_model(
             best: dict[str, dict] = {}
             for repeat in range(repeats):
                 for policy in POLICIES if repeat % 2 == 0 else reversed(POLICIES):
-                    opts = options(tier, budget, policy, k_prime, predictors, n_layer)
+                    opts = options(tier, budget, policy, k_prime, predictors, n_layer, predict_in)
                     row = measure(path, opts, prompt, continuation, trace, device)
                     if policy not in best or row["tokens_per_s"] > best[policy]["tokens_per_s"]:
                         best[policy] = row
@@ -500,6 +510,12 @@ def main(argv: list[str] | None = None) -> None:
         help="experts prefetched per token by cross-layer and pre-attn (default k)",
     )
     parser.add_argument(
+        "--predict-in",
+        choices=PREDICT_IN,
+        default="auto",
+        help="where predictions run (qmoe run --predict-in; default auto: the model's thread on the CPU)",
+    )
+    parser.add_argument(
         "--link-sweep",
         nargs="*",
         type=float,
@@ -536,6 +552,7 @@ def main(argv: list[str] | None = None) -> None:
             args.repeats,
             args.k_prime,
             args.device,
+            args.predict_in,
         )
     summary = dict(
         machine=dict(
@@ -545,6 +562,7 @@ def main(argv: list[str] | None = None) -> None:
             python=platform.python_version(),
             torch=torch.__version__,
             device=torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+            predict_in=args.predict_in,
         ),
         seconds=time.perf_counter() - started,
         results=results,

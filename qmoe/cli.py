@@ -13,7 +13,7 @@ import sys
 from collections import Counter
 
 from qmoe.errors import QmoeError
-from qmoe.experts.options import MISS_POLICIES, POLICIES, OffloadOptions
+from qmoe.experts.options import MISS_POLICIES, POLICIES, PREDICT_IN, OffloadOptions
 
 
 def _peak_rss_mib() -> float:
@@ -70,7 +70,8 @@ def _offload_options(args: argparse.Namespace):
     if args.ram_budget is None and args.gpu_budget is None:
         given = [flag for flag, value in (
             ("--prefetch", args.prefetch != "none"), ("--on-miss", args.on_miss), ("--k-prime", args.k_prime),
-            ("--lookahead", args.lookahead != OffloadOptions.lookahead), ("--predictors", args.predictors),
+            ("--lookahead", args.lookahead != OffloadOptions.lookahead),
+            ("--predict-in", args.predict_in != OffloadOptions.predict_in), ("--predictors", args.predictors),
             ("--sim-link-gbps", args.sim_link_gbps),
             ("--sim-link-latency-us", args.sim_link_latency_us), ("--no-page-cache", args.no_page_cache),
             ("--stats", args.stats), ("--stats-json", args.stats_json),
@@ -83,6 +84,7 @@ def _offload_options(args: argparse.Namespace):
     link = SimulatedLink(args.sim_link_gbps, args.sim_link_latency_us or 0.0) if args.sim_link_gbps else None
     return OffloadOptions(ram_budget=args.ram_budget, gpu_budget=args.gpu_budget, prefetch=args.prefetch,
                           on_miss=args.on_miss or "cpu", k_prime=args.k_prime, lookahead=args.lookahead,
+                          predict_in=args.predict_in,
                           predictors=args.predictors, direct_io=args.no_page_cache, link=link)
 
 
@@ -318,6 +320,10 @@ def build_parser() -> argparse.ArgumentParser:
                           "attention, from the residual stream, so that their transfers start a layer earlier; "
                           "pre-attn still predicts each layer at the layer and replaces the guess. 0 = the "
                           f"paper's schedule (default {OffloadOptions.lookahead})")
+    off.add_argument("--predict-in", choices=PREDICT_IN, default=OffloadOptions.predict_in,
+                     help="where predictions run: model (the model's thread, before attention), worker (a "
+                          "thread beside attention); auto: worker with --device cuda, else model, where a "
+                          "prediction costs less than a handoff (default auto)")
     off.add_argument("--predictors", default=None, metavar="PATH", help="predictor GGUF for pre-attn (default: embedded in MODEL, else MODEL.pred.gguf)")
     off.add_argument("--sim-link-gbps", type=float, default=None, metavar="GB_S",
                      help="SIMULATE a link of this many gigabytes/s for transfers into the compute tier")

@@ -188,7 +188,8 @@ class Model:
         policy = self._prefetch_policy(options, {m.layer: m.router for m in moe})
         if policy is not None:
             norms = [block.attn_norm for block in self.net.blocks]
-            self.prefetcher = Prefetcher(self.store, policy, self.net.moe_layers, norms, options.lookahead)
+            worker = options.predict_in == "worker" or (options.predict_in == "auto" and self.device.type == "cuda")
+            self.prefetcher = Prefetcher(self.store, policy, self.net.moe_layers, norms, options.lookahead, worker)
 
     def _prefetch_policy(self, options: OffloadOptions, routers: dict[int, torch.Tensor]) -> Policy | None:
         hp = self.net.hp

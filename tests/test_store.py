@@ -83,6 +83,8 @@ def test_options_are_checked():
         OffloadOptions(ram_budget="1G", prefetch="psychic")
     with pytest.raises(QmoeError, match="--on-miss"):
         OffloadOptions(ram_budget="1G", on_miss="pray")
+    with pytest.raises(QmoeError, match="--predict-in must be one of auto, model, worker"):
+        OffloadOptions(ram_budget="1G", predict_in="gpu")
     with pytest.raises(QmoeError, match="--lookahead must be >= 0"):
         OffloadOptions(ram_budget="1G", prefetch="pre-attn", lookahead=-1)
     with pytest.raises(QmoeError, match="--lookahead applies to --prefetch pre-attn and oracle, not cross-layer"):
@@ -281,13 +283,16 @@ def test_every_policy_keeps_results_and_measures_itself(q4_path, tmp_path):
         )
     summaries = {}
     runs = [("none", 0), ("cross-layer", 0), ("pre-attn", 0), ("oracle", 0), ("pre-attn", 1), ("oracle", 1)]
-    for policy, lookahead in runs:
-        options = OffloadOptions(ram_budget="50%", prefetch=policy, predictors=str(sidecar), lookahead=lookahead)
+    for policy, lookahead, predict_in in [(p, n, "auto") for p, n in runs] + [("pre-attn", 1, "worker")]:
+        options = OffloadOptions(
+            ram_budget="50%", prefetch=policy, predictors=str(sidecar), lookahead=lookahead, predict_in=predict_in
+        )
         with qmoe.load(q4_path, offload=options) as m:
             if policy == "oracle":
                 m.replay_routing(m.record_routing(ids, 8))
-            assert list(m.stream(ids, 8)) == ref_tokens, (policy, lookahead)
-            summaries[policy, lookahead] = m.offload_stats()
+            assert list(m.stream(ids, 8)) == ref_tokens, (policy, lookahead, predict_in)
+            summaries[policy, lookahead, predict_in] = m.offload_stats()
+    summaries.update({key[:2]: value for key, value in summaries.items() if key[2] == "auto"})
     first, second = (str(layer) for layer in moe_layers)
     none, cross, pre, oracle = (summaries[p, 0] for p in ("none", "cross-layer", "pre-attn", "oracle"))
     assert none["total"]["predicted"] == 0 and none["prefetch"]["requested"] == 0
@@ -303,6 +308,8 @@ def test_every_policy_keeps_results_and_measures_itself(q4_path, tmp_path):
     passes = pre["prefetch"]["predictions"] // len(moe_layers)
     assert summaries["pre-attn", 1]["prefetch"]["predictions"] == pre["prefetch"]["predictions"] + passes
     assert summaries["pre-attn", 1]["total"]["actual"] == pre["total"]["actual"]
+    worker = summaries["pre-attn", 1, "worker"]  # the same predictions, made in a thread beside the model
+    assert worker["prefetch"]["predictions"] == summaries["pre-attn", 1]["prefetch"]["predictions"]
     assert summaries["oracle", 1]["prefetch"]["predictions"] == oracle["prefetch"]["predictions"]
     assert summaries["oracle", 1]["total"]["precision"] == summaries["oracle", 1]["total"]["recall"] == 1.0
     for s in summaries.values():
@@ -425,7 +432,8 @@ def run_threads(target, n: int, timeout: float = 120.0) -> None:
 @pytest.mark.parametrize(
     "config",
     [
-        dict(ram_budget=2, prefetch="cross-layer"),
+        dict(ram_budget=2, prefetch="cross-layer", predict_in="worker"),
+        dict(ram_budget=2, prefetch="cross-layer"),  # predictions in the generating threads themselves
         dict(ram_budget=1, gpu_budget=2, on_miss="cpu", prefetch="cross-layer"),
         dict(ram_budget=2, gpu_budget=1, on_miss="wait", prefetch="cross-layer"),
         dict(ram_budget=2, gpu_budget=1, on_miss="wait", prefetch="cross-layer", cpu_fast_tier_dense=True),
@@ -530,8 +538,11 @@ def test_a_failed_read_in_the_transfer_thread_surfaces_in_the_caller(q4_path, mo
         assert isinstance(caught.value.__cause__, OSError)
 
 
-def test_a_failed_prediction_surfaces_in_the_caller(q4_path, monkeypatch):
-    with qmoe.load(q4_path, offload=OffloadOptions(ram_budget="50%", prefetch="cross-layer")) as m:
+@pytest.mark.parametrize("predict_in", ["model", "worker"])
+def test_a_failed_prediction_surfaces_in_the_caller(q4_path, monkeypatch, predict_in):
+    options = OffloadOptions(ram_budget="50%", prefetch="cross-layer", predict_in=predict_in)
+    with qmoe.load(q4_path, offload=options) as m:
+        assert (m.prefetcher.thread is not None) == (predict_in == "worker")
         ids = prompt(m.n_vocab, 8)
 
         def broken_predict(layer, x):

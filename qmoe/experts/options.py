@@ -20,6 +20,7 @@ from qmoe.errors import QmoeError
 from qmoe.experts.link import SimulatedLink
 
 POLICIES = ("none", "cross-layer", "pre-attn", "oracle")
+PREDICT_IN = ("auto", "model", "worker")
 MISS_POLICIES = ("cpu", "wait")
 
 _UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
@@ -78,6 +79,8 @@ class OffloadOptions:
     lookahead: for "pre-attn" and "oracle", how many of the next MoE layers to guess right
         after each attention, besides each layer's own prediction (prefetch.py); 0 = the
         paper's schedule.
+    predict_in: where predictions run: "model" (the model's thread), "worker" (a thread beside
+        it), "auto" = worker on CUDA, model on the CPU (prefetch.py says why).
     predictors: predictor GGUF for "pre-attn" (default: embedded in the model, else MODEL.pred.gguf).
     direct_io: read the file with O_DIRECT so the page cache does not hold a second copy.
     link: simulated link into the compute tier (None: transfers run at real speed).
@@ -91,6 +94,7 @@ class OffloadOptions:
     on_miss: str = "cpu"
     k_prime: int | None = None
     lookahead: int = 0
+    predict_in: str = "auto"
     predictors: str | None = None
     direct_io: bool = False
     link: SimulatedLink | None = None
@@ -105,6 +109,8 @@ class OffloadOptions:
             raise QmoeError(f"--on-miss must be one of {', '.join(MISS_POLICIES)}, got {self.on_miss!r}")
         if self.k_prime is not None and self.k_prime < 1:
             raise QmoeError(f"--k-prime must be >= 1, got {self.k_prime}")
+        if self.predict_in not in PREDICT_IN:
+            raise QmoeError(f"--predict-in must be one of {', '.join(PREDICT_IN)}, got {self.predict_in!r}")
         if self.lookahead < 0:
             raise QmoeError(f"--lookahead must be >= 0, got {self.lookahead}")
         if self.lookahead and self.prefetch not in ("pre-attn", "oracle"):

@@ -1,10 +1,21 @@
-"""Prefetch policies, and the worker thread that runs them beside the model.
+"""Prefetch policies, and where they run: beside the model in a worker thread, or in its thread.
 
 The prefetcher is an Observer of the forward pass (models/base.py). At each MoE
 layer l the model thread hands it l's attn_norm output (`pre_attention`) and,
-after routing, l's router input and choice (`routed`), and goes on at once; a
-worker thread turns these into predictions and asks the store to prefetch them,
-so prediction runs while attention runs (numba and torch release the GIL).
+after routing, l's router input and choice (`routed`). The prediction it makes
+asks the store to prefetch experts, which the store's transfer thread brings in
+while the model computes. Where the prediction itself runs (`--predict-in`):
+
+    worker  a worker thread, while the model's thread goes on to attention (numba
+            and torch release the GIL): the paper's schedule. The default on CUDA,
+            where the predictor is launched on a stream of its own and the GPU runs
+            it beside attention.
+    model   the model's thread, before attention. The default on the CPU: there a
+            prediction is one compiled call of 1-2 % of a decode step
+            (kernels.MLPTopK), and handing it to a thread costs more than that: the
+            worker's Python turns at the GIL land on the model's path (tiny model,
+            nothing to transfer: 0.81x of no prefetcher with a worker, 0.93x in the
+            model's thread; on A3B shapes equal or faster too).
 
 Policies (`--prefetch`):
     none         no prefetcher at all: the store loads on demand and its LRU cache
@@ -144,17 +155,19 @@ Policy = PreAttentionPolicy | CrossLayerPolicy | OraclePolicy
 
 
 class Prefetcher:
-    """Observer that predicts each MoE layer's experts in a worker thread and prefetches them.
+    """Observer that predicts each MoE layer's experts and prefetches them (module docstring).
 
-    On CUDA the worker runs its predictions on a stream of its own, so that they
-    overlap attention on the model's stream; each activation comes with an event
-    recorded on the model's stream, which the worker's stream waits for before
-    reading it.
+    With a worker on CUDA, the worker runs its predictions on a stream of its own,
+    so that they overlap attention on the model's stream; each activation comes
+    with an event recorded on the model's stream, which the worker's stream waits
+    for before reading it.
     """
 
     def __init__(self, store: ExpertStore, policy: Policy, moe_layers: list[int],
-                 attn_norms: list[Callable[[torch.Tensor], torch.Tensor]], lookahead: int = 0):
-        """attn_norms: every block's input norm; lookahead: MoE layers guessed ahead (module docstring)."""
+                 attn_norms: list[Callable[[torch.Tensor], torch.Tensor]], lookahead: int = 0,
+                 worker: bool = True):
+        """attn_norms: every block's input norm; lookahead: MoE layers guessed ahead; worker: predict
+        in a worker thread, else in the model's (module docstring)."""
         self.store = store
         store.predicting = True
         self.policy = policy
@@ -169,8 +182,10 @@ class Prefetcher:
         self.messages: queue.SimpleQueue = queue.SimpleQueue()
         self.error: BaseException | None = None
         self.stream: torch.cuda.Stream | None = None  # worker only, created on the first CUDA activation
-        self.thread = threading.Thread(target=self._work, name="qmoe-prefetch", daemon=True)
-        self.thread.start()
+        self.thread: threading.Thread | None = None
+        if worker:
+            self.thread = threading.Thread(target=self._work, name="qmoe-prefetch", daemon=True)
+            self.thread.start()
 
     # model thread
 
@@ -191,8 +206,16 @@ class Prefetcher:
             self._predict(nxt, x)
 
     def _predict(self, layer: int, x: torch.Tensor, normalize: bool = False) -> None:
-        """Queue a prediction of `layer` from x (its attn_norm output), or from a residual stream
-        that the worker normalizes with the layer's attn_norm first."""
+        """Predict `layer` from x (its attn_norm output), or from a residual stream to normalize
+        with the layer's attn_norm first: here and now, or queued for the worker."""
+        if self.thread is None:
+            try:
+                self._prefetch(layer, self.store.step(layer), x, None, normalize)
+            except QmoeError:
+                raise
+            except Exception as exc:
+                raise QmoeError(f"expert prediction failed: {exc}") from exc
+            return
         ready = None
         if x.is_cuda:
             ready = torch.cuda.Event()
@@ -242,7 +265,7 @@ class Prefetcher:
 
     def drain(self) -> None:
         """Wait until every message so far has been handled."""
-        if not self.thread.is_alive():
+        if self.thread is None or not self.thread.is_alive():
             return
         done = threading.Event()
         self.messages.put(("flush", -1, None, done))
@@ -251,6 +274,6 @@ class Prefetcher:
 
     def close(self) -> None:
         """Stop the worker. Idempotent."""
-        if self.thread.is_alive():
+        if self.thread is not None and self.thread.is_alive():
             self.messages.put(None)
             self.thread.join()
