@@ -129,8 +129,10 @@ def test_dequantize_torch_matches_the_kernels(qtype):
     assert np.array_equal(got, kernels.dequantize(raw, qtype))
 
 
-@pytest.mark.parametrize("direct", [False, True])
-def test_reader_reads_every_slab_as_the_file_has_it(q4_path, direct):
+@pytest.mark.parametrize("direct,fan_out", [(False, False), (True, False), (True, True)])
+def test_reader_reads_every_slab_as_the_file_has_it(q4_path, direct, fan_out, monkeypatch):
+    if fan_out:  # the parts in parallel, as for slabs of real models' size
+        monkeypatch.setattr(SlabReader, "FAN_OUT_MIN_BYTES", 0)
     with qmoe.load(q4_path, offload=OffloadOptions(ram_budget="100%", direct_io=True)) as m:
         slabs = m.store.slabs
         reader = SlabReader(slabs.path, direct)
