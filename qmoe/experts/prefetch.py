@@ -14,9 +14,9 @@ while the model computes. Where the prediction itself runs (`--predict-in`):
             prediction is one compiled call of 1-2 % of a decode step
             (kernels.MLPTopK), and handing it to a thread costs more than that: the
             worker's Python turns at the GIL land on the model's path (with nothing
-            to transfer, pre-attn ran at 0.81x of no prefetcher in a worker and at
-            0.98-0.99x in the model's thread on the tiny model; 0.92-0.93x against
-            0.97-1.00x on A3B shapes: bench/results/offload-worker, offload).
+            to transfer, pre-attn decoded the tiny model at 175-184 tokens/s with a
+            worker and 196-197 without; A3B shapes alike either way:
+            bench/results/offload-worker, offload).
 
 Policies (`--prefetch`):
     none         no prefetcher at all: the store loads on demand and its LRU cache
