@@ -167,6 +167,7 @@ class Model:
         if self.n_ctx < 1:
             raise QmoeError(f"context size must be >= 1, got {self.n_ctx}")
         self.n_batch = max(1, int(n_batch))
+        self.torch_threads = torch.get_num_threads()  # for batches; one-token steps use one (eval)
         self.net: Transformer = build_model(self.file, self.device, self.n_ctx)
         self.tokenizer = Tokenizer.from_gguf(self.file)
         self.store: ExpertStore | None = None
@@ -298,6 +299,12 @@ class Model:
         outs = []
         for start in range(0, len(ids), self.n_batch):
             chunk = np.asarray(ids[start:start + self.n_batch], dtype=np.int64)
+            # One token's torch ops take microseconds, and with more threads each first wakes
+            # OpenMP's sleeping workers (qmoe/__init__.py: OMP_WAIT_POLICY=PASSIVE), ~90 us an op:
+            # a decode step runs torch on one thread (tiny model at 2 threads: 7.6 -> 5.0 ms a
+            # token; A3B shapes unchanged), a batch on all of them (A3B shapes, 512-token
+            # prefill: 2.6 s on two, 3.2 s on one). The kernels keep their own threads.
+            torch.set_num_threads(1 if len(chunk) == 1 else self.torch_threads)
             last = start + self.n_batch >= len(ids)
             if all_logits or last:
                 outs.append(self.net.forward(chunk, cache, observer, all_logits=all_logits))
