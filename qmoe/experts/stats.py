@@ -59,7 +59,7 @@ class StoreStats:
     prefetch_dropped: int = 0  # dropped unstarted: the layer had run, or no slot could be freed
     late_predictions: int = 0  # predictions that arrived after their layer had started
     predictions: int = 0  # predictions made (one per MoE layer and forward pass)
-    predict_s: float = 0.0  # the prefetch worker's time computing them (the predictor's run-time cost)
+    predict_s: float = 0.0  # the prefetcher's time computing them (the predictor's run-time cost)
 
     @classmethod
     def for_layers(cls, layers: list[int]) -> StoreStats:

@@ -28,9 +28,9 @@ Threads:
                      and/or pool or file -> fast tier, with the simulated link's
                      delay if one is set (link.py). File reads fetch a slab's
                      three parts in parallel (slabs.py).
-    prefetch worker  (prefetch.py) predicts, and calls `prefetch`, which queues
-                     transfers; a prefetch for a layer that has already run is
-                     dropped unstarted.
+    prefetcher       (prefetch.py, in the model's thread or a worker of its own)
+                     predicts, and calls `prefetch`, which queues transfers; a
+                     prefetch for a layer that has already run is dropped unstarted.
 
 Accounting: the budgets fix each tier's slot count (budget // slab bytes); slots
 are allocated once, so the bytes held never exceed the budget. Fixed I/O buffers
