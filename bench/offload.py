@@ -127,9 +127,9 @@ POLICIES = {
 BUDGETS = (10, 25, 50, 100)
 TIERS = {
     "ram": dict(direct_io=True),
-    "pcie": dict(gpu_budget=True, on_miss="wait", link=SimulatedLink(25.0, 10.0)),
-    "flash": dict(gpu_budget=True, on_miss="wait", link=SimulatedLink(2.0, 100.0)),
-    "gpu": dict(gpu_budget=True, on_miss="wait"),  # with --device cuda: the real host -> GPU link
+    "pcie": dict(fast_tier=True, on_miss="wait", link=SimulatedLink(25.0, 10.0)),
+    "flash": dict(fast_tier=True, on_miss="wait", link=SimulatedLink(2.0, 100.0)),
+    "gpu": dict(fast_tier=True, on_miss="wait"),  # with --device cuda: the real host -> GPU link
 }
 CPU_TIERS, CUDA_TIERS = ["ram", "pcie", "flash"], ["gpu", "flash"]
 # The tiny model's matrices are too small for two kernel threads to pay off (one: 359, two: 307
@@ -248,8 +248,7 @@ def decode(model: qmoe.Model, prompt: list[int], continuation: list[int], observ
     cache = model.new_cache()
     model.eval(prompt, cache, observer)
     if model.store is not None:
-        model.offload_stats()  # wait for the prefill's prefetches to settle
-        model.store.reset_stats()
+        model.offload.reset_stats()  # once the prefill's prefetches have settled
     start = time.perf_counter()
     for token in continuation:
         model.eval([token], cache, observer)
@@ -266,19 +265,21 @@ def link_tier(gbps: float) -> str:
 def tier_config(tier: str) -> dict:
     """The store options of a tier setup: one of TIERS, or link-X (--link-sweep)."""
     if tier.startswith("link-"):
-        return dict(gpu_budget=True, on_miss="wait", link=SimulatedLink(float(tier[5:]), SWEEP_LATENCY_US))
+        return dict(fast_tier=True, on_miss="wait", link=SimulatedLink(float(tier[5:]), SWEEP_LATENCY_US))
     return dict(TIERS[tier])
 
 
 def options(
-    tier: str, budget: int, label: str, k_prime: int, predictors: Path, n_layer: int, predict_in: str = "auto"
+    tier: str, budget: int, label: str, k_prime: int, predictors: Path, n_layer: int, predict_in: str = "auto",
+    device: str = "cpu",
 ) -> OffloadOptions:
-    """The store options of one run: `label` is one of POLICIES."""
+    """The store options of one run: `label` is one of POLICIES. A fast tier is in GPU memory
+    with --device cuda, else the simulated one in CPU memory."""
     policy, lookahead = POLICIES[label]
     config = tier_config(tier)
     share = f"{budget}%"
-    if config.pop("gpu_budget", False):
-        config["gpu_budget"] = share
+    if config.pop("fast_tier", False):
+        config["gpu_budget" if device == "cuda" else "sim_fast_budget"] = share
     else:
         config["ram_budget"] = share
     k_prime = k_prime if policy in ("cross-layer", "pre-attn") else None
@@ -363,7 +364,7 @@ def run_model(
             best: dict[str, dict] = {}
             for repeat in range(repeats):
                 for policy in POLICIES if repeat % 2 == 0 else reversed(POLICIES):
-                    opts = options(tier, budget, policy, k_prime, predictors, n_layer, predict_in)
+                    opts = options(tier, budget, policy, k_prime, predictors, n_layer, predict_in, device)
                     row = measure(path, opts, prompt, continuation, trace, device)
                     if policy not in best or row["tokens_per_s"] > best[policy]["tokens_per_s"]:
                         best[policy] = row

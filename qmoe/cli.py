@@ -1,6 +1,8 @@
-"""The `qmoe` command: run, info.
+"""The `qmoe` command: run, info, calibrate, train-predictors, eval-predictors.
 
-Errors a user can cause print as one line `error: ...` (exit 1), never a traceback.
+Each command is a `cmd_*` function over its parsed arguments (build_parser). Errors a
+user can cause print as one line `error: ...` (exit 1), never a traceback, and every
+argument is checked before anything is printed or computed.
 """
 
 from __future__ import annotations
@@ -67,7 +69,7 @@ def _offload_options(args: argparse.Namespace):
     """OffloadOptions from `run`'s flags, or None when no tier is asked for (the plain runtime)."""
     from qmoe.experts.link import SimulatedLink
 
-    if args.ram_budget is None and args.gpu_budget is None:
+    if args.ram_budget is None and args.gpu_budget is None and args.sim_fast_budget is None:
         given = [flag for flag, value in (
             ("--prefetch", args.prefetch != "none"), ("--on-miss", args.on_miss), ("--k-prime", args.k_prime),
             ("--lookahead", args.lookahead != OffloadOptions.lookahead),
@@ -82,7 +84,8 @@ def _offload_options(args: argparse.Namespace):
     if args.sim_link_latency_us is not None and args.sim_link_gbps is None:
         raise QmoeError("--sim-link-latency-us needs --sim-link-gbps")
     link = SimulatedLink(args.sim_link_gbps, args.sim_link_latency_us or 0.0) if args.sim_link_gbps else None
-    return OffloadOptions(ram_budget=args.ram_budget, gpu_budget=args.gpu_budget, prefetch=args.prefetch,
+    return OffloadOptions(ram_budget=args.ram_budget, gpu_budget=args.gpu_budget,
+                          sim_fast_budget=args.sim_fast_budget, prefetch=args.prefetch,
                           on_miss=args.on_miss or "cpu", k_prime=args.k_prime, lookahead=args.lookahead,
                           predict_in=args.predict_in,
                           predictors=args.predictors, direct_io=args.no_page_cache, link=link)
@@ -114,6 +117,10 @@ def _report_offload(model, args) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     from qmoe.engine import SamplingParams, load
 
+    if args.n_predict < 0:
+        raise QmoeError(f"-n/--n-predict must be >= 0, got {args.n_predict}")
+    if args.prompt is None and not args.chat:
+        raise QmoeError("give a prompt with -p PROMPT (or use --chat)")
     offload = _offload_options(args)
     seed = args.seed
     if offload is not None and offload.prefetch == "oracle" and seed is None and args.temp > 0:
@@ -138,10 +145,10 @@ def cmd_run(args: argparse.Namespace) -> int:
                 reply = _stream_text(model, ids, args, sampling)
                 messages.append({"role": "assistant", "content": reply})
         else:
-            if args.prompt is None:
-                raise QmoeError("give a prompt with -p PROMPT (or use --chat)")
+            ids = model.tokenize(args.prompt)
+            model.check_fits(len(ids), args.n_predict)  # before the prompt is echoed
             sys.stdout.write(args.prompt)
-            _stream_text(model, model.tokenize(args.prompt), args, sampling)
+            _stream_text(model, ids, args, sampling)
     except KeyboardInterrupt:  # Ctrl-C ends the generation, not the report
         sys.stdout.write("\n")
         status = 130  # as a shell reports a SIGINT
@@ -304,8 +311,10 @@ def build_parser() -> argparse.ArgumentParser:
     off.add_argument("--ram-budget", metavar="SIZE",
                      help="RAM pool of quantized expert slabs, filled by explicit reads from the file")
     off.add_argument("--gpu-budget", metavar="SIZE",
-                     help="compute-ready fast tier: dequantized experts in GPU slots with --device cuda, else "
-                          "quantized slabs in CPU memory behind their own (e.g. simulated) link")
+                     help="GPU memory for a compute-ready fast tier of dequantized experts (--device cuda)")
+    off.add_argument("--sim-fast-budget", metavar="SIZE",
+                     help="SIMULATE a fast tier without a GPU: quantized slabs in CPU memory behind "
+                          "--sim-link-gbps (to measure what prediction buys behind a slower link)")
     off.add_argument("--prefetch", choices=POLICIES, default="none",
                      help="none: on-demand loads and an LRU cache; cross-layer: layer l's router on layer l-1's "
                           "router input; pre-attn: the trained predictors on attn_norm; oracle: the true "

@@ -23,26 +23,17 @@ import torch
 
 from qmoe import kernels
 from qmoe.errors import ContextOverflowError, QmoeError
+from qmoe.experts.attach import Offload, attach
 from qmoe.experts.options import OffloadOptions
-from qmoe.experts.prefetch import (
-    CrossLayerPolicy,
-    OraclePolicy,
-    Policy,
-    PreAttentionPolicy,
-    Prefetcher,
-    RoutingTrace,
-    TraceRecorder,
-)
-from qmoe.experts.slabs import ExpertSlabs
+from qmoe.experts.prefetch import OraclePolicy, Prefetcher, RoutingTrace, TraceRecorder
 from qmoe.experts.store import ExpertStore
 from qmoe.gguf_file import GGUFFile
 from qmoe.models import build_model
-from qmoe.models.base import KVCache, MmapExperts, MoE, Observer, Transformer
-from qmoe.predictor.metrics import default_k_prime
-from qmoe.predictor.model import INPUT_PRE_ATTN
-from qmoe.predictor.runtime import KernelPredictors
-from qmoe.predictor.sidecar import load_sidecar, model_identity, predictor_source
+from qmoe.models.base import KVCache, Observer, Transformer
+from qmoe.sampling import Sampler, SamplingParams
 from qmoe.tokenizer import Tokenizer
+
+__all__ = ["Model", "SamplingParams", "Timings", "load"]
 
 DEFAULT_CTX = 4096
 DEFAULT_BATCH = 256
@@ -69,60 +60,6 @@ class Timings:
             f"qmoe: prompt eval  = {rate(self.prompt_tokens, self.prompt_s)}",
             f"qmoe: decode       = {rate(self.decode_tokens, self.decode_s)}",
         ])
-
-
-@dataclass
-class SamplingParams:
-    """temperature 0 = greedy. repeat_penalty (llama.cpp's): the logits of the tokens among the
-    last `repeat_last_n` (prompt included) are divided by it where positive and multiplied where
-    negative, so > 1 discourages repeating them; 1 = off."""
-
-    temperature: float = 0.0
-    top_k: int = 40
-    top_p: float = 0.95
-    seed: int | None = None
-    repeat_penalty: float = 1.0
-    repeat_last_n: int = 64
-
-    def __post_init__(self):
-        if not (self.temperature >= 0 and np.isfinite(self.temperature)):
-            raise QmoeError(f"temperature must be a finite number >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise QmoeError(f"top_k must be >= 0 (0 = no limit), got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise QmoeError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not (self.repeat_penalty > 0 and np.isfinite(self.repeat_penalty)):
-            raise QmoeError(f"repeat_penalty must be a finite number > 0 (1 = off), got {self.repeat_penalty}")
-        if self.repeat_last_n < 0:
-            raise QmoeError(f"repeat_last_n must be >= 0, got {self.repeat_last_n}")
-
-
-class Sampler:
-    """Greedy at temperature 0; otherwise temperature, top-k, then top-p (nucleus)."""
-
-    def __init__(self, params: SamplingParams):
-        self.p = params
-        self.rng = np.random.default_rng(params.seed)
-
-    def __call__(self, logits: np.ndarray, recent: list[int] = ()) -> int:
-        """The next token from `logits` [n_vocab]; `recent`: the tokens so far, for the repeat penalty."""
-        window = recent[-self.p.repeat_last_n :] if self.p.repeat_last_n else []
-        if self.p.repeat_penalty != 1 and len(window):
-            seen = np.unique(np.asarray(window))
-            logits = logits.copy()
-            penalized = logits[seen]
-            logits[seen] = np.where(penalized > 0, penalized / self.p.repeat_penalty, penalized * self.p.repeat_penalty)
-        if self.p.temperature == 0:
-            return int(np.argmax(logits))
-        z = logits.astype(np.float64) / self.p.temperature
-        order = np.argsort(-z)
-        if self.p.top_k:
-            order = order[: self.p.top_k]
-        probs = np.exp(z[order] - z[order[0]])
-        probs /= probs.sum()
-        keep = min(int(np.searchsorted(np.cumsum(probs), self.p.top_p)) + 1, len(probs))
-        probs = probs[:keep] / probs[:keep].sum()
-        return int(order[self.rng.choice(keep, p=probs)])
 
 
 class _Observers:
@@ -170,48 +107,21 @@ class Model:
         self.torch_threads = torch.get_num_threads()  # for batches; one-token steps use one (eval)
         self.net: Transformer = build_model(self.file, self.device, self.n_ctx)
         self.tokenizer = Tokenizer.from_gguf(self.file)
-        self.store: ExpertStore | None = None
-        self.prefetcher: Prefetcher | None = None
+        self.offload: Offload | None = None
+        self.recording = False  # record_routing(): the prefetcher sits the run out
         if offload is not None:
-            self._attach_offload(offload)
+            self.offload = attach(self.net, self.file, offload, self.device)
         self.timings = Timings(load_s=time.perf_counter() - start)
 
-    # -- expert offloading
+    # -- expert offloading (qmoe/experts/)
 
-    def _attach_offload(self, options: OffloadOptions) -> None:
-        """Serve every MoE layer's experts from an ExpertStore instead of the mapped file."""
-        moe = [block.ffn for block in self.net.blocks if isinstance(block.ffn, MoE)]
-        assert all(isinstance(m.experts, MmapExperts) for m in moe)
-        slabs = ExpertSlabs(self.path, {m.layer: m.experts.tensors[m.layer] for m in moe})
-        self.store = ExpertStore(slabs, options, self.device)
-        for m in moe:
-            m.experts = self.store
-        policy = self._prefetch_policy(options, {m.layer: m.router for m in moe})
-        if policy is not None:
-            norms = [block.attn_norm for block in self.net.blocks]
-            worker = options.predict_in == "worker" or (options.predict_in == "auto" and self.device.type == "cuda")
-            self.prefetcher = Prefetcher(self.store, policy, self.net.moe_layers, norms, options.lookahead, worker)
+    @property
+    def store(self) -> ExpertStore | None:
+        return self.offload.store if self.offload is not None else None
 
-    def _prefetch_policy(self, options: OffloadOptions, routers: dict[int, torch.Tensor]) -> Policy | None:
-        hp = self.net.hp
-        if options.k_prime is not None and options.k_prime > hp.n_expert:
-            raise QmoeError(f"--k-prime {options.k_prime} exceeds the model's {hp.n_expert} experts")
-        if options.prefetch == "none":
-            return None
-        if options.prefetch == "oracle":
-            return OraclePolicy(RoutingTrace())  # predicts nothing until replay_routing() gives it a recording
-        if options.prefetch == "cross-layer":
-            return CrossLayerPolicy(routers, options.k_prime or default_k_prime(hp.n_expert_used))
-        path = predictor_source(self.file, options.predictors)  # explicit, else embedded, else the sidecar
-        predictors = load_sidecar(path, model_identity(self.file))
-        missing = sorted(set(self.net.moe_layers) - set(predictors.layers))
-        if predictors.input != INPUT_PRE_ATTN or missing:
-            raise QmoeError(f"{path}: these predictors do not read every MoE layer's attn_norm output "
-                            f"(input {predictors.input!r}, layers missing: {missing}); pre-attn needs those")
-        k_prime = options.k_prime or predictors.k_prime
-        if self.device.type == "cuda":
-            return PreAttentionPolicy(predictors.to(self.device, torch.float16), k_prime)
-        return PreAttentionPolicy(KernelPredictors(GGUFFile(path), predictors), k_prime)
+    @property
+    def prefetcher(self) -> Prefetcher | None:
+        return self.offload.prefetcher if self.offload is not None else None
 
     def record_routing(self, prompt_ids: list[int], max_tokens: int,
                        sampling: SamplingParams | None = None) -> RoutingTrace:
@@ -221,12 +131,12 @@ class Model:
         run that replays the recording starts as cold as any other.
         """
         trace = RoutingTrace()
-        prefetcher, self.prefetcher = self.prefetcher, None
+        self.recording = True
         try:
             for _ in self.stream(prompt_ids, max_tokens, sampling, observer=TraceRecorder(trace)):
                 pass
         finally:
-            self.prefetcher = prefetcher
+            self.recording = False
         self.reset_offload()
         return trace
 
@@ -238,26 +148,17 @@ class Model:
 
     def reset_offload(self) -> None:
         """Empty the expert store's tiers and zero its statistics (a cold start)."""
-        if self.prefetcher is not None:
-            self.prefetcher.drain()
-        if self.store is not None:
-            self.store.clear()
+        if self.offload is not None:
+            self.offload.reset()
 
     def offload_stats(self) -> dict | None:
         """The store's statistics (stats.py) once every pending prediction and transfer is done."""
-        if self.store is None:
-            return None
-        if self.prefetcher is not None:
-            self.prefetcher.drain()
-        self.store.drain()
-        return self.store.summary()
+        return self.offload.stats() if self.offload is not None else None
 
     def close(self) -> None:
         """Stop the prefetch and transfer threads (if any). Idempotent."""
-        if self.prefetcher is not None:
-            self.prefetcher.close()
-        if self.store is not None:
-            self.store.close()
+        if self.offload is not None:
+            self.offload.close()
 
     def __enter__(self) -> Model:
         return self
@@ -282,6 +183,12 @@ class Model:
     def new_cache(self) -> KVCache:
         return KVCache(self.n_ctx)
 
+    def check_fits(self, n_prompt: int, max_tokens: int = 0) -> None:
+        """Refuse a prompt of `n_prompt` tokens (and `max_tokens` to generate) that the context cannot hold."""
+        if max_tokens < 0:
+            raise QmoeError(f"max_tokens must be >= 0, got {max_tokens}")
+        self._check_fits(n_prompt + max(max_tokens - 1, 0))
+
     def _check_fits(self, n_tokens: int) -> None:
         if n_tokens > self.n_ctx:
             raise ContextOverflowError(
@@ -294,7 +201,7 @@ class Model:
              all_logits: bool = False) -> torch.Tensor:
         """Feed `ids` after what `cache` holds, in batches; logits of the last (or every) token."""
         self._check_fits(cache.n_past + len(ids))
-        if self.prefetcher is not None:
+        if self.prefetcher is not None and not self.recording:
             observer = self.prefetcher if observer is None else _Observers(self.prefetcher, observer)
         outs = []
         for start in range(0, len(ids), self.n_batch):
@@ -328,9 +235,7 @@ class Model:
         """Yield up to `max_tokens` sampled tokens, stopping at end-of-generation."""
         if not prompt_ids:
             raise QmoeError("the prompt is empty: give at least one token (or a model that adds BOS)")
-        if max_tokens < 0:
-            raise QmoeError(f"max_tokens must be >= 0, got {max_tokens}")
-        self._check_fits(len(prompt_ids) + max(max_tokens - 1, 0))
+        self.check_fits(len(prompt_ids), max_tokens)
         sampler = Sampler(sampling or SamplingParams())
         cache = self.new_cache()
         t0 = time.perf_counter()

@@ -374,6 +374,8 @@ class GGUFFile:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
+        if self.path.is_dir():
+            raise GGUFFormatError(f"{self.path}: is a directory, not a GGUF file")
         if not self.path.is_file():
             raise GGUFFormatError(f"{self.path}: no such file")
         size = self.path.stat().st_size

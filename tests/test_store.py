@@ -23,7 +23,7 @@ from qmoe.experts.cache import SlotCache
 from qmoe.experts.link import SimulatedLink
 from qmoe.experts.options import OffloadOptions, parse_budget
 from qmoe.experts.slabs import SlabReader
-from qmoe.experts.store import ExpertStore, expert_groups
+from qmoe.experts.store import ExpertStore
 from qmoe.experts.tiers import dense_expert_ffn, dequantize_torch
 from qmoe.models.base import MmapExperts, MoE
 from qmoe.predictor.model import INPUT_PRE_ATTN, PredictorSet, build_predictor, fold_batchnorm
@@ -115,9 +115,9 @@ def test_slot_cache_evicts_lru_but_not_pinned_or_protected():
 
 def test_expert_groups_follow_the_kernels_order():
     ids = np.array([[3, 1]] * 20 + [[1, 0]], dtype=np.int32)  # expert 3 and 1 have >= 16 tokens, 0 has one
-    groups = expert_groups(ids)
-    assert [e for e, _ in groups] == [0, 1, 3]
-    assert groups[0][1].tolist() == [41]
+    groups = kernels.ExpertGroups(ids)
+    assert groups.experts.tolist() == [0, 1, 3]
+    assert groups.group_pairs(0).tolist() == [41]
 
 
 @pytest.mark.parametrize("qtype", [QT.Q4_0, QT.Q8_0, QT.F16, QT.BF16, QT.F32])
@@ -186,9 +186,9 @@ KERNEL_PATH_CONFIGS = [
     dict(ram_budget="50%", prefetch="oracle", direct_io=True),
     dict(ram_budget="100%"),  # everything fits: served from the mapped file
     # without CUDA the fast tier holds quantized slabs for the same kernels
-    dict(gpu_budget="20%", on_miss="wait"),
-    dict(gpu_budget="25%", on_miss="wait", prefetch="oracle", lookahead=2),  # guesses from dense blocks too
-    dict(gpu_budget="30%", ram_budget="25%", on_miss="cpu", prefetch="cross-layer"),
+    dict(sim_fast_budget="20%", on_miss="wait"),
+    dict(sim_fast_budget="25%", on_miss="wait", prefetch="oracle", lookahead=2),  # guesses from dense blocks too
+    dict(sim_fast_budget="30%", ram_budget="25%", on_miss="cpu", prefetch="cross-layer"),
 ]
 
 
@@ -223,7 +223,9 @@ class DenseExperts:
         gate, up, down = self.dense[layer]
         out = np.zeros_like(x)
         k = ids.shape[1]
-        for e, pairs in expert_groups(ids):
+        groups = kernels.ExpertGroups(ids)
+        for g, e in enumerate(groups.experts):
+            pairs = groups.group_pairs(g)
             y = dense_expert_ffn(gate[e], up[e], down[e], torch.from_numpy(x[pairs // k])).numpy()
             np.add.at(out, pairs // k, weights.reshape(-1)[pairs, None] * y)
         return out
@@ -248,16 +250,16 @@ def test_fast_tier_equals_its_reference_and_is_close_to_the_kernels(kind, tiny_g
     scale = np.abs(kernel_logits).max()
     assert np.abs(dense_logits - kernel_logits).max() <= 1e-4 * scale
     for config in (
-        dict(gpu_budget="20%", on_miss="wait"),
-    dict(gpu_budget="25%", on_miss="wait", prefetch="oracle", lookahead=2),  # guesses from dense blocks too
-        dict(gpu_budget="50%", ram_budget="25%", on_miss="wait", prefetch="cross-layer"),
+        dict(sim_fast_budget="20%", on_miss="wait"),
+    dict(sim_fast_budget="25%", on_miss="wait", prefetch="oracle", lookahead=2),  # guesses from dense blocks too
+        dict(sim_fast_budget="50%", ram_budget="25%", on_miss="wait", prefetch="cross-layer"),
     ):
         with qmoe.load(path, offload=OffloadOptions(**config, cpu_fast_tier_dense=True)) as m:
             assert m.store.fast.dense and m.store.fast.dtype == torch.float32
             assert np.array_equal(m.logits(ids), dense_logits), config
     with qmoe.load(
         path,
-        offload=OffloadOptions(gpu_budget="30%", on_miss="cpu", prefetch="cross-layer", cpu_fast_tier_dense=True),
+        offload=OffloadOptions(sim_fast_budget="30%", on_miss="cpu", prefetch="cross-layer", cpu_fast_tier_dense=True),
     ) as m:
         mixed = m.logits(ids)  # hits dense, misses by the kernels
         assert np.abs(mixed - kernel_logits).max() <= 1e-4 * scale
@@ -352,13 +354,13 @@ def test_predictions_are_protected_until_their_layer_runs(q4_path):
         store.prefetch(layer, [0, 1], store.step(layer))
         store.drain()
         for e in (2, 3, 4):  # demand loads of another layer cycle through the one unprotected slot
-            store(other, x, np.array([[e]], np.int32), one)
+            m.offload.experts(other, x, np.array([[e]], np.int32), one)
         assert cache.get((other, 4)) is not None and cache.get((other, 2)) is None
         assert all(cache.get((layer, e)).protected for e in (0, 1))
-        store(layer, x, np.array([[0]], np.int32), one)  # the layer runs: used or not, no longer protected
+        m.offload.experts(layer, x, np.array([[0]], np.int32), one)  # the layer runs: used or not, no longer protected
         assert not any(cache.get((layer, e)).protected for e in (0, 1))
         assert next(iter(cache.lru)) == (layer, 1)  # the wrong guess goes first
-        assert store.summary()["layers"][str(layer)]["hits"] == 1
+        assert m.offload.stats()["layers"][str(layer)]["hits"] == 1
 
 
 def test_a_newer_prediction_replaces_the_guess_for_the_same_step(q4_path):
@@ -375,7 +377,7 @@ def test_a_newer_prediction_replaces_the_guess_for_the_same_step(q4_path):
         assert cache.get((layer, 1)) is None and cache.get((layer, 2)) is None  # cancelled unstarted
         assert cache.get((layer, 3)).protected
         assert cache.get((layer, 0)) is None or not cache.get((layer, 0)).protected  # moved, but not wanted
-        assert store.summary()["prefetch"]["dropped"] >= 2
+        assert m.offload.stats()["prefetch"]["dropped"] >= 2
 
 
 def test_simulated_link_slows_transfers_beside_compute(q4_path):
@@ -436,9 +438,9 @@ def run_threads(target, n: int, timeout: float = 120.0) -> None:
     [
         dict(ram_budget=2, prefetch="cross-layer", predict_in="worker"),
         dict(ram_budget=2, prefetch="cross-layer"),  # predictions in the generating threads themselves
-        dict(ram_budget=1, gpu_budget=2, on_miss="cpu", prefetch="cross-layer"),
-        dict(ram_budget=2, gpu_budget=1, on_miss="wait", prefetch="cross-layer"),
-        dict(ram_budget=2, gpu_budget=1, on_miss="wait", prefetch="cross-layer", cpu_fast_tier_dense=True),
+        dict(ram_budget=1, sim_fast_budget=2, on_miss="cpu", prefetch="cross-layer"),
+        dict(ram_budget=2, sim_fast_budget=1, on_miss="wait", prefetch="cross-layer"),
+        dict(ram_budget=2, sim_fast_budget=1, on_miss="wait", prefetch="cross-layer", cpu_fast_tier_dense=True),
     ],
 )
 def test_budgets_hold_under_many_prompts_tiny_budgets_and_threads(q4_path, config):
@@ -452,14 +454,14 @@ def test_budgets_hold_under_many_prompts_tiny_budgets_and_threads(q4_path, confi
         mapped = next(b.ffn.experts for b in plain.net.blocks if isinstance(b.ffn, MoE))
     budgets = {
         "ram": config["ram_budget"] * slab,
-        "fast": config.get("gpu_budget", 0)
+        "fast": config.get("sim_fast_budget", 0)
         * (3 * hp.n_ff_exp * hp.n_embd * 4 if config.get("cpu_fast_tier_dense") else slab),
     }
     options = OffloadOptions(
         **(
             config
             | {"ram_budget": budgets["ram"], "direct_io": True}
-            | ({"gpu_budget": budgets["fast"]} if "gpu_budget" in config else {})
+            | ({"sim_fast_budget": budgets["fast"]} if "sim_fast_budget" in config else {})
         )
     )
     exact = not config.get("cpu_fast_tier_dense")  # the kernel path; the dense fast tier is only close
@@ -486,7 +488,7 @@ def test_budgets_hold_under_many_prompts_tiny_budgets_and_threads(q4_path, confi
                 w = rng.random(ids.shape).astype(np.float32)
                 other = int(rng.choice(layers))
                 store.prefetch(other, rng.choice(hp.n_expert, 3, replace=False).tolist(), store.step(other))
-                got, want = store(layer, x, ids, w), mapped(layer, x, ids, w)
+                got, want = m.offload.experts(layer, x, ids, w), mapped(layer, x, ids, w)
                 assert np.array_equal(got, want) if exact else np.allclose(got, want, atol=1e-4, rtol=1e-3)
 
         watcher = threading.Thread(target=watch, daemon=True)

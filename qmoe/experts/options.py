@@ -7,13 +7,14 @@ the engine hands it to the expert store and the prefetcher.
 Budgets are bytes of expert slabs a tier may hold: a size ("6G", "512M", "300K",
 "123456"; binary units, so 6G = 6 GiB) or a share of all the model's experts in
 that tier's own form ("40%": of the quantized bytes for the RAM pool, of the
-dequantized bytes for the fast tier).
+bytes a slab takes in the fast tier).
 """
 
 from __future__ import annotations
 
 import math
 import re
+import warnings
 from dataclasses import dataclass
 
 from qmoe.errors import QmoeError
@@ -67,8 +68,11 @@ class OffloadOptions:
 
     ram_budget: host-RAM pool of quantized slabs, read from the file explicitly;
         None = no pool (the experts are served from the memory-mapped file).
-    gpu_budget: compute-ready fast tier of dequantized experts (CUDA slots, or
-        float32 in CPU memory without CUDA); None = no fast tier.
+    gpu_budget: GPU memory for the compute-ready fast tier of dequantized experts
+        (CUDA). Without CUDA it is a deprecated spelling of sim_fast_budget.
+    sim_fast_budget: a SIMULATED fast tier in CPU memory: quantized slabs for the CPU
+        kernels (bit-identical results) behind `link`, so that every path of the store
+        and what prediction buys behind a slower link can be measured without a GPU.
     prefetch: "none" | "cross-layer" | "pre-attn" | "oracle".
     on_miss: what a fast-tier miss does: "cpu" computes it with the CPU kernels from
         the quantized slab (and queues the slab for the fast tier in the background),
@@ -84,12 +88,13 @@ class OffloadOptions:
     predictors: predictor GGUF for "pre-attn" (default: embedded in the model, else MODEL.pred.gguf).
     direct_io: read the file with O_DIRECT so the page cache does not hold a second copy.
     link: simulated link into the compute tier (None: transfers run at real speed).
-    cpu_fast_tier_dense: without CUDA, run the CUDA tier's dense path instead (float32 slots
-        in CPU memory): slower, for testing that path on machines without a GPU.
+    cpu_fast_tier_dense: the simulated fast tier runs the CUDA tier's dense path instead
+        (float32 slots in CPU memory): slower, for testing that path on machines without a GPU.
     """
 
     ram_budget: str | int | None = None
     gpu_budget: str | int | None = None
+    sim_fast_budget: str | int | None = None
     prefetch: str = "none"
     on_miss: str = "cpu"
     k_prime: int | None = None
@@ -101,8 +106,13 @@ class OffloadOptions:
     cpu_fast_tier_dense: bool = False
 
     def __post_init__(self) -> None:
-        if self.ram_budget is None and self.gpu_budget is None:
-            raise QmoeError("expert offloading needs a tier to manage: give --ram-budget and/or --gpu-budget")
+        if self.ram_budget is None and self.gpu_budget is None and self.sim_fast_budget is None:
+            raise QmoeError(
+                "expert offloading needs a tier to manage: give --ram-budget and/or --gpu-budget "
+                "(or --sim-fast-budget)"
+            )
+        if self.gpu_budget is not None and self.sim_fast_budget is not None:
+            raise QmoeError("give --gpu-budget (a GPU tier) or --sim-fast-budget (a simulated one), not both")
         if self.prefetch not in POLICIES:
             raise QmoeError(f"--prefetch must be one of {', '.join(POLICIES)}, got {self.prefetch!r}")
         if self.on_miss not in MISS_POLICIES:
@@ -115,3 +125,17 @@ class OffloadOptions:
             raise QmoeError(f"--lookahead must be >= 0, got {self.lookahead}")
         if self.lookahead and self.prefetch not in ("pre-attn", "oracle"):
             raise QmoeError(f"--lookahead applies to --prefetch pre-attn and oracle, not {self.prefetch}")
+
+    def fast_budget(self, cuda: bool) -> tuple[str | int | None, str, bool]:
+        """The fast tier's budget, the flag that gave it, and whether it is the simulated CPU tier."""
+        if self.sim_fast_budget is not None:
+            return self.sim_fast_budget, "--sim-fast-budget", True
+        if self.gpu_budget is not None and not cuda:
+            warnings.warn(
+                "--gpu-budget without CUDA makes a simulated fast tier in CPU memory; that spelling is "
+                "deprecated, use --sim-fast-budget",
+                DeprecationWarning,
+                stacklevel=3,
+            )
+            return self.gpu_budget, "--gpu-budget", True
+        return self.gpu_budget, "--gpu-budget", False

@@ -52,9 +52,9 @@ schedule.
 
 Each prediction is a list of experts, most wanted first: for one token its
 top-k' (k' >= k over-provisions), for several tokens (prefill) the union of their
-top-k', most often named first. The store measures their precision and recall per
-layer and step against the router's choice, and counts those that came too late
-(stats.py).
+top-k', most often named first. The prefetcher scores them against the router's
+choice, per layer and forward pass (stats.PredictionScorer: precision, recall, and
+those that came too late), and hands them to the store, which moves the slabs.
 """
 
 from __future__ import annotations
@@ -70,7 +70,9 @@ import torch
 
 from qmoe import kernels
 from qmoe.errors import QmoeError
+from qmoe.experts.stats import PredictionScorer
 from qmoe.experts.store import ExpertStore
+from qmoe.predictor.runtime import Predictors
 
 
 def ranked_union(top: np.ndarray) -> list[int]:
@@ -82,20 +84,17 @@ def ranked_union(top: np.ndarray) -> list[int]:
 
 
 class PreAttentionPolicy:
-    """Ours: layer l's predictor (PredictorSet from the sidecar) on layer l's attn_norm output."""
+    """Ours: layer l's trained predictor on layer l's attn_norm output."""
 
     hook = "pre_attention"
     refines = True  # its prediction at the layer itself is better than a lookahead guess: make both
 
-    def __init__(self, predictors, k_prime: int):
-        # KernelPredictors (CPU: the kernels on the file's quantized weights) or a PredictorSet
-        # on the model's CUDA device (torch, fp16)
-        self.predictors = predictors
+    def __init__(self, predictors: Predictors, k_prime: int):
+        self.predictors = predictors  # predictor/runtime.py: the kernels on the CPU, torch on CUDA
         self.k_prime = k_prime
 
     def predict(self, layer: int, x: torch.Tensor) -> list[int]:
-        top = self.predictors.predict_topk(layer, x, self.k_prime)  # [T, k']
-        return ranked_union(top.cpu().numpy() if isinstance(top, torch.Tensor) else top)
+        return ranked_union(self.predictors.predict_topk(layer, x, self.k_prime))  # from [T, k']
 
 
 class CrossLayerPolicy:
@@ -170,7 +169,7 @@ class Prefetcher:
         """attn_norms: every block's input norm; lookahead: MoE layers guessed ahead; worker: predict
         in a worker thread, else in the model's (module docstring)."""
         self.store = store
-        store.predicting = True
+        self.scorer = PredictionScorer(moe_layers)
         self.policy = policy
         self.next_layer = dict(zip(moe_layers, moe_layers[1:]))
         self.attn_norms = attn_norms
@@ -202,6 +201,7 @@ class Prefetcher:
                     self._predict(ahead, h, normalize=True)
 
     def routed(self, layer: int, x: torch.Tensor, logits: torch.Tensor, ids: torch.Tensor) -> None:
+        self.scorer.routed(layer, self.store.step(layer), set(ids.unique().tolist()))
         nxt = self.next_layer.get(layer)
         if self.policy.hook == "routed" and nxt is not None:
             self._predict(nxt, x)
@@ -257,7 +257,8 @@ class Prefetcher:
                 self.stream.wait_event(ready)
                 x.record_stream(self.stream)  # x's memory is not reused before this stream is done with it
                 experts = self.policy.predict(layer, self.attn_norms[layer](x) if normalize else x)
-        self.store.prefetch(layer, experts, step, time.perf_counter() - start)
+        self.scorer.predicted(layer, step, experts, time.perf_counter() - start)
+        self.store.prefetch(layer, experts, step)
 
     def set_policy(self, policy: Policy) -> None:
         """Switch policies between runs (the oracle gets its recording this way)."""

@@ -20,27 +20,31 @@ any simulated link time), and the share of that busy time that overlapped comput
 1 - stall / busy: with one transfer thread, the model stalls only while a transfer
 it needs is running or queued, so busy time not spent stalling ran beside compute.
 
-All counters are updated under the store's lock.
+The store keeps the hits, stalls and transfer figures (StoreStats, under its lock), the
+prefetcher's PredictionScorer the predictions' (PredictionStats); `report` puts them side
+by side.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import threading
 from dataclasses import asdict, dataclass, field
 
 from qmoe.experts.options import format_bytes
 
+UNPREDICTED_KEPT = 1024  # routed passes whose late prediction may still be scored
+
 
 @dataclass
 class LayerStats:
+    """The store's count for one MoE layer."""
+
     hits: int = 0
     late: int = 0
     misses: int = 0
     stall_s: float = 0.0
-    predicted: int = 0  # sum |P|
-    actual: int = 0  # sum |T|
-    correct: int = 0  # sum |P & T|
 
     @property
     def needed(self) -> int:
@@ -49,6 +53,8 @@ class LayerStats:
 
 @dataclass
 class StoreStats:
+    """What the store counts (under its lock): residency per layer, transfers, prefetch requests."""
+
     layers: dict[int, LayerStats]
     bytes_into: dict[str, int] = field(default_factory=lambda: {"ram": 0, "fast": 0})
     transfers: int = 0
@@ -57,21 +63,83 @@ class StoreStats:
     prefetch_requested: int = 0  # experts named by predictions in time to be useful
     prefetch_loaded: int = 0  # of those, transfers actually made
     prefetch_dropped: int = 0  # dropped unstarted: the layer had run, or no slot could be freed
-    late_predictions: int = 0  # predictions that arrived after their layer had started
-    predictions: int = 0  # predictions made (one per MoE layer and forward pass)
-    predict_s: float = 0.0  # the prefetcher's time computing them (the predictor's run-time cost)
 
     @classmethod
     def for_layers(cls, layers: list[int]) -> StoreStats:
         return cls({layer: LayerStats() for layer in layers})
 
-    def record_routing(self, layer: int, actual: set[int]) -> None:
-        """A forward pass of `layer` routed to `actual` (counted whether or not it was predicted)."""
-        self.layers[layer].actual += len(actual)
 
-    def record_prediction(self, layer: int, predicted: set[int], actual: set[int]) -> None:
-        """The prediction for a forward pass whose routing was `actual`, in time or late."""
-        s = self.layers[layer]
+@dataclass
+class LayerScores:
+    """The predictions' score for one MoE layer, summed over forward passes."""
+
+    predicted: int = 0  # sum |P|
+    actual: int = 0  # sum |T|
+    correct: int = 0  # sum |P & T|
+
+
+@dataclass
+class PredictionStats:
+    layers: dict[int, LayerScores]
+    predictions: int = 0  # predictions made (one per MoE layer and forward pass, more with lookahead)
+    late_predictions: int = 0  # predictions that arrived after their layer had been routed
+    predict_s: float = 0.0  # the prefetcher's time computing them (the predictor's run-time cost)
+
+    @classmethod
+    def for_layers(cls, layers: list[int]) -> PredictionStats:
+        return cls({layer: LayerScores() for layer in layers})
+
+
+class PredictionScorer:
+    """Scores each prediction against the routing of the forward pass it was made for.
+
+    The prefetcher reports both sides: `predicted` when a prediction is made (for pass
+    `step` of its layer), `routed` when the layer's router has chosen. Whichever comes
+    second scores the pair. Of several predictions for one pass (lookahead guesses, then
+    the layer's own), the last one before the routing counts; one that arrives after it
+    is late, and the first late one is still scored against that routing (kept for the
+    last UNPREDICTED_KEPT unpredicted passes), so that its accuracy counts all the same.
+    Thread-safe: predictions may come from a worker thread.
+    """
+
+    def __init__(self, layers: list[int]):
+        self.layers = layers
+        self.lock = threading.Lock()
+        self.reset()
+
+    def reset(self) -> None:
+        with self.lock:
+            self.stats = PredictionStats.for_layers(self.layers)
+            self.pending: dict[int, tuple[int, set[int]]] = {}  # layer -> (step, its latest prediction)
+            self.routed_steps: dict[int, int] = {}  # layer -> passes routed so far
+            self.unpredicted: dict[tuple[int, int], set[int]] = {}  # (layer, step) routed unpredicted
+
+    def predicted(self, layer: int, step: int, experts: list[int], seconds: float) -> None:
+        with self.lock:
+            self.stats.predictions += 1
+            self.stats.predict_s += seconds
+            if step < self.routed_steps.get(layer, 0):
+                self.stats.late_predictions += 1
+                actual = self.unpredicted.pop((layer, step), None)
+                if actual is not None:
+                    self._score(layer, set(experts), actual)
+                return
+            self.pending[layer] = (step, set(experts))
+
+    def routed(self, layer: int, step: int, actual: set[int]) -> None:
+        with self.lock:
+            self.stats.layers[layer].actual += len(actual)
+            self.routed_steps[layer] = step + 1
+            pending = self.pending.pop(layer, None)
+            if pending is not None and pending[0] == step:
+                self._score(layer, pending[1], actual)
+                return
+            self.unpredicted[layer, step] = actual  # the prediction may still come
+            if len(self.unpredicted) > UNPREDICTED_KEPT:
+                del self.unpredicted[next(iter(self.unpredicted))]  # the oldest
+
+    def _score(self, layer: int, predicted: set[int], actual: set[int]) -> None:
+        s = self.stats.layers[layer]
         s.predicted += len(predicted)
         s.correct += len(predicted & actual)
 
@@ -80,15 +148,19 @@ def _ratio(num: float, den: float) -> float | None:
     return num / den if den else None
 
 
-def report(stats: StoreStats, tiers: dict) -> dict:
-    """A JSON-ready summary: the tiers (as the store describes them), per-layer and total figures."""
-    total = LayerStats()
+def report(stats: StoreStats, scores: PredictionStats | None, tiers: dict) -> dict:
+    """A JSON-ready summary: the tiers (as the store describes them), per-layer and total figures.
+
+    scores: the predictions' (None without a prefetcher: nothing was predicted)."""
+    scores = scores or PredictionStats.for_layers(list(stats.layers))
+    total = {}
     layers = {}
-    for layer, s in sorted(stats.layers.items()):
-        for name in ("hits", "late", "misses", "stall_s", "predicted", "actual", "correct"):
-            setattr(total, name, getattr(total, name) + getattr(s, name))
-        layers[str(layer)] = _layer_summary(s)
-    stall = total.stall_s
+    for layer in sorted(stats.layers):
+        merged = asdict(stats.layers[layer]) | asdict(scores.layers[layer])
+        for name, value in merged.items():
+            total[name] = total.get(name, 0) + value
+        layers[str(layer)] = _layer_summary(merged)
+    stall = total.get("stall_s", 0.0)
     return {
         "tiers": tiers,
         "layers": layers,
@@ -103,18 +175,18 @@ def report(stats: StoreStats, tiers: dict) -> dict:
             "requested": stats.prefetch_requested,
             "loaded": stats.prefetch_loaded,
             "dropped": stats.prefetch_dropped,
-            "late_predictions": stats.late_predictions,
-            "predictions": stats.predictions,
-            "predict_s": stats.predict_s,
+            "late_predictions": scores.late_predictions,
+            "predictions": scores.predictions,
+            "predict_s": scores.predict_s,
         },
     }
 
 
-def _layer_summary(s: LayerStats) -> dict:
-    return asdict(s) | {
-        "hit_rate": _ratio(s.hits, s.needed),
-        "precision": _ratio(s.correct, s.predicted),
-        "recall": _ratio(s.correct, s.actual),
+def _layer_summary(s: dict) -> dict:
+    return s | {
+        "hit_rate": _ratio(s["hits"], s["hits"] + s["late"] + s["misses"]),
+        "precision": _ratio(s["correct"], s["predicted"]),
+        "recall": _ratio(s["correct"], s["actual"]),
     }
 
 

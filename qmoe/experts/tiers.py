@@ -8,7 +8,7 @@ from one is the model's thread's.
 RamPool   quantized slabs exactly as in the file (raw bytes), for the CPU
           kernels: what a machine whose RAM cannot hold the model keeps of it.
 FastTier  experts in the form its compute engine multiplies fastest:
-          CUDA  dequantized fp16 slots (bf16 when the file stores bf16) in GPU
+          CUDA  (`--gpu-budget`) dequantized fp16 slots (bf16 when the file stores bf16) in GPU
                 memory. A slab's raw bytes are copied into a pinned staging
                 buffer, moved to the GPU on a side stream, and dequantized there
                 by torch ops (`dequantize_torch`), so the link carries the
@@ -17,14 +17,15 @@ FastTier  experts in the form its compute engine multiplies fastest:
                 releases a slot after its products came back to the host
                 (`compute` ends with .cpu()), so a slot is never overwritten while
                 in use.
-          CPU   quantized slabs in host memory, computed by the numba kernels,
-                which read quantized blocks faster than any dequantized copy (a
-                float32 slab is 4-8x the bytes). It is the same tier with its own
-                budget behind its own (simulated) link, so every store path runs
-                and is tested on machines without CUDA, and its results are
-                bit-identical to the plain runtime's.
-          CPU, dense=True: the CUDA tier's compute path (dequantize_torch, then
-                dense products) with float32 slots in CPU memory: slower, and
+          simulated, in CPU memory (`--sim-fast-budget`): quantized slabs in
+                host memory, computed by the numba kernels, which read quantized
+                blocks faster than any dequantized copy (a float32 slab is 4-8x the
+                bytes). It is the same tier with its own budget behind its own
+                simulated link, so every store path runs and is tested on machines
+                without CUDA, and its results are bit-identical to the plain
+                runtime's.
+          simulated, dense=True: the CUDA tier's compute path (dequantize_torch,
+                then dense products) with float32 slots in CPU memory: slower, and
                 there to test that path where no GPU is at hand.
 """
 
@@ -61,6 +62,7 @@ class RamPool:
     """Quantized slabs in host RAM: three uint8 arrays [n_slots, rows, row_bytes]."""
 
     name = "ram"
+    dense = False  # the kernels' form: a layer whose slabs are all here is one moe_ffn call
 
     def __init__(self, layout: SlabLayout, n_slots: int):
         self.layout = layout
@@ -161,8 +163,11 @@ class FastTier:
 
     def describe(self) -> str:
         if not self.dense:
-            return f"fast tier of quantized slabs in CPU memory (the kernels' form), {self.cache.n_slots} slots"
-        where = "GPU" if self.device.type == "cuda" else "CPU memory"
+            return (
+                f"simulated fast tier of quantized slabs in CPU memory (the kernels' form), "
+                f"{self.cache.n_slots} slots"
+            )
+        where = "GPU" if self.device.type == "cuda" else "CPU memory (simulated)"
         return (
             f"fast tier of dequantized {str(self.dtype).removeprefix('torch.')} experts in {where}, "
             f"{self.cache.n_slots} slots"

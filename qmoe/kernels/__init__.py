@@ -4,8 +4,15 @@
     dequantize(w, qtype)                raw [..., row] -> float32 [..., n]
     expert_ffn(gate, up, down, qtypes, x)                     one expert's SwiGLU on T tokens
     moe_ffn(gate_exps, up_exps, down_exps, qtypes, x, ids, weights)   routed sum over top-k experts
+    ExpertGroups(ids), add_expert_output(out, groups, g, y, weights)
+                                        moe_ffn's grouping of tokens by expert and its weighted
+                                        sum, for callers that compute the experts one at a time
     MLPTopK(fc1, t1, b1, fc2, t2, b2, activation)(x, count)   top outputs of a 2-layer net, serially
     set_num_threads(n)
+
+ops.py holds the products and dequantization, moe.py the routed-experts reduction (its
+order of summation, fixed once), compiled.py everything numba compiles, formats.py the
+weight formats.
 
 Weights are the raw views of qmoe.gguf_file (F32 float32 [rows, n], F16 float16,
 BF16 uint16, Q8_0/Q4_0 uint8 [rows, row_bytes] in ggml's block layout) or the same
@@ -24,16 +31,20 @@ Threads: numba's parallel loops over output rows; `set_num_threads` (CLI `-t`) s
 numba's count for the calling thread. All kernels release the GIL, so a prefetch
 worker can run beside them; concurrent calls from several threads need numba's
 "omp" or "tbb" threading layer (the default when either is installed), not
-"workqueue". Many-token products call numpy's BLAS, whose threads numpy controls.
+"workqueue". Many-token products dequantize tiles and multiply them with torch's BLAS,
+whose threads follow torch.set_num_threads (ops.py says why torch and not numpy).
 """
 
-from qmoe.kernels.ops import (
-    MLPTopK,
-    dequantize,
-    expert_ffn,
-    matmul,
-    moe_ffn,
-    set_num_threads,
-)
+from qmoe.kernels.moe import ExpertGroups, add_expert_output, expert_ffn, moe_ffn
+from qmoe.kernels.ops import MLPTopK, dequantize, matmul, set_num_threads
 
-__all__ = ["MLPTopK", "dequantize", "expert_ffn", "matmul", "moe_ffn", "set_num_threads"]
+__all__ = [
+    "ExpertGroups",
+    "MLPTopK",
+    "add_expert_output",
+    "dequantize",
+    "expert_ffn",
+    "matmul",
+    "moe_ffn",
+    "set_num_threads",
+]

@@ -1,6 +1,6 @@
 """Architecture registry: `general.architecture` -> the module that builds it.
 
-Each module exposes `ARCH` and `build(f: GGUFFile, device, n_ctx) -> Transformer`.
+Each module exposes `build(f: GGUFFile, device, n_ctx) -> Transformer`, found by import.
 """
 
 from __future__ import annotations

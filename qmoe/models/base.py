@@ -368,7 +368,8 @@ class SwiGLU:
         self.up = Linear(f.tensor(f"{prefix}ffn_up{suffix}.weight", (n_ff, n_embd)), None, device)
         self.down = Linear(f.tensor(f"{prefix}ffn_down{suffix}.weight", (n_embd, n_ff)), None, device)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, observer: Observer | None = None) -> torch.Tensor:
+        """observer: unused (a dense FFN has no routing to report); the signature MoE has."""
         return self.down(F.silu(self.gate(x)) * self.up(x))
 
 
@@ -457,7 +458,12 @@ class Block:
     attn_norm: Callable[[torch.Tensor], torch.Tensor]
     attn: Callable[[torch.Tensor, KVCache, torch.Tensor], torch.Tensor]
     ffn_norm: Callable[[torch.Tensor], torch.Tensor]
-    ffn: MoE | SwiGLU
+    ffn: MoE | SwiGLU  # called alike: ffn(x, observer)
+
+    @property
+    def routed(self) -> bool:
+        """A block with routed experts (not a leading dense one): what observers and the store are about."""
+        return isinstance(self.ffn, MoE)
 
 
 class Transformer:
@@ -470,7 +476,7 @@ class Transformer:
 
     @property
     def moe_layers(self) -> list[int]:
-        return [i for i, b in enumerate(self.blocks) if isinstance(b.ffn, MoE)]
+        return [i for i, b in enumerate(self.blocks) if b.routed]
 
     def forward(self, tokens: np.ndarray, cache: KVCache, observer: Observer | None = None,
                 all_logits: bool = False) -> torch.Tensor:
@@ -480,13 +486,13 @@ class Transformer:
         h = self.embed(np.asarray(tokens))  # [T, n_embd]
         for i, block in enumerate(self.blocks):
             x = block.attn_norm(h)
-            if observer is not None and isinstance(block.ffn, MoE):
+            if observer is not None and block.routed:
                 observer.pre_attention(i, x)
             h = h + block.attn(x, cache, positions)
             if observer is not None:
                 observer.attended(i, h)
             y = block.ffn_norm(h)
-            h = h + (block.ffn(y, observer) if isinstance(block.ffn, MoE) else block.ffn(y))
+            h = h + block.ffn(y, observer)
         cache.n_past += T
         if not all_logits:
             h = h[-1:]

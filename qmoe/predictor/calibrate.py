@@ -16,15 +16,19 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from qmoe.engine import Model, SamplingParams
 from qmoe.errors import QmoeError
 from qmoe.predictor.calib_data import CalibMeta, CalibWriter
 from qmoe.predictor.sidecar import model_identity
+from qmoe.sampling import SamplingParams
+
+if TYPE_CHECKING:  # a loaded model is handed in (cli); calibration drives it through its public API
+    from qmoe.engine import Model
 
 
 class _Recorder:

@@ -193,10 +193,11 @@ def predictor_source(model: GGUFFile, explicit: str | os.PathLike | None = None)
     return path
 
 
-def load_sidecar(path: str | os.PathLike, expected_identity: str) -> PredictorSet:
-    """Read predictors (float32, CPU) from a sidecar or from a model file they are embedded in;
-    refuse them unless they were made for the model `expected_identity`."""
-    gguf = GGUFFile(path)
+def load_sidecar(source: str | os.PathLike | GGUFFile, expected_identity: str) -> PredictorSet:
+    """Read predictors (float32, CPU) from a sidecar or from a model file they are embedded in
+    (a path, or the file already open); refuse them unless they were made for the model
+    `expected_identity`."""
+    gguf = source if isinstance(source, GGUFFile) else GGUFFile(source)
     if gguf.arch != ARCH and not has_embedded_predictors(gguf):
         raise GGUFFormatError(
             f"{gguf.path}: holds no predictors: general.architecture is {gguf.arch!r}, not {ARCH!r} "

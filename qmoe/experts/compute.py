@@ -1,0 +1,110 @@
+"""The models' `ExpertCompute` over the expert store: each routed expert computed where its slab is.
+
+For every expert the router chose, the output comes from the compute tier (a hit),
+from a slab on its way there (late: wait for it), or, on a miss, as `on_miss` says:
+"wait" asked the store for the slab and waits; "cpu" (fast tier only) computes it
+with the kernels from the quantized slab in the RAM pool, or in the mapped file when
+there is no pool. Hits are computed first, so that their compute overlaps the
+transfers of the rest, then the others as they arrive.
+
+Results do not depend on the tiers: the tokens are grouped and the experts' outputs
+summed by the kernels' own `ExpertGroups` and `add_expert_output`, in moe_ffn's
+order, and every expert on the kernel path is computed by `kernels.expert_ffn`, so
+the layer's output is bit-identical to the model without a store; so is it with the
+CPU's simulated fast tier, which holds quantized slabs for the same kernels. When
+every expert is ready in a tier of quantized slabs, the layer is one `moe_ffn` call
+over the tier's slots. A dense fast tier (CUDA) is a compute path of its own (fp16
+products); with on_miss "wait" every expert takes it, so its results are independent
+of budgets and policy too; with "cpu" misses they mix both paths.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from qmoe import kernels
+from qmoe.experts.cache import Entry
+from qmoe.experts.store import ExpertStore, LayerClaims
+from qmoe.experts.transfers import Tier
+from qmoe.models.base import ExpertCompute
+
+
+class StoreExperts:
+    """ExpertCompute over an ExpertStore; `file_experts` computes them when the mapped file holds them all."""
+
+    def __init__(self, store: ExpertStore, file_experts: ExpertCompute):
+        self.store = store
+        self.file_experts = file_experts
+        self.qtypes = store.layout.qtypes
+
+    def __call__(self, layer: int, x: np.ndarray, ids: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        """The routed experts' weighted sum: x [T, n_embd], ids and weights [T, k] -> [T, n_embd]."""
+        store = self.store
+        groups = kernels.ExpertGroups(ids)
+        needed = [int(e) for e in groups.experts]
+        if store.compute_tier is None:  # every expert is in the mapped file: as the model without a store
+            store.count_file_layer(layer, needed)
+            return self.file_experts(layer, x, ids, weights)
+        claims = store.claim_layer(layer, needed)
+        tier = store.compute_tier
+        if not claims.waiting and not claims.on_cpu and not tier.dense:
+            return self._all_ready(tier, claims, x, ids, weights)
+        outputs = self._one_by_one(layer, tier, claims, x, {e: groups.tokens(g) for g, e in enumerate(needed)})
+        out = np.zeros_like(x)
+        for g, e in enumerate(needed):
+            kernels.add_expert_output(out, groups, g, outputs[e], weights)
+        return out
+
+    def _all_ready(self, tier: Tier, claims: LayerClaims, x, ids, weights) -> np.ndarray:
+        """Every expert is ready in quantized slots: one moe_ffn call with the slots for their ids."""
+        slots = np.zeros(self.store.slabs.n_expert, np.int64)
+        for e, entry in claims.ready:
+            slots[e] = entry.slot
+        try:
+            return kernels.moe_ffn(*tier.parts, self.qtypes, x, ids, weights, slabs=slots)
+        finally:
+            for _, entry in claims.ready:
+                self.store.release(tier, entry)
+
+    def _one_by_one(
+        self, layer: int, tier: Tier, claims: LayerClaims, x: np.ndarray, tokens: dict[int, np.ndarray]
+    ) -> dict[int, np.ndarray]:
+        """Each claimed expert's output on its tokens [n, n_embd]: hits, then the rest as they arrive."""
+        outputs = {}
+        unused = claims.handles()
+        try:
+            for e, entry in claims.ready:
+                unused.remove(entry)
+                outputs[e] = self._compute_in(tier, entry, x[tokens[e]])
+            for e, handle in claims.waiting:
+                entry = self.store.wait(handle, layer)
+                unused.remove(handle)
+                outputs[e] = self._compute_in(tier, entry, x[tokens[e]])
+            for e in claims.on_cpu:
+                outputs[e] = self._compute_on_cpu(layer, e, x[tokens[e]])
+        except BaseException:  # an error or Ctrl-C: do not leave slabs pinned for good
+            self.store.unclaim(unused)
+            raise
+        return outputs
+
+    def _compute_in(self, tier: Tier, entry: Entry, x: np.ndarray) -> np.ndarray:
+        """Compute from an entry pinned for us, then release it."""
+        try:
+            if tier is self.store.fast:
+                return tier.compute(entry.slot, x)
+            return kernels.expert_ffn(*tier.views(entry.slot), self.qtypes, x)
+        finally:
+            self.store.release(tier, entry)
+
+    def _compute_on_cpu(self, layer: int, expert: int, x: np.ndarray) -> np.ndarray:
+        """A fast-tier miss computed by the kernels from the quantized slab: pool (read if absent) or file."""
+        pool = self.store.pool
+        if pool is None:
+            return kernels.expert_ffn(*self.store.slabs.views(layer, expert), self.qtypes, x)
+        handle = self.store.claim_in_pool(layer, expert)
+        try:
+            entry = self.store.wait(handle, layer)
+        except BaseException:
+            self.store.unclaim([handle])
+            raise
+        return self._compute_in(pool, entry, x)

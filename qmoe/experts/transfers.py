@@ -1,0 +1,250 @@
+"""The store's transfer thread: the one link between tiers, and the queue of work for it.
+
+A transfer brings one slab into one tier: file -> RAM pool, and/or pool (or the
+mapped file, when there is no pool) -> fast tier, with the simulated link's delay
+if one is set (link.py). Transfers run one at a time, in priority order:
+
+    DEMAND    a model thread waits for it (a miss, or a late prefetch it claimed)
+    PREFETCH  a prediction, for one step of its layer: dropped unstarted once the
+              layer has started that step, or when a newer prediction leaves it out
+    FILL      a slab a fast-tier miss was computed without, so that the tier learns
+              from use as an LRU cache does
+
+then first come first served. Each job is planned under the store's lock (which
+slot, evicting what), moved outside it (the reads and copies), and completed under
+it again (the slot is ready, the pins of the threads waiting for it are added).
+Slab reads are `SlabReader.read` (slabs.py).
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from qmoe.experts.cache import Entry, Key
+from qmoe.experts.tiers import FastTier, RamPool
+
+if TYPE_CHECKING:  # the store owns the transfers; they read its tiers under its lock
+    from qmoe.experts.store import ExpertStore
+
+DEMAND, PREFETCH, FILL = 0, 1, 2
+Tier = RamPool | FastTier
+
+
+@dataclass(order=True)
+class Job:
+    """One queued transfer: bring slab `key` into `tier`."""
+
+    priority: int
+    seq: int
+    key: Key = field(compare=False)
+    tier: Tier = field(compare=False)
+    step: int = field(compare=False)  # a prefetch is for this step of its layer; useless after it
+    pins: int = field(default=0, compare=False)  # model threads waiting for it: hold it for them on arrival
+    pinned: int = field(default=0, compare=False)  # of those, pins already put on the slab
+    delivered: Entry | None = field(default=None, compare=False)  # the slab, once ready and pinned
+    cancelled: bool = field(default=False, compare=False)
+
+
+@dataclass
+class _Transfer:
+    """What the transfer thread does for a job, decided under the lock, done outside it."""
+
+    job: Job
+    target: Entry  # in job.tier
+    read_into: Entry | None  # pool entry to fill from the file first
+    upload_from: Entry | None  # pool entry to upload into the fast tier from (None: the mapped file)
+    elapsed: float = 0.0
+    slept: float = 0.0  # of which waiting for the simulated link
+
+
+class Transfers:
+    """The queue of jobs and the thread that runs them, for one store.
+
+    The queueing methods are called under the store's lock; the thread takes it itself.
+    """
+
+    def __init__(self, store: ExpertStore):
+        self.store = store
+        self.queue: list[Job] = []  # heap: demand before prefetch before fill, then first come first served
+        self.queued: dict[tuple[str, Key], Job] = {}
+        self.seq = itertools.count()
+        self.busy = False
+        self.thread = threading.Thread(target=self._loop, name="qmoe-transfers", daemon=True)
+        self.thread.start()
+
+    # ----------------------------------------------------------------------------- queueing (under the lock)
+
+    def find(self, tier: Tier, key: Key) -> Job | None:
+        return self.queued.get((tier.name, key))
+
+    def demand(self, tier: Tier, key: Key) -> Job:
+        """Queue a demand load of `key` into `tier`, held for the requesting thread."""
+        job = Job(DEMAND, next(self.seq), key, tier, self.store.steps[key[0]], pins=1)
+        self._push(job)
+        return job
+
+    def enqueue(self, priority: int, tier: Tier, key: Key, step: int) -> None:
+        """Queue a prefetch or a cache fill of `key` unless one is queued already."""
+        if (tier.name, key) not in self.queued:
+            self._push(Job(priority, next(self.seq), key, tier, step))
+
+    def _push(self, job: Job) -> None:
+        heapq.heappush(self.queue, job)
+        self.queued[(job.tier.name, job.key)] = job
+        self.store.work.notify()
+
+    def cancel_prefetches(self, layer: int, needed: set[int]) -> None:
+        """Drop queued prefetches for `layer` outside `needed`: it runs now, or a newer prediction replaced them."""
+        for (_, (job_layer, e)), job in list(self.queued.items()):
+            if job_layer == layer and job.priority == PREFETCH and e not in needed:
+                job.cancelled = True
+                del self.queued[(job.tier.name, job.key)]
+                self.store.stats.prefetch_dropped += 1
+
+    def pending(self) -> bool:
+        """A transfer is running or queued."""
+        return self.busy or any(not job.cancelled for job in self.queue)
+
+    # ----------------------------------------------------------------------------- the thread
+
+    def _loop(self) -> None:
+        store = self.store
+        while True:
+            with store.lock:
+                transfer = None
+                while transfer is None:
+                    job = self._next_job()
+                    if job is None:
+                        return
+                    self.busy = True
+                    transfer = self._plan(job)
+                    if transfer is None:
+                        self.busy = False
+                        store.arrivals.notify_all()  # it may have delivered a slab that was already there
+            try:
+                self._move(transfer)
+            except BaseException as exc:  # noqa: BLE001 - any failure is handed to the waiting threads
+                with store.lock:
+                    self._abandon(transfer, exc)
+            else:
+                with store.lock:
+                    self._complete(transfer)
+            finally:
+                with store.lock:
+                    self.busy = False
+                    store.arrivals.notify_all()
+
+    def _next_job(self) -> Job | None:
+        store = self.store
+        while not store.closing:
+            while self.queue:
+                job = heapq.heappop(self.queue)
+                if not job.cancelled:
+                    del self.queued[(job.tier.name, job.key)]
+                    return job
+            store.arrivals.notify_all()  # idle: wake drain()
+            store.work.wait()
+        return None
+
+    def _reserve(self, tier: Tier, key: Key, demand: bool) -> Entry | None:
+        """A slot for `key`: a demand load waits for one to be released, a prefetch gives up."""
+        store = self.store
+        while True:
+            entry = tier.cache.reserve(key, demand)
+            if entry is not None or not demand or store.closing:
+                return entry
+            store.waiting_for_slot = True
+            store.work.wait()
+            store.waiting_for_slot = False
+
+    def _plan(self, job: Job) -> _Transfer | None:
+        store = self.store
+        tier, key, demand = job.tier, job.key, job.priority == DEMAND
+        if job.priority == PREFETCH and job.step != store.steps[key[0]]:
+            store.stats.prefetch_dropped += 1
+            return None
+        existing = tier.cache.get(key)
+        if existing is not None:  # brought in by another job meanwhile (only this thread loads: it is ready)
+            existing.pins += job.pins
+            job.pinned, job.delivered = job.pins, existing
+            return None
+        target = self._reserve(tier, key, demand)
+        if target is None:
+            store.stats.prefetch_dropped += job.priority == PREFETCH
+            return None
+        target.pins += job.pins
+        job.pinned = job.pins
+        target.protected = job.priority == PREFETCH and store.is_predicted(key)
+        if tier is store.pool:
+            return _Transfer(job, target, read_into=target, upload_from=None)
+        if store.pool is None:
+            return _Transfer(job, target, read_into=None, upload_from=None)
+        # Into the fast tier through the pool. Only this thread fills the pool, so a
+        # pool entry found here is ready; an absent one is read from the file first.
+        source = store.pool.cache.get(key)
+        read_into = None
+        if source is None:
+            source = read_into = self._reserve(store.pool, key, demand)
+            if source is None:  # not a demand load, and every pool slot is in use
+                tier.cache.discard(target)
+                store.stats.prefetch_dropped += job.priority == PREFETCH
+                return None
+        source.pins += 1
+        return _Transfer(job, target, read_into=read_into, upload_from=source)
+
+    def _move(self, t: _Transfer) -> None:
+        """The transfer itself, outside the lock: file -> pool and/or pool or file -> fast tier."""
+        store = self.store
+        layer, expert = t.job.key
+        start = time.perf_counter()
+        link_start = start
+        if t.read_into is not None:
+            store.reader.read(store.slabs.ranges(layer, expert), store.pool.views(t.read_into.slot))
+            link_start = time.perf_counter() if t.job.tier is store.fast else start
+        if t.job.tier is store.fast:
+            raw = (
+                store.pool.views(t.upload_from.slot)
+                if t.upload_from is not None
+                else store.slabs.views(layer, expert)
+            )
+            store.fast.upload(t.target.slot, raw)
+        slept = store.link.finish(link_start, store.layout.nbytes) if store.link is not None else 0.0
+        t.elapsed, t.slept = time.perf_counter() - start, slept
+
+    def _complete(self, t: _Transfer) -> None:
+        store, s = self.store, self.store.stats
+        if t.read_into is not None:
+            store.pool.cache.loaded(t.read_into)
+            s.bytes_into["ram"] += store.layout.nbytes
+        if t.upload_from is not None:
+            t.upload_from.pins -= 1
+            store.pool.cache.touch(t.upload_from)
+        if t.job.tier is store.fast:
+            store.fast.cache.loaded(t.target)
+            s.bytes_into["fast"] += store.layout.nbytes
+        t.target.pins += t.job.pins - t.job.pinned  # claims withdrawn (or added) during the transfer
+        t.job.delivered = t.target
+        s.transfers += 1
+        s.transfer_s += t.elapsed
+        s.simulated_s += t.slept
+        s.prefetch_loaded += t.job.priority == PREFETCH
+        if t.job.step != store.steps[t.job.key[0]] or not store.is_predicted(t.job.key):
+            t.target.protected = False  # its layer ran while it was on its way, or a newer prediction dropped it
+
+    def _abandon(self, t: _Transfer, exc: BaseException) -> None:
+        store = self.store
+        store.error = exc
+        for entry, tier in ((t.target, t.job.tier), (t.read_into, store.pool)):
+            if entry is not None and not entry.ready and tier.cache.get(entry.key) is entry:
+                tier.cache.discard(entry)
+        if t.upload_from is not None and t.upload_from is not t.read_into:
+            t.upload_from.pins -= 1
+
+    def join(self) -> None:
+        """Wait for the thread to end (after the store set `closing` and woke it)."""
+        self.thread.join()

@@ -1,0 +1,179 @@
+"""The routed-experts reduction: tokens grouped by expert, each group's SwiGLU, the weighted sum.
+
+Float sums depend on their order, so the order is fixed here, once, for every caller:
+
+    ExpertGroups(ids)      the (token, expert) pairs grouped by expert: first the experts
+                           that fewer than BLAS_MIN_TOKENS tokens chose (by ascending
+                           expert), then the others (by ascending expert)
+    add_expert_output(...) out[t] += weight * y for one group's tokens
+    moe_ffn                every group at once: the small groups in one compiled call that
+                           adds them in group order, then each BLAS group in turn
+    expert_ffn             one expert's SwiGLU on its tokens (weight 1)
+
+A caller that computes the groups itself, one expert at a time from wherever its slab
+is (the expert store's tiers), gets moe_ffn's result bit for bit by calling
+`expert_ffn` per group and `add_expert_output` in the groups' order: the compiled call
+adds `weight * y` into the output exactly as `add_expert_output` does.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from qmoe.errors import QmoeError
+from qmoe.kernels import compiled
+from qmoe.kernels.formats import check_qtype, row_bytes, weight_bytes
+from qmoe.kernels.ops import BLAS_MIN_TOKENS, _activations, _run, matmul
+
+
+class ExpertGroups:
+    """The routed (token, expert) pairs of ids [T, k] grouped by expert, in summation order.
+
+    Pair p = t * k + j is token t's j-th choice. Group g is expert `experts[g]` for the pairs
+    `pairs[starts[g]:starts[g + 1]]`; the first `n_compiled` groups are those moe_ffn computes
+    in one compiled call (fewer than BLAS_MIN_TOKENS tokens each).
+    """
+
+    def __init__(self, ids: np.ndarray):
+        ids = np.asarray(ids)
+        self.k = ids.shape[1] if ids.ndim == 2 else 1
+        pair_experts = ids.reshape(-1).astype(np.int64)
+        pairs = np.argsort(pair_experts, kind="stable")  # by ascending expert
+        starts = np.flatnonzero(np.diff(pair_experts[pairs], prepend=-1))
+        counts = np.diff(starts, append=len(pairs))
+        small = counts < BLAS_MIN_TOKENS
+        order = np.concatenate((np.flatnonzero(small), np.flatnonzero(~small)))  # small groups first
+        self.experts = pair_experts[pairs[starts[order]]]
+        self.pairs = np.concatenate([pairs[s : s + c] for s, c in zip(starts[order], counts[order])] or [pairs])
+        self.starts = np.concatenate(([0], np.cumsum(counts[order]))).astype(np.int64)
+        self.n_compiled = int(small.sum())
+
+    def __len__(self) -> int:
+        return len(self.experts)
+
+    def group_pairs(self, g: int) -> np.ndarray:
+        """Pair indices of group g."""
+        return self.pairs[self.starts[g] : self.starts[g + 1]]
+
+    def tokens(self, g: int) -> np.ndarray:
+        """Token rows of group g (one per pair: a token chooses an expert at most once)."""
+        return self.group_pairs(g) // self.k
+
+
+def add_expert_output(
+    out: np.ndarray, groups: ExpertGroups, g: int, y: np.ndarray, weights: np.ndarray
+) -> None:
+    """out[t] += weights[t, j] * y[i] for the i-th pair (t, j) of group g; y: [pairs of g, n_embd]."""
+    pairs = groups.group_pairs(g)
+    np.add.at(out, pairs // groups.k, weights.reshape(-1)[pairs, None] * y)
+
+
+def _experts(gate: np.ndarray, up: np.ndarray, down: np.ndarray, qtypes: tuple, what: str):
+    """Checked flat bytes of stacked expert weights [E, rows, row], and their sizes."""
+    if len(qtypes) != 3:
+        raise QmoeError(f"{what}: qtypes must be (gate, up, down), got {qtypes!r}")
+    qtypes = tuple(check_qtype(q) for q in qtypes)
+    flat, sizes = [], []
+    for name, w, qtype in zip(("gate", "up", "down"), (gate, up, down), qtypes):
+        if w.ndim != 3:
+            raise QmoeError(f"{what}: {name} must be [experts, rows, row], got shape {list(w.shape)}")
+        wb, n = weight_bytes(w, qtype, f"{what} {name}")
+        flat.append(wb)
+        sizes.append((w.shape[0], w.shape[1], n))  # (experts, rows, n)
+    (e_g, n_ff, n_embd), (e_u, *up_rows_n), (e_d, *down_rows_n) = sizes
+    if up_rows_n != [n_ff, n_embd] or down_rows_n != [n_embd, n_ff] or not e_g == e_u == e_d:
+        raise QmoeError(
+            f"{what}: expert shapes do not fit together: gate {sizes[0]}, up {sizes[1]}, down {sizes[2]} "
+            "(experts, rows, row length); expected gate = up = [E, n_ff, n_embd], down = [E, n_embd, n_ff]"
+        )
+    row_nbytes = tuple(row_bytes(q, n) for q, (_, _, n) in zip(qtypes, sizes))
+    return flat, tuple(int(q) for q in qtypes), row_nbytes, e_g, n_embd, n_ff
+
+
+def moe_ffn(
+    gate_exps: np.ndarray,
+    up_exps: np.ndarray,
+    down_exps: np.ndarray,
+    qtypes: tuple,
+    x: np.ndarray,
+    expert_ids: np.ndarray,
+    expert_weights: np.ndarray,
+    slabs: np.ndarray | None = None,
+) -> np.ndarray:
+    """The routed experts' weighted sum for T tokens.
+
+    gate_exps, up_exps: raw [E, n_ff, n_embd]; down_exps: raw [E, n_embd, n_ff];
+    qtypes: their types (gate, up, down); x: float32 [T, n_embd];
+    expert_ids: int [T, k]; expert_weights: float32 [T, k].
+    out[t] = sum_j weights[t, j] * (silu(x[t] @ G_e.T) * (x[t] @ U_e.T)) @ D_e.T,  e = ids[t, j]
+    -> float32 [T, n_embd], summed in ExpertGroups' order. Experts chosen by at least
+    BLAS_MIN_TOKENS tokens run through BLAS, all others in one compiled call that reads
+    each of their weight rows once.
+    slabs: int [n_ids], expert id -> its index in the stacked arrays, when these are not
+    the model's tensors but slots of a cache (the expert store's tiers); the sums run in
+    the order of the expert ids all the same, so the result is bit-identical.
+    """
+    flat, qt, rb, n_expert, n_embd, n_ff = _experts(gate_exps, up_exps, down_exps, qtypes, "moe_ffn")
+    n_ids = n_expert
+    if slabs is not None:
+        slabs = np.asarray(slabs, dtype=np.int64)
+        n_ids = len(slabs)
+    x = _activations(x, n_embd, "moe_ffn")
+    ids = np.ascontiguousarray(expert_ids, dtype=np.int64)
+    weights = np.ascontiguousarray(expert_weights, dtype=np.float32)
+    if ids.ndim != 2 or ids.shape[0] != x.shape[0] or weights.shape != ids.shape:
+        raise QmoeError(
+            f"moe_ffn: expert_ids {list(ids.shape)} and expert_weights {list(weights.shape)} must both be "
+            f"[tokens = {x.shape[0]}, k]"
+        )
+    if ids.size and (ids.min() < 0 or ids.max() >= n_ids):
+        raise QmoeError(f"moe_ffn: expert ids must be in 0..{n_ids - 1}, got {ids.min()}..{ids.max()}")
+    if slabs is not None and ids.size and (slabs[ids].min() < 0 or slabs[ids].max() >= n_expert):
+        raise QmoeError(f"moe_ffn: the slabs of the chosen experts must be in 0..{n_expert - 1}")
+    out = np.zeros((x.shape[0], n_embd), np.float32)
+    if ids.size == 0:
+        return out
+    groups = ExpertGroups(ids)
+    where = groups.experts if slabs is None else slabs[groups.experts]  # each group's weights
+    n_small = groups.n_compiled
+    if n_small:
+        slab_bytes = (rb[0] + rb[1]) * n_ff + rb[2] * n_embd
+        _run(
+            compiled.moe_rows, n_small * slab_bytes,
+            *flat, qt, rb, x, groups.k, groups.pairs[: groups.starts[n_small]], groups.starts[: n_small + 1],
+            where[:n_small], weights.reshape(-1), n_ff, out,
+        )  # fmt: skip
+    for g in range(n_small, len(groups)):
+        e = where[g]
+        y = expert_ffn(gate_exps[e], up_exps[e], down_exps[e], qtypes, x[groups.tokens(g)])
+        add_expert_output(out, groups, g, y, weights)
+    return out
+
+
+def expert_ffn(
+    gate: np.ndarray, up: np.ndarray, down: np.ndarray, qtypes: tuple, x: np.ndarray
+) -> np.ndarray:
+    """One expert's SwiGLU for T token rows, from its slabs (stacked[e] views).
+
+    gate, up: raw [n_ff, n_embd]; down: raw [n_embd, n_ff]; x: float32 [T, n_embd]
+    -> silu(x @ G.T) * (x @ U.T) @ D.T, float32 [T, n_embd]. Fewer than BLAS_MIN_TOKENS
+    tokens run moe_ffn's compiled code (one expert, weight 1); more run three BLAS products.
+    """
+    flat, qt, rb, _, n_embd, n_ff = _experts(gate[None], up[None], down[None], qtypes, "expert_ffn")
+    x = _activations(x, n_embd, "expert_ffn")
+    n_tokens = x.shape[0]
+    if n_tokens < BLAS_MIN_TOKENS:
+        out = np.zeros((n_tokens, n_embd), np.float32)
+        if n_tokens:
+            pairs = np.arange(n_tokens, dtype=np.int64)  # k = 1: pair p is token p, all of expert 0
+            _run(
+                compiled.moe_rows, sum(f.nbytes for f in flat),
+                *flat, qt, rb, x, 1, pairs, np.array([0, n_tokens], np.int64), np.zeros(1, np.int64),
+                np.ones(n_tokens, np.float32), n_ff, out,
+            )  # fmt: skip
+        return out
+    g = matmul(gate, qt[0], x)
+    u = matmul(up, qt[1], x)
+    with np.errstate(over="ignore"):  # exp(-g) = inf for very negative g gives silu = -0, as it should
+        hidden = g / (1.0 + np.exp(-g)) * u  # silu(g) * u, [T, n_ff]
+    return matmul(down, qt[2], hidden)
