@@ -28,9 +28,9 @@ Tier setups
     ram    RAM pool of quantized slabs, read from the file with O_DIRECT (the page
            cache bypassed, so every miss is a real read from the drive); the CPU
            kernels compute from the pool. No simulated link.
-    pcie   fast tier (on this CPU-only machine: quantized slabs in CPU memory,
+    pcie   the simulated fast tier (--sim-fast-budget: quantized slabs in CPU memory,
            computed by the same kernels), link SIMULATED at 25 GB/s + 10 us per
-           transfer, misses wait.
+           transfer, misses wait. With --device cuda, the GPU tier behind that link.
     flash  the same with the link SIMULATED at 2 GB/s + 100 us.
     gpu    (--device cuda, the default tiers there with flash) the fast tier in GPU memory:
            fp16 experts in GPU slots, uploaded over the machine's real link and

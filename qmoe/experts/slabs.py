@@ -12,8 +12,9 @@ O_DIRECT so that the page cache does not keep a second, unaccounted copy of what
 the RAM pool holds: with O_DIRECT the kernel moves the bytes straight from the
 device into a page-aligned bounce buffer, from which the slot is filled.
 Filesystems that refuse O_DIRECT (tmpfs, some overlays) get buffered reads
-followed by POSIX_FADV_DONTNEED on the range, with a warning. The three parts of
-a slab are read in parallel.
+followed by POSIX_FADV_DONTNEED on the range, with a warning. With O_DIRECT, the
+three parts of a slab of 1 MiB or more are read in parallel; smaller slabs, and all
+buffered reads, read them one after the other (`SlabReader` says why).
 """
 
 from __future__ import annotations
