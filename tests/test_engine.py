@@ -102,6 +102,21 @@ def test_cli_reports_errors_in_one_line(tmp_path, capsys):
     assert err.startswith("error:") and "missing.gguf" in err and "Traceback" not in err
 
 
+def test_cli_checks_everything_before_it_prints(model_path, tmp_path, capsys):
+    """Bad -n, a prompt that does not fit and a directory fail with one line and no echoed prompt."""
+    prompt = "a b c d e f g h i j k l m n o p q r s t"
+    for argv, message in [
+        (["-p", prompt, "-n", "-3"], "-n/--n-predict must be >= 0, got -3"),
+        (["-p", prompt, "-n", "4", "--ctx", "8"], "do not fit the context of 8"),
+    ]:
+        assert main(["run", str(model_path), *argv]) == 1
+        out, err = capsys.readouterr()
+        assert out == "" and message in err and err.count("error:") == 1
+    assert main(["run", str(tmp_path), "-p", "x"]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and f"{tmp_path}: is a directory, not a GGUF file" in err
+
+
 def test_unsupported_architecture_is_named(tmp_path):
     path = tmp_path / "gpt2.gguf"
     w = GGUFWriter(path, "gpt2")

@@ -78,7 +78,7 @@ def test_budgets_parse_sizes_and_shares():
 
 
 def test_options_are_checked():
-    with pytest.raises(QmoeError, match="--ram-budget and/or --gpu-budget"):
+    with pytest.raises(QmoeError, match="--ram-budget and/or --gpu-budget \\(or --sim-fast-budget\\)"):
         OffloadOptions(prefetch="pre-attn")
     with pytest.raises(QmoeError, match="--prefetch"):
         OffloadOptions(ram_budget="1G", prefetch="psychic")
@@ -388,6 +388,16 @@ def test_simulated_link_slows_transfers_beside_compute(q4_path):
         s = m.offload_stats()
     assert s["simulated_link_s"] > 0 and s["transfer_s"] >= s["simulated_link_s"]
     assert s["tiers"]["link"]["gbps"] == 0.05
+
+
+def test_gpu_budget_without_cuda_is_the_deprecated_simulated_tier(q4_path):
+    with pytest.warns(DeprecationWarning, match="use --sim-fast-budget"):
+        m = qmoe.load(q4_path, offload=OffloadOptions(gpu_budget="25%"))
+    with m:
+        assert m.store.fast is not None and not m.store.fast.dense
+        assert "simulated fast tier" in m.store.describe()["fast"]["description"]
+    with pytest.raises(QmoeError, match="not both"):
+        OffloadOptions(gpu_budget="25%", sim_fast_budget="25%")
 
 
 def test_without_store_options_the_runtime_is_unchanged(q4_path):
