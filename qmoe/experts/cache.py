@@ -45,6 +45,9 @@ class SlotCache:
         self.entries: dict[Key, Entry] = {}
         self.lru: OrderedDict[Key, None] = OrderedDict()  # READY entries, least recently used first
         self.free = list(range(n_slots - 1, -1, -1))
+        self.reset_counts()
+
+    def reset_counts(self) -> None:
         self.evictions = 0
         self.evicted_unused = 0  # prefetched slabs evicted before anything used them
 
@@ -112,3 +115,4 @@ class SlotCache:
         self.entries.clear()
         self.lru.clear()
         self.free = list(range(self.n_slots - 1, -1, -1))
+        self.reset_counts()

@@ -46,10 +46,6 @@ class LayerStats:
     misses: int = 0
     stall_s: float = 0.0
 
-    @property
-    def needed(self) -> int:
-        return self.hits + self.late + self.misses
-
 
 @dataclass
 class StoreStats:

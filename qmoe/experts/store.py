@@ -130,6 +130,8 @@ class ExpertStore:
                     "slots": tier.cache.n_slots,
                     "bytes": tier.nbytes,
                     "share": share,
+                    "evictions": tier.cache.evictions,
+                    "evicted_unused": tier.cache.evicted_unused,  # prefetched, evicted before any use
                     "description": f"{tier.describe()} of {self.slabs.n_slabs} slabs ({100 * share:.1f}%, "
                     f"{format_bytes(tier.nbytes)})",
                 }
@@ -345,6 +347,9 @@ class ExpertStore:
         self.drain()
         with self.lock:
             self.stats = StoreStats.for_layers(self.slabs.layers)
+            for tier in (self.pool, self.fast):
+                if tier is not None:
+                    tier.cache.reset_counts()
 
     def close(self) -> None:
         """Stop the transfer thread and close the file. Idempotent."""

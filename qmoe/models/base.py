@@ -128,7 +128,6 @@ class Linear:
 
     def __init__(self, weight: Tensor, bias: Tensor | None, device: torch.device):
         self.weight = weight
-        self.out_features, self.in_features = weight.shape
         self.device = device
         self.bias = to_torch(bias, device) if bias is not None else None
         self.w_gpu = None
