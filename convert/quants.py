@@ -15,7 +15,7 @@ types (IQ4_NL, IQ4_XS), following the algorithms of ggml-quants.c on the path
 
 The arithmetic is vectorized over blocks, but it stays float32 and keeps ggml's
 operation order, because a last-bit difference in a scale changes bytes: every
-sum over a block's values is a sequential float32 sum (`_sequential_sum`), every
+sum over a block's values is a sequential float32 sum (`_sum`), every
 product is grouped as the C expression groups it, and rounding to an integer is
 ggml's `nearest_int` (round half to even through the float32 mantissa). ggml's
 base library is built without FMA (no -march), so no product is fused.
@@ -33,7 +33,7 @@ F32 = np.float32
 QK_K = 256
 
 # blocks quantized at a time: bounds the temporaries (a few MiB each) whatever the tensor size
-_BATCH_BLOCKS = 4096
+_BATCH_BLOCKS = 1024
 
 # ggml's GROUP_MAX_EPS: a (sub-)block whose largest magnitude is below it counts as all zero
 _GROUP_MAX_EPS = F32(1e-15)
@@ -44,6 +44,19 @@ _IQ4_VALUES_F32 = IQ4_VALUES.astype(F32)
 
 
 # ---------------------------------------------------------------- float32 helpers, ggml's order
+#
+# The fits work on "columns": x [n, m] holds m sub-blocks of n values, one per column, so a
+# per-sub-block quantity is an [m] array that broadcasts against x, and a sum over a
+# sub-block is n - 1 vector additions down the columns (fast, and in ggml's order).
+
+
+def _columns(blocks: np.ndarray, n: int) -> np.ndarray:
+    """[nb, block_size] -> [n, nb * block_size / n]: consecutive runs of n values as columns."""
+    return np.ascontiguousarray(blocks.reshape(-1, n).T)
+
+
+def _uncolumns(columns: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    return columns.T.reshape(shape)
 
 
 def _nearest_int(v: np.ndarray) -> np.ndarray:
@@ -52,19 +65,28 @@ def _nearest_int(v: np.ndarray) -> np.ndarray:
     return (shifted & 0x007FFFFF) - 0x00400000
 
 
-def _sequential_sum(terms: np.ndarray) -> np.ndarray:
-    """Sum over the last axis in index order, as `s = 0; for i: s += t[i]` does in float32.
+def _sum(terms: np.ndarray) -> np.ndarray:
+    """Column sums in row order, as `s = 0; for i: s += t[i]` does in float32 (np.sum adds
+    pairwise, which rounds differently)."""
+    total = F32(0) + terms[0]
+    for row in terms[1:]:
+        total += row
+    return total
 
-    np.sum adds pairwise (a different rounding); an accumulation is strictly sequential.
-    Adding +0.0 makes an all-zero sum +0 as C's `0 + ...` does, whatever the terms' signs."""
-    return np.add.accumulate(terms, axis=-1, dtype=F32)[..., -1] + F32(0.0)
+
+def _sum_from_first(terms: np.ndarray) -> np.ndarray:
+    """`s = t[0]; for i >= 1: s += t[i]` (make_qkx2_quants' sum_w and sum_x)."""
+    total = terms[0].copy()
+    for row in terms[1:]:
+        total += row
+    return total
 
 
-def _first_abs_max(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(largest |x|, the signed x it came from) over the last axis; the first one on ties,
-    like ggml's `if (ax > amax) { amax = ax; max = x[i]; }` loops."""
-    index = np.argmax(np.abs(x), axis=-1)[..., None]
-    signed = np.take_along_axis(x, index, axis=-1)[..., 0]
+def _first_abs_max(x: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
+    """(largest |x|, the signed x it came from) along `axis`; the first one on ties, like
+    ggml's `if (ax > amax) { amax = ax; max = x[i]; }` loops."""
+    index = np.expand_dims(np.argmax(np.abs(x), axis=axis), axis)
+    signed = np.take_along_axis(x, index, axis=axis).squeeze(axis)
     return np.abs(signed), signed
 
 
@@ -73,136 +95,119 @@ def _fp16(v: np.ndarray) -> np.ndarray:
     return np.asarray(v, F32).astype(np.float16)
 
 
-def _divide(num: np.ndarray, den: np.ndarray) -> np.ndarray:
-    """float32 num / den where the C code has already excluded den == 0 (those lanes are masked)."""
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return (num / den).astype(F32, copy=False)
-
-
 # ---------------------------------------------------------------- per-sub-block fits (ggml's make_*_quants)
 
 
 def _fit_scale_min(
     x: np.ndarray, weights: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int, use_mad: bool
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """make_qkx2_quants over sub-blocks x [nb, n]: x ~ scale * L - the_min with L in 0..nmax.
+    """make_qkx2_quants over columns x [n, m]: x ~ scale * L - the_min with L in 0..nmax.
 
     Starts from the min-max fit, then tries nstep + 1 stretched grids, each followed by a
     weighted least-squares scale and min, keeping whichever has the least weighted error.
-    Returns (scale [nb], the_min [nb], L [nb, n] uint8)."""
-    lo = np.minimum(x.min(axis=-1), F32(0))
-    hi = x.max(axis=-1)
-    flat = hi == lo
-    sum_w = _sequential_sum_from_first(weights)
-    sum_x = _sequential_sum_from_first(weights * x)
+    Returns (scale [m], the_min [m], L [n, m] uint8)."""
+    minimum = np.minimum(x.min(axis=0), F32(0))
+    hi = x.max(axis=0)
+    flat = hi == minimum
+    sum_w = _sum_from_first(weights)
+    sum_x = _sum_from_first(weights * x)
 
-    def error(scale, minimum, levels):
-        diff = (scale[:, None] * levels + minimum[:, None]) - x
-        diff = np.abs(diff) if use_mad else diff * diff
-        return _sequential_sum(weights * diff)
+    def error(scale, offset, levels):
+        diff = (scale * levels + offset) - x
+        return _sum(weights * (np.abs(diff) if use_mad else diff * diff))
 
-    span = np.where(flat, F32(1), hi - lo)
-    iscale = _divide(F32(nmax), span)
-    scale = _divide(F32(1), iscale)
-    levels = np.clip(_nearest_int(iscale[:, None] * (x - lo[:, None])), 0, nmax).astype(F32)
-    best_error = error(scale, lo, levels)
-    minimum = lo
+    iscale = F32(nmax) / (hi - minimum)
+    scale = F32(1) / iscale
+    levels = np.clip(_nearest_int(iscale * (x - minimum)), 0, nmax).astype(F32)
+    best_error = error(scale, minimum, levels)
     for step in range(nstep + 1):
-        iscale = _divide(F32(rmin) + F32(rdelta) * F32(step) + F32(nmax), hi - minimum)
-        trial = np.clip(_nearest_int(iscale[:, None] * (x - minimum[:, None])), 0, nmax).astype(F32)
+        # ggml uses the min found so far, so a better fit moves the next grids
+        iscale = (F32(rmin) + F32(rdelta) * F32(step) + F32(nmax)) / (hi - minimum)
+        trial = np.clip(_nearest_int(iscale * (x - minimum)), 0, nmax).astype(F32)
         wl = weights * trial
-        sum_l = _sequential_sum(wl)
-        sum_l2 = _sequential_sum(wl * trial)
-        sum_xl = _sequential_sum(wl * x)
+        sum_l, sum_l2, sum_xl = _sum(wl), _sum(wl * trial), _sum(wl * x)
         det = sum_w * sum_l2 - sum_l * sum_l
-        solvable = det > 0
-        this_scale = _divide(sum_w * sum_xl - sum_x * sum_l, det)
-        this_min = _divide(sum_l2 * sum_x - sum_l * sum_xl, det)
+        this_scale = (sum_w * sum_xl - sum_x * sum_l) / det
+        this_min = (sum_l2 * sum_x - sum_l * sum_xl) / det
         positive_min = this_min > 0
-        this_min = np.where(positive_min, F32(0), this_min)
-        this_scale = np.where(positive_min, _divide(sum_xl, sum_l2), this_scale)
+        this_min[positive_min] = 0
+        this_scale = np.where(positive_min, sum_xl / sum_l2, this_scale)
         trial_error = error(this_scale, this_min, trial)
-        better = solvable & (trial_error < best_error) & ~flat
-        levels = np.where(better[:, None], trial, levels)
+        better = (det > 0) & (trial_error < best_error) & ~flat
+        np.copyto(levels, trial, where=better)
         best_error = np.where(better, trial_error, best_error)
         scale = np.where(better, this_scale, scale)
         minimum = np.where(better, this_min, minimum)
-    scale = np.where(flat, F32(0), scale)
-    levels = np.where(flat[:, None], F32(0), levels)
+    scale[flat] = 0
+    levels[:, flat] = 0
     return scale, -minimum, levels.astype(np.uint8)
 
 
-def _sequential_sum_from_first(terms: np.ndarray) -> np.ndarray:
-    """`s = t[0]; for i >= 1: s += t[i]` (make_qkx2_quants' sum_w and sum_x)."""
-    return np.add.accumulate(terms, axis=-1, dtype=F32)[..., -1]
-
-
 def _fit_symmetric_search(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
-    """make_qx_quants with rmse_type 1 over sub-blocks x [nb, n]: x ~ scale * (L - nmax),
+    """make_qx_quants with rmse_type 1 over columns x [n, m]: x ~ scale * (L - nmax),
     L in 0..2*nmax-1, the scale the best of 19 grids around nmax / max by x^2-weighted
     least squares. All-zero sub-blocks give scale 0 and L 0. Returns (scale, L int32)."""
-    amax, signed_max = _first_abs_max(x)
+    amax, signed_max = _first_abs_max(x, 0)
     zero = amax < _GROUP_MAX_EPS
-    safe_max = np.where(zero, F32(1), signed_max)
     weights = x * x
     wx = weights * x
 
     def grid(iscale):
-        q = np.clip(_nearest_int(iscale[:, None] * x), -nmax, nmax - 1)
+        q = np.clip(_nearest_int(iscale * x), -nmax, nmax - 1)
         qf = q.astype(F32)
-        return q, _sequential_sum(wx * qf), _sequential_sum((weights * qf) * qf)
+        return q, _sum(wx * qf), _sum((weights * qf) * qf)
 
-    iscale = _divide(F32(-nmax), safe_max)
-    q, sumlx, suml2 = grid(iscale)
+    q, sumlx, suml2 = grid(F32(-nmax) / signed_max)
     levels = q + nmax
-    scale = np.where(suml2 != 0, _divide(sumlx, suml2), F32(0))
+    scale = np.where(suml2 != 0, sumlx / suml2, F32(0))
     best = scale * sumlx
     for step in range(-9, 10):
         if step == 0:
             continue
-        iscale = _divide(-(F32(nmax) + F32(0.1) * F32(step)), safe_max)
-        q, sumlx, suml2 = grid(iscale)
+        q, sumlx, suml2 = grid(-(F32(nmax) + F32(0.1) * F32(step)) / signed_max)
         better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
-        levels = np.where(better[:, None], q + nmax, levels)
-        scale = np.where(better, _divide(sumlx, suml2), scale)
+        np.copyto(levels, q + nmax, where=better)
+        scale = np.where(better, sumlx / suml2, scale)
         best = np.where(better, scale * sumlx, best)
-    return np.where(zero, F32(0), scale), np.where(zero[:, None], 0, levels)
+    scale[zero] = 0
+    levels[:, zero] = 0
+    return scale, levels
 
 
 def _fit_symmetric_refine(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
-    """make_q3_quants (rmse) over sub-blocks x [nb, n]: start at nmax / max, then up to 5
+    """make_q3_quants (rmse) over columns x [n, m]: start at nmax / max, then up to 5
     passes that move one value at a time to the level that raises the x^2-weighted fit.
     A pass that changes nothing leaves the state as it was, so running all 5 passes equals
     C's early exit. All-zero sub-blocks give scale 0 and L 0. Returns (scale, L int32)."""
-    amax, signed_max = _first_abs_max(x)
+    amax, signed_max = _first_abs_max(x, 0)
     zero = amax < _GROUP_MAX_EPS
-    iscale = _divide(F32(-nmax), np.where(zero, F32(1), signed_max))
-    q = np.clip(_nearest_int(iscale[:, None] * x), -nmax, nmax - 1)
+    q = np.clip(_nearest_int((F32(-nmax) / signed_max) * x), -nmax, nmax - 1)
+    qf = q.astype(F32)
     weights = x * x
     wx = weights * x
-    sumlx = _sequential_sum(wx * q.astype(F32))
-    suml2 = _sequential_sum((weights * q.astype(F32)) * q.astype(F32))
+    sumlx = _sum(wx * qf)
+    suml2 = _sum((weights * qf) * qf)
     for _ in range(5):
-        for i in range(x.shape[1]):
-            qi = q[:, i].astype(F32)
-            w, wxi = weights[:, i], wx[:, i]
+        for i in range(x.shape[0]):
+            qi = qf[i]
+            w, wxi = weights[i], wx[i]
             slx = sumlx - wxi * qi
             sl2 = suml2 - (w * qi) * qi
-            new_q = np.clip(_nearest_int(_divide(x[:, i] * sl2, slx)), -nmax, nmax - 1)
+            new_q = np.clip(_nearest_int((x[i] * sl2) / slx), -nmax, nmax - 1)
             new_qf = new_q.astype(F32)
+            take = (slx > 0) & (new_q != q[i])
             slx = slx + wxi * new_qf
             sl2 = sl2 + (w * new_qf) * new_qf
-            take = (
-                (sumlx - wxi * qi > 0)
-                & (new_q != q[:, i])
-                & (sl2 > 0)
-                & ((slx * slx) * suml2 > (sumlx * sumlx) * sl2)
-            )
-            q[:, i] = np.where(take, new_q, q[:, i])
+            take &= (sl2 > 0) & ((slx * slx) * suml2 > (sumlx * sumlx) * sl2)
+            np.copyto(q[i], new_q, where=take)
+            np.copyto(qf[i], new_qf, where=take)
             sumlx = np.where(take, slx, sumlx)
             suml2 = np.where(take, sl2, suml2)
-    scale = np.where(suml2 > 0, _divide(sumlx, suml2), F32(0))
-    return np.where(zero, F32(0), scale), np.where(zero[:, None], 0, q + nmax)
+    scale = np.where(suml2 > 0, sumlx / suml2, F32(0))
+    scale[zero] = 0
+    levels = q + nmax
+    levels[:, zero] = 0
+    return scale, levels
 
 
 # ---------------------------------------------------------------- bit packing shared by the K-quants
@@ -236,91 +241,90 @@ def _as_bytes(*parts: np.ndarray) -> np.ndarray:
     return np.concatenate([np.ascontiguousarray(p).view(np.uint8).reshape(nb, -1) for p in parts], axis=1)
 
 
-def _quantize_scales(scales: np.ndarray, mins: np.ndarray) -> tuple:
-    """The two-level scales of Q4_K/Q5_K: 6-bit per sub-block against fp16 d and dmin."""
-    max_scale = np.maximum(scales.max(axis=-1), F32(0))
-    max_min = np.maximum(mins.max(axis=-1), F32(0))
-    inv_scale = np.where(max_scale > 0, _divide(F32(63), max_scale), F32(0))
-    inv_min = np.where(max_min > 0, _divide(F32(63), max_min), F32(0))
-    ls = np.minimum(_nearest_int(inv_scale[:, None] * scales) & 0xFF, 63)
-    lm = np.minimum(_nearest_int(inv_min[:, None] * mins) & 0xFF, 63)
-    d = _fp16(max_scale / F32(63))
-    dmin = _fp16(max_min / F32(63))
-    return ls, lm, d, dmin
-
-
-def _requantize_asymmetric(x, levels, d, dmin, ls, lm, levels_max):
-    """Re-quantize each sub-block with its scale and min as stored (fp16 * 6-bit)."""
-    sub_d = d.astype(F32)[:, None] * ls.astype(F32)
-    sub_m = dmin.astype(F32)[:, None] * lm.astype(F32)
-    n = x.shape[-1]
-    q = np.clip(_nearest_int(_divide(x + sub_m[:, :, None], sub_d[:, :, None])), 0, levels_max)
-    keep = (sub_d == 0)[:, :, None]
-    return np.where(keep, levels.reshape(x.shape), q).reshape(-1, n * x.shape[1])
+def _requantize(x: np.ndarray, fitted: np.ndarray, sub_d: np.ndarray, lo: int, hi: int, sub_m=None):
+    """Re-quantize sub-blocks x [nb, nsub, n] with their scales as stored (sub_d [nb, nsub],
+    and mins sub_m for the asymmetric types): round((x + m) / d) clipped to lo..hi. A
+    sub-block whose stored scale is 0 keeps its `fitted` levels, as ggml's `continue` does.
+    Returns levels [nb, nsub * n]."""
+    shifted = x if sub_m is None else x + sub_m[:, :, None]
+    q = np.clip(_nearest_int(shifted / sub_d[:, :, None]), lo, hi)
+    return np.where((sub_d == 0)[:, :, None], fitted, q).reshape(x.shape[0], -1)
 
 
 # ---------------------------------------------------------------- the block types
 
 
 def _q2_k(blocks: np.ndarray) -> np.ndarray:
-    x = blocks.reshape(-1, 16, 16)
-    nb = x.shape[0]
-    sub = x.reshape(-1, 16)
-    scales, mins, levels = _fit_scale_min(sub, np.abs(sub), 3, -0.5, 0.1, 15, True)
+    nb = blocks.shape[0]
+    xs = _columns(blocks, 16)
+    scales, mins, fitted = _fit_scale_min(xs, np.abs(xs), 3, -0.5, 0.1, 15, True)
     scales, mins = scales.reshape(nb, 16), mins.reshape(nb, 16)
     max_scale = np.maximum(scales.max(axis=-1), F32(0))
     max_min = np.maximum(mins.max(axis=-1), F32(0))
     has_scale, has_min = max_scale > 0, max_min > 0
-    q_scale = np.where(
-        has_scale[:, None], _nearest_int(_divide(F32(15), max_scale)[:, None] * scales), 0
-    )
-    q_min = np.where(has_min[:, None], _nearest_int(_divide(F32(15), max_min)[:, None] * mins), 0)
+    q_scale = np.where(has_scale[:, None], _nearest_int((F32(15) / max_scale)[:, None] * scales), 0)
+    q_min = np.where(has_min[:, None], _nearest_int((F32(15) / max_min)[:, None] * mins), 0)
     packed_scales = ((q_scale & 0xFF) | ((q_min << 4) & 0xFF)).astype(np.uint8)
     d = np.where(has_scale, _fp16(max_scale / F32(15)), np.float16(0))
     dmin = np.where(has_min, _fp16(max_min / F32(15)), np.float16(0))
-    levels = _requantize_asymmetric(x, levels, d, dmin, packed_scales & 0xF, packed_scales >> 4, 3)
+    sub_d = d.astype(F32)[:, None] * (packed_scales & 0xF).astype(F32)
+    sub_m = dmin.astype(F32)[:, None] * (packed_scales >> 4).astype(F32)
+    x = blocks.reshape(nb, 16, 16)
+    levels = _requantize(x, _uncolumns(fitted, x.shape), sub_d, 0, 3, sub_m)
     return _as_bytes(packed_scales, _pack_2bit(levels), d, dmin)
 
 
+def _symmetric_super_scale(scales: np.ndarray, code_scale: float) -> tuple[np.ndarray, np.ndarray]:
+    """Q3_K/Q6_K: the scales [nb, 16] of largest magnitude, and iscale = code_scale / it
+    (1 where there is none, a lane the caller masks)."""
+    amax, max_scale = _first_abs_max(scales, -1)
+    return amax, F32(code_scale) / np.where(amax > 0, max_scale, F32(1))
+
+
 def _q3_k(blocks: np.ndarray) -> np.ndarray:
-    x = blocks.reshape(-1, 16, 16)
-    nb = x.shape[0]
-    scales, levels = _fit_symmetric_refine(x.reshape(-1, 16), 4)
+    nb = blocks.shape[0]
+    scales, fitted = _fit_symmetric_refine(_columns(blocks, 16), 4)
     scales = scales.reshape(nb, 16)
-    _, max_scale = _first_abs_max(scales)
-    has_scale = max_scale != 0
-    iscale = _divide(F32(-32), np.where(has_scale, max_scale, F32(1)))
+    amax, iscale = _symmetric_super_scale(scales, -32)
+    has_scale = amax > 0
     code = np.clip(_nearest_int(iscale[:, None] * scales).astype(np.int8), -32, 31).astype(np.int32) + 32
-    code = np.where(has_scale[:, None], code, 0)
-    d = np.where(has_scale, _fp16(_divide(F32(1), iscale)), np.float16(0))
+    code[~has_scale] = 0
+    d = np.where(has_scale, _fp16(F32(1) / iscale), np.float16(0))
     packed = np.zeros((nb, 12), np.uint8)
     low = (code & 0xF).astype(np.uint8)
     packed[:, 0:8] = low[:, 0:8] | (low[:, 8:16] << 4)
     high = (code >> 4).astype(np.uint8).reshape(nb, 4, 4)  # [nb, j // 4, j % 4]
     packed[:, 8:12] = high[:, 0] | (high[:, 1] << 2) | (high[:, 2] << 4) | (high[:, 3] << 6)
     sub_d = d.astype(F32)[:, None] * (code - 32).astype(F32)
-    q = np.clip(_nearest_int(_divide(x, sub_d[:, :, None])), -4, 3) + 4
-    levels = np.where((sub_d == 0)[:, :, None], levels.reshape(nb, 16, 16), q).reshape(nb, 256)
+    x = blocks.reshape(nb, 16, 16)
+    levels = _requantize(x, _uncolumns(fitted, x.shape) - 4, sub_d, -4, 3) + 4
     high_bit = levels > 3
     levels = np.where(high_bit, levels - 4, levels)
-    # hmask byte m, bit b <- value 32 * b + m
-    hmask = np.zeros((nb, 32), np.uint8)
+    hmask = np.zeros((nb, 32), np.uint8)  # byte m, bit b <- value 32 * b + m
     for bit in range(8):
         hmask |= high_bit[:, 32 * bit : 32 * (bit + 1)].astype(np.uint8) << bit
     return _as_bytes(hmask, _pack_2bit(levels), packed, d)
 
 
 def _q4_or_q5_k(blocks: np.ndarray, bits: int) -> np.ndarray:
-    x = blocks.reshape(-1, 8, 32)
-    nb = x.shape[0]
-    sub = x.reshape(-1, 32)
-    av_x = np.sqrt(_sequential_sum(sub * sub) / F32(32))
-    weights = av_x[:, None] + np.abs(sub)
+    nb = blocks.shape[0]
+    xs = _columns(blocks, 32)
+    av_x = np.sqrt(_sum(xs * xs) / F32(32))
     levels_max = (1 << bits) - 1
     rmin, nstep = (-1.0, 20) if bits == 4 else (-0.5, 15)
-    scales, mins, levels = _fit_scale_min(sub, weights, levels_max, rmin, 0.1, nstep, False)
-    ls, lm, d, dmin = _quantize_scales(scales.reshape(nb, 8), mins.reshape(nb, 8))
-    levels = _requantize_asymmetric(x, levels, d, dmin, ls, lm, levels_max)
+    scales, mins, fitted = _fit_scale_min(xs, av_x + np.abs(xs), levels_max, rmin, 0.1, nstep, False)
+    scales, mins = scales.reshape(nb, 8), mins.reshape(nb, 8)
+    max_scale = np.maximum(scales.max(axis=-1), F32(0))
+    max_min = np.maximum(mins.max(axis=-1), F32(0))
+    inv_scale = np.where(max_scale > 0, F32(63) / max_scale, F32(0))
+    inv_min = np.where(max_min > 0, F32(63) / max_min, F32(0))
+    ls = np.minimum(_nearest_int(inv_scale[:, None] * scales) & 0xFF, 63)
+    lm = np.minimum(_nearest_int(inv_min[:, None] * mins) & 0xFF, 63)
+    d, dmin = _fp16(max_scale / F32(63)), _fp16(max_min / F32(63))
+    sub_d = d.astype(F32)[:, None] * ls.astype(F32)
+    sub_m = dmin.astype(F32)[:, None] * lm.astype(F32)
+    x = blocks.reshape(nb, 8, 32)
+    levels = _requantize(x, _uncolumns(fitted, x.shape), sub_d, 0, levels_max, sub_m)
     packed = _pack_scale_min_6bit(ls, lm)
     if bits == 4:
         return _as_bytes(d, dmin, packed, _pack_nibbles_by_64(levels))
@@ -332,20 +336,20 @@ def _q4_or_q5_k(blocks: np.ndarray, bits: int) -> np.ndarray:
 
 
 def _q6_k(blocks: np.ndarray) -> np.ndarray:
-    x = blocks.reshape(-1, 16, 16)
-    nb = x.shape[0]
-    scales, levels = _fit_symmetric_search(x.reshape(-1, 16), 32)
+    nb = blocks.shape[0]
+    scales, fitted = _fit_symmetric_search(_columns(blocks, 16), 32)
     scales = scales.reshape(nb, 16)
-    amax, max_scale = _first_abs_max(scales)
+    amax, iscale = _symmetric_super_scale(scales, -128)
     zero = amax < _GROUP_MAX_EPS
-    iscale = _divide(F32(-128), np.where(zero, F32(1), max_scale))
-    d = np.where(zero, np.float16(0), _fp16(_divide(F32(1), iscale)))
+    d = np.where(zero, np.float16(0), _fp16(F32(1) / iscale))
     code = np.minimum(127, _nearest_int(iscale[:, None] * scales)).astype(np.int8)
-    code = np.where(zero[:, None], np.int8(0), code)
+    code[zero] = 0
     sub_d = d.astype(F32)[:, None] * code.astype(F32)
-    q = np.clip(_nearest_int(_divide(x, sub_d[:, :, None])), -32, 31) + 32
-    levels = np.where((sub_d == 0)[:, :, None], levels.reshape(nb, 16, 16), q).reshape(nb, 256)
-    levels = np.where(zero[:, None], 0, levels).astype(np.uint8).reshape(nb, 2, 4, 32)
+    x = blocks.reshape(nb, 16, 16)
+    fitted = _uncolumns(fitted, x.shape)
+    levels = _requantize(x, fitted - 32, sub_d, -32, 31) + 32
+    levels[zero] = 0  # ggml zeroes the whole block
+    levels = levels.astype(np.uint8).reshape(nb, 2, 4, 32)  # [nb, half, quarter, l]
     low, high = levels & 0xF, levels >> 4
     ql = np.concatenate([low[:, :, 0] | (low[:, :, 2] << 4), low[:, :, 1] | (low[:, :, 3] << 4)], axis=2)
     qh = high[:, :, 0] | (high[:, :, 1] << 2) | (high[:, :, 2] << 4) | (high[:, :, 3] << 6)
@@ -363,27 +367,25 @@ def _iq4_index(v: np.ndarray) -> np.ndarray:
 
 
 def _iq4_block_scales(x: np.ndarray) -> np.ndarray:
-    """quantize_row_iq4_nl_impl's per-32 scale (ntry 7, weights x^2) over x [nb, 32]."""
+    """quantize_row_iq4_nl_impl's scale per block of 32 (ntry 7, weights x^2), columns x [32, m]."""
     weights = x * x
-    amax, signed_max = _first_abs_max(x)
-    zero = amax < _GROUP_MAX_EPS
-    safe_max = np.where(zero, F32(1), signed_max)
+    amax, signed_max = _first_abs_max(x, 0)
 
     def sums(inverse):
-        q = _IQ4_VALUES_F32[_iq4_index(inverse[:, None] * x)]
+        q = _IQ4_VALUES_F32[_iq4_index(inverse * x)]
         wq = weights * q
-        return _sequential_sum(wq * x), _sequential_sum(wq * q)
+        return _sum(wq * x), _sum(wq * q)
 
-    d = _divide(-safe_max, _IQ4_VALUES_F32[0])
-    sumqx, sumq2 = sums(_divide(F32(1), d))
-    d = np.where(sumq2 > 0, _divide(sumqx, sumq2), F32(0))
+    sumqx, sumq2 = sums(F32(1) / (-signed_max / _IQ4_VALUES_F32[0]))
+    d = np.where(sumq2 > 0, sumqx / sumq2, F32(0))
     best = d * sumqx
     for step in range(-7, 8):
-        sumqx, sumq2 = sums(_divide(F32(step + int(IQ4_VALUES[0])), safe_max))
+        sumqx, sumq2 = sums(F32(step + int(IQ4_VALUES[0])) / signed_max)
         better = (sumq2 > 0) & (sumqx * sumqx > best * sumq2)
-        d = np.where(better, _divide(sumqx, sumq2), d)
+        d = np.where(better, sumqx / sumq2, d)
         best = np.where(better, d * sumqx, best)
-    return np.where(zero, F32(0), d)
+    d[amax < _GROUP_MAX_EPS] = 0
+    return d
 
 
 def _pack_iq4(levels: np.ndarray) -> np.ndarray:
@@ -392,24 +394,24 @@ def _pack_iq4(levels: np.ndarray) -> np.ndarray:
     return (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(levels.shape[0], -1)
 
 
+def _inverse(d: np.ndarray) -> np.ndarray:
+    """`d ? 1 / d : 0`."""
+    return np.where(d != 0, F32(1) / d, F32(0))
+
+
 def _iq4_nl(blocks: np.ndarray) -> np.ndarray:
-    x = blocks.reshape(-1, 32)
-    d = _iq4_block_scales(x)
-    inverse = np.where(d != 0, _divide(F32(1), d), F32(0))
-    return _as_bytes(_fp16(d), _pack_iq4(_iq4_index(inverse[:, None] * x)))
+    d = _iq4_block_scales(_columns(blocks, 32))
+    return _as_bytes(_fp16(d), _pack_iq4(_iq4_index(_inverse(d)[:, None] * blocks)))
 
 
 def _iq4_xs(blocks: np.ndarray) -> np.ndarray:
-    x = blocks.reshape(-1, 8, 32)
-    nb = x.shape[0]
-    scales = _iq4_block_scales(x.reshape(-1, 32)).reshape(nb, 8)
-    _, max_scale = _first_abs_max(scales)
+    nb = blocks.shape[0]
+    scales = _iq4_block_scales(_columns(blocks, 32)).reshape(nb, 8)
+    _, max_scale = _first_abs_max(scales, -1)
     d = -max_scale / F32(32)
-    inverse = np.where(d != 0, _divide(F32(1), d), F32(0))
-    code = np.clip(_nearest_int(inverse[:, None] * scales), -32, 31)
-    sub_d = d[:, None] * code.astype(F32)
-    sub_inverse = np.where(sub_d != 0, _divide(F32(1), sub_d), F32(0))
-    levels = _iq4_index(sub_inverse[:, :, None] * x).reshape(nb, 256)
+    code = np.clip(_nearest_int(_inverse(d)[:, None] * scales), -32, 31)
+    sub_inverse = _inverse(d[:, None] * code.astype(F32))
+    levels = _iq4_index(sub_inverse[:, :, None] * blocks.reshape(nb, 8, 32)).reshape(nb, 256)
     code = (code + 32).astype(np.uint16)
     low = (code & 0xF).astype(np.uint8)
     scales_l = low[:, 0::2] | (low[:, 1::2] << 4)
