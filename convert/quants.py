@@ -1,7 +1,7 @@
 """float32 rows -> GGUF block bytes, byte for byte what llama.cpp's quantizer writes.
 
-gguf-py already quantizes F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 exactly as
-ggml does; this module adds the K-quants (Q2_K .. Q6_K) and the non-linear 4-bit
+gguf-py already quantizes F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 as ggml does
+(but for the sign of a zero scale or min, patched here); this module adds the K-quants (Q2_K .. Q6_K) and the non-linear 4-bit
 types (IQ4_NL, IQ4_XS), following the algorithms of ggml-quants.c on the path
 `llama_model_quantize` takes without an importance matrix:
 - Q2_K, Q4_K, Q5_K: per sub-block a scale and a min, fitted by a grid search
@@ -437,14 +437,32 @@ WRITABLE = frozenset(
 )
 
 
+def _signed_zeros_as_ggml(blocks: np.ndarray, out: np.ndarray, qtype: GGMLQuantizationType) -> None:
+    """gguf-py's fp16 fields can differ from ggml's in the sign of a zero, which ggml's
+    loops fix by their order: Q4_0/Q5_0 start from max = +0.0, so an all-zero block has
+    d = +0.0 / -8 = -0.0; Q4_1/Q5_1 keep the first of equal minima (-0.0 or +0.0) as m,
+    and an all-zero block's d is (max - min) / 31 of those first values. Patch the bytes."""
+    zero = ~blocks.any(axis=1)
+    if qtype in (QT.Q4_0, QT.Q5_0):
+        out[zero, 0:2] = np.array([-0.0], np.float16).view(np.uint8)
+    elif qtype in (QT.Q4_1, QT.Q5_1):
+        rows = np.arange(blocks.shape[0])
+        lo, hi = blocks[rows, blocks.argmin(axis=1)], blocks[rows, blocks.argmax(axis=1)]
+        out[:, 2:4] = lo.astype(np.float16).view(np.uint8).reshape(-1, 2)
+        out[zero, 0:2] = (hi[zero] - lo[zero]).astype(np.float16).view(np.uint8).reshape(-1, 2)
+
+
 def quantize(values: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
     """float32 `values` [..., n] (n a multiple of the block size) as `qtype`: uint8 [..., row_bytes]."""
     values = np.ascontiguousarray(values, dtype=F32)
     byte_shape = tuple(quant_shape_to_byte_shape(values.shape, qtype))
+    block_size, type_size = GGML_QUANT_SIZES[qtype]
     quantizer = _QUANTIZERS.get(qtype)
     if quantizer is None:
-        return np.ascontiguousarray(gguf_quantize(values, qtype)).view(np.uint8).reshape(byte_shape)
-    block_size, type_size = GGML_QUANT_SIZES[qtype]
+        out = np.ascontiguousarray(gguf_quantize(values, qtype)).view(np.uint8)
+        if block_size > 1:
+            _signed_zeros_as_ggml(values.reshape(-1, block_size), out.reshape(-1, type_size), qtype)
+        return out.reshape(byte_shape)
     blocks = values.reshape(-1, block_size)
     out = np.empty((blocks.shape[0], type_size), np.uint8)
     # lanes that ggml's branches skip (all-zero blocks, det <= 0) are computed and then masked

@@ -85,25 +85,35 @@ def convert(
     plan = arch.tensors(checkpoint.config)
     _check_sources(checkpoint, plan)
     _warn_unused(checkpoint, plan)
-    shapes = {t.name: t.shape for t in plan}
-    types, file_type = choose_types(shapes, outtype, expert_type, _model_facts(arch, checkpoint.config), pure)
+    types, file_type = _types(checkpoint.config, arch, plan, outtype, expert_type, pure)
 
     with _temporary_beside(out_path) as tmp, _sigterm_raises():
         _write(tmp, checkpoint, arch, plan, types, file_type, progress)
     return out_path
 
 
-def _model_facts(arch: ModuleType, cfg: HFConfig) -> ModelFacts:
-    """What llama.cpp's mix recipes read from the file's metadata. (Head counts matter only
-    for attn_v, which DeepSeek's MLA, the one layout that writes head_count_kv = 1, lacks.)"""
+def plan_types(
+    hf_dir: str | os.PathLike, outtype: str, expert_type: str | None = None, pure: bool = False
+) -> tuple[dict[str, GGMLQuantizationType], int]:
+    """The type of every tensor `convert` would write, and general.file_type, without
+    reading a weight (only config.json and the safetensors headers)."""
+    checkpoint = Checkpoint(hf_dir)
+    arch = archs.for_config(checkpoint.config)
+    return _types(checkpoint.config, arch, arch.tensors(checkpoint.config), outtype, expert_type, pure)
+
+
+def _types(cfg: HFConfig, arch: ModuleType, plan: list[OutputTensor], outtype, expert_type, pure):
+    # What llama.cpp's mix recipes read from the file's metadata. (Head counts matter only
+    # for attn_v, which DeepSeek's MLA, the one layout that writes head_count_kv = 1, lacks.)
     n_head = int(cfg.require("num_attention_heads"))
-    return ModelFacts(
+    model = ModelFacts(
         arch=MODEL_ARCH_NAMES[arch.ARCH],
         n_layer=int(cfg.require("num_hidden_layers")),
         n_expert=n_expert(cfg),
         n_head=n_head,
         n_head_kv=int(cfg.get("num_key_value_heads", default=n_head)),
     )
+    return choose_types({t.name: t.shape for t in plan}, outtype, expert_type, model, pure)
 
 
 def _write(
