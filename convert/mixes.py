@@ -77,7 +77,12 @@ class ModelFacts:
     @property
     def is_llama_70b(self) -> bool:
         """llama.cpp's LLM_TYPE_70B (attn_v gets more bits): a dense 80-layer GQA Llama."""
-        return self.arch == "llama" and self.n_expert != 8 and self.n_layer == 80 and self.n_head != self.n_head_kv
+        return (
+            self.arch == "llama"
+            and self.n_expert != 8
+            and self.n_layer == 80
+            and self.n_head != self.n_head_kv
+        )
 
 
 def fallback(qtype: GGMLQuantizationType, row_length: int) -> GGMLQuantizationType:

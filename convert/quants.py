@@ -431,11 +431,6 @@ _QUANTIZERS = {
     QT.IQ4_XS: _iq4_xs,
 }
 
-# every type the converter can write
-WRITABLE = frozenset(
-    {QT.F32, QT.F16, QT.BF16, QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, *_QUANTIZERS}
-)
-
 
 def _signed_zeros_as_ggml(blocks: np.ndarray, out: np.ndarray, qtype: GGMLQuantizationType) -> None:
     """gguf-py's fp16 fields can differ from ggml's in the sign of a zero, which ggml's

@@ -26,7 +26,7 @@ from convert.mixes import BASE_TYPE, MIXES
 from convert.qtypes import SINGLE_TYPES
 from convert.quants import quantize
 from convert.to_gguf import convert, main, plan_types
-from tests.test_llama_cpp import llama_cpp, llama_cpp_logits, plain_cpu_buffers  # noqa: F401
+from tests.test_llama_cpp import llama_cpp, llama_cpp_logits, plain_cpu_buffers  # noqa: F401 (fixture)
 from tests.tiny_models import TINY_KINDS, build_tiny_model
 
 QT = GGMLQuantizationType
@@ -45,7 +45,12 @@ def ggml_quantize():
     lib = ctypes.CDLL(str(libs[0]))
     lib.ggml_quantize_chunk.restype = ctypes.c_size_t
     lib.ggml_quantize_chunk.argtypes = [
-        ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+        ctypes.c_int,
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+        ctypes.c_int64,
+        ctypes.c_int64,
+        ctypes.c_int64,
         ctypes.c_void_p,
     ]
 
@@ -114,6 +119,7 @@ def test_quantizing_stacked_experts_equals_one_at_a_time():
 
 # ---------------------------------------------------------------- types and files
 
+
 @pytest.fixture(scope="session")
 def hf_of_width(tiny_hf, tmp_path_factory):
     """hf_of_width(kind, width) -> tiny checkpoint; width 64 is the shared tiny_hf one."""
@@ -147,9 +153,12 @@ def llama_quantized(hf_of_width, tmp_path_factory):
             params.ftype = int(MIXES[mix])
             params.pure = pure
             params.nthread = 2
-            assert llama_cpp.llama_model_quantize(
-                str(f32[kind, width]).encode(), str(out).encode(), ctypes.byref(params)
-            ) == 0, f"llama_model_quantize failed for {kind} {mix}"
+            assert (
+                llama_cpp.llama_model_quantize(
+                    str(f32[kind, width]).encode(), str(out).encode(), ctypes.byref(params)
+                )
+                == 0
+            ), f"llama_model_quantize failed for {kind} {mix}"
             built[key] = out
         return built[key]
 
@@ -199,12 +208,14 @@ def test_expert_type_overrides_the_mix(hf_of_width):
 
 
 # (kind, mix) converted in full: every mix on the 8-expert GQA model, q4_k_m on every architecture
-FULL_CONVERSIONS = [("qwen3moe", mix) for mix in MIXES] + [(k, "q4_k_m") for k in TINY_KINDS if k != "qwen3moe"]
+FULL_CONVERSIONS = [("qwen3moe", mix) for mix in MIXES] + [
+    (k, "q4_k_m") for k in TINY_KINDS if k != "qwen3moe"
+]
 
 
+@pytest.mark.usefixtures("plain_cpu_buffers")
 @pytest.mark.parametrize("kind,mix", FULL_CONVERSIONS)
-def test_mix_file_equals_llama_quantize_and_loads(kind, mix, hf_of_width, llama_quantized, tmp_path,
-                                                  plain_cpu_buffers):  # noqa: F811
+def test_mix_file_equals_llama_quantize_and_loads(kind, mix, hf_of_width, llama_quantized, tmp_path):
     theirs = llama_quantized(kind, 256, mix)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
