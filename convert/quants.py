@@ -1,8 +1,8 @@
 """float32 rows -> GGUF block bytes, byte for byte what llama.cpp's quantizer writes.
 
 gguf-py already quantizes F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 as ggml does
-(but for the sign of a zero scale or min, patched here); this module adds the K-quants (Q2_K .. Q6_K) and the non-linear 4-bit
-types (IQ4_NL, IQ4_XS), following the algorithms of ggml-quants.c on the path
+(but for the sign of a zero scale or min, patched here); this module adds the K-quants
+(Q2_K .. Q6_K) and the non-linear 4-bit types (IQ4_NL, IQ4_XS), following the algorithms of ggml-quants.c on the path
 `llama_model_quantize` takes without an importance matrix:
 - Q2_K, Q4_K, Q5_K: per sub-block a scale and a min, fitted by a grid search
   around the min-max fit (make_qkx2_quants), then the scales themselves are
@@ -30,7 +30,6 @@ from gguf.quants import quantize as gguf_quantize
 
 QT = GGMLQuantizationType
 F32 = np.float32
-QK_K = 256
 
 # blocks quantized at a time: bounds the temporaries (a few MiB each) whatever the tensor size
 _BATCH_BLOCKS = 1024
