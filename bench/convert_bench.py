@@ -8,7 +8,8 @@ memory (VmHWM, Linux) and wall time, next to the checkpoint size and the
 largest output tensor, which is what the peak should stay near. A child that only
 imports the converter gives the baseline (interpreter + numpy + gguf).
 
-    python -m bench.convert_bench [--layers 2] [--outtype q8_0] [--expert-type q4_0] [--out out/convert_bench]
+    python -m bench.convert_bench [--layers 2] [--outtype q8_0|q4_k_m|...] [--expert-type q4_0|none]
+                                  [--out out/convert_bench]
 
 Writes convert_bench.json to --out. The checkpoint and the GGUF go to a temporary
 directory (about 2.7 GB + 1 GB for 2 layers) that is removed afterwards.
@@ -25,9 +26,10 @@ import time
 from pathlib import Path
 
 import torch
+from gguf import GGUFReader
 from safetensors.torch import save_file
 
-from convert.qtypes import OUTTYPES, nbytes
+from convert.qtypes import OUTTYPES, SINGLE_TYPES
 from tests.tokenizer_fixtures import make_bpe_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -110,12 +112,9 @@ def build_checkpoint(hf_dir: Path, n_layers: int) -> int:
     return sum(p.stat().st_size for p in hf_dir.glob("*.safetensors"))
 
 
-def largest_output_tensor(outtype: str, expert_type: str) -> int:
-    """Bytes of the biggest tensor the file will hold: an expert stack or the embedding."""
-    c = CONFIG
-    experts = (c["num_experts"], c["moe_intermediate_size"], c["hidden_size"])
-    embedding = (c["vocab_size"], c["hidden_size"])
-    return max(nbytes(experts, OUTTYPES[expert_type]), nbytes(embedding, OUTTYPES[outtype]))
+def largest_output_tensor(gguf: Path) -> int:
+    """Bytes of the biggest tensor the file holds (an expert stack or the embedding)."""
+    return max(int(t.n_bytes) for t in GGUFReader(gguf).tensors)
 
 
 # appended to a child's code: its peak resident set, from the kernel's high-water mark of its
@@ -138,7 +137,7 @@ def run_child(code: str) -> tuple[float, int]:
     return seconds, kib * 1024
 
 
-def bench(n_layers: int, outtype: str, expert_type: str, out: Path) -> dict:
+def bench(n_layers: int, outtype: str, expert_type: str | None, out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out) as scratch:
         hf_dir, gguf = Path(scratch) / "hf", Path(scratch) / "model.gguf"
@@ -151,6 +150,7 @@ def bench(n_layers: int, outtype: str, expert_type: str, out: Path) -> dict:
             f"convert({str(hf_dir)!r}, {str(gguf)!r}, {outtype!r}, {expert_type!r}, progress=False)"
         )
         output_bytes = gguf.stat().st_size
+        largest = largest_output_tensor(gguf)
     result = {
         "checkpoint": {
             "layers": n_layers,
@@ -162,7 +162,7 @@ def bench(n_layers: int, outtype: str, expert_type: str, out: Path) -> dict:
         "outtype": outtype,
         "expert_type": expert_type,
         "output_bytes": output_bytes,
-        "largest_output_tensor_bytes": largest_output_tensor(outtype, expert_type),
+        "largest_output_tensor_bytes": largest,
         "seconds": round(seconds, 2),
         "checkpoint_mb_per_s": round(checkpoint_bytes / 2**20 / seconds, 1),
         "peak_rss_bytes": peak_rss,
@@ -177,11 +177,14 @@ def bench(n_layers: int, outtype: str, expert_type: str, out: Path) -> dict:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--layers", type=int, default=2, help="MoE blocks (each ~1.2 GB of bfloat16 experts)")
-    parser.add_argument("--outtype", default="q8_0", choices=list(OUTTYPES))
-    parser.add_argument("--expert-type", default="q4_0", choices=list(OUTTYPES))
+    parser.add_argument("--outtype", default="q8_0", choices=OUTTYPES)
+    parser.add_argument(
+        "--expert-type", default="q4_0", choices=[*SINGLE_TYPES, "none"], help="none: as --outtype decides"
+    )
     parser.add_argument("--out", type=Path, default=REPO / "out" / "convert_bench")
     args = parser.parse_args(argv)
-    result = bench(args.layers, args.outtype, args.expert_type, args.out)
+    expert_type = None if args.expert_type == "none" else args.expert_type
+    result = bench(args.layers, args.outtype, expert_type, args.out)
     print(json.dumps(result, indent=2))
     gib = 2**30
     print(

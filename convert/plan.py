@@ -87,7 +87,10 @@ def stacked(kind: MODEL_TENSOR, bid: int, hf_names: list[str], expert_shape: tup
     return OutputTensor(gguf_name(kind, bid), (len(hf_names), *expert_shape), pieces)
 
 
-def constant(kind: MODEL_TENSOR, values: list[float]) -> OutputTensor:
-    """A float32 tensor given by config.json rather than by the weights (RoPE factors)."""
+def constant(
+    kind: MODEL_TENSOR, values: list[float], bid: int | None = None, suffix: str = "weight"
+) -> OutputTensor:
+    """A float32 tensor given by config.json rather than by the weights (RoPE factors), or
+    zeros where llama.cpp requires a tensor the checkpoint does not have (Phi-MoE's biases)."""
     array = np.asarray(values, dtype=np.float32)
-    return OutputTensor(gguf_name(kind), array.shape, (Piece((), lambda: array),))
+    return OutputTensor(gguf_name(kind, bid, suffix), array.shape, (Piece((), lambda: array),))

@@ -1,6 +1,6 @@
 """Convert a Hugging Face MoE checkpoint into a GGUF that qmoe and llama.cpp both run.
 
-    python convert/to_gguf.py HF_DIR -o model.gguf --outtype q8_0 [--expert-type q4_0] [--force]
+    python convert/to_gguf.py HF_DIR -o model.gguf --outtype q4_k_m [--expert-type q4_0] [--pure] [--force]
 
 The conversion streams, so a checkpoint far larger than RAM converts:
 1. read config.json and the safetensors headers (no weights);
@@ -37,9 +37,12 @@ from gguf import GGML_QUANT_VERSION, MODEL_ARCH_NAMES, GGMLQuantizationType, GGU
 from tqdm import tqdm
 
 from convert import archs
-from convert.checkpoint import Checkpoint
+from convert.archs.common import n_expert
+from convert.checkpoint import Checkpoint, HFConfig
+from convert.mixes import ModelFacts
 from convert.plan import OutputTensor, Piece
-from convert.qtypes import FILE_TYPES, OUTTYPES, byte_shape, choose_type, nbytes, parse_type, to_bytes
+from convert.qtypes import OUTTYPES, SINGLE_TYPES, byte_shape, check_outtype, choose_types, nbytes, parse_type
+from convert.quants import quantize
 from convert.tokenizer_meta import add_tokenizer
 from qmoe.errors import ConversionError, QmoeError
 
@@ -58,17 +61,20 @@ def convert(
     expert_type: str | None = None,
     force: bool = False,
     progress: bool = True,
+    pure: bool = False,
 ) -> Path:
     """Convert checkpoint `hf_dir` to the GGUF file `out_path`; returns `out_path`.
 
-    `outtype` (f32, f16, bf16, q8_0, q4_0) applies to every matrix; `expert_type`, when
-    given, to the stacked expert tensors instead. Norms, router weights and 1-D tensors
-    stay F32. Raises ConversionError (or UnsupportedArchitectureError) for a bad
-    checkpoint or an existing `out_path` without `force`.
+    `outtype` is a single type for every matrix or one of llama-quantize's mixes
+    (convert/qtypes.py); `pure` gives every matrix the mix's base type; `expert_type`,
+    when given, is the type of the stacked expert tensors instead. Norms, router weights
+    and 1-D tensors stay F32. Raises ConversionError (or UnsupportedArchitectureError)
+    for a bad checkpoint or an existing `out_path` without `force`.
     """
     out_path = Path(out_path)
-    base_type = parse_type(outtype, "--outtype")
-    exp_type = parse_type(expert_type, "--expert-type") if expert_type else base_type
+    check_outtype(outtype)
+    if expert_type:
+        parse_type(expert_type, "--expert-type")
     if out_path.exists() and not force:
         raise ConversionError(f"{out_path}: already exists; pass --force to overwrite it")
     if not out_path.parent.is_dir():
@@ -79,11 +85,35 @@ def convert(
     plan = arch.tensors(checkpoint.config)
     _check_sources(checkpoint, plan)
     _warn_unused(checkpoint, plan)
-    types = {t.name: choose_type(t.name, t.shape, base_type, exp_type) for t in plan}
+    types, file_type = _types(checkpoint.config, arch, plan, outtype, expert_type, pure)
 
     with _temporary_beside(out_path) as tmp, _sigterm_raises():
-        _write(tmp, checkpoint, arch, plan, types, FILE_TYPES[exp_type], progress)
+        _write(tmp, checkpoint, arch, plan, types, file_type, progress)
     return out_path
+
+
+def plan_types(
+    hf_dir: str | os.PathLike, outtype: str, expert_type: str | None = None, pure: bool = False
+) -> tuple[dict[str, GGMLQuantizationType], int]:
+    """The type of every tensor `convert` would write, and general.file_type, without
+    reading a weight (only config.json and the safetensors headers)."""
+    checkpoint = Checkpoint(hf_dir)
+    arch = archs.for_config(checkpoint.config)
+    return _types(checkpoint.config, arch, arch.tensors(checkpoint.config), outtype, expert_type, pure)
+
+
+def _types(cfg: HFConfig, arch: ModuleType, plan: list[OutputTensor], outtype, expert_type, pure):
+    # What llama.cpp's mix recipes read from the file's metadata. (Head counts matter only
+    # for attn_v, which DeepSeek's MLA, the one layout that writes head_count_kv = 1, lacks.)
+    n_head = int(cfg.require("num_attention_heads"))
+    model = ModelFacts(
+        arch=MODEL_ARCH_NAMES[arch.ARCH],
+        n_layer=int(cfg.require("num_hidden_layers")),
+        n_expert=n_expert(cfg),
+        n_head=n_head,
+        n_head_kv=int(cfg.get("num_key_value_heads", default=n_head)),
+    )
+    return choose_types({t.name: t.shape for t in plan}, outtype, expert_type, model, pure)
 
 
 def _write(
@@ -173,11 +203,11 @@ def _fill(
         rows_per_chunk = max(1, _CHUNK_BYTES // (4 * math.prod(shape[1:])))
         for start in range(0, shape[0], rows_per_chunk):
             rows = checkpoint.read(piece.sources[0].name, start, start + rows_per_chunk)
-            dest[start : start + len(rows)] = to_bytes(rows, qtype)
+            dest[start : start + len(rows)] = quantize(rows, qtype)
         return
     values = piece.make(*(checkpoint.read(src.name) for src in piece.sources))
     assert values.shape == shape, f"piece made {values.shape}, plan says {shape}"
-    dest[...] = to_bytes(values, qtype)
+    dest[...] = quantize(values, qtype)
 
 
 @contextmanager
@@ -221,16 +251,25 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("-o", "--outfile", type=Path, required=True, help="GGUF file to write")
     parser.add_argument(
-        "--outtype", default="q8_0", choices=list(OUTTYPES), help="type of the weight matrices"
+        "--outtype",
+        default="q8_0",
+        choices=OUTTYPES,
+        help="type of the weight matrices: a single type, or llama-quantize's mix of that name "
+        "(q2_k q3_k_m q4_k_m q5_k_m q6_k iq4_xs)",
     )
     parser.add_argument(
-        "--expert-type", choices=list(OUTTYPES), help="type of the expert tensors (default: --outtype)"
+        "--expert-type", choices=list(SINGLE_TYPES), help="type of the expert tensors (default: --outtype)"
+    )
+    parser.add_argument(
+        "--pure", action="store_true", help="no mix: every matrix gets the --outtype mix's base type"
     )
     parser.add_argument("--force", action="store_true", help="overwrite an existing output file")
     args = parser.parse_args(argv)
     warnings.showwarning = _print_warning
     try:
-        out = convert(args.hf_dir, args.outfile, args.outtype, args.expert_type, force=args.force)
+        out = convert(
+            args.hf_dir, args.outfile, args.outtype, args.expert_type, force=args.force, pure=args.pure
+        )
     except QmoeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -376,6 +376,27 @@ def test_rows_not_multiple_of_block_fall_back_to_f16(tmp_path):
     assert_within_type_bound(t.name, got, want[t.name], QT.F16)
 
 
+def test_k_quant_rows_fall_back_as_llama_cpp(tiny_hf, tmp_path):
+    """Rows of 64 do not hold a 256-block: Q4_K falls back to Q5_0, as in llama.cpp."""
+    with pytest.warns(
+        BlockSizeFallbackWarning,
+        match=r"blk\.0\.ffn_down_exps\.weight: row length 64 is not a multiple of Q4_K's block size 256; "
+        "writing it as Q5_0",
+    ):
+        out = convert(tiny_hf("qwen3moe"), tmp_path / "m.gguf", outtype="q4_k", progress=False)
+    fields, tensors = read_gguf(out)
+    assert {t.tensor_type for t in tensors.values()} == {QT.F32, QT.Q5_0}
+    assert fields["general.file_type"] == 14  # MOSTLY_Q4_K_S: llama.cpp has no plain Q4_K file type
+
+
+def test_unknown_outtype_lists_the_choices(tiny_hf, tmp_path):
+    with pytest.raises(ConversionError, match="--outtype 'q4_k_s' is not supported.*q4_k_m"):
+        convert(tiny_hf("qwen3moe"), tmp_path / "m.gguf", outtype="q4_k_s", progress=False)
+    with pytest.raises(ConversionError, match="--expert-type 'q4_k_m' is not supported"):
+        convert(tiny_hf("qwen3moe"), tmp_path / "m.gguf", outtype="q8_0", expert_type="q4_k_m", progress=False)
+    assert leftovers(tmp_path) == []
+
+
 # ---------------------------------------------------------------- safety
 
 

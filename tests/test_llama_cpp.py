@@ -21,8 +21,10 @@ import types
 import numpy as np
 import pytest
 import torch
+from gguf import GGUFReader
 
-from tests.tiny_models import TINY_KINDS
+from convert.to_gguf import convert
+from tests.tiny_models import TINY_KINDS, build_tiny_model
 
 llama_cpp = pytest.importorskip(
     "llama_cpp", reason="llama-cpp-python is not installed (pip install llama-cpp-python)"
@@ -110,3 +112,19 @@ def test_llama_cpp_logits_match_transformers(kind, outtype, tiny_hf, tiny_gguf, 
     else:
         cos = (got * ref).sum(-1) / (np.linalg.norm(got, axis=-1) * np.linalg.norm(ref, axis=-1))
         assert cos.min() >= 0.99, f"worst position cosine {cos.min():.5f}"
+
+
+def test_phimoe_without_biases_gets_the_zero_biases_llama_cpp_requires(tmp_path, plain_cpu_buffers):
+    """llama.cpp's phimoe requires attn_output.bias and output.bias ("check_tensor_dims:
+    tensor 'output.bias' not found"); a checkpoint without them converts with zeros there."""
+    hf_dir = build_tiny_model("phimoe", tmp_path / "hf", attention_bias=False, lm_head_bias=False)
+    path = convert(hf_dir, tmp_path / "m.gguf", "f32", progress=False)
+    tensors = {t.name: t for t in GGUFReader(path).tensors}
+    assert "blk.0.attn_q.bias" not in tensors  # optional in llama.cpp: not invented
+    for name in ("blk.0.attn_output.bias", "blk.1.attn_output.bias", "output.bias"):
+        assert not tensors[name].data.any(), name
+    ref = reference_logits("phimoe", hf_dir)
+    got = llama_cpp_logits(path)
+    assert np.abs(ref).max() > 0.5
+    err = np.abs(got - ref).max()
+    assert err <= 2e-3 * np.abs(ref).max(), f"max |diff| {err:.3g} vs max |logit| {np.abs(ref).max():.3g}"

@@ -42,11 +42,11 @@ _FAMILIES = {
 }
 
 
-def _config_kwargs(kind: str, n_vocab: int, n_ff: int) -> dict:
+def _config_kwargs(kind: str, n_vocab: int, n_ff: int, n_embd: int = 64) -> dict:
     """transformers config arguments of `kind`; `n_ff` is the expert FFN width."""
     common = {
         "vocab_size": n_vocab,
-        "hidden_size": 64,
+        "hidden_size": n_embd,
         "num_attention_heads": 4,
         "num_experts_per_tok": 2,
         "max_position_embeddings": 512,
@@ -95,7 +95,7 @@ def _config_kwargs(kind: str, n_vocab: int, n_ff: int) -> dict:
             },
         }
     if kind == "phimoe":
-        head_dim = 16
+        head_dim = n_embd // 4
         return common | {
             "num_hidden_layers": 2,
             "num_key_value_heads": 2,
@@ -172,11 +172,15 @@ def build_tiny_model(
     *,
     ff_not_multiple_of_32: bool = False,
     dtype: torch.dtype = torch.float32,
+    hidden_size: int = 64,
+    **config: object,
 ) -> Path:
     """Write a tiny random checkpoint of `kind` (see TINY_KINDS) with its tokenizer into
     `out_dir` and return `out_dir`. `ff_not_multiple_of_32` makes the expert FFN width 48,
     so ffn_down_exps rows do not divide into 32-element blocks (the F16 fallback);
-    `dtype` is the stored weight type (real checkpoints are bfloat16)."""
+    `dtype` is the stored weight type (real checkpoints are bfloat16). `hidden_size` 256
+    (expert FFN width too) makes the K-quants' 256-blocks fit most matrices; `config`
+    overrides config keys (e.g. attention_bias=False)."""
     import transformers
 
     if kind not in _FAMILIES:
@@ -191,8 +195,11 @@ def build_tiny_model(
 
     model_class = getattr(transformers, hf_class)
     config = model_class.config_class(
-        **_config_kwargs(kind, n_vocab, 48 if ff_not_multiple_of_32 else 64),
-        **_special_ids(out_dir, tokenizer),
+        **(
+            _config_kwargs(kind, n_vocab, 48 if ff_not_multiple_of_32 else hidden_size, hidden_size)
+            | _special_ids(out_dir, tokenizer)
+            | config
+        ),
     )
     torch.manual_seed(seed)
     model = model_class(config)

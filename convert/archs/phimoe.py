@@ -5,7 +5,8 @@ on q/k/v/o and on the output head, a "sparsemixer" top-2 router, and LongRoPE:
 per-frequency factors for short and long contexts, stored here as the tensors
 rope_factors_short / rope_factors_long, plus one cos/sin scale (short_mscale,
 which Phi-3.5 sets equal to long_mscale) as rope.scaling.attn_factor. NEOX RoPE,
-so Q/K rows are written unpermuted.
+so Q/K rows are written unpermuted. llama.cpp requires attn_output.bias and
+output.bias, so a checkpoint without attention or lm_head biases gets zeros there.
 """
 
 from __future__ import annotations
@@ -113,6 +114,8 @@ def tensors(cfg: HFConfig) -> list[OutputTensor]:
         out.append(copied(T.ATTN_OUT, i, p + "self_attn.o_proj.weight", (n_embd, n_q)))
         if attention_bias:
             out.append(copied(T.ATTN_OUT, i, p + "self_attn.o_proj.bias", (n_embd,), "bias"))
+        else:  # llama.cpp's phimoe requires it (q/k/v biases are optional there)
+            out.append(constant(T.ATTN_OUT, [0.0] * n_embd, i, "bias"))
         out += [
             copied(T.FFN_NORM, i, p + "post_attention_layernorm.weight", (n_embd,)),
             copied(T.FFN_NORM, i, p + "post_attention_layernorm.bias", (n_embd,), "bias"),
@@ -125,4 +128,8 @@ def tensors(cfg: HFConfig) -> list[OutputTensor]:
                 int(cfg.require("intermediate_size")),
             ),
         ]
-    return out + output_head(cfg, norm_bias=True, output_bias=bool(cfg.get("lm_head_bias", default=False)))
+    lm_head_bias = bool(cfg.get("lm_head_bias", default=False))
+    out += output_head(cfg, norm_bias=True, output_bias=lm_head_bias)
+    if not lm_head_bias:  # required by llama.cpp's phimoe
+        out.append(constant(T.OUTPUT, [0.0] * int(cfg.require("vocab_size")), None, "bias"))
+    return out
