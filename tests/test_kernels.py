@@ -372,3 +372,19 @@ def test_mlp_top_k_ranks_like_the_float_network(activation, qtype, rng):
         kernels.MLPTopK(raw1, qtype, b1[:3], raw2, qtype, b2, activation)
     with pytest.raises(QmoeError, match="count"):
         kernels.MLPTopK(raw1, qtype, b1, raw2, qtype, b2, activation)(x, 21)
+
+
+@pytest.mark.parametrize("qtype", ALL_TYPES)
+def test_dequantize_torch_is_bit_exact(qtype, rng):
+    """The CUDA tier's torch dequantizer (run here on the CPU) gives gguf-py's float32 bits."""
+    import torch
+
+    if qtype in BLOCK_TYPES:
+        raw = random_blocks(qtype, (5, 512), rng, extreme=True)
+    else:
+        raw = np.ascontiguousarray(raw_weight(rng.standard_normal((5, 512)).astype(np.float32), qtype))
+    as_bytes = raw.view(np.uint8).reshape(5, -1)
+    got = kernels.dequantize_torch(torch.from_numpy(as_bytes), qtype, 512).numpy()
+    ref = exact(raw, qtype).astype(np.float32)
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got.view(np.uint32), ref.view(np.uint32))

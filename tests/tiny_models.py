@@ -42,11 +42,11 @@ _FAMILIES = {
 }
 
 
-def _config_kwargs(kind: str, n_vocab: int, n_ff: int) -> dict:
+def _config_kwargs(kind: str, n_vocab: int, n_ff: int, n_embd: int = 64) -> dict:
     """transformers config arguments of `kind`; `n_ff` is the expert FFN width."""
     common = {
         "vocab_size": n_vocab,
-        "hidden_size": 64,
+        "hidden_size": n_embd,
         "num_attention_heads": 4,
         "num_experts_per_tok": 2,
         "max_position_embeddings": 512,
@@ -57,7 +57,7 @@ def _config_kwargs(kind: str, n_vocab: int, n_ff: int) -> dict:
         return common | {
             "num_hidden_layers": 2,
             "num_key_value_heads": 2,
-            "head_dim": 32,
+            "head_dim": n_embd // 2,
             "num_experts": 8,
             "moe_intermediate_size": n_ff,
             "intermediate_size": 128,
@@ -172,11 +172,14 @@ def build_tiny_model(
     *,
     ff_not_multiple_of_32: bool = False,
     dtype: torch.dtype = torch.float32,
+    wide: bool = False,
 ) -> Path:
     """Write a tiny random checkpoint of `kind` (see TINY_KINDS) with its tokenizer into
     `out_dir` and return `out_dir`. `ff_not_multiple_of_32` makes the expert FFN width 48,
     so ffn_down_exps rows do not divide into 32-element blocks (the F16 fallback);
-    `dtype` is the stored weight type (real checkpoints are bfloat16)."""
+    `dtype` is the stored weight type (real checkpoints are bfloat16); `wide` makes the
+    model and expert widths 256, so that llama.cpp's K-quants (256-element super-blocks)
+    apply to the rows instead of their fallbacks."""
     import transformers
 
     if kind not in _FAMILIES:
@@ -191,7 +194,7 @@ def build_tiny_model(
 
     model_class = getattr(transformers, hf_class)
     config = model_class.config_class(
-        **_config_kwargs(kind, n_vocab, 48 if ff_not_multiple_of_32 else 64),
+        **_config_kwargs(kind, n_vocab, 256 if wide else 48 if ff_not_multiple_of_32 else 64, 256 if wide else 64),
         **_special_ids(out_dir, tokenizer),
     )
     torch.manual_seed(seed)
