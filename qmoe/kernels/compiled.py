@@ -453,11 +453,16 @@ def _half_dot(builder, half: _Half, x):
 
 
 def _group_dot(builder, lo: _Half, hi: _Half, x_lo, x_hi):
-    if lo.scale is hi.scale and lo.offset is None and hi.offset is None:  # one scale: multiply once
+    if lo.scale is hi.scale and lo.offset is hi.offset:  # one scale and offset: apply each once
         s = builder.fadd(
             builder.fmul(lo.q, x_lo, flags=_FLAGS), builder.fmul(hi.q, x_hi, flags=_FLAGS), flags=_FLAGS
         )
-        return s if lo.scale is None else builder.fmul(_splat(builder, lo.scale), s, flags=_FLAGS)
+        if lo.scale is not None:
+            s = builder.fmul(_splat(builder, lo.scale), s, flags=_FLAGS)
+        if lo.offset is not None:
+            x_sum = builder.fadd(x_lo, x_hi, flags=_FLAGS)
+            s = builder.fadd(s, builder.fmul(_splat(builder, lo.offset), x_sum, flags=_FLAGS), flags=_FLAGS)
+        return s
     return builder.fadd(_half_dot(builder, lo, x_lo), _half_dot(builder, hi, x_hi), flags=_FLAGS)
 
 
