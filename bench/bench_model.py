@@ -52,7 +52,7 @@ N_EXPERT, N_EXPERT_USED, N_FF_EXP = 128, 8, 768
 N_VOCAB = 151936
 
 
-def _random_blocks(rng: np.random.Generator, shape: tuple[int, ...], qtype: GGMLQuantizationType,
+def random_blocks(rng: np.random.Generator, shape: tuple[int, ...], qtype: GGMLQuantizationType,
                    weight_size: float) -> np.ndarray:
     """Raw quantized bytes [..., row_bytes] for a tensor of logical `shape` (numpy order): random
     bytes, with every fp16 scale field (qmoe/formats.py's d, m, dmin) near weight_size / typical quant."""
@@ -192,7 +192,7 @@ def make_bench_gguf(path: str | os.PathLike, n_layers: int = 8, seed: int = 0, m
         if qtype == F32:
             data = norm(shape[0]) if len(shape) == 1 else (rng.standard_normal(shape) / np.sqrt(shape[-1])).astype(np.float32)
         else:
-            data = _random_blocks(rng, shape, qtype, weight_size=1.0 / np.sqrt(shape[-1]) * 0.85)
+            data = random_blocks(rng, shape, qtype, weight_size=1.0 / np.sqrt(shape[-1]) * 0.85)
         w.write_tensor_data(data)
     w.close()
     os.replace(tmp, path)

@@ -147,3 +147,27 @@ def test_qmoe_info_lists_the_types(quantized, capsys):
     out = capsys.readouterr().out
     assert "Q4_K" in out and "Q6_K" in out
 
+
+
+@pytest.mark.parametrize("mix", ["Q6_K", "IQ4_NL", "Q5_1"])
+def test_the_expert_store_takes_every_type(mix, quantized):
+    """RAM pool (O_DIRECT reads), CPU fast tier and the dense fast tier (the CUDA tier's torch
+    dequantization, here in CPU memory) on llama.cpp's files: the quantized tiers give the
+    plain runtime's logits bit for bit, the dense tier to float error.
+
+    Mixes whose expert types are the same in every layer: the store needs one slab layout for
+    all MoE layers, and the _M mixes give some layers' ffn_down_exps more bits (Q4_K_M: Q6_K
+    in layer 1 here), which the store refuses at load with a message that says so."""
+    from qmoe.experts.options import OffloadOptions
+
+    path = quantized(mix)
+    plain = qmoe_logits(path)
+    for config in (
+        dict(ram_budget="25%", direct_io=True),
+        dict(gpu_budget="30%", ram_budget="25%", on_miss="cpu", prefetch="cross-layer"),
+    ):
+        with qmoe.load(path, offload=OffloadOptions(**config)) as m:
+            assert np.array_equal(m.logits(PROMPT), plain), config
+    with qmoe.load(path, offload=OffloadOptions(gpu_budget="50%", on_miss="wait", cpu_fast_tier_dense=True)) as m:
+        dense = m.logits(PROMPT)
+    assert np.abs(dense - plain).max() <= 1e-4 * np.abs(plain).max()
