@@ -22,7 +22,10 @@ How the weights come out of the fields (K-quants: 256 weights in 8 groups of 32,
     Q5_K    (d * sc6) * (nibble | hbit << 4) - dmin * m6     32-groups; hbits: bit g of qh[i]
     Q6_K    (d * scales[g]) * ((nibble | 2 bits << 4) - 32)  16-groups; int8 scales
     IQ4_XS  (d * (scale6 - 32)) * KVALUES[nibble]            32-groups; scale6 from scales_l/_h
-qmoe/kernels/compiled.py spells out which bits of which bytes each group reads.
+qmoe/kernels/compiled.py spells out which bits of which bytes each group reads. numba
+caches that file's compiled code by its own timestamp, so an edit here that moves a field
+needs compiled.py touched too (ggml fixes these layouts; new entries come with new code
+there anyway).
 """
 
 from __future__ import annotations

@@ -55,8 +55,8 @@ Q2_K, Q3_K, Q4_K, Q5_K, Q6_K = int(QT.Q2_K), int(QT.Q3_K), int(QT.Q4_K), int(QT.
 
 _f32 = ir.FloatType()
 _i8, _i16, _i32, _i64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
-_LANES = 16  # one accumulator vector; a step of 32 elements is two of these
-_STEP = 2 * _LANES
+_LANES = 16  # one accumulator vector; a group of 32 elements is two of these
+_GROUP = 2 * _LANES
 _vf32 = ir.VectorType(_f32, _LANES)
 # reassociation lets the 16 lanes sum in any order (and a*b+c fuse); no nnan/ninf assumptions
 _FLAGS = ("reassoc", "contract", "nsz")
@@ -197,17 +197,15 @@ def _q4_1_group(builder, p, s):
     return _same(_ifloat(builder, lo), _ifloat(builder, hi), _half_to_f32(builder, p), m)
 
 
-def _q5_q(builder, fmt):
-    """Q5_0/Q5_1's 5-bit values (0..31) of a block, as two <16 x i8>."""
-    def q5(p):
-        lo, hi = _nibbles(builder, p, fmt.offset("qs"))
-        h_lo, h_hi = _qh_bits(builder, p, fmt.offset("qh"))
-        return (builder.or_(lo, builder.shl(h_lo, _c8(4))), builder.or_(hi, builder.shl(h_hi, _c8(4))))
-    return q5
+def _q5_values(builder, p, fmt):
+    """Q5_0/Q5_1's 5-bit values (0..31) of the block at p, as two <16 x i8>."""
+    lo, hi = _nibbles(builder, p, fmt.offset("qs"))
+    h_lo, h_hi = _qh_bits(builder, p, fmt.offset("qh"))
+    return builder.or_(lo, builder.shl(h_lo, _c8(4))), builder.or_(hi, builder.shl(h_hi, _c8(4)))
 
 
 def _q5_0_group(builder, p, s):
-    lo, hi = _q5_q(builder, _format(Q5_0))(p)
+    lo, hi = _q5_values(builder, p, _format(Q5_0))
     return _same(
         _ifloat(builder, builder.sub(lo, _c8(16))), _ifloat(builder, builder.sub(hi, _c8(16))), _half_to_f32(builder, p)
     )
@@ -215,7 +213,7 @@ def _q5_0_group(builder, p, s):
 
 def _q5_1_group(builder, p, s):
     fmt = _format(Q5_1)
-    lo, hi = _q5_q(builder, fmt)(p)
+    lo, hi = _q5_values(builder, p, fmt)
     m = _half_to_f32(builder, builder.gep(p, [_const(fmt.offset("m"))]))
     return _same(_ifloat(builder, lo), _ifloat(builder, hi), _half_to_f32(builder, p), m)
 
@@ -383,7 +381,7 @@ def _block_format(qtype, group: Callable) -> _IRFormat:
 
 def _float_format(qtype, group: Callable, one: Callable) -> _IRFormat:
     size = _format(qtype).block_bytes
-    return _IRFormat(_STEP, _STEP * size, group, size, one)
+    return _IRFormat(_GROUP, _GROUP * size, group, size, one)
 
 
 IR_FORMATS = {
@@ -406,7 +404,7 @@ IR_FORMATS = {
 assert set(IR_FORMATS) == {int(t) for t in KERNEL_TYPES}, "every kernel type of qmoe/formats.py needs a decoder"
 
 
-# Bytes ahead of the block being decoded that each step asks the cache to fetch. Rows are
+# Bytes ahead of the block being decoded that each block asks the cache to fetch. Rows are
 # read once, front to back, so the hardware prefetcher alone leaves the core waiting on
 # memory; asking ~4 KB ahead (two rows of 2048 Q8_0 weights) raised cold Q4_0/Q8_0
 # products from 6.2/9.2 to 8.7/12.9 GB/s on one core. A prefetch never faults, so
@@ -431,9 +429,9 @@ def _for_each_group(builder, fmt: _IRFormat, wp, n, body) -> None:
         for line in range(0, max(fmt.block_bytes - _LINE // 2, 1), _LINE):
             _prefetch(builder, builder.gep(bp, [_const(_PREFETCH_BYTES + line)]))
         first = builder.mul(loop.index, _const(fmt.block))
-        for s in range(fmt.block // _STEP):
+        for s in range(fmt.block // _GROUP):
             lo, hi = fmt.group(builder, bp, s)
-            body(builder.add(first, _const(_STEP * s)) if s else first, lo, hi)
+            body(builder.add(first, _const(_GROUP * s)) if s else first, lo, hi)
 
 
 def _weights(builder, half: _Half):
@@ -535,7 +533,7 @@ def _make_row_dot(n_tokens: int):
                 for acc, total in zip(accs, totals):
                     builder.store(_sum_lanes(builder, builder.load(acc)), total)
                 if fmt.one is not None:
-                    tail = builder.mul(builder.sdiv(n, _const(_STEP)), _const(_STEP))
+                    tail = builder.mul(builder.sdiv(n, _const(_GROUP)), _const(_GROUP))
                     with cgutils.for_range(builder, n, start=tail) as loop:
                         wi = fmt.one(builder, builder.gep(wp, [builder.mul(loop.index, _const(fmt.elem_bytes))]))
                         for xp, total in zip(xps, totals):
@@ -575,7 +573,7 @@ def decode_row(typingctx, qtype, w, w_off, out, out_off, n):
 
             _for_each_group(builder, fmt, wp, n, body)
             if fmt.one is not None:
-                tail = builder.mul(builder.sdiv(n, _const(_STEP)), _const(_STEP))
+                tail = builder.mul(builder.sdiv(n, _const(_GROUP)), _const(_GROUP))
                 with cgutils.for_range(builder, n, start=tail) as loop:
                     wi = fmt.one(builder, builder.gep(wp, [builder.mul(loop.index, _const(fmt.elem_bytes))]))
                     builder.store(wi, builder.gep(op, [loop.index]))
