@@ -1,7 +1,9 @@
 """Decode speed: qmoe beside llama.cpp on the same GGUF, at 1 and 2 threads.
 
 Builds (once) a random-weight GGUF with Qwen3-30B-A3B's layer shapes
-(bench/bench_model.py: Q4_0 experts, Q8_0 elsewhere, 8 blocks by default), then
+(bench/bench_model.py, 8 blocks by default; --mix q4_0: Q4_0 experts and Q8_0
+elsewhere, q4_k_m / iq4_xs: typed tensor by tensor as llama.cpp's quantizer types
+that file type), then
 for each thread count measures, in this one run:
   - qmoe: the median time of one decode step (one token after a short prompt);
   - llama.cpp (llama-cpp-python; installed by this script when absent, built
@@ -13,7 +15,12 @@ for each thread count measures, in this one run:
 Prints a table and writes JSON. Medians of repeated steps; ratios are within
 this run, so a busy machine slows both sides alike.
 
-    python bench/decode.py [--layers 8] [--steps 32] [--json out/decode.json]
+--isa avx2 measures an AVX2-only CPU (the laptop class) on any x86 machine: qmoe's
+numba code is compiled for Haswell (NUMBA_CPU_NAME=haswell), and llama.cpp must be a
+build without AVX-512 (-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_AVX512=OFF); the script
+refuses a llama.cpp that reports AVX-512. On a machine without AVX-512, native is avx2.
+
+    python bench/decode.py [--layers 8] [--steps 32] [--mix q4_k_m] [--isa avx2] [--json out/decode.json]
 """
 
 from __future__ import annotations
@@ -30,7 +37,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.bench_model import make_bench_gguf  # noqa: E402
+from bench.bench_model import MIXES, make_bench_gguf  # noqa: E402
+
+ISA_ENV = {"native": {}, "avx2": {"NUMBA_CPU_NAME": "haswell"}}  # what the qmoe child is given
 
 PROMPT = "def main(args):\n    return"
 
@@ -102,12 +111,19 @@ def ensure_llama_cpp() -> bool:
         return done.returncode == 0
 
 
-def run_in_child(engine: str, path: Path, threads: int, steps: int) -> list[float]:
+def llama_cpp_has_avx512() -> bool:
+    import llama_cpp
+
+    return "AVX512 = 1" in llama_cpp.llama_print_system_info().decode()
+
+
+def run_in_child(engine: str, path: Path, threads: int, steps: int, isa: str = "native") -> list[float]:
     """Each measurement in a fresh process: thread pools and page cache state don't leak between engines."""
     code = (f"import json, sys; sys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r});"
             f"from bench.decode import step_times_{engine} as f;"
             f"print(json.dumps(f(__import__('pathlib').Path({str(path)!r}), {threads}, {steps})))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    env = dict(os.environ, **(ISA_ENV[isa] if engine == "qmoe" else {}))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     if out.returncode != 0:
         raise RuntimeError(f"{engine} at {threads} threads failed:\n{out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -121,21 +137,28 @@ def main() -> None:
     parser.add_argument("--model-dir", default="/tmp/qmoe-bench", help="where the bench GGUF is kept")
     parser.add_argument("--json", default="bench/results/decode.json")
     parser.add_argument("--no-llama-cpp", action="store_true", help="measure qmoe only")
+    parser.add_argument("--mix", choices=list(MIXES), default="q4_0", help="tensor types (default q4_0)")
+    parser.add_argument("--isa", choices=list(ISA_ENV), default="native",
+                        help="native, or avx2: code for an AVX2-only CPU (see the module docstring)")
     args = parser.parse_args()
 
-    path = Path(args.model_dir) / f"qwen3-30b-a3b-shapes-{args.layers}L.gguf"
+    suffix = "" if args.mix == "q4_0" else f"-{args.mix}"  # q4_0 keeps the name earlier runs built
+    path = Path(args.model_dir) / f"qwen3-30b-a3b-shapes-{args.layers}L{suffix}.gguf"
     path.parent.mkdir(parents=True, exist_ok=True)
-    if not path.exists():
-        make_bench_gguf(path, args.layers)
-    nbytes = weight_bytes_per_token(path)
     have_llama = not args.no_llama_cpp and ensure_llama_cpp()
-    result = {"model": path.name, "layers": args.layers, "weight_bytes_per_token": nbytes,
-              "read_bandwidth_gbs_1thread": read_bandwidth_gbs(), "runs": []}
+    if have_llama and args.isa == "avx2" and llama_cpp_has_avx512():
+        sys.exit("--isa avx2: this llama.cpp build uses AVX-512; rebuild it with "
+                 "CMAKE_ARGS='-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_AVX512=OFF' or pass --no-llama-cpp")
+    if not path.exists():
+        make_bench_gguf(path, args.layers, mix=args.mix)
+    nbytes = weight_bytes_per_token(path)
+    result = {"model": path.name, "layers": args.layers, "mix": args.mix, "isa": args.isa,
+              "weight_bytes_per_token": nbytes, "read_bandwidth_gbs_1thread": read_bandwidth_gbs(), "runs": []}
     for threads in args.threads:
         row = {"threads": threads}
         engines = ["qmoe"] + (["llama_cpp"] if have_llama else [])
         for engine in engines:
-            times = run_in_child(engine, path, threads, args.steps)
+            times = run_in_child(engine, path, threads, args.steps, args.isa)
             median = float(np.median(times))
             row[engine] = {"median_step_ms": median * 1e3, "tokens_per_s": 1 / median,
                            "weight_gbs": nbytes / median / 1e9}
@@ -143,7 +166,7 @@ def main() -> None:
             row["ratio_qmoe_over_llama_cpp"] = row["qmoe"]["tokens_per_s"] / row["llama_cpp"]["tokens_per_s"]
         result["runs"].append(row)
 
-    print(f"model {path.name}: {nbytes / 1e6:.1f} MB of weights per token; "
+    print(f"model {path.name} (mix {args.mix}, isa {args.isa}): {nbytes / 1e6:.1f} MB of weights per token; "
           f"read bandwidth (1 thread) {result['read_bandwidth_gbs_1thread']:.1f} GB/s")
     print(f"{'threads':>7} {'engine':>10} {'tok/s':>8} {'ms/tok':>8} {'GB/s':>6}")
     for row in result["runs"]:

@@ -28,9 +28,10 @@ import numba
 import numpy as np
 from gguf import GGMLQuantizationType
 
+from bench.bench_model import random_blocks
 from qmoe import kernels
 from qmoe.kernels import compiled, ops
-from qmoe.kernels.formats import FORMATS, row_bytes, weight_bytes
+from qmoe.kernels.formats import row_bytes, weight_bytes
 
 QT = GGMLQuantizationType
 MATVEC_SHAPES = [(2048, 2048), (768, 2048), (2048, 768), (4096, 2048)]
@@ -46,11 +47,7 @@ def random_raw(qtype: QT, shape: tuple[int, ...], rng: np.random.Generator) -> n
     if qtype in (QT.F16, QT.BF16):
         w = rng.standard_normal(shape, dtype=np.float32)
         return w.astype(np.float16) if qtype == QT.F16 else (w.view(np.uint32) >> 16).astype(np.uint16)
-    fmt = FORMATS[qtype]
-    blocks = rng.integers(0, 256, (*lead, n // fmt.block, fmt.block_bytes), dtype=np.uint8)
-    scales = rng.uniform(0.001, 0.01, (*lead, n // fmt.block)).astype(np.float16)
-    blocks[..., :2] = scales[..., None].view(np.uint8)
-    return blocks.reshape(*lead, -1)
+    return random_blocks(rng, shape, qtype, weight_size=0.03)
 
 
 def copies_for(nbytes: int, working_set_mb: int) -> int:
@@ -195,6 +192,7 @@ def main() -> None:
     ap.add_argument("--working-set", type=int, default=256, help="MB of weight copies cycled per case")
     ap.add_argument("--output-rows", action="store_true", help="also the 151936x2048 output matrix")
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--types", default="Q4_0,Q8_0,F16,F32", help="matvec types, comma-separated (any of qmoe's)")
     args = ap.parse_args()
 
     rng = np.random.default_rng(0)
@@ -211,7 +209,7 @@ def main() -> None:
     for threads in args.threads:
         kernels.set_num_threads(threads)
         run = {"threads": threads, "bandwidth": bandwidth_probe(args.repeats), "matvec": [], "moe_ffn": []}
-        for qtype in (QT.Q4_0, QT.Q8_0, QT.F16, QT.F32):
+        for qtype in (QT[name] for name in args.types.split(",")):
             for rows, n in shapes:
                 run["matvec"].append(bench_matvec(qtype, rows, n, args, rng))
         for qtype in (QT.Q4_0, QT.Q8_0):

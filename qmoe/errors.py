@@ -18,6 +18,10 @@ class UnsupportedArchitectureError(QmoeError):
     """The model's architecture is not one qmoe knows."""
 
 
+class UnsupportedTensorTypeError(QmoeError):
+    """A tensor is stored in a type qmoe's kernels cannot compute with."""
+
+
 class ConversionError(QmoeError):
     """A Hugging Face checkpoint cannot be converted (missing shard, tensor, bad shape)."""
 

@@ -29,12 +29,12 @@ Nothing is copied at load: tensor data are read-only views of one memory map of 
 The file must not be truncated while it is open (the operating system would fault on the lost
 pages).
 
-Raw view layouts (numpy order, leading dims = experts and rows):
+Raw view layouts (numpy order, leading dims = experts and rows), per qmoe/formats.py's table:
     F32  -> float32 [..., n]
     F16  -> float16 [..., n]
     BF16 -> uint16  [..., n]          (the top half of a float32)
     F64, I8, I16, I32, I64 -> float64, int8, int16, int32, int64 [..., n]
-    Q8_0, Q4_0, other block types -> uint8 [..., row_bytes]
+    Q8_0, Q4_K, ... every block type -> uint8 [..., row_bytes]
 """
 
 from __future__ import annotations
@@ -48,8 +48,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
+from gguf import GGMLQuantizationType, GGUFValueType
 
+from qmoe import formats
 from qmoe.errors import GGUFFormatError
 
 _MISSING = object()
@@ -95,19 +96,6 @@ _MIN_ELEMENT_BYTES: dict[GGUFValueType, int] = {
     GGUFValueType.ARRAY: 4 + 8,
 }
 
-# Tensor types whose elements are plain numbers; every other type is viewed as uint8 rows.
-_ELEMENT_DTYPES: dict[GGMLQuantizationType, np.dtype] = {
-    GGMLQuantizationType.F32: np.dtype("<f4"),
-    GGMLQuantizationType.F16: np.dtype("<f2"),
-    GGMLQuantizationType.BF16: np.dtype("<u2"),
-    GGMLQuantizationType.F64: np.dtype("<f8"),
-    GGMLQuantizationType.I8: np.dtype("<i1"),
-    GGMLQuantizationType.I16: np.dtype("<i2"),
-    GGMLQuantizationType.I32: np.dtype("<i4"),
-    GGMLQuantizationType.I64: np.dtype("<i8"),
-}
-
-
 @dataclass(frozen=True, eq=False)
 class Tensor:
     """One tensor of a GGUF file, viewed in place."""
@@ -125,8 +113,7 @@ class Tensor:
     @property
     def row_bytes(self) -> int:
         """Bytes of one row (the last dimension) in the file."""
-        block, block_bytes = GGML_QUANT_SIZES[self.qtype]
-        return self.shape[-1] // block * block_bytes
+        return formats.row_bytes(self.qtype, self.shape[-1])
 
 
 @dataclass(frozen=True)
@@ -323,15 +310,15 @@ def _read_tensor_info(cur: _Cursor, index: int) -> _TensorInfo:
     code = cur.u32(f"{what} (type)")
     try:
         qtype = GGMLQuantizationType(code)
-        block, block_bytes = GGML_QUANT_SIZES[qtype]
+        fmt = formats.format_of(qtype)
     except (ValueError, KeyError):
         raise cur.fail(what, f"unknown ggml type {code}") from None
-    if ne[0] % block:
-        raise cur.fail(what, f"row length {ne[0]} is not a multiple of {qtype.name}'s block size {block}")
+    if ne[0] % fmt.block:
+        raise cur.fail(what, f"row length {ne[0]} is not a multiple of {qtype.name}'s block size {fmt.block}")
     n_rows = 1
     for n in ne[1:]:
         n_rows *= n  # python ints: no overflow; the data-range check bounds the product
-    nbytes = n_rows * (ne[0] // block) * block_bytes
+    nbytes = n_rows * formats.row_bytes(qtype, ne[0])
     offset = cur.u64(f"{what} (offset)")
     return _TensorInfo(name, qtype, tuple(reversed(ne)), offset, nbytes)
 
@@ -362,11 +349,10 @@ def _check_placement(cur: _Cursor, infos: list[_TensorInfo], data_start: int, al
 def _raw_view(mapped: np.memmap, info: _TensorInfo, start: int) -> np.ndarray:
     """The tensor's bytes in place, shaped as the module docstring describes."""
     raw = mapped[start : start + info.nbytes]
-    dtype = _ELEMENT_DTYPES.get(info.qtype)
-    if dtype is not None:
-        return raw.view(dtype).reshape(info.shape)
-    block, block_bytes = GGML_QUANT_SIZES[info.qtype]
-    return raw.reshape(*info.shape[:-1], info.shape[-1] // block * block_bytes)
+    fmt = formats.format_of(info.qtype)
+    if fmt.block == 1:
+        return raw.view(fmt.raw_dtype).reshape(info.shape)
+    return raw.reshape(*info.shape[:-1], formats.row_bytes(info.qtype, info.shape[-1]))
 
 
 class GGUFFile:

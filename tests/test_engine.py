@@ -8,7 +8,12 @@ from gguf import GGUFWriter
 
 import qmoe
 from qmoe.cli import main
-from qmoe.errors import ContextOverflowError, QmoeError, UnsupportedArchitectureError
+from qmoe.errors import (
+    ContextOverflowError,
+    QmoeError,
+    UnsupportedArchitectureError,
+    UnsupportedTensorTypeError,
+)
 
 KIND = "qwen3moe"
 
@@ -128,6 +133,33 @@ def test_unsupported_architecture_is_named(tmp_path):
     w.close()
     with pytest.raises(UnsupportedArchitectureError, match="'gpt2'.*qwen3moe"):
         qmoe.load(path)
+
+
+def test_unsupported_tensor_type_is_refused_in_one_line(tmp_path, capsys):
+    """A type the kernels lack (here IQ2_XXS) is refused at load, naming the tensor and the types."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    path = tmp_path / "iq2.gguf"
+    w = GGUFWriter(path, "qwen3moe")
+    w.add_block_count(1)
+    w.add_expert_count(4)
+    w.add_tensor("token_embd.weight", np.zeros((4, 256), np.float32))
+    block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType.IQ2_XXS][1]
+    w.add_tensor(
+        "blk.0.ffn_down_exps.weight", np.zeros((4, 8, block_bytes), np.uint8), raw_dtype=GGMLQuantizationType.IQ2_XXS
+    )
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(
+        UnsupportedTensorTypeError,
+        match=r"tensor 'blk.0.ffn_down_exps.weight' has type IQ2_XXS, .*supported types: F32, .*Q4_K.*IQ4_XS$",
+    ):
+        qmoe.load(path)
+    assert main(["run", str(path), "-p", "x"]) == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "IQ2_XXS" in err
 
 
 def test_cli_chat_applies_the_template_and_ends_at_eof(model_path, model, capsys, monkeypatch):

@@ -4,6 +4,10 @@ Tolerances (the accuracy contract of qmoe/kernels/__init__.py): dequantize is
 bit-exact with gguf.quants.dequantize; a product's error is at most
 REL_TOL * sum_i |w_i * x_i| per output, i.e. float32 rounding of the sum, with the
 weights taken exactly as dequantized (activations are not quantized).
+
+gguf-py quantizes only some types, so the others (K-quants, IQ4, Q4_1, Q5_x) are
+tested on random blocks: random bytes everywhere, fp16 scales drawn from a normal
+distribution or, for the bit-exactness tests, from extremes (zero, subnormal, 65504).
 """
 
 from __future__ import annotations
@@ -19,15 +23,42 @@ from gguf.quants import quantize
 
 from qmoe import kernels
 from qmoe.errors import QmoeError
+from qmoe.formats import FORMATS, KERNEL_TYPES
 from qmoe.kernels import ops
 
 QT = GGMLQuantizationType
-TYPES = [QT.F32, QT.F16, QT.BF16, QT.Q8_0, QT.Q4_0]
+TYPES = [QT.F32, QT.F16, QT.BF16, QT.Q8_0, QT.Q4_0]  # quantized by gguf-py
+BLOCK_TYPES = [QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.IQ4_NL, QT.Q2_K, QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K, QT.IQ4_XS]
+ALL_TYPES = TYPES + BLOCK_TYPES
 REL_TOL = 1e-5
+EXTREME_HALVES = np.array([0.0, -0.0, 6e-8, -6e-8, 6.1e-5, 1.0, -2.5, 65504.0, -65504.0], np.float16)
 
 
-def raw_weight(w: np.ndarray, qtype: QT) -> np.ndarray:
-    """float32 [..., n] -> the raw view qmoe.gguf_file hands out for this type."""
+def random_blocks(qtype: QT, shape: tuple[int, ...], rng, extreme: bool = False, scale: float = 0.01) -> np.ndarray:
+    """Raw rows [..., row_bytes] of random blocks of `qtype`; fp16 fields ~ scale * N(0, 1),
+    or (extreme) half of them from EXTREME_HALVES."""
+    fmt = FORMATS[qtype]
+    *lead, n = shape
+    n_blocks = int(np.prod(lead)) * (n // fmt.block)
+    raw = rng.integers(0, 256, (n_blocks, fmt.block_bytes), dtype=np.uint8)
+    for name in ("d", "m", "dmin"):
+        if name in dict(fmt.fields):
+            halves = (scale * rng.standard_normal(n_blocks)).astype(np.float16)
+            if extreme:
+                halves = np.where(rng.random(n_blocks) < 0.5, rng.choice(EXTREME_HALVES, n_blocks), halves)
+            o = fmt.offset(name)
+            raw[:, o : o + 2] = halves.astype(np.float16).view(np.uint8).reshape(n_blocks, 2)
+    return raw.reshape(*lead, n // fmt.block * fmt.block_bytes)
+
+
+def raw_weight(w: np.ndarray, qtype: QT, rng=None) -> np.ndarray:
+    """float32 [..., n] -> the raw view qmoe.gguf_file hands out for this type: w quantized
+    where gguf-py can, else random blocks of w's shape and scale."""
+    if qtype in BLOCK_TYPES:
+        rng = rng if rng is not None else np.random.default_rng(0)
+        fmt = FORMATS[qtype]
+        q_range = 31.0 if fmt.block == 32 else 127.0  # so that weights come out about w's size
+        return random_blocks(qtype, w.shape, rng, scale=float(np.abs(w).mean()) * 2.5 / q_range)
     q = quantize(w, qtype)
     return q.view(np.uint16) if qtype == QT.BF16 else q
 
@@ -70,6 +101,17 @@ def test_dequantize_is_bit_exact(qtype, rows, n, rng):
     np.testing.assert_array_equal(got, exact(raw, qtype).astype(np.float32))
 
 
+@pytest.mark.parametrize("qtype", BLOCK_TYPES)
+@pytest.mark.parametrize("rows,n", [(1, 256), (9, 768)])
+def test_dequantize_random_blocks_is_bit_exact(qtype, rows, n, rng):
+    """Every bit pattern of quants and sub-scales, and extreme fp16 scales: the same float32 bits."""
+    raw = random_blocks(qtype, (rows, n), rng, extreme=True)
+    got = kernels.dequantize(raw, qtype)
+    ref = gguf_dequantize(raw, qtype)
+    assert got.dtype == np.float32 and got.shape == (rows, n)
+    np.testing.assert_array_equal(got.view(np.uint32), ref.astype(np.float32).view(np.uint32))
+
+
 @pytest.mark.parametrize("qtype", TYPES)
 def test_subnormal_and_zero_scales(qtype, rng):
     """Tiny weights give fp16 scales below fp16's normal range, zero rows a zero scale."""
@@ -100,24 +142,24 @@ def test_dequantize_keeps_leading_dimensions(rng):
     )
 
 
-@pytest.mark.parametrize("qtype", TYPES)
+@pytest.mark.parametrize("qtype", ALL_TYPES)
 @pytest.mark.parametrize("rows", [1, 33, 97])
 @pytest.mark.parametrize("n_tokens", [1, 3, 17, ops.BLAS_MIN_TOKENS + 1])
 def test_matmul(qtype, rows, n_tokens, rng):
-    n = 128
-    raw = raw_weight(rng.standard_normal((rows, n)).astype(np.float32), qtype)
+    n = 512  # two super-blocks of 256
+    raw = raw_weight(rng.standard_normal((rows, n)).astype(np.float32), qtype, rng)
     x = rng.standard_normal((n_tokens, n)).astype(np.float32)
     assert_product_close(kernels.matmul(raw, qtype, x), exact(raw, qtype), x)
 
 
-@pytest.mark.parametrize("qtype", [QT.F16, QT.Q8_0, QT.Q4_0])
+@pytest.mark.parametrize("qtype", [QT.F16, QT.Q8_0, QT.Q4_0, QT.Q3_K, QT.IQ4_XS])
 def test_matmul_paths_agree_at_the_blas_threshold(qtype, rng, monkeypatch):
     """Row kernel (T < BLAS_MIN_TOKENS) and dequantized BLAS tiles, with a last tile that is short."""
-    monkeypatch.setattr(ops, "TILE_FLOATS", 7 * 64)  # 7 rows per tile, 45 rows = 6 tiles + 3
-    raw = raw_weight(rng.standard_normal((45, 64)).astype(np.float32), qtype)
+    monkeypatch.setattr(ops, "TILE_FLOATS", 7 * 256)  # 7 rows per tile, 45 rows = 6 tiles + 3
+    raw = raw_weight(rng.standard_normal((45, 256)).astype(np.float32), qtype, rng)
     w = exact(raw, qtype)
     for n_tokens in (ops.BLAS_MIN_TOKENS - 1, ops.BLAS_MIN_TOKENS):
-        x = rng.standard_normal((n_tokens, 64)).astype(np.float32)
+        x = rng.standard_normal((n_tokens, 256)).astype(np.float32)
         assert_product_close(kernels.matmul(raw, qtype, x), w, x)
 
 
@@ -139,8 +181,8 @@ def test_empty_inputs():
 def test_bad_inputs_raise_qmoe_errors():
     raw = raw_weight(np.ones((4, 64), np.float32), QT.Q4_0)
     x = np.ones((1, 64), np.float32)
-    with pytest.raises(QmoeError, match="Q4_K is not supported"):
-        kernels.matmul(raw, QT.Q4_K, x)
+    with pytest.raises(QmoeError, match=r"IQ2_XXS is not supported by qmoe's kernels \(supported: F32, .*IQ4_XS\)"):
+        kernels.matmul(raw, QT.IQ2_XXS, x)
     with pytest.raises(QmoeError, match=r"\[tokens, 64\]"):
         kernels.matmul(raw, QT.Q4_0, np.ones((1, 32), np.float32))
     with pytest.raises(QmoeError, match="must be float32 or raw uint8"):
@@ -155,16 +197,24 @@ def test_bad_inputs_raise_qmoe_errors():
 
 # ----------------------------------------------------------------------------- experts
 
-N_EXPERT, N_EMBD, N_FF = 16, 96, 64
+N_EXPERT, N_EMBD, N_FF = 16, 256, 512  # rows of whole K-quant super-blocks
 MIXED = (QT.Q4_0, QT.Q8_0, QT.F16)  # gate, up, down of different types: per-tensor dispatch
+EXPERT_TYPES = {
+    "q4_0": (QT.Q4_0,) * 3,
+    "mixed": MIXED,
+    "f32": (QT.F32,) * 3,
+    "k_quants": (QT.Q4_K, QT.Q5_K, QT.Q6_K),
+    "low_bits": (QT.Q2_K, QT.Q3_K, QT.IQ4_XS),
+    "legacy": (QT.Q4_1, QT.Q5_0, QT.Q5_1),
+}
 
 
-@pytest.fixture(scope="module", params=[(QT.Q4_0,) * 3, MIXED, (QT.F32,) * 3], ids=["q4_0", "mixed", "f32"])
+@pytest.fixture(scope="module", params=list(EXPERT_TYPES.values()), ids=list(EXPERT_TYPES))
 def experts(request, rng):
     """Stacked raw expert tensors and their exact float64 values."""
     qtypes = request.param
     shapes = [(N_EXPERT, N_FF, N_EMBD), (N_EXPERT, N_FF, N_EMBD), (N_EXPERT, N_EMBD, N_FF)]
-    raws = [raw_weight(0.2 * rng.standard_normal(s).astype(np.float32), q) for s, q in zip(shapes, qtypes)]
+    raws = [raw_weight(0.2 * rng.standard_normal(s).astype(np.float32), q, rng) for s, q in zip(shapes, qtypes)]
     exacts = [exact(r.reshape(-1, r.shape[-1]), q).reshape(s) for r, q, s in zip(raws, qtypes, shapes)]
     return raws, exacts, qtypes
 
@@ -238,7 +288,7 @@ def test_moe_ffn_rejects_bad_routing(experts):
         kernels.moe_ffn(*raws, qtypes, x, np.array([[0], [N_EXPERT]]), np.ones((2, 1), np.float32))
     with pytest.raises(QmoeError, match="must both be"):
         kernels.moe_ffn(*raws, qtypes, x, np.zeros((2, 2), np.int64), np.ones((2, 1), np.float32))
-    with pytest.raises(QmoeError, match="do not fit together"):
+    with pytest.raises(QmoeError, match="do not fit together|not a whole number of"):  # types differ: rows
         kernels.moe_ffn(raws[0], raws[1], raws[0], qtypes, x, np.zeros((2, 1), np.int64), np.ones((2, 1)))
 
 
@@ -286,21 +336,30 @@ def test_concurrent_calls_from_two_threads(experts, rng):
 
 
 def test_every_supported_type_has_compiled_row_loops():
-    from qmoe.kernels import compiled, formats
+    from qmoe.kernels import compiled
 
-    assert {int(q) for q in formats.FORMATS} == set(compiled.IR_FORMATS)
+    assert {int(q) for q in KERNEL_TYPES} == set(compiled.IR_FORMATS)
+
+
+def test_format_table_agrees_with_gguf_py():
+    from gguf import GGML_QUANT_SIZES
+
+    for qtype, fmt in FORMATS.items():
+        assert (fmt.block, fmt.block_bytes) == GGML_QUANT_SIZES[qtype], qtype.name
 
 
 @pytest.mark.parametrize("activation", ["gelu", "silu"])
-@pytest.mark.parametrize("qtype", [QT.Q8_0, QT.F16])
+@pytest.mark.parametrize("qtype", [QT.Q8_0, QT.F16, QT.Q4_K, QT.IQ4_NL])
 def test_mlp_top_k_ranks_like_the_float_network(activation, qtype, rng):
     import torch
 
-    fc1 = rng.normal(size=(64, 96)).astype(np.float32)
-    fc2 = rng.normal(size=(20, 64)).astype(np.float32)
-    b1, b2 = rng.normal(size=64).astype(np.float32), rng.normal(size=20).astype(np.float32)
-    raw1, raw2 = (np.ascontiguousarray(quantize(w, qtype)).view(np.uint8).reshape(w.shape[0], -1) for w in (fc1, fc2))
-    x = rng.normal(size=(7, 96)).astype(np.float32)
+    fc1 = rng.normal(size=(256, 512)).astype(np.float32)
+    fc2 = rng.normal(size=(20, 256)).astype(np.float32)
+    b1, b2 = rng.normal(size=256).astype(np.float32), rng.normal(size=20).astype(np.float32)
+    raw1, raw2 = (
+        np.ascontiguousarray(raw_weight(w, qtype, rng)).view(np.uint8).reshape(w.shape[0], -1) for w in (fc1, fc2)
+    )
+    x = rng.normal(size=(7, 512)).astype(np.float32)
     act = torch.nn.functional.gelu if activation == "gelu" else torch.nn.functional.silu
     w1, w2 = (torch.from_numpy(gguf_dequantize(r, qtype)) for r in (raw1, raw2))
     scores = (act(torch.from_numpy(x) @ w1.T + torch.from_numpy(b1)) @ w2.T + torch.from_numpy(b2)).numpy()
@@ -313,3 +372,19 @@ def test_mlp_top_k_ranks_like_the_float_network(activation, qtype, rng):
         kernels.MLPTopK(raw1, qtype, b1[:3], raw2, qtype, b2, activation)
     with pytest.raises(QmoeError, match="count"):
         kernels.MLPTopK(raw1, qtype, b1, raw2, qtype, b2, activation)(x, 21)
+
+
+@pytest.mark.parametrize("qtype", ALL_TYPES)
+def test_dequantize_torch_is_bit_exact(qtype, rng):
+    """The CUDA tier's torch dequantizer (run here on the CPU) gives gguf-py's float32 bits."""
+    import torch
+
+    if qtype in BLOCK_TYPES:
+        raw = random_blocks(qtype, (5, 512), rng, extreme=True)
+    else:
+        raw = np.ascontiguousarray(raw_weight(rng.standard_normal((5, 512)).astype(np.float32), qtype))
+    as_bytes = raw.view(np.uint8).reshape(5, -1)
+    got = kernels.dequantize_torch(torch.from_numpy(as_bytes), qtype, 512).numpy()
+    ref = exact(raw, qtype).astype(np.float32)
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got.view(np.uint32), ref.view(np.uint32))

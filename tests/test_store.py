@@ -25,7 +25,8 @@ from qmoe.experts.link import SimulatedLink
 from qmoe.experts.options import OffloadOptions, parse_budget
 from qmoe.experts.slabs import SlabReader
 from qmoe.experts.store import ExpertStore
-from qmoe.experts.tiers import dense_expert_ffn, dequantize_torch
+from qmoe.experts.tiers import dense_expert_ffn
+from qmoe.kernels import dequantize_torch
 from qmoe.models.base import MmapExperts, MoE
 from qmoe.predictor.model import INPUT_PRE_ATTN, PredictorSet, build_predictor, fold_batchnorm
 from qmoe.predictor.sidecar import default_sidecar_path, model_identity, write_sidecar

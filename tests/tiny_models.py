@@ -57,7 +57,7 @@ def _config_kwargs(kind: str, n_vocab: int, n_ff: int, n_embd: int = 64) -> dict
         return common | {
             "num_hidden_layers": 2,
             "num_key_value_heads": 2,
-            "head_dim": 32,
+            "head_dim": n_embd // 2,
             "num_experts": 8,
             "moe_intermediate_size": n_ff,
             "intermediate_size": 128,

@@ -39,6 +39,7 @@ from gguf import GGMLQuantizationType
 from qmoe import kernels
 from qmoe.experts.cache import SlotCache
 from qmoe.experts.slabs import SlabLayout
+from qmoe.kernels import dequantize_torch
 
 QT = GGMLQuantizationType
 
@@ -80,27 +81,6 @@ class RamPool:
 
     def describe(self) -> str:
         return f"RAM pool of quantized slabs, {self.cache.n_slots} slots"
-
-
-def dequantize_torch(raw: torch.Tensor, qtype: GGMLQuantizationType, n: int) -> torch.Tensor:
-    """Raw rows [rows, row_bytes] (uint8, any device) of type `qtype` -> float32 [rows, n].
-
-    The same arithmetic as the numba kernels (an fp16 scale times an integer, in
-    float32), so both give identical values; written in torch ops so that it runs
-    on the GPU next to the slot it fills.
-    """
-    rows = raw.shape[0]
-    if qtype in (QT.Q8_0, QT.Q4_0):
-        blocks = raw.reshape(rows, -1, 34 if qtype == QT.Q8_0 else 18)  # [rows, n/32, block]
-        scale = blocks[..., :2].contiguous().view(torch.float16).float()  # [rows, n/32, 1]
-        if qtype == QT.Q8_0:
-            q = blocks[..., 2:].contiguous().view(torch.int8).float()  # [rows, n/32, 32]
-        else:  # byte i holds element i (low nibble) and element i + 16 (high nibble), offset by 8
-            packed = blocks[..., 2:].to(torch.int16)
-            q = torch.cat(((packed & 15) - 8, (packed >> 4) - 8), dim=-1).float()
-        return (scale * q).reshape(rows, n)
-    dtype = {QT.F32: torch.float32, QT.F16: torch.float16, QT.BF16: torch.bfloat16}[QT(qtype)]
-    return raw.contiguous().view(dtype).float().reshape(rows, n)
 
 
 def dense_expert_ffn(

@@ -1,7 +1,11 @@
-"""Matrix products straight on raw GGUF weights (Q4_0, Q8_0, F16, BF16, F32), compiled by numba.
+"""Matrix products straight on raw GGUF weights, compiled by numba.
+
+Types: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, IQ4_NL, Q2_K, Q3_K, Q4_K, Q5_K,
+Q6_K, IQ4_XS (qmoe/formats.py's table says how each is laid out).
 
     matmul(w, qtype, x, out=None)       x [T, n] @ W.T -> [T, rows]
     dequantize(w, qtype)                raw [..., row] -> float32 [..., n]
+    dequantize_torch(raw, qtype, n)     the same in torch ops, on any device (the CUDA tier)
     expert_ffn(gate, up, down, qtypes, x)                     one expert's SwiGLU on T tokens
     moe_ffn(gate_exps, up_exps, down_exps, qtypes, x, ids, weights)   routed sum over top-k experts
     ExpertGroups(ids), add_expert_output(out, groups, g, y, weights)
@@ -15,13 +19,14 @@ order of summation, fixed once), compiled.py everything numba compiles, formats.
 weight formats.
 
 Weights are the raw views of qmoe.gguf_file (F32 float32 [rows, n], F16 float16,
-BF16 uint16, Q8_0/Q4_0 uint8 [rows, row_bytes] in ggml's block layout) or the same
+BF16 uint16, block types uint8 [rows, row_bytes] in ggml's block layout) or the same
 bytes as uint8; stacked expert tensors are [E, rows, ...] and `stacked[e]` is one
 expert's slab. Nothing is repacked or copied: the kernels read the memory-mapped
 file's blocks as they are, so an expert slab is usable the moment it is paged in.
 
 Accuracy contract: activations stay float32 and every weight is decoded exactly
-(an fp16 scale times an integer, or the float itself), so for every type the result
+(bit for bit as gguf-py's dequantize: fp16 scales and sub-scales times integers, plus
+an offset for Q4_1, Q5_1, Q2_K, Q4_K, Q5_K), so for every type the result
 equals x @ dequantize(W).T up to float32 summation order: relative error about 1e-6
 of the row's sum of |w * x| (tests allow 1e-5). The F32 path therefore meets the
 runtime's 1e-3 parity with transformers with a wide margin, and the quantized
@@ -37,12 +42,14 @@ whose threads follow torch.set_num_threads (ops.py says why torch and not numpy)
 
 from qmoe.kernels.moe import ExpertGroups, add_expert_output, expert_ffn, moe_ffn
 from qmoe.kernels.ops import MLPTopK, dequantize, matmul, set_num_threads
+from qmoe.kernels.torch_dequant import dequantize_torch
 
 __all__ = [
     "ExpertGroups",
     "MLPTopK",
     "add_expert_output",
     "dequantize",
+    "dequantize_torch",
     "expert_ffn",
     "matmul",
     "moe_ffn",

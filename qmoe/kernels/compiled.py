@@ -16,9 +16,12 @@ is as exact as a float32 BLAS product of the dequantized weights.
 
 Numba caches compiled code per source file and does not track what a cached
 function calls in other files, so the IR builders and the kernels that use them live
-here together: editing either invalidates the cache of both.
+here together: editing either invalidates the cache of both. The field offsets come
+from qmoe/formats.py; ggml fixes them, but whoever edits one there must touch this
+file too, or the cache keeps the old code.
 
-Row loops generated per weight format, each over the raw bytes of one row:
+Row loops, one compiled function for every type (a switch on qtype inside), each over
+the raw bytes of one row:
     dot_row(qtype, w, w_off, x, x_off, n) -> float32     sum_i w_row[i] * x.flat[x_off + i]
     dot_row_tile(qtype, w, w_off, x, x_offs, n) -> tuple  the same for TOKEN_TILE offsets,
                                                           decoding each block once
@@ -32,7 +35,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,15 +44,19 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from qmoe.formats import FORMATS, KERNEL_TYPES, KVALUES
+
 QT = GGMLQuantizationType
 F32, F16, BF16, Q8_0, Q4_0 = int(QT.F32), int(QT.F16), int(QT.BF16), int(QT.Q8_0), int(QT.Q4_0)
+Q4_1, Q5_0, Q5_1, IQ4_NL, IQ4_XS = int(QT.Q4_1), int(QT.Q5_0), int(QT.Q5_1), int(QT.IQ4_NL), int(QT.IQ4_XS)
+Q2_K, Q3_K, Q4_K, Q5_K, Q6_K = int(QT.Q2_K), int(QT.Q3_K), int(QT.Q4_K), int(QT.Q5_K), int(QT.Q6_K)
 
 # ----------------------------------------------------------------------------- LLVM IR helpers
 
 _f32 = ir.FloatType()
 _i8, _i16, _i32, _i64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
-_LANES = 16  # one accumulator vector; a step of 32 elements is two of these
-_STEP = 2 * _LANES
+_LANES = 16  # one accumulator vector; a group of 32 elements is two of these
+_GROUP = 2 * _LANES
 _vf32 = ir.VectorType(_f32, _LANES)
 # reassociation lets the 16 lanes sum in any order (and a*b+c fuse); no nnan/ninf assumptions
 _FLAGS = ("reassoc", "contract", "nsz")
@@ -88,74 +94,323 @@ def _sum_lanes(builder, vec):
 
 
 # ----------------------------------------------------------------------------- formats in IR
-# A step decodes 32 consecutive elements of a row into (scale or None, lo[16], hi[16]);
-# the weights are scale * lo, scale * hi. Float formats also decode one element at a time
-# for a row tail shorter than a step (block formats have no tails: rows are whole blocks).
+# A row is decoded in groups of 32 consecutive elements: group s of a block (s < block / 32)
+# becomes two halves of 16, each integer values q (as float32) with a scale and an offset,
+# weight = q * scale + offset (scale, offset: float32 scalars or None). A 32-block is one
+# group; a 256-element super-block is 8. Field offsets come from qmoe/formats.py's table.
+# Decoding computes every scale and weight with the float32 operations, in the order,
+# of gguf-py's dequantize, without fast-math flags, so it is bit-exact; only the products'
+# sums reassociate. Float formats also decode one element at a time for a row tail
+# shorter than a group (block formats have none: rows are whole blocks).
+
+_vi8 = ir.VectorType(_i8, _LANES)
+_vi32 = ir.VectorType(_i32, _LANES)
 
 
-def _q8_0_step(builder, p):
-    d = _half_to_f32(builder, p)
-    q = ir.VectorType(_i8, _LANES)
-    lo = builder.sitofp(_load(builder, p, q, 2), _vf32)
-    hi = builder.sitofp(_load(builder, p, q, 2 + _LANES), _vf32)
-    return d, lo, hi
+@dataclass(frozen=True)
+class _Half:
+    q: ir.Value  # <16 x float>
+    scale: ir.Value | None = None
+    offset: ir.Value | None = None
 
 
-def _q4_0_step(builder, p):
-    d = _half_to_f32(builder, p)
-    vq = ir.VectorType(_i8, _LANES)
-    q = _load(builder, p, vq, 2)  # byte i: element i in the low nibble, element i + 16 in the high
-    eight = ir.Constant(vq, [8] * _LANES)
-    lo = builder.sub(builder.and_(q, ir.Constant(vq, [15] * _LANES)), eight)
-    hi = builder.sub(builder.lshr(q, ir.Constant(vq, [4] * _LANES)), eight)
-    return d, builder.sitofp(lo, _vf32), builder.sitofp(hi, _vf32)
+def _c8(value: int) -> ir.Constant:
+    return ir.Constant(_vi8, [value] * _LANES)
 
 
-def _f32_step(builder, p):
-    return None, _load(builder, p, _vf32), _load(builder, p, _vf32, 4 * _LANES)
+def _bytes16(builder, p, offset: int):
+    return _load(builder, p, _vi8, offset)
 
 
-def _f16_step(builder, p):
-    vh = ir.VectorType(ir.HalfType(), _LANES)
-    return (
-        None,
-        builder.fpext(_load(builder, p, vh), _vf32),
-        builder.fpext(_load(builder, p, vh, 2 * _LANES), _vf32),
+def _bits(builder, v, shift: int, mask: int):
+    """(v >> shift) & mask, lane by lane, for <16 x i8> v."""
+    return builder.and_(builder.lshr(v, _c8(shift)) if shift else v, _c8(mask))
+
+
+def _byte(builder, p, offset: int):
+    """The unsigned byte at p + offset as i32."""
+    return builder.zext(_load(builder, p, _i8, offset), _i32)
+
+
+def _i32_to_f32(builder, v):
+    return builder.sitofp(v, _f32)
+
+
+def _ifloat(builder, v):
+    """<16 x i8> (signed) -> <16 x float>."""
+    return builder.sitofp(v, _vf32)
+
+
+def _kvalues(builder, nibbles):
+    """IQ4's table lookup KVALUES[nibble] on <16 x i8>, as a tree of 15 vector selects
+    (portable: no shuffle-by-variable in LLVM's generic vectors)."""
+    vals = [_c8(k) for k in KVALUES]
+    for bit in range(4):
+        test = builder.icmp_unsigned("!=", builder.and_(nibbles, _c8(1 << bit)), _c8(0))
+        vals = [builder.select(test, vals[2 * i + 1], vals[2 * i]) for i in range(len(vals) // 2)]
+    return vals[0]
+
+
+def _qh_bits(builder, p, offset: int):
+    """Q5_0/Q5_1: the u32 at p + offset -> (bit i for i < 16, bit i for 16 <= i < 32), <16 x i8> of 0/1."""
+    qh = _load(builder, p, _i32, offset)
+    vec = builder.insert_element(ir.Constant(_vi32, ir.Undefined), qh, ir.Constant(_i32, 0))
+    vec = builder.shuffle_vector(vec, vec, ir.Constant(_vi32, [0] * _LANES))
+    halves = []
+    for first in (0, _LANES):
+        shifted = builder.lshr(vec, ir.Constant(_vi32, list(range(first, first + _LANES))))
+        halves.append(builder.trunc(builder.and_(shifted, ir.Constant(_vi32, [1] * _LANES)), _vi8))
+    return halves
+
+
+def _same(q_lo, q_hi, scale, offset=None):
+    return _Half(q_lo, scale, offset), _Half(q_hi, scale, offset)
+
+
+def _format(qtype):
+    return FORMATS[QT(qtype)]
+
+
+def _q8_0_group(builder, p, s):
+    fmt = _format(Q8_0)
+    d, qs = _half_to_f32(builder, p), fmt.offset("qs")
+    return _same(_ifloat(builder, _bytes16(builder, p, qs)), _ifloat(builder, _bytes16(builder, p, qs + 16)), d)
+
+
+def _nibbles(builder, p, offset: int):
+    """16 bytes at p + offset -> (low nibbles, high nibbles): elements i and i + 16 of a 32-block."""
+    q = _bytes16(builder, p, offset)
+    return _bits(builder, q, 0, 15), _bits(builder, q, 4, 15)
+
+
+def _q4_0_group(builder, p, s):
+    lo, hi = _nibbles(builder, p, _format(Q4_0).offset("qs"))
+    return _same(
+        _ifloat(builder, builder.sub(lo, _c8(8))), _ifloat(builder, builder.sub(hi, _c8(8))), _half_to_f32(builder, p)
     )
 
 
-def _bf16_step(builder, p):
+def _q4_1_group(builder, p, s):
+    fmt = _format(Q4_1)
+    lo, hi = _nibbles(builder, p, fmt.offset("qs"))
+    m = _half_to_f32(builder, builder.gep(p, [_const(fmt.offset("m"))]))
+    return _same(_ifloat(builder, lo), _ifloat(builder, hi), _half_to_f32(builder, p), m)
+
+
+def _q5_values(builder, p, fmt):
+    """Q5_0/Q5_1's 5-bit values (0..31) of the block at p, as two <16 x i8>."""
+    lo, hi = _nibbles(builder, p, fmt.offset("qs"))
+    h_lo, h_hi = _qh_bits(builder, p, fmt.offset("qh"))
+    return builder.or_(lo, builder.shl(h_lo, _c8(4))), builder.or_(hi, builder.shl(h_hi, _c8(4)))
+
+
+def _q5_0_group(builder, p, s):
+    lo, hi = _q5_values(builder, p, _format(Q5_0))
+    return _same(
+        _ifloat(builder, builder.sub(lo, _c8(16))), _ifloat(builder, builder.sub(hi, _c8(16))), _half_to_f32(builder, p)
+    )
+
+
+def _q5_1_group(builder, p, s):
+    fmt = _format(Q5_1)
+    lo, hi = _q5_values(builder, p, fmt)
+    m = _half_to_f32(builder, builder.gep(p, [_const(fmt.offset("m"))]))
+    return _same(_ifloat(builder, lo), _ifloat(builder, hi), _half_to_f32(builder, p), m)
+
+
+def _iq4_nl_group(builder, p, s):
+    lo, hi = _nibbles(builder, p, _format(IQ4_NL).offset("qs"))
+    return _same(
+        _ifloat(builder, _kvalues(builder, lo)), _ifloat(builder, _kvalues(builder, hi)), _half_to_f32(builder, p)
+    )
+
+
+def _field_half(builder, p, fmt, field: str):
+    return _half_to_f32(builder, builder.gep(p, [_const(fmt.offset(field))]))
+
+
+def _q2_k_group(builder, p, s):
+    """Group s: bits 2 * (s % 4) of qs[32 * (s // 4) + i]; 16-groups 2s and 2s + 1 with
+    scale d * (sc & 15) and offset -dmin * (sc >> 4), sc = scales[group]."""
+    fmt = _format(Q2_K)
+    d, dmin = _field_half(builder, p, fmt, "d"), _field_half(builder, p, fmt, "dmin")
+    qs = fmt.offset("qs") + 32 * (s // 4)
+    halves = []
+    for h in range(2):
+        q = _bits(builder, _bytes16(builder, p, qs + 16 * h), 2 * (s % 4), 3)
+        sc = _byte(builder, p, fmt.offset("scales") + 2 * s + h)
+        dl = builder.fmul(d, _i32_to_f32(builder, builder.and_(sc, ir.Constant(_i32, 15))))
+        ml = builder.fmul(dmin, _i32_to_f32(builder, builder.lshr(sc, ir.Constant(_i32, 4))))
+        halves.append(_Half(_ifloat(builder, q), dl, builder.fneg(ml)))
+    return tuple(halves)
+
+
+def _q3_k_scale(builder, p, offset: int, j: int):
+    """Q3_K's 6-bit scale j (of 16), minus 32, as i32: low 4 bits from byte j % 8 (its high
+    nibble for j >= 8), high 2 bits from byte 8 + j % 4 at bit 2 * (j // 4)."""
+    low = _byte(builder, p, offset + j % 8)
+    low = builder.lshr(low, ir.Constant(_i32, 4)) if j >= 8 else builder.and_(low, ir.Constant(_i32, 15))
+    high = builder.and_(
+        builder.lshr(_byte(builder, p, offset + 8 + j % 4), ir.Constant(_i32, 2 * (j // 4))), ir.Constant(_i32, 3)
+    )
+    return builder.sub(builder.or_(low, builder.shl(high, ir.Constant(_i32, 4))), ir.Constant(_i32, 32))
+
+
+def _q3_k_group(builder, p, s):
+    """Group s: 2 bits as Q2_K's, minus 4 where bit s of hmask[i] is clear."""
+    fmt = _format(Q3_K)
+    d = _field_half(builder, p, fmt, "d")
+    qs = fmt.offset("qs") + 32 * (s // 4)
+    halves = []
+    for h in range(2):
+        q = _bits(builder, _bytes16(builder, p, qs + 16 * h), 2 * (s % 4), 3)
+        hbit = _bits(builder, _bytes16(builder, p, fmt.offset("hmask") + 16 * h), s, 1)
+        q = builder.sub(q, builder.shl(builder.xor(hbit, _c8(1)), _c8(2)))
+        dl = builder.fmul(d, _i32_to_f32(builder, _q3_k_scale(builder, p, fmt.offset("scales"), 2 * s + h)))
+        halves.append(_Half(_ifloat(builder, q), dl))
+    return tuple(halves)
+
+
+def _k4_scale_min(builder, p, offset: int, j: int):
+    """Q4_K/Q5_K's 6-bit scale and min of group j (of 8), as i32, from 12 packed bytes."""
+    def byte(k):
+        return _byte(builder, p, offset + k)
+
+    def c(v):
+        return ir.Constant(_i32, v)
+
+    if j < 4:
+        return builder.and_(byte(j), c(63)), builder.and_(byte(j + 4), c(63))
+    top = builder.lshr(byte(j - 4), c(6))
+    sc = builder.or_(builder.and_(byte(j + 4), c(15)), builder.shl(top, c(4)))
+    m = builder.or_(builder.lshr(byte(j + 4), c(4)), builder.shl(builder.lshr(byte(j), c(6)), c(4)))
+    return sc, m
+
+
+def _k4_scales(builder, p, fmt, s):
+    """(d * sc, -(dmin * m)) of group s of a Q4_K/Q5_K super-block."""
+    sc, m = _k4_scale_min(builder, p, fmt.offset("scales"), s)
+    d, dmin = _field_half(builder, p, fmt, "d"), _field_half(builder, p, fmt, "dmin")
+    dm = builder.fmul(dmin, _i32_to_f32(builder, m))
+    return builder.fmul(d, _i32_to_f32(builder, sc)), builder.fneg(dm)
+
+
+def _k4_nibbles(builder, p, fmt, s):
+    """Group s's 4-bit values: nibble s % 2 of qs[32 * (s // 2) + i]."""
+    qs = fmt.offset("qs") + 32 * (s // 2)
+    return [_bits(builder, _bytes16(builder, p, qs + 16 * h), 4 * (s % 2), 15) for h in range(2)]
+
+
+def _q4_k_group(builder, p, s):
+    fmt = _format(Q4_K)
+    lo, hi = _k4_nibbles(builder, p, fmt, s)
+    return _same(_ifloat(builder, lo), _ifloat(builder, hi), *_k4_scales(builder, p, fmt, s))
+
+
+def _q5_k_group(builder, p, s):
+    """Q4_K's nibbles with a fifth bit: bit s of qh[i]."""
+    fmt = _format(Q5_K)
+    qs = []
+    for h, q in enumerate(_k4_nibbles(builder, p, fmt, s)):
+        hbit = _bits(builder, _bytes16(builder, p, fmt.offset("qh") + 16 * h), s, 1)
+        qs.append(_ifloat(builder, builder.or_(q, builder.shl(hbit, _c8(4)))))
+    return _same(*qs, *_k4_scales(builder, p, fmt, s))
+
+
+def _q6_k_group(builder, p, s):
+    """Group s (a = s // 4, r = s % 4): nibble r // 2 of ql[64a + 32 (r % 2) + i], bits 2r of
+    qh[32a + i] on top, minus 32; 16-groups 2s, 2s + 1 scaled by d * scales[group] (int8)."""
+    fmt = _format(Q6_K)
+    a, r = s // 4, s % 4
+    d = _field_half(builder, p, fmt, "d")
+    halves = []
+    for h in range(2):
+        ql = _bits(builder, _bytes16(builder, p, fmt.offset("ql") + 64 * a + 32 * (r % 2) + 16 * h), 4 * (r // 2), 15)
+        qh = _bits(builder, _bytes16(builder, p, fmt.offset("qh") + 32 * a + 16 * h), 2 * r, 3)
+        q = builder.sub(builder.or_(ql, builder.shl(qh, _c8(4))), _c8(32))
+        sc = builder.sext(_load(builder, p, _i8, fmt.offset("scales") + 2 * s + h), _i32)
+        halves.append(_Half(_ifloat(builder, q), builder.fmul(d, _i32_to_f32(builder, sc))))
+    return tuple(halves)
+
+
+def _iq4_xs_group(builder, p, s):
+    """Group s: IQ4_NL's nibbles of qs[16s + i]; scale d * (6 bits - 32), the low 4 from
+    nibble s % 2 of scales_l[s // 2], the high 2 from bits 2s of the u16 scales_h."""
+    fmt = _format(IQ4_XS)
+    low = _byte(builder, p, fmt.offset("scales_l") + s // 2)
+    low = builder.and_(builder.lshr(low, ir.Constant(_i32, 4 * (s % 2))), ir.Constant(_i32, 15))
+    high = builder.zext(_load(builder, p, _i16, fmt.offset("scales_h")), _i32)
+    high = builder.and_(builder.lshr(high, ir.Constant(_i32, 2 * s)), ir.Constant(_i32, 3))
+    scale = builder.sub(builder.or_(low, builder.shl(high, ir.Constant(_i32, 4))), ir.Constant(_i32, 32))
+    lo, hi = _nibbles(builder, p, fmt.offset("qs") + 16 * s)
+    dl = builder.fmul(_half_to_f32(builder, p), _i32_to_f32(builder, scale))
+    return _same(_ifloat(builder, _kvalues(builder, lo)), _ifloat(builder, _kvalues(builder, hi)), dl)
+
+
+def _f32_group(builder, p, s):
+    return _same(_load(builder, p, _vf32), _load(builder, p, _vf32, 4 * _LANES), None)
+
+
+def _f16_group(builder, p, s):
+    vh = ir.VectorType(ir.HalfType(), _LANES)
+    return _same(
+        builder.fpext(_load(builder, p, vh), _vf32), builder.fpext(_load(builder, p, vh, 2 * _LANES), _vf32), None
+    )
+
+
+def _bf16_group(builder, p, s):
     vi = ir.VectorType(_i16, _LANES)
-    return (
-        None,
-        _bf16_to_f32(builder, _load(builder, p, vi)),
-        _bf16_to_f32(builder, _load(builder, p, vi, 2 * _LANES)),
+    return _same(
+        _bf16_to_f32(builder, _load(builder, p, vi)), _bf16_to_f32(builder, _load(builder, p, vi, 2 * _LANES)), None
     )
 
 
 @dataclass(frozen=True)
 class _IRFormat:
-    step_bytes: int  # bytes of 32 elements
-    step: Callable  # (builder, byte ptr) -> (scale | None, lo, hi)
+    block: int  # elements a loop iteration decodes: the format's block, or one 32-group of floats
+    block_bytes: int
+    group: Callable  # (builder, block ptr, s) -> (lo, hi) _Half of group s
     elem_bytes: int = 0  # float formats: bytes of one element, for the row tail
     one: Callable | None = None  # float formats: (builder, byte ptr) -> float
 
 
+def _block_format(qtype, group: Callable) -> _IRFormat:
+    fmt = _format(qtype)
+    return _IRFormat(fmt.block, fmt.block_bytes, group)
+
+
+def _float_format(qtype, group: Callable, one: Callable) -> _IRFormat:
+    size = _format(qtype).block_bytes
+    return _IRFormat(_GROUP, _GROUP * size, group, size, one)
+
+
 IR_FORMATS = {
-    Q8_0: _IRFormat(34, _q8_0_step),
-    Q4_0: _IRFormat(18, _q4_0_step),
-    F32: _IRFormat(128, _f32_step, 4, lambda b, p: _load(b, p, _f32)),
-    F16: _IRFormat(64, _f16_step, 2, _half_to_f32),
-    BF16: _IRFormat(64, _bf16_step, 2, lambda b, p: _bf16_to_f32(b, _load(b, p, _i16))),
+    Q8_0: _block_format(Q8_0, _q8_0_group),
+    Q4_0: _block_format(Q4_0, _q4_0_group),
+    Q4_1: _block_format(Q4_1, _q4_1_group),
+    Q5_0: _block_format(Q5_0, _q5_0_group),
+    Q5_1: _block_format(Q5_1, _q5_1_group),
+    IQ4_NL: _block_format(IQ4_NL, _iq4_nl_group),
+    Q2_K: _block_format(Q2_K, _q2_k_group),
+    Q3_K: _block_format(Q3_K, _q3_k_group),
+    Q4_K: _block_format(Q4_K, _q4_k_group),
+    Q5_K: _block_format(Q5_K, _q5_k_group),
+    Q6_K: _block_format(Q6_K, _q6_k_group),
+    IQ4_XS: _block_format(IQ4_XS, _iq4_xs_group),
+    F32: _float_format(F32, _f32_group, lambda b, p: _load(b, p, _f32)),
+    F16: _float_format(F16, _f16_group, _half_to_f32),
+    BF16: _float_format(BF16, _bf16_group, lambda b, p: _bf16_to_f32(b, _load(b, p, _i16))),
 }
+assert set(IR_FORMATS) == {int(t) for t in KERNEL_TYPES}, "every kernel type of qmoe/formats.py needs a decoder"
 
 
-# Bytes ahead of the block being decoded that each step asks the cache to fetch. Rows are
+# Bytes ahead of the block being decoded that each block asks the cache to fetch. Rows are
 # read once, front to back, so the hardware prefetcher alone leaves the core waiting on
 # memory; asking ~4 KB ahead (two rows of 2048 Q8_0 weights) raised cold Q4_0/Q8_0
 # products from 6.2/9.2 to 8.7/12.9 GB/s on one core. A prefetch never faults, so
-# running past the end of the weights is harmless.
+# running past the end of the weights is harmless. One per 64-byte line of a block.
 _PREFETCH_BYTES = 4096
+_LINE = 64
 
 
 def _prefetch(builder, ptr):
@@ -166,13 +421,47 @@ def _prefetch(builder, ptr):
     )  # read, keep, data
 
 
-@contextmanager
-def _decoded_steps(builder, fmt: _IRFormat, wp, n_steps):
-    """Loop over the whole 32-element steps of a row; yields (step index, scale | None, lo, hi)."""
-    with cgutils.for_range(builder, n_steps) as loop:
-        bp = builder.gep(wp, [builder.mul(loop.index, _const(fmt.step_bytes))])
-        _prefetch(builder, builder.gep(bp, [_const(_PREFETCH_BYTES)]))
-        yield (loop.index, *fmt.step(builder, bp))
+def _for_each_group(builder, fmt: _IRFormat, wp, n, body) -> None:
+    """Call body(first element index, lo, hi) for every 32-group of the row's whole blocks."""
+    n_blocks = builder.sdiv(n, _const(fmt.block))
+    with cgutils.for_range(builder, n_blocks) as loop:
+        bp = builder.gep(wp, [builder.mul(loop.index, _const(fmt.block_bytes))])
+        for line in range(0, max(fmt.block_bytes - _LINE // 2, 1), _LINE):
+            _prefetch(builder, builder.gep(bp, [_const(_PREFETCH_BYTES + line)]))
+        first = builder.mul(loop.index, _const(fmt.block))
+        for s in range(fmt.block // _GROUP):
+            lo, hi = fmt.group(builder, bp, s)
+            body(builder.add(first, _const(_GROUP * s)) if s else first, lo, hi)
+
+
+def _weights(builder, half: _Half):
+    """A half's weights, q * scale + offset, with the plain (exact) float32 operations."""
+    w = half.q if half.scale is None else builder.fmul(half.q, _splat(builder, half.scale))
+    return w if half.offset is None else builder.fadd(w, _splat(builder, half.offset))
+
+
+def _half_dot(builder, half: _Half, x):
+    """sum-ready <16 x float> of the half's weights times x, scale and offset applied once."""
+    s = builder.fmul(half.q, x, flags=_FLAGS)
+    if half.scale is not None:
+        s = builder.fmul(_splat(builder, half.scale), s, flags=_FLAGS)
+    if half.offset is not None:
+        s = builder.fadd(s, builder.fmul(_splat(builder, half.offset), x, flags=_FLAGS), flags=_FLAGS)
+    return s
+
+
+def _group_dot(builder, lo: _Half, hi: _Half, x_lo, x_hi):
+    if lo.scale is hi.scale and lo.offset is hi.offset:  # one scale and offset: apply each once
+        s = builder.fadd(
+            builder.fmul(lo.q, x_lo, flags=_FLAGS), builder.fmul(hi.q, x_hi, flags=_FLAGS), flags=_FLAGS
+        )
+        if lo.scale is not None:
+            s = builder.fmul(_splat(builder, lo.scale), s, flags=_FLAGS)
+        if lo.offset is not None:
+            x_sum = builder.fadd(x_lo, x_hi, flags=_FLAGS)
+            s = builder.fadd(s, builder.fmul(_splat(builder, lo.offset), x_sum, flags=_FLAGS), flags=_FLAGS)
+        return s
+    return builder.fadd(_half_dot(builder, lo, x_lo), _half_dot(builder, hi, x_hi), flags=_FLAGS)
 
 
 def _is_c_array(ty, dtype) -> bool:
@@ -180,16 +469,26 @@ def _is_c_array(ty, dtype) -> bool:
     return isinstance(ty, types.Array) and ty.layout == "C" and ty.dtype == dtype
 
 
-def _pointers(context, builder, sig, args):
-    """(weight row byte pointer, float32 pointer at the x/out offset, n) from intrinsic args."""
-    w, w_off, f, f_off, n = args
-    wp = builder.gep(context.make_array(sig.args[0])(context, builder, w).data, [w_off])
-    fp = builder.gep(context.make_array(sig.args[2])(context, builder, f).data, [f_off])
-    return wp, fp, n
+def _switch_on_qtype(context, builder, qtype, qtype_type, emit) -> None:
+    """emit(fmt) in the branch of the row's format: one compiled function serves every type.
+    Callers check qtype against the table first, so no other value arrives."""
+    value = context.cast(builder, qtype, qtype_type, types.int64)
+    done = builder.append_basic_block("qtype.done")
+    unknown = builder.append_basic_block("qtype.unknown")
+    switch = builder.switch(value, unknown)
+    for code, fmt in IR_FORMATS.items():
+        case = builder.append_basic_block(f"qtype.{code}")
+        switch.add_case(ir.Constant(_i64, code), case)
+        builder.position_at_end(case)
+        emit(fmt)
+        builder.branch(done)
+    builder.position_at_end(unknown)
+    builder.unreachable()
+    builder.position_at_end(done)
 
 
-def _make_row_dot(fmt: _IRFormat, n_tokens: int):
-    """row_dot(w, w_off, x, x_offs, n): the row's dot product with n_tokens activation rows.
+def _make_row_dot(n_tokens: int):
+    """row_dot(qtype, w, w_off, x, x_offs, n): the row's dot product with n_tokens activation rows.
 
     n_tokens = 1: x_offs is one offset, the result a float32. n_tokens = TOKEN_TILE: x_offs
     is a tuple of offsets and the result a tuple of float32; every block is decoded once
@@ -197,8 +496,8 @@ def _make_row_dot(fmt: _IRFormat, n_tokens: int):
     """
 
     @intrinsic
-    def row_dot(typingctx, w, w_off, x, x_offs, n):
-        if not (_is_c_array(w, types.uint8) and _is_c_array(x, types.float32)):
+    def row_dot(typingctx, qtype, w, w_off, x, x_offs, n):
+        if not (isinstance(qtype, types.Integer) and _is_c_array(w, types.uint8) and _is_c_array(x, types.float32)):
             return None
         if n_tokens == 1:
             offs_type, result_type = types.intp, types.float32
@@ -207,40 +506,41 @@ def _make_row_dot(fmt: _IRFormat, n_tokens: int):
                 types.UniTuple(types.intp, n_tokens),
                 types.UniTuple(types.float32, n_tokens),
             )
-        sig = result_type(w, types.intp, x, offs_type, types.intp)
+        sig = result_type(qtype, w, types.intp, x, offs_type, types.intp)
 
         def codegen(context, builder, sig, args):
-            w, w_off, x, x_offs, n = args
-            wp = builder.gep(context.make_array(sig.args[0])(context, builder, w).data, [w_off])
-            x0 = context.make_array(sig.args[2])(context, builder, x).data
+            qtype, w, w_off, x, x_offs, n = args
+            wp = builder.gep(context.make_array(sig.args[1])(context, builder, w).data, [w_off])
+            x0 = context.make_array(sig.args[3])(context, builder, x).data
             offs = [x_offs] if n_tokens == 1 else [builder.extract_value(x_offs, j) for j in range(n_tokens)]
             xps = [builder.gep(x0, [off]) for off in offs]
-            n_steps = builder.sdiv(n, _const(_STEP))
-            accs = [cgutils.alloca_once_value(builder, ir.Constant(_vf32, [0.0] * _LANES)) for _ in xps]
-            with _decoded_steps(builder, fmt, wp, n_steps) as (i, scale, lo, hi):
-                for xp, acc in zip(xps, accs):
-                    xs = builder.gep(xp, [builder.mul(i, _const(_STEP))])
-                    x_lo = builder.load(builder.bitcast(xs, _vf32.as_pointer()), align=4)
-                    x_hi = builder.load(
-                        builder.bitcast(builder.gep(xs, [_const(_LANES)]), _vf32.as_pointer()), align=4
-                    )
-                    s = builder.fadd(
-                        builder.fmul(lo, x_lo, flags=_FLAGS),
-                        builder.fmul(hi, x_hi, flags=_FLAGS),
-                        flags=_FLAGS,
-                    )
-                    if scale is not None:
-                        s = builder.fmul(_splat(builder, scale), s, flags=_FLAGS)
-                    builder.store(builder.fadd(builder.load(acc), s, flags=_FLAGS), acc)
-            totals = [
-                cgutils.alloca_once_value(builder, _sum_lanes(builder, builder.load(acc))) for acc in accs
-            ]
-            if fmt.one is not None:
-                with cgutils.for_range(builder, n, start=builder.mul(n_steps, _const(_STEP))) as loop:
-                    wi = fmt.one(builder, builder.gep(wp, [builder.mul(loop.index, _const(fmt.elem_bytes))]))
-                    for xp, total in zip(xps, totals):
-                        xi = builder.load(builder.gep(xp, [loop.index]))
-                        builder.store(builder.fadd(builder.load(total), builder.fmul(wi, xi)), total)
+            totals = [cgutils.alloca_once_value(builder, ir.Constant(_f32, 0.0)) for _ in xps]
+
+            def emit(fmt: _IRFormat):
+                accs = [cgutils.alloca_once_value(builder, ir.Constant(_vf32, [0.0] * _LANES)) for _ in xps]
+
+                def body(first, lo, hi):
+                    for xp, acc in zip(xps, accs):
+                        xs = builder.gep(xp, [first])
+                        x_lo = builder.load(builder.bitcast(xs, _vf32.as_pointer()), align=4)
+                        x_hi = builder.load(
+                            builder.bitcast(builder.gep(xs, [_const(_LANES)]), _vf32.as_pointer()), align=4
+                        )
+                        s = _group_dot(builder, lo, hi, x_lo, x_hi)
+                        builder.store(builder.fadd(builder.load(acc), s, flags=_FLAGS), acc)
+
+                _for_each_group(builder, fmt, wp, n, body)
+                for acc, total in zip(accs, totals):
+                    builder.store(_sum_lanes(builder, builder.load(acc)), total)
+                if fmt.one is not None:
+                    tail = builder.mul(builder.sdiv(n, _const(_GROUP)), _const(_GROUP))
+                    with cgutils.for_range(builder, n, start=tail) as loop:
+                        wi = fmt.one(builder, builder.gep(wp, [builder.mul(loop.index, _const(fmt.elem_bytes))]))
+                        for xp, total in zip(xps, totals):
+                            xi = builder.load(builder.gep(xp, [loop.index]))
+                            builder.store(builder.fadd(builder.load(total), builder.fmul(wi, xi)), total)
+
+            _switch_on_qtype(context, builder, qtype, sig.args[0], emit)
             results = [builder.load(total) for total in totals]
             return results[0] if n_tokens == 1 else context.make_tuple(builder, sig.return_type, results)
 
@@ -249,94 +549,47 @@ def _make_row_dot(fmt: _IRFormat, n_tokens: int):
     return row_dot
 
 
-def _make_row_decode(fmt: _IRFormat):
-    @intrinsic
-    def row_decode(typingctx, w, w_off, out, out_off, n):
-        if not (_is_c_array(w, types.uint8) and _is_c_array(out, types.float32)):
-            return None
-        sig = types.void(w, types.intp, out, types.intp, types.intp)
+@intrinsic
+def decode_row(typingctx, qtype, w, w_off, out, out_off, n):
+    """out.flat[out_off + i] = w_row[i] for i < n, bit-exact with gguf-py's dequantize."""
+    if not (isinstance(qtype, types.Integer) and _is_c_array(w, types.uint8) and _is_c_array(out, types.float32)):
+        return None
+    sig = types.void(qtype, w, types.intp, out, types.intp, types.intp)
 
-        def codegen(context, builder, sig, args):
-            wp, op, n = _pointers(context, builder, sig, args)
-            n_steps = builder.sdiv(n, _const(_STEP))
-            with _decoded_steps(builder, fmt, wp, n_steps) as (i, scale, lo, hi):
-                if scale is not None:
-                    lo = builder.fmul(_splat(builder, scale), lo)
-                    hi = builder.fmul(_splat(builder, scale), hi)
-                os = builder.gep(op, [builder.mul(i, _const(_STEP))])
-                builder.store(lo, builder.bitcast(os, _vf32.as_pointer()), align=4)
+    def codegen(context, builder, sig, args):
+        qtype, w, w_off, out, out_off, n = args
+        wp = builder.gep(context.make_array(sig.args[1])(context, builder, w).data, [w_off])
+        op = builder.gep(context.make_array(sig.args[3])(context, builder, out).data, [out_off])
+
+        def emit(fmt: _IRFormat):
+            def body(first, lo, hi):
+                os = builder.gep(op, [first])
+                builder.store(_weights(builder, lo), builder.bitcast(os, _vf32.as_pointer()), align=4)
                 builder.store(
-                    hi, builder.bitcast(builder.gep(os, [_const(_LANES)]), _vf32.as_pointer()), align=4
+                    _weights(builder, hi),
+                    builder.bitcast(builder.gep(os, [_const(_LANES)]), _vf32.as_pointer()),
+                    align=4,
                 )
+
+            _for_each_group(builder, fmt, wp, n, body)
             if fmt.one is not None:
-                with cgutils.for_range(builder, n, start=builder.mul(n_steps, _const(_STEP))) as loop:
+                tail = builder.mul(builder.sdiv(n, _const(_GROUP)), _const(_GROUP))
+                with cgutils.for_range(builder, n, start=tail) as loop:
                     wi = fmt.one(builder, builder.gep(wp, [builder.mul(loop.index, _const(fmt.elem_bytes))]))
                     builder.store(wi, builder.gep(op, [loop.index]))
-            return context.get_dummy_value()
 
-        return sig, codegen
+        _switch_on_qtype(context, builder, qtype, sig.args[0], emit)
+        return context.get_dummy_value()
 
-    return row_decode
+    return sig, codegen
 
 
 TOKEN_TILE = 4  # activation rows that share one decode of a weight row (tile_offsets lists 4)
 OUT_BLOCK = 16  # moe_rows: output rows that share the hidden rows read for them
 
-_q8_0_dot, _q8_0_dot_tile = _make_row_dot(IR_FORMATS[Q8_0], 1), _make_row_dot(IR_FORMATS[Q8_0], TOKEN_TILE)
-_q4_0_dot, _q4_0_dot_tile = _make_row_dot(IR_FORMATS[Q4_0], 1), _make_row_dot(IR_FORMATS[Q4_0], TOKEN_TILE)
-_f32_dot, _f32_dot_tile = _make_row_dot(IR_FORMATS[F32], 1), _make_row_dot(IR_FORMATS[F32], TOKEN_TILE)
-_f16_dot, _f16_dot_tile = _make_row_dot(IR_FORMATS[F16], 1), _make_row_dot(IR_FORMATS[F16], TOKEN_TILE)
-_bf16_dot, _bf16_dot_tile = _make_row_dot(IR_FORMATS[BF16], 1), _make_row_dot(IR_FORMATS[BF16], TOKEN_TILE)
-_q8_0_decode, _q4_0_decode = _make_row_decode(IR_FORMATS[Q8_0]), _make_row_decode(IR_FORMATS[Q4_0])
-_f32_decode, _f16_decode = _make_row_decode(IR_FORMATS[F32]), _make_row_decode(IR_FORMATS[F16])
-_bf16_decode = _make_row_decode(IR_FORMATS[BF16])
-
-
-# ----------------------------------------------------------------------------- dispatch on qtype
-# qtype is checked against FORMATS before any kernel runs, so the last branch is BF16.
-
-
-@njit(nogil=True)
-def dot_row(qtype, w, w_off, x, x_off, n):
-    if qtype == Q4_0:
-        return _q4_0_dot(w, w_off, x, x_off, n)
-    elif qtype == Q8_0:
-        return _q8_0_dot(w, w_off, x, x_off, n)
-    elif qtype == F32:
-        return _f32_dot(w, w_off, x, x_off, n)
-    elif qtype == F16:
-        return _f16_dot(w, w_off, x, x_off, n)
-    else:
-        return _bf16_dot(w, w_off, x, x_off, n)
-
-
-@njit(nogil=True)
-def dot_row_tile(qtype, w, w_off, x, x_offs, n):
-    """dot_row for TOKEN_TILE activation rows at once; x_offs: tuple of their offsets."""
-    if qtype == Q4_0:
-        return _q4_0_dot_tile(w, w_off, x, x_offs, n)
-    elif qtype == Q8_0:
-        return _q8_0_dot_tile(w, w_off, x, x_offs, n)
-    elif qtype == F32:
-        return _f32_dot_tile(w, w_off, x, x_offs, n)
-    elif qtype == F16:
-        return _f16_dot_tile(w, w_off, x, x_offs, n)
-    else:
-        return _bf16_dot_tile(w, w_off, x, x_offs, n)
-
-
-@njit(nogil=True)
-def decode_row(qtype, w, w_off, out, out_off, n):
-    if qtype == Q4_0:
-        _q4_0_decode(w, w_off, out, out_off, n)
-    elif qtype == Q8_0:
-        _q8_0_decode(w, w_off, out, out_off, n)
-    elif qtype == F32:
-        _f32_decode(w, w_off, out, out_off, n)
-    elif qtype == F16:
-        _f16_decode(w, w_off, out, out_off, n)
-    else:
-        _bf16_decode(w, w_off, out, out_off, n)
+# dot_row(qtype, w, w_off, x, x_off, n) -> float32; dot_row_tile: the same for TOKEN_TILE offsets
+dot_row = _make_row_dot(1)
+dot_row_tile = _make_row_dot(TOKEN_TILE)
 
 
 @njit(nogil=True)

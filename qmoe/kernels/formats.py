@@ -1,39 +1,19 @@
-"""The weight formats the kernels read, and checking a raw weight against its format.
+"""Checking a raw weight against its format before a kernel reads it.
 
-One table (`FORMATS`) says, per GGUF type, how a row of n weights is stored: in
-blocks of `block` elements taking `block_bytes` bytes each, and which numpy dtype
-qmoe's GGUF reader uses for the raw view. Everything else (row bytes, the
-checks in `weight_bytes`) derives from it.
+The layouts themselves are qmoe/formats.py's table; this module adds the checks at
+the kernels' boundary: a type the kernels compute with, and raw bytes that make whole
+rows of it.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import numpy as np
 from gguf import GGMLQuantizationType
 
 from qmoe.errors import QmoeError
+from qmoe.formats import FORMATS, KERNEL_TYPES, QT, row_bytes, supported_names
 
-QT = GGMLQuantizationType
-
-
-@dataclass(frozen=True)
-class Format:
-    block: int  # elements per block
-    block_bytes: int  # bytes per block
-    raw_dtype: type  # dtype of the raw view handed out by qmoe.gguf_file
-
-
-FORMATS: dict[GGMLQuantizationType, Format] = {
-    QT.F32: Format(1, 4, np.float32),
-    QT.F16: Format(1, 2, np.float16),
-    QT.BF16: Format(1, 2, np.uint16),
-    QT.Q8_0: Format(32, 34, np.uint8),  # fp16 d, 32 x int8 q;  w = d * q
-    QT.Q4_0: Format(
-        32, 18, np.uint8
-    ),  # fp16 d, 16 bytes: low nibble = element i, high = i + 16;  w = d * (q - 8)
-}
+__all__ = ["FORMATS", "KERNEL_TYPES", "QT", "check_qtype", "row_bytes", "weight_bytes"]
 
 
 def check_qtype(qtype: GGMLQuantizationType | int) -> GGMLQuantizationType:
@@ -42,18 +22,11 @@ def check_qtype(qtype: GGMLQuantizationType | int) -> GGMLQuantizationType:
         qtype = QT(int(qtype))
     except ValueError:
         raise QmoeError(f"unknown GGML tensor type {qtype!r}") from None
-    if qtype not in FORMATS:
-        supported = ", ".join(t.name for t in FORMATS)
+    if qtype not in KERNEL_TYPES:
         raise QmoeError(
-            f"tensor type {qtype.name} is not supported by qmoe's kernels (supported: {supported})"
+            f"tensor type {qtype.name} is not supported by qmoe's kernels (supported: {supported_names()})"
         )
     return qtype
-
-
-def row_bytes(qtype: GGMLQuantizationType, n: int) -> int:
-    """Bytes of one row of n weights of type qtype."""
-    fmt = FORMATS[qtype]
-    return n // fmt.block * fmt.block_bytes
 
 
 def weight_bytes(w: np.ndarray, qtype: GGMLQuantizationType, what: str) -> tuple[np.ndarray, int]:

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import importlib
 
-from qmoe.errors import UnsupportedArchitectureError
+from qmoe import formats
+from qmoe.errors import UnsupportedArchitectureError, UnsupportedTensorTypeError
 from qmoe.gguf_file import GGUFFile
 
 ARCHITECTURES = {
@@ -31,4 +32,18 @@ def build_model(f: GGUFFile, device, n_ctx: int):
             f"{f.path}: this {f.arch} model has no experts ({f.arch}.expert_count is missing or 0); "
             "qmoe runs Mixture-of-Experts models only"
         )
+    check_tensor_types(f)
     return importlib.import_module(module).build(f, device, n_ctx)
+
+
+def check_tensor_types(f: GGUFFile) -> None:
+    """Refuse, in one line and before anything is built, a file with a tensor whose type the
+    kernels cannot compute with (IQ1_S, IQ2_XXS, IQ3_S, TQ1_0, ...)."""
+    unsupported = [t for t in f.tensors.values() if t.qtype not in formats.KERNEL_TYPES]
+    if unsupported:
+        first = unsupported[0]
+        more = f" ({len(unsupported) - 1} more tensors of unsupported types)" if len(unsupported) > 1 else ""
+        raise UnsupportedTensorTypeError(
+            f"{f.path}: tensor {first.name!r} has type {first.qtype.name}, which qmoe cannot compute with"
+            f"{more}; supported types: {formats.supported_names()}"
+        )

@@ -46,9 +46,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType, GGUFWriter
-from gguf.quants import dequantize, quantize
+from gguf.quants import quantize
 from tqdm import tqdm
 
+from qmoe import kernels
 from qmoe.errors import GGUFFormatError, PredictorMismatchError, QmoeError
 from qmoe.gguf_file import GGUF_MAGIC, GGUFFile, Tensor, read_header_layout
 from qmoe.predictor.model import ACTIVATIONS, PredictorSet, PredictorWeights
@@ -244,13 +245,9 @@ def load_sidecar(source: str | os.PathLike | GGUFFile, expected_identity: str) -
 
 
 def _load_float(t: Tensor) -> torch.Tensor:
-    """A tensor of the sidecar as float32 torch, dequantized if it is q8_0."""
-    if t.qtype in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
-        values = t.data
-    else:
-        values = dequantize(t.data, t.qtype)
-    # a copy: the result must not alias the memory-mapped file
-    return torch.from_numpy(np.array(values, dtype=np.float32).reshape(t.shape))
+    """A tensor of the sidecar as float32 torch, dequantized by the kernels if it is q8_0."""
+    values = kernels.dequantize(t.data, t.qtype)  # a new array: it does not alias the memory-mapped file
+    return torch.from_numpy(values.reshape(t.shape))
 
 
 def check_output_path(out_path: str | os.PathLike, inputs: list[str | os.PathLike], overwrite: bool) -> Path:
