@@ -149,25 +149,28 @@ def test_qmoe_info_lists_the_types(quantized, capsys):
 
 
 
-@pytest.mark.parametrize("mix", ["Q6_K", "IQ4_NL", "Q5_1"])
+@pytest.mark.parametrize("mix", ["Q6_K", "IQ4_NL", "Q5_1", "Q4_K_M"])
 def test_the_expert_store_takes_every_type(mix, quantized):
     """RAM pool (O_DIRECT reads), CPU fast tier and the dense fast tier (the CUDA tier's torch
     dequantization, here in CPU memory) on llama.cpp's files: the quantized tiers give the
     plain runtime's logits bit for bit, the dense tier to float error.
 
-    Mixes whose expert types are the same in every layer: the store needs one slab layout for
-    all MoE layers, and the _M mixes give some layers' ffn_down_exps more bits (Q4_K_M: Q6_K
-    in layer 1 here), which the store refuses at load with a message that says so."""
+    Q4_K_M gives some layers' ffn_down_exps more bits (Q6_K in layer 1 here, Q4_K in layer 0):
+    the tiers' slots are sized for the widest layer, each slab read and computed in its own."""
     from qmoe.experts.options import OffloadOptions
 
     path = quantized(mix)
     plain = qmoe_logits(path)
+    if mix == "Q4_K_M":
+        with qmoe.load(path, offload=OffloadOptions(ram_budget="100%", direct_io=True)) as m:
+            assert not m.store.slabs.uniform  # the case this parametrization is for
     for config in (
         dict(ram_budget="25%", direct_io=True),
-        dict(gpu_budget="30%", ram_budget="25%", on_miss="cpu", prefetch="cross-layer"),
+        dict(ram_budget="100%", direct_io=True),  # every layer's slabs ready: moe_ffn over the slots if it can
+        dict(sim_fast_budget="30%", ram_budget="25%", on_miss="cpu", prefetch="cross-layer"),
     ):
         with qmoe.load(path, offload=OffloadOptions(**config)) as m:
             assert np.array_equal(m.logits(PROMPT), plain), config
-    with qmoe.load(path, offload=OffloadOptions(gpu_budget="50%", on_miss="wait", cpu_fast_tier_dense=True)) as m:
+    with qmoe.load(path, offload=OffloadOptions(sim_fast_budget="50%", on_miss="wait", cpu_fast_tier_dense=True)) as m:
         dense = m.logits(PROMPT)
     assert np.abs(dense - plain).max() <= 1e-4 * np.abs(plain).max()

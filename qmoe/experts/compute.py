@@ -12,8 +12,8 @@ summed by the kernels' own `ExpertGroups` and `add_expert_output`, in moe_ffn's
 order, and every expert on the kernel path is computed by `kernels.expert_ffn`, so
 the layer's output is bit-identical to the model without a store; so is it with the
 CPU's simulated fast tier, which holds quantized slabs for the same kernels. When
-every expert is ready in a tier of quantized slabs, the layer is one `moe_ffn` call
-over the tier's slots. A dense fast tier (CUDA) is a compute path of its own (fp16
+every expert is ready in a tier of quantized slabs laid out as this layer's, the layer
+is one `moe_ffn` call over the tier's slots. A dense fast tier (CUDA) is a compute path of its own (fp16
 products); with on_miss "wait" every expert takes it, so its results are independent
 of budgets and policy too; with "cpu" misses they mix both paths.
 """
@@ -35,7 +35,7 @@ class StoreExperts:
     def __init__(self, store: ExpertStore, file_experts: ExpertCompute):
         self.store = store
         self.file_experts = file_experts
-        self.qtypes = store.layout.qtypes
+        self.layouts = store.slabs.layouts  # each layer's slab layout (mixes vary ffn_down's type by layer)
 
     def __call__(self, layer: int, x: np.ndarray, ids: np.ndarray, weights: np.ndarray) -> np.ndarray:
         """The routed experts' weighted sum: x [T, n_embd], ids and weights [T, k] -> [T, n_embd]."""
@@ -47,7 +47,7 @@ class StoreExperts:
             return self.file_experts(layer, x, ids, weights)
         claims = store.claim_layer(layer, needed)
         tier = store.compute_tier
-        if not claims.waiting and not claims.on_cpu and not tier.dense:
+        if not claims.waiting and not claims.on_cpu and not tier.dense and self.layouts[layer] == tier.layout:
             return self._all_ready(tier, claims, x, ids, weights)
         outputs = self._one_by_one(layer, tier, claims, x, {e: groups.tokens(g) for g, e in enumerate(needed)})
         out = np.zeros_like(x)
@@ -61,7 +61,7 @@ class StoreExperts:
         for e, entry in claims.ready:
             slots[e] = entry.slot
         try:
-            return kernels.moe_ffn(*tier.parts, self.qtypes, x, ids, weights, slabs=slots)
+            return kernels.moe_ffn(*tier.parts, tier.layout.qtypes, x, ids, weights, slabs=slots)
         finally:
             for _, entry in claims.ready:
                 self.store.release(tier, entry)
@@ -89,10 +89,11 @@ class StoreExperts:
 
     def _compute_in(self, tier: Tier, entry: Entry, x: np.ndarray) -> np.ndarray:
         """Compute from an entry pinned for us, then release it."""
+        layout = self.layouts[entry.key[0]]
         try:
             if tier is self.store.fast:
-                return tier.compute(entry.slot, x)
-            return kernels.expert_ffn(*tier.views(entry.slot), self.qtypes, x)
+                return tier.compute(entry.slot, x, layout)
+            return kernels.expert_ffn(*tier.views(entry.slot, layout), layout.qtypes, x)
         finally:
             self.store.release(tier, entry)
 
@@ -100,7 +101,7 @@ class StoreExperts:
         """A fast-tier miss computed by the kernels from the quantized slab: pool (read if absent) or file."""
         pool = self.store.pool
         if pool is None:
-            return kernels.expert_ffn(*self.store.slabs.views(layer, expert), self.qtypes, x)
+            return kernels.expert_ffn(*self.store.slabs.views(layer, expert), self.layouts[layer].qtypes, x)
         handle = self.store.claim_in_pool(layer, expert)
         try:
             entry = self.store.wait(handle, layer)

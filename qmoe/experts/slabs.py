@@ -2,8 +2,10 @@
 
 A slab is one expert of one MoE layer: its rows of ffn_gate_exps, ffn_up_exps and
 ffn_down_exps. Each of the three is contiguous in the GGUF file (stacked tensors
-are [E, rows, row] with the expert outermost), so a slab is three byte ranges,
-and every slab of a model has the same size. The store never looks inside a slab
+are [E, rows, row] with the expert outermost), so a slab is three byte ranges.
+Every slab of a layer has the same layout; layers may differ in their parts' types
+(llama.cpp's _M mixes give some layers' ffn_down_exps more bits), so a tier's slot
+is sized for the widest layer's slab (`ExpertSlabs.layout`). The store never looks inside a slab
 except through the kernels (which take its raw bytes as they are in the file)
 and the fast tier (which dequantizes it).
 
@@ -39,7 +41,7 @@ PARTS = ("gate", "up", "down")
 
 @dataclass(frozen=True)
 class SlabLayout:
-    """The shape of every slab of a model: types and sizes of its gate, up and down parts."""
+    """The shape of a layer's slabs: types and sizes of its gate, up and down parts."""
 
     qtypes: tuple[GGMLQuantizationType, GGMLQuantizationType, GGMLQuantizationType]
     n_embd: int
@@ -89,14 +91,25 @@ class ExpertSlabs:
         self.layers = sorted(tensors)
         first = self.layers[0]
         self.n_expert = tensors[first][0].shape[0]
-        self.layout = self._layout(first)
-        for layer in self.layers[1:]:
-            layout = self._layout(layer)
-            if layout != self.layout or tensors[layer][0].shape[0] != self.n_expert:
+        # Each layer's own layout: llama.cpp's mixes give some layers' ffn_down_exps more bits
+        # (Q4_K_M: Q6_K on some layers, Q4_K on others).
+        self.layouts = {layer: self._layout(layer) for layer in self.layers}
+        for layer, layout in self.layouts.items():
+            if (layout.n_embd, layout.n_ff) != (self.layouts[first].n_embd, self.layouts[first].n_ff) or (
+                tensors[layer][0].shape[0] != self.n_expert
+            ):
                 raise QmoeError(
-                    f"{self.path}: the experts of block {layer} ({layout}) are not laid out like those of "
-                    f"block {first} ({self.layout}); the expert store needs one slab layout for every MoE layer"
+                    f"{self.path}: the experts of block {layer} ({layout}, {tensors[layer][0].shape[0]} "
+                    f"experts) do not have the shapes of block {first}'s ({self.layouts[first]}); the expert "
+                    "store needs experts of one shape in every MoE layer"
                 )
+        # A tier's slot holds any layer's slab: per part, the widest layer's type. A narrower
+        # slab fills the front of each part (`slot_views`).
+        widest = [max((lay for lay in self.layouts.values()), key=lambda lay: lay.row_bytes[i]) for i in range(3)]
+        self.layout = SlabLayout(
+            tuple(w.qtypes[i] for i, w in enumerate(widest)), widest[0].n_embd, widest[0].n_ff,
+            tuple(w.row_bytes[i] for i, w in enumerate(widest)),
+        )  # fmt: skip
 
     def _layout(self, layer: int) -> SlabLayout:
         gate, up, down = self.tensors[layer]
@@ -117,21 +130,35 @@ class ExpertSlabs:
     @property
     def total_bytes(self) -> int:
         """Quantized bytes of all routed experts."""
-        return self.n_slabs * self.layout.nbytes
+        return self.n_expert * sum(layout.nbytes for layout in self.layouts.values())
+
+    @property
+    def uniform(self) -> bool:
+        """Every MoE layer's slabs are laid out alike (then a tier's slots are one stacked tensor per part)."""
+        return all(layout == self.layout for layout in self.layouts.values())
 
     def views(self, layer: int, expert: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The slab's three parts in the memory-mapped file, as raw bytes [rows, row_bytes]."""
         return tuple(
             t.data[expert].view(np.uint8).reshape(shape)
-            for t, shape in zip(self.tensors[layer], self.layout.raw_shapes)
+            for t, shape in zip(self.tensors[layer], self.layouts[layer].raw_shapes)
         )
 
     def ranges(self, layer: int, expert: int) -> tuple[tuple[int, int], ...]:
         """(absolute file offset, bytes) of the slab's gate, up and down parts."""
         return tuple(
             (t.offset + expert * nbytes, nbytes)
-            for t, nbytes in zip(self.tensors[layer], self.layout.part_bytes)
+            for t, nbytes in zip(self.tensors[layer], self.layouts[layer].part_bytes)
         )
+
+
+def slot_views(parts: list[np.ndarray], slot: int, layout: SlabLayout) -> tuple[np.ndarray, ...]:
+    """A slab of `layout` in `slot` of a tier's host parts [n_slots, rows, slot row bytes]: each part's
+    front bytes as [rows, row_bytes] (all of it when the slab is as wide as the slot), contiguous."""
+    return tuple(
+        part[slot].reshape(-1)[: rows * row_bytes].reshape(rows, row_bytes)
+        for part, (rows, row_bytes) in zip(parts, layout.raw_shapes)
+    )
 
 
 class SlabReader:

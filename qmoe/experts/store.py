@@ -71,7 +71,7 @@ class ExpertStore:
 
     def __init__(self, slabs: ExpertSlabs, options: OffloadOptions, device: torch.device):
         self.slabs = slabs
-        self.layout = slabs.layout
+        self.layout = slabs.layout  # a slot's: every layer's slab fits one (slabs.py)
         self.on_miss = options.on_miss
         self.link = options.link
         self.pool = self._make_pool(options)

@@ -38,7 +38,7 @@ from gguf import GGMLQuantizationType
 
 from qmoe import kernels
 from qmoe.experts.cache import SlotCache
-from qmoe.experts.slabs import SlabLayout
+from qmoe.experts.slabs import SlabLayout, slot_views
 from qmoe.kernels import dequantize_torch
 
 QT = GGMLQuantizationType
@@ -75,9 +75,9 @@ class RamPool:
     def nbytes(self) -> int:
         return sum(p.nbytes for p in self.parts)
 
-    def views(self, slot: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The slab in `slot`: raw gate, up [n_ff, row_bytes] and down [n_embd, row_bytes]."""
-        return tuple(p[slot] for p in self.parts)
+    def views(self, slot: int, layout: SlabLayout) -> tuple[np.ndarray, ...]:
+        """The slab of `layout` (its layer's) in `slot`: raw gate, up [n_ff, row_bytes], down [n_embd, row_bytes]."""
+        return slot_views(self.parts, slot, layout)
 
     def describe(self) -> str:
         return f"RAM pool of quantized slabs, {self.cache.n_slots} slots"
@@ -153,27 +153,27 @@ class FastTier:
             f"{self.cache.n_slots} slots"
         )
 
-    def upload(self, slot: int, raw: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
-        """Fill `slot` with the slab whose raw parts are `raw` (runs in the transfer thread)."""
+    def upload(self, slot: int, raw: tuple[np.ndarray, np.ndarray, np.ndarray], layout: SlabLayout) -> None:
+        """Fill `slot` with the slab (of `layout`) whose raw parts are `raw` (runs in the transfer thread)."""
         if not self.dense:
-            for part, src in zip(self.parts, raw):
-                part[slot] = src
+            for dst, src in zip(slot_views(self.parts, slot, layout), raw):
+                dst[...] = src
             return
         if self.device.type != "cuda":
-            for part, src, qtype, (_, n) in zip(self.parts, raw, self.layout.qtypes, self.layout.dense_shapes):
+            for part, src, qtype, (_, n) in zip(self.parts, raw, layout.qtypes, layout.dense_shapes):
                 part[slot].copy_(dequantize_torch(torch.from_numpy(src), qtype, n))
             return
         staging = self.staging.numpy()
-        offsets = np.cumsum((0, *self.layout.part_bytes))
+        offsets = np.cumsum((0, *layout.part_bytes))
         for src, start, stop in zip(raw, offsets, offsets[1:]):
             staging[start:stop] = src.reshape(-1)
         with torch.cuda.stream(self.stream):
             self.raw.copy_(self.staging, non_blocking=True)
             for part, qtype, (rows, row_bytes), (_, n), start, stop in zip(
                 self.parts,
-                self.layout.qtypes,
-                self.layout.raw_shapes,
-                self.layout.dense_shapes,
+                layout.qtypes,
+                layout.raw_shapes,
+                layout.dense_shapes,
                 offsets,
                 offsets[1:],
             ):
@@ -181,10 +181,10 @@ class FastTier:
             self.uploaded.record(self.stream)
         self.uploaded.synchronize()  # the staging buffer is free again, and the slot is complete
 
-    def compute(self, slot: int, x: np.ndarray) -> np.ndarray:
-        """The expert in `slot` on token rows x [T, n_embd] float32 -> float32 [T, n_embd] on the host."""
+    def compute(self, slot: int, x: np.ndarray, layout: SlabLayout) -> np.ndarray:
+        """The expert (of `layout`) in `slot` on token rows x [T, n_embd] float32 -> float32 [T, n_embd] on the host."""
         if not self.dense:
-            return kernels.expert_ffn(*(p[slot] for p in self.parts), self.layout.qtypes, x)
+            return kernels.expert_ffn(*slot_views(self.parts, slot, layout), layout.qtypes, x)
         xs = torch.from_numpy(x).to(self.device, self.dtype)
         y = dense_expert_ffn(self.parts[0][slot], self.parts[1][slot], self.parts[2][slot], xs)
         return y.float().cpu().numpy()

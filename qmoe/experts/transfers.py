@@ -201,32 +201,34 @@ class Transfers:
         """The transfer itself, outside the lock: file -> pool and/or pool or file -> fast tier."""
         store = self.store
         layer, expert = t.job.key
+        layout = store.slabs.layouts[layer]
         start = time.perf_counter()
         link_start = start
         if t.read_into is not None:
-            store.reader.read(store.slabs.ranges(layer, expert), store.pool.views(t.read_into.slot))
+            store.reader.read(store.slabs.ranges(layer, expert), store.pool.views(t.read_into.slot, layout))
             link_start = time.perf_counter() if t.job.tier is store.fast else start
         if t.job.tier is store.fast:
             raw = (
-                store.pool.views(t.upload_from.slot)
+                store.pool.views(t.upload_from.slot, layout)
                 if t.upload_from is not None
                 else store.slabs.views(layer, expert)
             )
-            store.fast.upload(t.target.slot, raw)
-        slept = store.link.finish(link_start, store.layout.nbytes) if store.link is not None else 0.0
+            store.fast.upload(t.target.slot, raw, layout)
+        slept = store.link.finish(link_start, layout.nbytes) if store.link is not None else 0.0
         t.elapsed, t.slept = time.perf_counter() - start, slept
 
     def _complete(self, t: _Transfer) -> None:
         store, s = self.store, self.store.stats
+        nbytes = store.slabs.layouts[t.job.key[0]].nbytes
         if t.read_into is not None:
             store.pool.cache.loaded(t.read_into)
-            s.bytes_into["ram"] += store.layout.nbytes
+            s.bytes_into["ram"] += nbytes
         if t.upload_from is not None:
             t.upload_from.pins -= 1
             store.pool.cache.touch(t.upload_from)
         if t.job.tier is store.fast:
             store.fast.cache.loaded(t.target)
-            s.bytes_into["fast"] += store.layout.nbytes
+            s.bytes_into["fast"] += nbytes
         t.target.pins += t.job.pins - t.job.pinned  # claims withdrawn (or added) during the transfer
         t.job.delivered = t.target
         s.transfers += 1
