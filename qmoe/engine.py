@@ -312,6 +312,16 @@ class Model:
                 self.net.forward(chunk, cache, observer, all_logits=False)
         return torch.cat(outs) if all_logits else outs[-1]
 
+    @torch.inference_mode()
+    def eval_step(self, tokens: list[int], caches: list[KVCache]) -> torch.Tensor:
+        """One decode step of several sequences together (a server's slots): tokens[b] after what
+        caches[b] holds; logits [B, n_vocab]. See Transformer.forward_step: row b is what
+        `eval([tokens[b]], caches[b])` gives, up to rounding, and shared experts are read once."""
+        for cache in caches:
+            self._check_fits(cache.n_past + 1)
+        torch.set_num_threads(1)  # one token per sequence: microsecond ops, as in a decode step (eval)
+        return self.net.forward_step(np.asarray(tokens, dtype=np.int64), caches, self.prefetcher)
+
     def logits(self, ids: list[int]) -> np.ndarray:
         """Logits at every position of `ids` in a fresh context: float32 [len(ids), n_vocab]."""
         if len(ids) == 0:
