@@ -103,7 +103,7 @@ class Routes:
     # -- routes
 
     async def health(self, request: Request) -> Response:
-        if self.scheduler.drain_deadline is not None:
+        if self.scheduler.draining:
             return JSONResponse({"status": "shutting down"}, status_code=503)
         return JSONResponse({"status": "ok"})
 
@@ -256,13 +256,17 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
+def exposure_warning(host: str, api_key: str | None) -> str | None:
+    """The warning for a server that other machines can reach and that asks for no key."""
+    if api_key is not None or host == "localhost":
+        return None
     try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+        if ipaddress.ip_address(host).is_loopback:
+            return None
+    except ValueError:  # a host name: it may resolve anywhere
+        pass
+    return (f"qmoe: warning: serving on {host}, reachable from other machines, without --api-key: "
+            "anyone who can reach it can use it")
 
 
 class Server(uvicorn.Server):
@@ -319,9 +323,9 @@ class Server(uvicorn.Server):
 
 def serve(model: Model, defaults: Defaults, options: ServeOptions) -> None:
     """Run the server in this (the main) thread until SIGTERM or Ctrl-C."""
-    if not _is_loopback(options.host) and options.api_key is None:
-        print(f"qmoe: warning: serving on {options.host}, reachable from other machines, without --api-key: "
-              "anyone who can reach it can use it", file=sys.stderr)
+    warning = exposure_warning(options.host, options.api_key)
+    if warning:
+        print(warning, file=sys.stderr)
     server = Server(model, defaults, options)
     print(f"qmoe: serving {server.routes.model_id} at http://{options.host}:{options.port}/v1 "
           f"({options.parallel} slot{'s' if options.parallel > 1 else ''}, queue {options.queue})",

@@ -177,6 +177,10 @@ class Scheduler:
                 self.drain_deadline = time.perf_counter() + grace_s
             self.cond.notify()
 
+    @property
+    def draining(self) -> bool:
+        return self.drain_deadline is not None
+
     def stop(self) -> None:
         """End every request and the model thread (after drain, or at once)."""
         with self.cond:
