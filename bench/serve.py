@@ -277,6 +277,7 @@ def main() -> None:
         f"A3B shapes, {args.layers} layers": (bench, 16, 12, 200),
     }
     results = {}
+    load_before = os.getloadavg()[0]
     for name, (path, max_tokens, words, cache_words) in models.items():
         runs = {"load": {}, "path": str(path), "max_tokens": max_tokens}
         print(f"{name}: batched decode steps", flush=True)
@@ -295,7 +296,8 @@ def main() -> None:
     import platform
 
     out = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                       "isa": "AVX2, no AVX-512", "threads": args.threads}, "models": results}
+                       "isa": "AVX2, no AVX-512", "threads": args.threads,
+                       "load_average_1min": [load_before, os.getloadavg()[0]]}, "models": results}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
     plot(results, Path(args.png))

@@ -24,31 +24,37 @@ class _Text:
             self.lines.append(f"qmoe_{name}{labels} {float(v):.9g}")
 
 
+# (metric, type, help, Scheduler.snapshot() key); a dict value becomes one sample per label
+SCHEDULER = [
+    ("requests_total", "counter", "Requests finished, by how they ended.", "requests"),
+    ("requests_rejected_total", "counter", "Requests answered 503 (queue full or shutting down).", "rejected"),
+    ("requests_queued", "gauge", "Requests waiting for a slot.", "queued"),
+    ("slots", "gauge", "Slots (sequences generated at once, --parallel).", "slots"),
+    ("slots_busy", "gauge", "Slots serving a request.", "slots_busy"),
+    ("prompt_tokens_total", "counter", "Prompt tokens prefilled (cached ones excluded).", "prompt_tokens"),
+    ("prompt_cached_tokens_total", "counter", "Prompt tokens reused from a slot's KV cache.", "cached_tokens"),
+    ("prompt_seconds_total", "counter", "Time spent prefilling.", "prompt_s"),
+    ("generated_tokens_total", "counter", "Tokens generated.", "generated_tokens"),
+    ("decode_steps_total", "counter", "Decode steps (each runs every generating slot's next token).",
+     "decode_steps"),
+    ("decode_seconds_total", "counter", "Time spent in decode steps.", "decode_s"),
+    ("expert_uses_total", "counter", "Routed (token, expert) pairs in decode steps, all MoE layers.",
+     "expert_uses"),
+    ("expert_reads_total", "counter", "Distinct experts per MoE layer and decode step: the expert weights "
+     "read; below expert_uses_total when batched tokens share experts.", "expert_reads"),
+]
+LABELS = {"requests_total": "finish"}
+
+
 def render(scheduler: dict, store: dict | None) -> str:
     """`scheduler`: Scheduler.snapshot(); `store`: the expert store's summary (stats.report), if any."""
     m, s = _Text(), scheduler
-    m.add("requests_total", "counter", "Requests finished, by how they ended.", s["requests"], "finish")
-    m.add("requests_rejected_total", "counter", "Requests answered 503 (queue full or shutting down).",
-          s["rejected"])
-    m.add("requests_queued", "gauge", "Requests waiting for a slot.", s["queued"])
-    m.add("slots", "gauge", "Slots (sequences generated at once, --parallel).", s["slots"])
-    m.add("slots_busy", "gauge", "Slots serving a request.", s["slots_busy"])
-    m.add("prompt_tokens_total", "counter", "Prompt tokens prefilled (cached ones excluded).", s["prompt_tokens"])
-    m.add("prompt_cached_tokens_total", "counter", "Prompt tokens reused from a slot's KV cache.",
-          s["cached_tokens"])
-    m.add("prompt_seconds_total", "counter", "Time spent prefilling.", s["prompt_s"])
+    for name, kind, help, key in SCHEDULER:
+        m.add(name, kind, help, s[key], LABELS.get(name, ""))
     m.add("prompt_tokens_per_second", "gauge", "Prefill speed while prefilling.",
           _ratio(s["prompt_tokens"], s["prompt_s"]))
-    m.add("generated_tokens_total", "counter", "Tokens generated.", s["generated_tokens"])
-    m.add("decode_steps_total", "counter", "Decode steps (each runs every generating slot's next token).",
-          s["decode_steps"])
-    m.add("decode_seconds_total", "counter", "Time spent in decode steps.", s["decode_s"])
     m.add("decode_tokens_per_second", "gauge", "Tokens generated per second of decoding, all slots together.",
           _ratio(s["generated_tokens"], s["decode_s"]))
-    m.add("expert_uses_total", "counter", "Routed (token, expert) pairs in decode steps, all MoE layers.",
-          s["expert_uses"])
-    m.add("expert_reads_total", "counter", "Distinct experts per MoE layer and decode step: the expert weights "
-          "read; below expert_uses_total when batched tokens share experts.", s["expert_reads"])
     if store is not None:
         total = store["total"]
         m.add("expert_store_lookups_total", "counter", "Routed experts looked up in the store, by outcome.",

@@ -281,7 +281,8 @@ class Scheduler:
         token = slot.sampler(logits.float().cpu().numpy(), slot.context)
         slot.next_token = None
         if token in self.model.tokenizer.eos_ids:
-            return self._finish(slot, "stop")
+            self._finish(slot, "stop")
+            return
         slot.generated += 1
         self.counters.generated_tokens += 1
         slot.context.append(token)
@@ -289,10 +290,11 @@ class Scheduler:
         if text:
             job.emit(Piece(text))
         if slot.text.stopped:
-            return self._finish(slot, "stop")
-        if slot.generated >= job.max_tokens:
-            return self._finish(slot, "length")
-        slot.next_token = token
+            self._finish(slot, "stop")
+        elif slot.generated >= job.max_tokens:
+            self._finish(slot, "length")
+        else:
+            slot.next_token = token
 
     def _finish(self, slot: Slot, reason: str) -> None:
         rest = slot.text.finish()
