@@ -47,9 +47,10 @@ PARALLEL = (1, 4)
 WORDS = "def class return import lambda yield while print self value index count result".split()
 
 
-def prompts(n: int, words: int) -> list[str]:
-    """n different prompts of about `words` words each."""
-    return [" ".join(WORDS[(i * 7 + j * (i + 3)) % len(WORDS)] for j in range(words)) for i in range(n)]
+def prompts(n: int, words: int, tag: str = "") -> list[str]:
+    """n different prompts of about `words` words each, starting with `tag` (a round's own, so that
+    no slot holds a prompt of an earlier round: each round measures its prefills whole)."""
+    return [tag + " ".join(WORDS[(i * 7 + j * (i + 3)) % len(WORDS)] for j in range(words)) for i in range(n)]
 
 
 def weight_bytes(path: Path) -> tuple[int, int, int, int, int]:
@@ -149,11 +150,11 @@ def pct(values: list[float], q: float) -> float:
 def load_rounds(server: ServerProcess, path: Path, clients: tuple[int, ...], max_tokens: int,
                 prompt_words: int) -> list[dict]:
     dense, embed_row, slab, k, n_moe = weight_bytes(path)
-    requests(server, prompts(2, prompt_words), 4)  # warm-up: first calls, page cache
+    requests(server, prompts(2, prompt_words, "warm-up: "), 4)  # first calls, page cache
     rows = []
     for c in clients:
         before = server.metrics()
-        results, wall = requests(server, prompts(c, prompt_words), max_tokens)
+        results, wall = requests(server, prompts(c, prompt_words, f"{c} clients: "), max_tokens)
         after = server.metrics()
         delta = {k: after[k] - before.get(k, 0.0) for k in ("qmoe_decode_steps_total", "qmoe_expert_uses_total",
                                                             "qmoe_expert_reads_total")}
@@ -179,7 +180,7 @@ def load_rounds(server: ServerProcess, path: Path, clients: tuple[int, ...], max
     return rows
 
 
-def prompt_cache(server: ServerProcess, words: int, reply_tokens: int, repeats: int = 3) -> dict:
+def prompt_cache(server: ServerProcess, words: int, reply_tokens: int, repeats: int = 2) -> dict:
     """TTFT (median of `repeats`) of a first turn, of its second turn while the slot holds the
     first (and its reply), and of the same second turn cold (another prompt took the slot)."""
     first, second, cold = [], [], []
@@ -274,7 +275,7 @@ def main() -> None:
         make_bench_gguf(bench, args.layers)
     models = {  # name -> (path, tokens per request, prompt words, turn-1 words for the prompt cache)
         "tiny-qwen3moe": (ROOT / "models/tiny-qwen3moe.gguf", 32, 12, 300),
-        f"A3B shapes, {args.layers} layers": (bench, 16, 12, 200),
+        f"A3B shapes, {args.layers} layers": (bench, 8, 12, 100),
     }
     results = {}
     load_before = os.getloadavg()[0]
