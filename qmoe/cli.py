@@ -312,7 +312,7 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_offload_arguments(parser: argparse.ArgumentParser) -> None:
-    """The expert store's budgets, prefetch policy and statistics (read by offload_options)."""
+    """The expert store's budgets, prefetch policy and statistics (read by _offload_options)."""
     off = parser.add_argument_group(
         "expert offloading", "Keep the routed experts within memory budgets and prefetch them ahead of use. "
         "SIZE is bytes with an optional K/M/G/T suffix (binary: 6G = 6 GiB) or a share of all experts "
