@@ -1,4 +1,4 @@
-"""The `qmoe` command: run, info, calibrate, train-predictors, eval-predictors.
+"""The `qmoe` command: run, serve, info, calibrate, train-predictors, eval-predictors.
 
 Each command is a `cmd_*` function over its parsed arguments (build_parser). Errors a
 user can cause print as one line `error: ...` (exit 1), never a traceback, and every
@@ -14,6 +14,7 @@ import resource
 import sys
 from collections import Counter
 
+from qmoe.chat import render_chat
 from qmoe.errors import QmoeError
 from qmoe.experts.options import MISS_POLICIES, POLICIES, PREDICT_IN, OffloadOptions
 
@@ -33,22 +34,6 @@ def _peak_rss_mib() -> float:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 1024)
-
-
-def render_chat(model, messages: list[dict]) -> str:
-    """The model's chat template applied to `messages`, ending with the assistant's turn."""
-    template = model.tokenizer.chat_template
-    if not template:
-        raise QmoeError(f"{model.path}: the model has no chat template (tokenizer.chat_template); run without --chat")
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    tok = model.tokenizer
-    return env.from_string(template).render(
-        messages=messages, add_generation_prompt=True,
-        bos_token=tok.decode([tok.bos_id]) if tok.bos_id is not None else "",
-        eos_token=tok.decode([tok.eos_id]) if tok.eos_id is not None else "",
-    )
 
 
 def _stream_text(model, ids: list[int], args, sampling) -> str:
@@ -163,6 +148,35 @@ def cmd_run(args: argparse.Namespace) -> int:
     _report_offload(model, args)
     model.close()
     return status
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from qmoe.engine import SamplingParams, load
+
+    try:
+        from qmoe.serve.app import ServeOptions, serve
+        from qmoe.serve.protocol import Defaults
+    except ImportError as e:
+        raise QmoeError(f"qmoe serve needs the serve extra (missing: {e.name}): pip install -e \".[serve]\"") from None
+    offload = _offload_options(args)
+    if offload is not None and offload.prefetch == "oracle":
+        raise QmoeError("--prefetch oracle replays a recorded run, which a server cannot have")
+    if args.parallel < 1:
+        raise QmoeError(f"--parallel must be >= 1, got {args.parallel}")
+    if args.queue < 0:
+        raise QmoeError(f"--queue must be >= 0, got {args.queue}")
+    if args.n_predict < 1:
+        raise QmoeError(f"-n must be >= 1 (the default max_tokens), got {args.n_predict}")
+    sampling = SamplingParams(args.temp, args.top_k, args.top_p, args.seed, args.repeat_penalty, args.repeat_last_n)
+    options = ServeOptions(host=args.host, port=args.port, parallel=args.parallel, queue=args.queue,
+                           api_key=args.api_key, shutdown_grace=args.shutdown_grace)
+    model = load(args.model, device=args.device, n_ctx=args.ctx, threads=args.threads, offload=offload)
+    try:
+        serve(model, Defaults(args.n_predict, sampling), options)
+    finally:
+        _report_offload(model, args)
+        model.close()
+    return 0
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -283,28 +297,30 @@ def cmd_eval_predictors(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="qmoe", description="Quantized runtime for Mixture-of-Experts LLMs.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model and where it runs: what `run` and `serve` share."""
+    parser.add_argument("model", help="path to the .gguf model")
+    parser.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    parser.add_argument("--ctx", type=int, default=None, help="context size in tokens (default min(4096, trained))")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (attention and dense layers; default cpu)")
 
-    run = sub.add_parser("run", help="generate text from a GGUF model",
-                         description="Generate text from a GGUF MoE model, streaming tokens as they come.")
-    run.add_argument("model", help="path to the .gguf model")
-    run.add_argument("-p", "--prompt", help="prompt text (with --chat: the first user message)")
-    run.add_argument("-n", "--n-predict", type=int, default=128, help="tokens to generate (default 128)")
-    run.add_argument("--temp", type=float, default=0.0, help="sampling temperature; 0 = greedy (default 0)")
-    run.add_argument("--top-k", type=int, default=40, help="keep the K most likely tokens; 0 = all (default 40)")
-    run.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling threshold (default 0.95)")
-    run.add_argument("--repeat-penalty", type=float, default=1.0,
-                     help="divide the (positive) logits of recently seen tokens by this; 1 = off (default 1)")
-    run.add_argument("--repeat-last-n", type=int, default=64,
-                     help="how many recent tokens, prompt included, the repeat penalty looks at (default 64)")
-    run.add_argument("--seed", type=int, default=None, help="random seed for sampling")
-    run.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores)")
-    run.add_argument("--ctx", type=int, default=None, help="context size in tokens (default min(4096, trained))")
-    run.add_argument("--device", default="cpu", help="cpu or cuda (attention and dense layers; default cpu)")
-    run.add_argument("--chat", action="store_true", help="chat with the model's chat template (reads stdin)")
-    off = run.add_argument_group(
+
+def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
+    """How tokens are drawn (for `serve`: the defaults of requests that do not say)."""
+    parser.add_argument("-n", "--n-predict", type=int, default=128, help="tokens to generate (default 128)")
+    parser.add_argument("--temp", type=float, default=0.0, help="sampling temperature; 0 = greedy (default 0)")
+    parser.add_argument("--top-k", type=int, default=40, help="keep the K most likely tokens; 0 = all (default 40)")
+    parser.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling threshold (default 0.95)")
+    parser.add_argument("--repeat-penalty", type=float, default=1.0,
+                        help="divide the (positive) logits of recently seen tokens by this; 1 = off (default 1)")
+    parser.add_argument("--repeat-last-n", type=int, default=64,
+                        help="how many recent tokens, prompt included, the repeat penalty looks at (default 64)")
+    parser.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+
+
+def add_offload_arguments(parser: argparse.ArgumentParser) -> None:
+    """The expert store's budgets, prefetch policy and statistics (read by _offload_options)."""
+    off = parser.add_argument_group(
         "expert offloading", "Keep the routed experts within memory budgets and prefetch them ahead of use. "
         "SIZE is bytes with an optional K/M/G/T suffix (binary: 6G = 6 GiB) or a share of all experts "
         "in that tier's form, e.g. 40%.")
@@ -342,7 +358,41 @@ def build_parser() -> argparse.ArgumentParser:
                      help="read experts with O_DIRECT so the page cache holds no second copy")
     off.add_argument("--stats", action="store_true", help="print expert store statistics to stderr")
     off.add_argument("--stats-json", default=None, metavar="FILE", help="write expert store statistics as JSON")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qmoe", description="Quantized runtime for Mixture-of-Experts LLMs.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="generate text from a GGUF model",
+                         description="Generate text from a GGUF MoE model, streaming tokens as they come.")
+    run.add_argument("-p", "--prompt", help="prompt text (with --chat: the first user message)")
+    add_model_arguments(run)
+    add_sampling_arguments(run)
+    run.add_argument("--chat", action="store_true", help="chat with the model's chat template (reads stdin)")
+    add_offload_arguments(run)
     run.set_defaults(func=cmd_run)
+
+    serve = sub.add_parser(
+        "serve", help="an OpenAI-compatible HTTP server (needs the serve extra)",
+        description="Serve the model over the OpenAI API (/v1/chat/completions, /v1/completions, /v1/models), "
+        "with /health and /metrics. The sampling flags are the defaults of requests that leave them out; "
+        "-n is the default max_tokens.")
+    add_model_arguments(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, this machine only)")
+    serve.add_argument("--port", type=int, default=8080, help="port (default 8080)")
+    serve.add_argument("--parallel", type=int, default=1, metavar="N",
+                       help="requests generated at once, each in its own KV cache slot; their decode steps run "
+                            "together (default 1)")
+    serve.add_argument("--queue", type=int, default=64, metavar="N",
+                       help="requests that may wait for a slot; past them the server answers 503 (default 64)")
+    serve.add_argument("--api-key", default=None, metavar="KEY",
+                       help="require 'Authorization: Bearer KEY' on /v1 and /metrics")
+    serve.add_argument("--shutdown-grace", type=float, default=10.0, metavar="S",
+                       help="on SIGTERM, seconds in-flight requests get to finish before they are ended (default 10)")
+    add_sampling_arguments(serve)
+    add_offload_arguments(serve)
+    serve.set_defaults(func=cmd_serve)
 
     info = sub.add_parser("info", help="describe a GGUF model", description="Print a GGUF model's architecture, "
                           "sizes, bytes per tensor type, and whether predictors are present.")

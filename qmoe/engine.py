@@ -201,8 +201,7 @@ class Model:
              all_logits: bool = False) -> torch.Tensor:
         """Feed `ids` after what `cache` holds, in batches; logits of the last (or every) token."""
         self._check_fits(cache.n_past + len(ids))
-        if self.prefetcher is not None and not self.recording:
-            observer = self.prefetcher if observer is None else _Observers(self.prefetcher, observer)
+        observer = self._with_prefetcher(observer)
         outs = []
         for start in range(0, len(ids), self.n_batch):
             chunk = np.asarray(ids[start:start + self.n_batch], dtype=np.int64)
@@ -218,6 +217,23 @@ class Model:
             else:
                 self.net.forward(chunk, cache, observer, all_logits=False)
         return torch.cat(outs) if all_logits else outs[-1]
+
+    @torch.inference_mode()
+    def eval_step(self, tokens: list[int], caches: list[KVCache], observer: Observer | None = None
+                  ) -> torch.Tensor:
+        """One decode step of several sequences together (a server's slots): tokens[b] after what
+        caches[b] holds; logits [B, n_vocab]. See Transformer.forward_step: row b is what
+        `eval([tokens[b]], caches[b])` gives, up to rounding, and shared experts are read once."""
+        for cache in caches:
+            self._check_fits(cache.n_past + 1)
+        torch.set_num_threads(1)  # one token per sequence: microsecond ops, as in a decode step (eval)
+        return self.net.forward_step(np.asarray(tokens, dtype=np.int64), caches, self._with_prefetcher(observer))
+
+    def _with_prefetcher(self, observer: Observer | None) -> Observer | None:
+        """`observer` and the prefetcher (if any), both watching the same forward pass."""
+        if self.prefetcher is None or self.recording:
+            return observer
+        return self.prefetcher if observer is None else _Observers(self.prefetcher, observer)
 
     def logits(self, ids: list[int]) -> np.ndarray:
         """Logits at every position of `ids` in a fresh context: float32 [len(ids), n_vocab]."""

@@ -50,9 +50,16 @@ class Offload:
         if self.prefetcher is not None:
             self.prefetcher.drain()
         self.store.drain()
-        scores = self.prefetcher.scorer.stats if self.prefetcher is not None else None
+        return self.snapshot()
+
+    def snapshot(self) -> dict:
+        """The statistics as they stand, without waiting for anything (a live server's /metrics)."""
+        scores = self.prefetcher.scorer if self.prefetcher is not None else None
         with self.store.lock:
-            return report(self.store.stats, scores, self.store.describe())
+            if scores is None:
+                return report(self.store.stats, None, self.store.describe())
+            with scores.lock:
+                return report(self.store.stats, scores.stats, self.store.describe())
 
     def reset(self) -> None:
         """Empty the tiers and zero the statistics (a cold start)."""

@@ -296,7 +296,39 @@ class KVCache:
         return self.layers[layer]
 
 
-class Attention:
+class CachedAttention:
+    """Attention over a KV cache, in three parts: project, attend, output projection.
+
+    A pass of one sequence runs them in a row. A batched decode step
+    (Transformer.forward_step) holds one new token of each of B sequences: it
+    projects all B tokens in one product per weight, attends each token against its
+    own sequence's cache, and projects the B outputs back in one product, so the
+    attention weights are read once per step, not once per sequence.
+
+    project(x, positions) -> a tuple of tensors whose first dimension is the token;
+    attend(parts, cache) -> [T, H * d_v], writing the new tokens into `cache`;
+    wo: the output projection.
+    """
+
+    wo: Linear
+
+    def project(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        raise NotImplementedError
+
+    def attend(self, parts: tuple[torch.Tensor, ...], cache: KVCache) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __call__(self, x: torch.Tensor, cache: KVCache, positions: torch.Tensor) -> torch.Tensor:
+        return self.wo(self.attend(self.project(x, positions), cache))
+
+    def step(self, x: torch.Tensor, caches: list[KVCache], positions: torch.Tensor) -> torch.Tensor:
+        """x: [B, n_embd], token b of the sequence whose cache is caches[b], at positions[b]."""
+        parts = self.project(x, positions)
+        outs = [self.attend(tuple(p[b:b + 1] for p in parts), cache) for b, cache in enumerate(caches)]
+        return self.wo(torch.cat(outs))
+
+
+class Attention(CachedAttention):
     """Multi-head attention with grouped K/V heads, the variant most MoE models use.
 
     Options cover the architectures' differences: biases (Phi), RMS norms on
@@ -330,7 +362,7 @@ class Attention:
         self.clamp = clamp
         self.scale = 1.0 / math.sqrt(hp.head_dim)
 
-    def __call__(self, x: torch.Tensor, cache: KVCache, positions: torch.Tensor) -> torch.Tensor:
+    def project(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, ...]:
         hp, T = self.hp, x.shape[0]
         q, k, v = self.wq(x), self.wk(x), self.wv(x)
         if self.clamp:
@@ -342,18 +374,20 @@ class Attention:
         v = v.view(T, hp.n_head_kv, hp.head_dim_v)
         if self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rope(q, positions), self.rope(k, positions)
+        return self.rope(q, positions), self.rope(k, positions), v
 
+    def attend(self, parts: tuple[torch.Tensor, ...], cache: KVCache) -> torch.Tensor:
+        hp, (q, k, v) = self.hp, parts
+        T = q.shape[0]
         k_cache, v_cache = cache.buffers(self.layer, lambda: (
-            torch.zeros(hp.n_head_kv, cache.n_ctx, hp.head_dim, device=x.device),
-            torch.zeros(hp.n_head_kv, cache.n_ctx, hp.head_dim_v, device=x.device),
+            torch.zeros(hp.n_head_kv, cache.n_ctx, hp.head_dim, device=q.device),
+            torch.zeros(hp.n_head_kv, cache.n_ctx, hp.head_dim_v, device=q.device),
         ))
         n_past = cache.n_past
         k_cache[:, n_past:n_past + T] = k.transpose(0, 1)
         v_cache[:, n_past:n_past + T] = v.transpose(0, 1)
-        out = causal_attention(q.transpose(0, 1), k_cache[:, :n_past + T], v_cache[:, :n_past + T],
-                               n_past, self.scale)
-        return self.wo(out)
+        return causal_attention(q.transpose(0, 1), k_cache[:, :n_past + T], v_cache[:, :n_past + T],
+                                n_past, self.scale)
 
 
 # ----------------------------------------------------------------------------- feed-forward
@@ -455,7 +489,7 @@ class MoE:
 @dataclass
 class Block:
     attn_norm: Callable[[torch.Tensor], torch.Tensor]
-    attn: Callable[[torch.Tensor, KVCache, torch.Tensor], torch.Tensor]
+    attn: CachedAttention
     ffn_norm: Callable[[torch.Tensor], torch.Tensor]
     ffn: MoE | SwiGLU  # called alike: ffn(x, observer)
 
@@ -482,20 +516,43 @@ class Transformer:
         """Run T tokens at positions n_past.. and return logits [T or 1, n_vocab]."""
         T = len(tokens)
         positions = torch.arange(cache.n_past, cache.n_past + T, device=self.device)
+        h = self._blocks(tokens, lambda attn, x: attn(x, cache, positions), observer)
+        cache.n_past += T
+        if not all_logits:
+            h = h[-1:]
+        return self.output(self.output_norm(h))
+
+    def forward_step(self, tokens: np.ndarray, caches: list[KVCache],
+                     observer: Observer | None = None) -> torch.Tensor:
+        """One decode step of B sequences at once: token b follows what caches[b] holds.
+
+        Returns logits [B, n_vocab]. Each token attends to its own sequence's cache
+        (CachedAttention.step); every other product (attention projections, dense FFNs,
+        routers, the LM head, and the routed experts, grouped by expert across the B
+        tokens) runs over all B tokens together, so an expert that several sequences
+        route to is read once for all of them. Row b equals what `forward` gives
+        sequence b alone, up to the rounding of products over B rows instead of one.
+        """
+        positions = torch.tensor([cache.n_past for cache in caches], device=self.device)
+        h = self._blocks(tokens, lambda attn, x: attn.step(x, caches, positions), observer)
+        for cache in caches:
+            cache.n_past += 1
+        return self.output(self.output_norm(h))
+
+    def _blocks(self, tokens: np.ndarray, attend: Callable[[CachedAttention, torch.Tensor], torch.Tensor],
+                observer: Observer | None) -> torch.Tensor:
+        """The residual stream [T, n_embd] after every block; `attend(block.attn, x)` runs attention."""
         h = self.embed(np.asarray(tokens))  # [T, n_embd]
         for i, block in enumerate(self.blocks):
             x = block.attn_norm(h)
             if observer is not None and block.routed:
                 observer.pre_attention(i, x)
-            h = h + block.attn(x, cache, positions)
+            h = h + attend(block.attn, x)
             if observer is not None:
                 observer.attended(i, h)
             y = block.ffn_norm(h)
             h = h + block.ffn(y, observer)
-        cache.n_past += T
-        if not all_logits:
-            h = h[-1:]
-        return self.output(self.output_norm(h))
+        return h
 
 
 Norm = Callable[[torch.Tensor], torch.Tensor]

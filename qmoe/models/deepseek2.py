@@ -23,6 +23,7 @@ import torch
 from qmoe.errors import GGUFFormatError
 from qmoe.gguf_file import GGUFFile
 from qmoe.models.base import (
+    CachedAttention,
     HParams,
     KVCache,
     Linear,
@@ -62,7 +63,7 @@ class MLADims:
                    int(f.arch_get("attention.kv_lora_rank")), qk - hp.rope_dim, hp.rope_dim, v)
 
 
-class MLAttention:
+class MLAttention(CachedAttention):
     def __init__(self, f: GGUFFile, hp: HParams, d: MLADims, layer: int, rope: Rope, scale: float,
                  device: torch.device):
         p = f"blk.{layer}."
@@ -86,7 +87,7 @@ class MLAttention:
         self.wo = Linear(f.tensor(p + "attn_output.weight", (hp.n_embd, H * d.v)), None, device)
         self.d, self.layer, self.rope, self.scale = d, layer, rope, scale
 
-    def __call__(self, x: torch.Tensor, cache: KVCache, positions: torch.Tensor) -> torch.Tensor:
+    def project(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, ...]:
         d, T = self.d, x.shape[0]
         q = self.wq_b(self.q_a_norm(self.wq_a(x))) if d.q_lora else self.wq(x)
         q = q.view(T, d.n_head, d.nope + d.rope)
@@ -94,10 +95,14 @@ class MLAttention:
         kv = self.wkv_a(x)  # [T, kv_lora + rope]
         c = self.kv_a_norm(kv[:, : d.kv_lora])
         k_pe = self.rope(kv[:, None, d.kv_lora:], positions)[:, 0]  # [T, rope]
+        return q_nope, q_pe, c, k_pe
 
+    def attend(self, parts: tuple[torch.Tensor, ...], cache: KVCache) -> torch.Tensor:
+        d, (q_nope, q_pe, c, k_pe) = self.d, parts
+        T = c.shape[0]
         c_cache, pe_cache = cache.buffers(self.layer, lambda: (
-            torch.zeros(cache.n_ctx, d.kv_lora, device=x.device),
-            torch.zeros(cache.n_ctx, d.rope, device=x.device),
+            torch.zeros(cache.n_ctx, d.kv_lora, device=c.device),
+            torch.zeros(cache.n_ctx, d.rope, device=c.device),
         ))
         n_past = cache.n_past
         S = n_past + T
@@ -108,7 +113,7 @@ class MLAttention:
         key = torch.cat((c_cache[:S], pe_cache[:S]), dim=-1)[None]  # [1, S, kv_lora + rope]
         o_lat = causal_attention(query, key, c_cache[None, :S], n_past, self.scale)  # [T, H * kv_lora]
         o = torch.einsum("thl,hvl->thv", o_lat.view(T, d.n_head, d.kv_lora), self.v_b)  # [T, H, v]
-        return self.wo(o.reshape(T, d.n_head * d.v))
+        return o.reshape(T, d.n_head * d.v)
 
 
 def group_limited_topk(logits: torch.Tensor, k: int, n_group: int, groups_used: int, normalize: bool,
