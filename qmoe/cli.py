@@ -15,7 +15,11 @@ import sys
 from collections import Counter
 
 from qmoe.errors import QmoeError
-from qmoe.experts.options import MISS_POLICIES, POLICIES, PREDICT_IN, OffloadOptions
+from qmoe.experts.options import AUTO, MISS_POLICIES, OFF, POLICIES, PREDICT_IN, OffloadOptions
+
+RAM_BUDGET_HELP = ("RAM pool of quantized expert slabs, filled by explicit reads from the file. auto (the "
+                   "default): a pool read with O_DIRECT, sized to the memory available, only when the experts "
+                   "do not fit it (qmoe says so in one line); off: no pool, the mapped file")
 
 
 def _peak_rss_mib() -> float:
@@ -69,7 +73,8 @@ def _offload_options(args: argparse.Namespace):
     """OffloadOptions from `run`'s flags, or None when no tier is asked for (the plain runtime)."""
     from qmoe.experts.link import SimulatedLink
 
-    if args.ram_budget is None and args.gpu_budget is None and args.sim_fast_budget is None:
+    off = args.ram_budget is not None and args.ram_budget.strip().lower() == OFF
+    if (args.ram_budget is None or off) and args.gpu_budget is None and args.sim_fast_budget is None:
         given = [flag for flag, value in (
             ("--prefetch", args.prefetch != "none"), ("--on-miss", args.on_miss), ("--k-prime", args.k_prime),
             ("--lookahead", args.lookahead != OffloadOptions.lookahead),
@@ -79,12 +84,13 @@ def _offload_options(args: argparse.Namespace):
             ("--stats", args.stats), ("--stats-json", args.stats_json),
         ) if value]
         if given:
-            raise QmoeError(f"{', '.join(given)} only apply with an expert store: give --ram-budget and/or --gpu-budget")
-        return None
+            raise QmoeError(f"{', '.join(given)} only apply with an expert store: give --ram-budget (auto or a "
+                            "size) and/or --gpu-budget")
+        return None if off else OffloadOptions()  # the default: --ram-budget auto
     if args.sim_link_latency_us is not None and args.sim_link_gbps is None:
         raise QmoeError("--sim-link-latency-us needs --sim-link-gbps")
     link = SimulatedLink(args.sim_link_gbps, args.sim_link_latency_us or 0.0) if args.sim_link_gbps else None
-    return OffloadOptions(ram_budget=args.ram_budget, gpu_budget=args.gpu_budget,
+    return OffloadOptions(ram_budget=args.ram_budget or AUTO, gpu_budget=args.gpu_budget,
                           sim_fast_budget=args.sim_fast_budget, prefetch=args.prefetch,
                           on_miss=args.on_miss or "cpu", k_prime=args.k_prime, lookahead=args.lookahead,
                           predict_in=args.predict_in,
@@ -214,7 +220,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
     if not args.text and not args.self_generate:
         raise QmoeError("give calibration text with --text FILE... or --self-generate N")
-    model = load(args.model, device=args.device, threads=args.threads)
+    offload = None if args.ram_budget.strip().lower() == OFF else OffloadOptions(ram_budget=args.ram_budget)
+    model = load(args.model, device=args.device, threads=args.threads, offload=offload)
     docs = tokenize_files(model, args.text) if args.text else []
     if args.self_generate:
         docs += self_generated_text(model, args.self_generate, seed=args.seed)
@@ -308,8 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
         "expert offloading", "Keep the routed experts within memory budgets and prefetch them ahead of use. "
         "SIZE is bytes with an optional K/M/G/T suffix (binary: 6G = 6 GiB) or a share of all experts "
         "in that tier's form, e.g. 40%.")
-    off.add_argument("--ram-budget", metavar="SIZE",
-                     help="RAM pool of quantized expert slabs, filled by explicit reads from the file")
+    off.add_argument("--ram-budget", metavar="SIZE", help=RAM_BUDGET_HELP)
     off.add_argument("--gpu-budget", metavar="SIZE",
                      help="GPU memory for a compute-ready fast tier of dequantized experts (--device cuda)")
     off.add_argument("--sim-fast-budget", metavar="SIZE",
@@ -360,6 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--window", type=int, default=256, help="tokens per context window (default 256)")
     cal.add_argument("-o", "--output", required=True, metavar="CALIB_DIR", help="output directory (new or empty)")
     cal.add_argument("--device", default="cpu", help="cpu or cuda")
+    cal.add_argument("--ram-budget", metavar="SIZE", default=AUTO, help=RAM_BUDGET_HELP)
     cal.add_argument("-t", "--threads", type=int, default=None, help="CPU threads")
     cal.add_argument("--seed", type=int, default=0, help="seed for --self-generate")
     cal.set_defaults(func=cmd_calibrate)

@@ -78,8 +78,9 @@ def test_budgets_parse_sizes_and_shares():
 
 
 def test_options_are_checked():
-    with pytest.raises(QmoeError, match="--ram-budget and/or --gpu-budget \\(or --sim-fast-budget\\)"):
-        OffloadOptions(prefetch="pre-attn")
+    assert OffloadOptions().ram_budget == "auto"  # the default: sized at load (budget.py)
+    with pytest.raises(QmoeError, match="--gpu-budget \\(or --sim-fast-budget\\); for none at all"):
+        OffloadOptions(ram_budget="off", prefetch="pre-attn")
     with pytest.raises(QmoeError, match="--prefetch"):
         OffloadOptions(ram_budget="1G", prefetch="psychic")
     with pytest.raises(QmoeError, match="--on-miss"):

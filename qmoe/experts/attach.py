@@ -1,10 +1,13 @@
 """Wiring expert offloading into a loaded model: the store, its compute, the prefetcher.
 
-    offload = attach(net, file, options, device)   # every MoE layer now computes through the store
+    offload = attach(net, file, options, device, n_ctx, n_batch)  # MoE layers compute through the store
     offload.stats()                                # once every prediction and transfer is done
     offload.close()
 
-`attach` replaces each MoE layer's `experts` (the kernels on the memory-mapped
+`attach` first resolves `--ram-budget auto` (budget.py): a model whose experts fit
+the memory available gets no store at all (attach returns None, unless a fast tier
+was asked for), one whose experts do not gets a RAM pool of what is left, read with
+O_DIRECT. It then replaces each MoE layer's `experts` (the kernels on the memory-mapped
 file) with `StoreExperts` over one `ExpertStore`, chooses the prefetch policy from
 the options (loading and checking predictors for pre-attn), and starts a
 `Prefetcher` that observes the forward pass. The engine only passes the
@@ -13,11 +16,13 @@ Prefetcher to the forward pass as its observer.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 import torch
 
 from qmoe.errors import QmoeError
+from qmoe.experts.budget import RunSizes, choose_ram_budget, mem_available
 from qmoe.experts.compute import StoreExperts
 from qmoe.experts.options import OffloadOptions
 from qmoe.experts.prefetch import (
@@ -75,11 +80,23 @@ class Offload:
         self.store.close()
 
 
-def attach(net: Transformer, file: GGUFFile, options: OffloadOptions, device: torch.device) -> Offload:
-    """Serve every MoE layer's routed experts of `net` (loaded from `file`) from an ExpertStore."""
+def attach(net: Transformer, file: GGUFFile, options: OffloadOptions, device: torch.device,
+           n_ctx: int, n_batch: int, say: Callable[[str], None] = print) -> Offload | None:
+    """Serve every MoE layer's routed experts of `net` (loaded from `file`) from an ExpertStore.
+
+    n_ctx, n_batch: the run's context and prefill batch, which `auto` leaves memory for.
+    say: where `auto` tells the user, in one line, what it chose when it made a pool.
+    None: `auto` found that the experts fit, and no other tier was asked for.
+    """
     moe = [block.ffn for block in net.blocks if isinstance(block.ffn, MoE)]
-    file_experts = moe[0].experts  # the kernels on the mapped file (MmapExperts), shared by every layer
+    if not moe and options.auto_ram and not options.has_fast_tier:
+        return None  # nothing routed to offload, nothing asked for
+    file_experts = moe[0].experts if moe else None  # the kernels on the mapped file (MmapExperts), shared
     slabs = ExpertSlabs(file.path, {m.layer: file_experts.tensors[m.layer] for m in moe})
+    if options.auto_ram:
+        options = _resolve_auto(options, run_sizes(net, file, slabs, n_ctx, n_batch), say)
+        if options is None:
+            return None
     store = ExpertStore(slabs, options, device)
     try:
         experts = StoreExperts(store, file_experts)
@@ -95,6 +112,35 @@ def attach(net: Transformer, file: GGUFFile, options: OffloadOptions, device: to
         worker = options.predict_in == "worker" or (options.predict_in == "auto" and device.type == "cuda")
         prefetcher = Prefetcher(store, policy, net.moe_layers, norms, options.lookahead, worker)
     return Offload(store, experts, prefetcher)
+
+
+def run_sizes(net: Transformer, file: GGUFFile, slabs: ExpertSlabs, n_ctx: int, n_batch: int) -> RunSizes:
+    """What a run of `net` needs besides its routed experts, from its shapes (budget.py's terms)."""
+    hp = net.hp
+    kv = hp.n_layer * n_ctx * hp.n_head_kv * (hp.head_dim + hp.head_dim_v) * 4  # float32 K and V
+    widest = max(hp.n_vocab, 3 * hp.n_expert_used * hp.n_ff_exp, 2 * hp.n_ff, 8 * hp.n_embd)
+    activations = (4 * n_batch * widest  # one batch through the widest layer, float32, a few copies
+                   + 4 * hp.n_head * n_batch * n_ctx  # a batch's attention scores over the context
+                   + 4 * 4 * n_ctx * hp.n_embd)  # layer-major prefill: a few hidden states per token
+    return RunSizes(
+        expert_bytes=slabs.total_bytes, slab_bytes=slabs.layout.nbytes, slabs_per_token=hp.n_expert_used,
+        other_weights_bytes=max(file.path.stat().st_size - slabs.total_bytes, 0),
+        kv_cache_bytes=kv, activation_bytes=activations,
+    )
+
+
+def _resolve_auto(options: OffloadOptions, sizes: RunSizes, say: Callable[[str], None]) -> OffloadOptions | None:
+    """`--ram-budget auto` made a size (with O_DIRECT reads), or no pool; None: no store at all."""
+    choice = choose_ram_budget(sizes, mem_available())
+    if choice.budget is not None:
+        say(f"--ram-budget auto: {choice.message}")
+        return replace(options, ram_budget=choice.budget, direct_io=True)
+    if options.has_fast_tier:
+        return replace(options, ram_budget=None)
+    if options.prefetch != "none":
+        say(f"--ram-budget auto: {choice.message}; --prefetch {options.prefetch} has no store to fill "
+            "(give --ram-budget SIZE for one)")
+    return None
 
 
 def _policy(net: Transformer, file: GGUFFile, options: OffloadOptions, device: torch.device,

@@ -322,6 +322,24 @@ class ExpertStore:
                 else:
                     self.transfers.enqueue(PREFETCH, tier, key, step)
 
+    def read_ahead(self, layer: int, n_claimed: int) -> None:
+        """Layer-major prefill: while `layer` computes (`n_claimed` experts pinned), bring in every
+        expert of the next MoE layer, if the compute tier holds them beside `layer`'s.
+
+        A whole prompt routes to (nearly) every expert of a layer, so this is barely a guess;
+        an expert it brought that no token chose is evicted first once that layer ran. Behind
+        any demand load (a prefetch), and nothing when the tier is too small: then each
+        expert is read when its layer asks for it, still once per prompt.
+        """
+        tier = self.compute_tier
+        index = self.slabs.layers.index(layer)
+        if tier is None or index + 1 == len(self.slabs.layers):
+            return
+        if tier.cache.n_slots < n_claimed + self.slabs.n_expert:
+            return
+        upcoming = self.slabs.layers[index + 1]
+        self.prefetch(upcoming, list(range(self.slabs.n_expert)), self.step(upcoming))
+
     # ----------------------------------------------------------------------------- lifetime
 
     def drain(self) -> None:
