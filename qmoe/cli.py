@@ -230,6 +230,37 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    import json
+
+    from qmoe import kernels
+    from qmoe.engine import DEFAULT_BATCH, DEFAULT_CTX
+    from qmoe.experts.budget import choose_ram_budget, mem_available
+    from qmoe.experts.options import parse_budget
+    from qmoe.experts.plan import forecast, format_table, model_shape, probe, report
+    from qmoe.gguf_file import GGUFFile
+
+    if args.threads:
+        kernels.set_num_threads(args.threads)
+    file = GGUFFile(args.model)
+    n_ctx = args.ctx or min(DEFAULT_CTX, int(file.arch_get("context_length", DEFAULT_CTX)))
+    shape = model_shape(file, n_ctx, DEFAULT_BATCH)
+    if args.ram:
+        budgets = [None if spec.strip().lower() == OFF else
+                   parse_budget(spec, shape.sizes.expert_bytes, "--ram") for spec in args.ram]
+    else:  # what `--ram-budget auto` would choose here, beside the mapped file
+        auto = choose_ram_budget(shape.sizes, mem_available())
+        print(f"qmoe: --ram-budget auto here: {auto.message}", file=sys.stderr)
+        budgets = [None] if auto.budget is None else [None, auto.budget]
+    measured = probe(file, shape)
+    forecasts = [forecast(shape, measured, b) for b in budgets]
+    print(format_table(shape, measured, forecasts))
+    if args.json:
+        with open(args.json, "w") as out:
+            json.dump(report(shape, measured, forecasts), out, indent=1)
+    return 0
+
+
 def cmd_train_predictors(args: argparse.Namespace) -> int:
     from qmoe.gguf_file import GGUFFile
     from qmoe.predictor.calib_data import CalibData
@@ -329,7 +360,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a fast-tier miss: cpu computes it from the quantized slab with the CPU kernels, "
                           "wait loads it (default cpu)")
     off.add_argument("--k-prime", type=int, default=None,
-                     help="experts to prefetch per token (default: the predictors' k', else ceil(1.5 k))")
+                     help="candidate experts a prediction names per token (default: twice the predictors' k', "
+                          "else twice ceil(1.5 k)); only those the drive has spare time for, or that are right "
+                          "more often than wrong, are read")
     off.add_argument("--lookahead", type=int, default=OffloadOptions.lookahead, metavar="N",
                      help="pre-attn and oracle: also guess the next N MoE layers' experts right after each "
                           "attention, from the residual stream, so that their transfers start a layer earlier; "
@@ -354,6 +387,19 @@ def build_parser() -> argparse.ArgumentParser:
                           "sizes, bytes per tensor type, and whether predictors are present.")
     info.add_argument("model", help="path to the .gguf model")
     info.set_defaults(func=cmd_info)
+
+    plan = sub.add_parser("plan", help="forecast what fits and how fast it runs at each RAM budget",
+                          description="Forecast decode tok/s, time to first token and peak RSS at each RAM "
+                          "budget, from the model's shapes and a probe of this machine of a few seconds "
+                          "(drive bandwidth with O_DIRECT, kernel speed). Nothing is loaded.")
+    plan.add_argument("model", help="path to the .gguf model")
+    plan.add_argument("--ram", nargs="+", metavar="SIZE",
+                      help="RAM budgets to forecast (sizes, shares of the experts, or off = the mapped file; "
+                           "default: the mapped file and what --ram-budget auto would choose)")
+    plan.add_argument("--ctx", type=int, default=None, help="context size in tokens (default min(4096, trained))")
+    plan.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    plan.add_argument("--json", default=None, metavar="FILE", help="also write the forecast as JSON")
+    plan.set_defaults(func=cmd_plan)
 
     cal = sub.add_parser("calibrate", help="record router decisions for predictor training",
                          description="Run the model over text and record, per MoE layer and token, the "

@@ -21,7 +21,7 @@ import qmoe
 from qmoe.cli import main
 from qmoe.errors import QmoeError
 from qmoe.experts import attach as attach_module
-from qmoe.experts.budget import MIN_MARGIN_BYTES, RUNTIME_OVERHEAD_BYTES, RunSizes, choose_ram_budget
+from qmoe.experts.budget import MIN_MARGIN_BYTES, RUNTIME_OVERHEAD_BYTES, RunSizes, choose_ram_budget, run_sizes
 from qmoe.experts.options import OffloadOptions, format_bytes
 from qmoe.experts.slabs import ExpertSlabs
 from qmoe.predictor.calib_data import CalibData
@@ -144,7 +144,7 @@ def test_auto_is_the_default_and_sizes_a_pool_when_the_experts_do_not_fit(tiny_g
         ids = prompt(m.n_vocab, 24)
         plain = m.logits(ids)
         slabs = ExpertSlabs(m.file.path, m.net.blocks[m.net.moe_layers[0]].ffn.experts.tensors)
-        run = attach_module.run_sizes(m.net, m.file, slabs, m.n_ctx, m.n_batch)
+        run = run_sizes(m.net.hp, m.file, slabs, m.n_ctx, m.n_batch)
     assert "--ram-budget auto" not in capsys.readouterr().err
     # MemAvailable that leaves room for half the experts (a margin of 256 MiB: below 2 GiB in all).
     fake = run.rest_of_run + MIN_MARGIN_BYTES + run.expert_bytes // 2

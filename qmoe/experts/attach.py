@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from qmoe.errors import QmoeError
-from qmoe.experts.budget import RunSizes, choose_ram_budget, mem_available
+from qmoe.experts.budget import RunSizes, choose_ram_budget, mem_available, run_sizes
 from qmoe.experts.compute import StoreExperts
 from qmoe.experts.options import OffloadOptions
 from qmoe.experts.prefetch import (
@@ -94,7 +94,7 @@ def attach(net: Transformer, file: GGUFFile, options: OffloadOptions, device: to
     file_experts = moe[0].experts if moe else None  # the kernels on the mapped file (MmapExperts), shared
     slabs = ExpertSlabs(file.path, {m.layer: file_experts.tensors[m.layer] for m in moe})
     if options.auto_ram:
-        options = _resolve_auto(options, run_sizes(net, file, slabs, n_ctx, n_batch), say)
+        options = _resolve_auto(options, run_sizes(net.hp, file, slabs, n_ctx, n_batch), say)
         if options is None:
             return None
     store = ExpertStore(slabs, options, device)
@@ -112,21 +112,6 @@ def attach(net: Transformer, file: GGUFFile, options: OffloadOptions, device: to
         worker = options.predict_in == "worker" or (options.predict_in == "auto" and device.type == "cuda")
         prefetcher = Prefetcher(store, policy, net.moe_layers, norms, options.lookahead, worker)
     return Offload(store, experts, prefetcher)
-
-
-def run_sizes(net: Transformer, file: GGUFFile, slabs: ExpertSlabs, n_ctx: int, n_batch: int) -> RunSizes:
-    """What a run of `net` needs besides its routed experts, from its shapes (budget.py's terms)."""
-    hp = net.hp
-    kv = hp.n_layer * n_ctx * hp.n_head_kv * (hp.head_dim + hp.head_dim_v) * 4  # float32 K and V
-    widest = max(hp.n_vocab, 3 * hp.n_expert_used * hp.n_ff_exp, 2 * hp.n_ff, 8 * hp.n_embd)
-    activations = (4 * n_batch * widest  # one batch through the widest layer, float32, a few copies
-                   + 4 * hp.n_head * n_batch * n_ctx  # a batch's attention scores over the context
-                   + 4 * 4 * n_ctx * hp.n_embd)  # layer-major prefill: a few hidden states per token
-    return RunSizes(
-        expert_bytes=slabs.total_bytes, slab_bytes=slabs.layout.nbytes, slabs_per_token=hp.n_expert_used,
-        other_weights_bytes=max(file.path.stat().st_size - slabs.total_bytes, 0),
-        kv_cache_bytes=kv, activation_bytes=activations,
-    )
 
 
 def _resolve_auto(options: OffloadOptions, sizes: RunSizes, say: Callable[[str], None]) -> OffloadOptions | None:
@@ -153,6 +138,12 @@ def _policy(net: Transformer, file: GGUFFile, options: OffloadOptions, device: t
     if options.prefetch == "oracle":
         return OraclePolicy(RoutingTrace())  # predicts nothing until the engine replays a recording
     if options.prefetch == "cross-layer":
-        return CrossLayerPolicy(routers, options.k_prime or default_k_prime(hp.n_expert_used))
+        return CrossLayerPolicy(routers, options.k_prime or _candidates(default_k_prime(hp.n_expert_used), hp))
     predictors = load_predictors(file, options.predictors, net.moe_layers, device)
-    return PreAttentionPolicy(predictors, options.k_prime or predictors.k_prime)
+    return PreAttentionPolicy(predictors, options.k_prime or _candidates(predictors.k_prime, hp))
+
+
+def _candidates(k_prime: int, hp) -> int:
+    """Without --k-prime, a policy names twice its k' candidates, ranked, and the store admits
+    what the drive's spare time and each rank's measured precision allow (admission.py)."""
+    return min(hp.n_expert, 2 * k_prime)

@@ -35,8 +35,12 @@ from pathlib import Path
 
 from qmoe.errors import QmoeError
 from qmoe.experts.options import format_bytes
+from qmoe.experts.slabs import ExpertSlabs
+from qmoe.gguf_file import GGUFFile
+from qmoe.models.base import HParams
 
-RUNTIME_OVERHEAD_BYTES = 512 * 2**20  # measured 354-369 MiB (tests/test_memory.py), rounded up
+MEASURED_OVERHEAD_BYTES = 370 * 2**20  # tests/test_memory.py's fixed overhead: 354-369 MiB here
+RUNTIME_OVERHEAD_BYTES = 512 * 2**20  # what auto leaves for it: the measured figure, rounded up
 MIN_MARGIN_BYTES = 256 * 2**20
 MARGIN_SHARE = 8  # keep MemAvailable / 8 free besides
 MEMINFO = Path("/proc/meminfo")
@@ -65,6 +69,20 @@ class RamBudget:
 
     budget: int | None
     message: str  # one line for the user
+
+
+def run_sizes(hp: HParams, file: GGUFFile, slabs: ExpertSlabs, n_ctx: int, n_batch: int) -> RunSizes:
+    """What a run needs besides its routed experts, from the model's shapes (the module docstring's terms)."""
+    kv = hp.n_layer * n_ctx * hp.n_head_kv * (hp.head_dim + hp.head_dim_v) * 4  # float32 K and V
+    widest = max(hp.n_vocab, 3 * hp.n_expert_used * hp.n_ff_exp, 2 * hp.n_ff, 8 * hp.n_embd)
+    activations = (4 * n_batch * widest  # one batch through the widest layer, float32, a few copies
+                   + 4 * hp.n_head * n_batch * n_ctx  # a batch's attention scores over the context
+                   + 4 * 4 * n_ctx * hp.n_embd)  # layer-major prefill: a few hidden states per token
+    return RunSizes(
+        expert_bytes=slabs.total_bytes, slab_bytes=slabs.layout.nbytes, slabs_per_token=hp.n_expert_used,
+        other_weights_bytes=max(file.path.stat().st_size - slabs.total_bytes, 0),
+        kv_cache_bytes=kv, activation_bytes=activations,
+    )
 
 
 def choose_ram_budget(sizes: RunSizes, mem_available: int | None) -> RamBudget:
