@@ -21,7 +21,13 @@ import qmoe
 from qmoe.cli import main
 from qmoe.errors import QmoeError
 from qmoe.experts import attach as attach_module
-from qmoe.experts.budget import MIN_MARGIN_BYTES, RUNTIME_OVERHEAD_BYTES, RunSizes, choose_ram_budget, run_sizes
+from qmoe.experts.budget import (
+    MIN_MARGIN_BYTES,
+    RUNTIME_OVERHEAD_BYTES,
+    RunSizes,
+    choose_ram_budget,
+    run_sizes,
+)
 from qmoe.experts.options import OffloadOptions, format_bytes
 from qmoe.experts.slabs import ExpertSlabs
 from qmoe.predictor.calib_data import CalibData

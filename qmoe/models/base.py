@@ -558,7 +558,7 @@ class Transformer:
                     hs[j] = hs[j] + block.ffn(y, observer)
             if block.routed:
                 hs = [h + out for h, out in zip(hs, block.ffn.over_segments(ys, choices))]
-        for tokens, cache in segments:
+        for _, cache in segments:
             cache.n_past = ends[id(cache)]
         return [self.output(self.output_norm(h if all_logits else h[-1:])) for h in hs]
 
