@@ -5,8 +5,9 @@ loaded) and a probe of this machine of a few seconds (`probe`):
 
     read_bps        O_DIRECT slab reads as the store makes them (one slab at a time, its
                     three parts in parallel), at random places in this very file
-    expert_s        one expert on one token (decode), and per token in a prefill batch,
-                    from a slab in RAM: the kernels' speed on this model's types
+    expert_s        one expert on one token, from one call over a token's k experts in RAM
+                    (a decode step's), and per token in a prefill batch: the kernels' speed
+                    on this model's types
     dense_bps       the kernels on a non-expert weight of the file (attention), per byte
                     for one token and per token-byte in a batch
 
@@ -136,14 +137,15 @@ def probe(file: GGUFFile, shape: ModelShape, seed: int = 0) -> Probe:
     names = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
     layers = [i for i in range(10**6) if file.has(f"blk.{i}.ffn_gate_exps.weight")][: shape.n_moe_layers]
     slabs = ExpertSlabs(file.path, {i: tuple(file.tensor(f"blk.{i}.{n}.weight") for n in names) for i in layers})
-    pool = RamPool(slabs.layout, 1)
+    k = shape.n_expert_used
+    pool = RamPool(slabs.layout, k)  # one token's experts, as a decode step computes them
     rng = np.random.default_rng(seed)
     reader = SlabReader(file.path, direct=True)
     try:
         n_read, t0 = 0, time.perf_counter()
-        while n_read < PROBE_READS and time.perf_counter() - t0 < PROBE_READS_S:
+        while n_read < max(PROBE_READS * (time.perf_counter() - t0 < PROBE_READS_S), k):
             layer = layers[rng.integers(len(layers))]
-            reader.read(slabs.ranges(layer, int(rng.integers(slabs.n_expert))), pool.views(0))
+            reader.read(slabs.ranges(layer, int(rng.integers(slabs.n_expert))), pool.views(n_read % k))
             n_read += 1
         read_bps = n_read * slabs.layout.nbytes / (time.perf_counter() - t0)
     finally:
@@ -152,8 +154,13 @@ def probe(file: GGUFFile, shape: ModelShape, seed: int = 0) -> Probe:
     x1 = rng.standard_normal((1, n_embd)).astype(np.float32)
     xb = rng.standard_normal((PREFILL_BATCH, n_embd)).astype(np.float32)
     qtypes = slabs.layout.qtypes
-    expert_s = _timed(lambda: kernels.expert_ffn(*pool.views(0), qtypes, x1))
-    expert_batched_s = _timed(lambda: kernels.expert_ffn(*pool.views(0), qtypes, xb)) / PREFILL_BATCH
+    slots = np.arange(k, dtype=np.int64)  # the layer's call over k resident slots (compute.py's all-ready path)
+    one = (slots[None].astype(np.int32), np.full((1, k), 1 / k, np.float32))
+    batch = (np.stack([rng.permutation(k) for _ in range(PREFILL_BATCH)]).astype(np.int32),
+             np.full((PREFILL_BATCH, k), 1 / k, np.float32))
+    expert_s = _timed(lambda: kernels.moe_ffn(*pool.parts, qtypes, x1, *one, slabs=slots)) / k
+    expert_batched_s = _timed(lambda: kernels.moe_ffn(*pool.parts, qtypes, xb, *batch, slabs=slots)) / (
+        k * PREFILL_BATCH)
     dense = file.tensor(f"blk.{layers[0]}.attn_q.weight") if file.has(f"blk.{layers[0]}.attn_q.weight") else None
     if dense is None:  # MLA attention names its projections otherwise: any 2-D weight of the block
         dense = next(t for t in _block_weights(file, layers[0]) if t.data.ndim == 2)
