@@ -675,7 +675,8 @@ def test_default_sidecar_is_found(q4_path, tmp_path):
             weight_type="f16",
         )
     with qmoe.load(model, offload=OffloadOptions(ram_budget="50%", prefetch="pre-attn")) as m:
-        assert m.prefetcher.policy.k_prime == hp.n_expert_used + 1
+        # the sidecar's k' (k + 1), doubled: the candidates the store's admission picks from
+        assert m.prefetcher.policy.k_prime == min(hp.n_expert, 2 * (hp.n_expert_used + 1))
 
 
 # ----------------------------------------------------------------------------- CUDA
