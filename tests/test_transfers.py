@@ -109,13 +109,14 @@ def test_a_prefetch_for_a_step_already_run_is_dropped_unread(q4_path):
 def test_speculative_reads_get_only_the_spare_reads_and_the_confident_ranks():
     from qmoe.experts.admission import admit
 
-    ranked = [5, 1, 7, 2, 0]
-    resident = {7}.__contains__
-    precision = {0: 0.9, 1: 0.6, 2: 0.5, 3: 0.2, 4: 0.7}.get
+    ranked = [5, 1, 7, 2, 0, 4]
+    resident = {7, 4}.__contains__
+    precision = {0: 0.9, 1: 0.6, 2: 0.55, 3: 0.2, 4: 0.7, 5: 0.5}.get
     assert admit(ranked, resident, None, precision) == ranked  # nothing measured yet: all
-    assert admit(ranked, resident, 0, precision) == [5, 1, 7, 0]  # the resident, and ranks right > 1/2
+    # Ranks right more often than wrong, resident or read; resident 4's rank is not: unprotected.
+    assert admit(ranked, resident, 0, precision) == [5, 1, 7, 0]
     assert admit(ranked, resident, 3, precision) == [5, 1, 7, 2, 0]  # three spare reads: 2 (rank 3) too
-    assert admit(ranked, resident, 1, lambda r: None) == [5, 7]  # unscored ranks beyond the spare: none
+    assert admit(ranked, resident, 1, lambda r: None) == [5, 7, 4]  # unscored: the spare read, the residents
 
 
 def test_the_store_measures_reads_and_lead_time_and_admits_by_them(q4_path):

@@ -6,7 +6,10 @@ cross-layer prefetching with a fixed k' read 45 % more and ran no faster than no
 (issue 14). So a prediction (experts most wanted first) is trimmed before the store
 queues it:
 
-    resident       kept: protecting a slab that is already there costs no read
+    resident       kept unless its rank has been wrong at least as often as right:
+                   protecting a slab costs no read, but it holds a slot that LRU would
+                   otherwise give to what is used (a wide, poorly ranked prediction
+                   protecting wrong slabs made pre-attn read more than none)
     spare reads    the reads the drive can finish before the layer needs them, beside
                    what is queued already: admitted in rank order, right or wrong,
                    since the drive would otherwise sit idle
@@ -41,13 +44,13 @@ def admit(ranked: list[int], resident: Callable[[int], bool], spare_reads: int |
         return list(ranked)
     kept, free = [], spare_reads
     for rank, expert in enumerate(ranked):
+        precision = rank_precision(rank)
         if resident(expert):
-            kept.append(expert)
+            if precision is None or precision > BREAK_EVEN:
+                kept.append(expert)
         elif free > 0:
             kept.append(expert)
             free -= 1
-        else:
-            precision = rank_precision(rank)
-            if precision is not None and precision > BREAK_EVEN:
-                kept.append(expert)
+        elif precision is not None and precision > BREAK_EVEN:
+            kept.append(expert)
     return kept
