@@ -125,6 +125,7 @@ POLICIES = {
     "oracle-token": ("oracle", TOKEN),
 }
 BUDGETS = (10, 25, 50, 100)
+AUTO_K = "auto"  # --k-prime auto: qmoe's own default width and admission
 TIERS = {
     "ram": dict(direct_io=True),
     "pcie": dict(fast_tier=True, on_miss="wait", link=SimulatedLink(25.0, 10.0)),
@@ -270,7 +271,7 @@ def tier_config(tier: str) -> dict:
 
 
 def options(
-    tier: str, budget: int, label: str, k_prime: int, predictors: Path, n_layer: int, predict_in: str = "auto",
+    tier: str, budget: int, label: str, k_prime: int | str | None, predictors: Path, n_layer: int, predict_in: str = "auto",
     device: str = "cpu",
 ) -> OffloadOptions:
     """The store options of one run: `label` is one of POLICIES. A fast tier is in GPU memory
@@ -282,7 +283,7 @@ def options(
         config["gpu_budget" if device == "cuda" else "sim_fast_budget"] = share
     else:
         config["ram_budget"] = share
-    k_prime = k_prime if policy in ("cross-layer", "pre-attn") else None
+    k_prime = k_prime if policy in ("cross-layer", "pre-attn") and k_prime != AUTO_K else None
     lookahead = n_layer if lookahead == TOKEN else lookahead
     return OffloadOptions(
         prefetch=policy,
@@ -332,7 +333,7 @@ def run_model(
     n_prompt: int,
     n_decode: int,
     repeats: int,
-    k_prime: int | None,
+    k_prime: int | str | None,
     device: str = "cpu",
     predict_in: str = "auto",
 ) -> list[dict]:
@@ -342,7 +343,8 @@ def run_model(
     with qmoe.load(path, device=device) as plain:
         ids = text_ids(plain, n_prompt + n_decode)
         prompt, continuation = ids[:n_prompt], ids[n_prompt:]
-        k_prime = k_prime or plain.net.hp.n_expert_used
+        if k_prime != AUTO_K:
+            k_prime = k_prime or plain.net.hp.n_expert_used
         n_layer = plain.net.hp.n_layer
         decode(plain, prompt, continuation[:2])  # compile and warm up
         seconds = min(decode(plain, prompt, continuation) for _ in range(repeats))
@@ -506,9 +508,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument(
         "--k-prime",
-        type=int,
+        type=lambda v: v if v == AUTO_K else int(v),
         default=None,
-        help="experts prefetched per token by cross-layer and pre-attn (default k)",
+        help="experts prefetched per token by cross-layer and pre-attn (default k); auto: qmoe's "
+        "default, the drive's spare reads and the ranks right more often than wrong (experts/admission.py)",
     )
     parser.add_argument(
         "--predict-in",

@@ -16,7 +16,11 @@ from collections import Counter
 
 from qmoe.chat import render_chat
 from qmoe.errors import QmoeError
-from qmoe.experts.options import MISS_POLICIES, POLICIES, PREDICT_IN, OffloadOptions
+from qmoe.experts.options import AUTO, MISS_POLICIES, OFF, POLICIES, PREDICT_IN, OffloadOptions
+
+RAM_BUDGET_HELP = ("RAM pool of quantized expert slabs, filled by explicit reads from the file. auto (the "
+                   "default): a pool read with O_DIRECT, sized to the memory available, only when the experts "
+                   "do not fit it (qmoe says so in one line); off: no pool, the mapped file")
 
 
 def _peak_rss_mib() -> float:
@@ -54,7 +58,8 @@ def _offload_options(args: argparse.Namespace):
     """OffloadOptions from `run`'s flags, or None when no tier is asked for (the plain runtime)."""
     from qmoe.experts.link import SimulatedLink
 
-    if args.ram_budget is None and args.gpu_budget is None and args.sim_fast_budget is None:
+    off = args.ram_budget is not None and args.ram_budget.strip().lower() == OFF
+    if (args.ram_budget is None or off) and args.gpu_budget is None and args.sim_fast_budget is None:
         given = [flag for flag, value in (
             ("--prefetch", args.prefetch != "none"), ("--on-miss", args.on_miss), ("--k-prime", args.k_prime),
             ("--lookahead", args.lookahead != OffloadOptions.lookahead),
@@ -64,12 +69,13 @@ def _offload_options(args: argparse.Namespace):
             ("--stats", args.stats), ("--stats-json", args.stats_json),
         ) if value]
         if given:
-            raise QmoeError(f"{', '.join(given)} only apply with an expert store: give --ram-budget and/or --gpu-budget")
-        return None
+            raise QmoeError(f"{', '.join(given)} only apply with an expert store: give --ram-budget (auto or a "
+                            "size) and/or --gpu-budget")
+        return None if off else OffloadOptions()  # the default: --ram-budget auto
     if args.sim_link_latency_us is not None and args.sim_link_gbps is None:
         raise QmoeError("--sim-link-latency-us needs --sim-link-gbps")
     link = SimulatedLink(args.sim_link_gbps, args.sim_link_latency_us or 0.0) if args.sim_link_gbps else None
-    return OffloadOptions(ram_budget=args.ram_budget, gpu_budget=args.gpu_budget,
+    return OffloadOptions(ram_budget=args.ram_budget or AUTO, gpu_budget=args.gpu_budget,
                           sim_fast_budget=args.sim_fast_budget, prefetch=args.prefetch,
                           on_miss=args.on_miss or "cpu", k_prime=args.k_prime, lookahead=args.lookahead,
                           predict_in=args.predict_in,
@@ -228,12 +234,44 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
     if not args.text and not args.self_generate:
         raise QmoeError("give calibration text with --text FILE... or --self-generate N")
-    model = load(args.model, device=args.device, threads=args.threads)
+    offload = None if args.ram_budget.strip().lower() == OFF else OffloadOptions(ram_budget=args.ram_budget)
+    model = load(args.model, device=args.device, threads=args.threads, offload=offload)
     docs = tokenize_files(model, args.text) if args.text else []
     if args.self_generate:
         docs += self_generated_text(model, args.self_generate, seed=args.seed)
     meta = record(model, docs, args.output, args.tokens, window=args.window)
     print(f"recorded {meta.n_tokens} tokens x {len(meta.moe_layers)} MoE layers into {args.output}")
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    import json
+
+    from qmoe import kernels
+    from qmoe.engine import DEFAULT_BATCH, DEFAULT_CTX
+    from qmoe.experts.budget import choose_ram_budget, mem_available
+    from qmoe.experts.options import parse_budget
+    from qmoe.experts.plan import forecast, format_table, model_shape, probe, report
+    from qmoe.gguf_file import GGUFFile
+
+    if args.threads:
+        kernels.set_num_threads(args.threads)
+    file = GGUFFile(args.model)
+    n_ctx = args.ctx or min(DEFAULT_CTX, int(file.arch_get("context_length", DEFAULT_CTX)))
+    shape = model_shape(file, n_ctx, DEFAULT_BATCH)
+    if args.ram:
+        budgets = [None if spec.strip().lower() == OFF else
+                   parse_budget(spec, shape.sizes.expert_bytes, "--ram") for spec in args.ram]
+    else:  # what `--ram-budget auto` would choose here, beside the mapped file
+        auto = choose_ram_budget(shape.sizes, mem_available())
+        print(f"qmoe: --ram-budget auto here: {auto.message}", file=sys.stderr)
+        budgets = [None] if auto.budget is None else [None, auto.budget]
+    measured = probe(file, shape)
+    forecasts = [forecast(shape, measured, b) for b in budgets]
+    print(format_table(shape, measured, forecasts))
+    if args.json:
+        with open(args.json, "w") as out:
+            json.dump(report(shape, measured, forecasts), out, indent=1)
     return 0
 
 
@@ -324,8 +362,7 @@ def add_offload_arguments(parser: argparse.ArgumentParser) -> None:
         "expert offloading", "Keep the routed experts within memory budgets and prefetch them ahead of use. "
         "SIZE is bytes with an optional K/M/G/T suffix (binary: 6G = 6 GiB) or a share of all experts "
         "in that tier's form, e.g. 40%.")
-    off.add_argument("--ram-budget", metavar="SIZE",
-                     help="RAM pool of quantized expert slabs, filled by explicit reads from the file")
+    off.add_argument("--ram-budget", metavar="SIZE", help=RAM_BUDGET_HELP)
     off.add_argument("--gpu-budget", metavar="SIZE",
                      help="GPU memory for a compute-ready fast tier of dequantized experts (--device cuda)")
     off.add_argument("--sim-fast-budget", metavar="SIZE",
@@ -339,7 +376,9 @@ def add_offload_arguments(parser: argparse.ArgumentParser) -> None:
                      help="a fast-tier miss: cpu computes it from the quantized slab with the CPU kernels, "
                           "wait loads it (default cpu)")
     off.add_argument("--k-prime", type=int, default=None,
-                     help="experts to prefetch per token (default: the predictors' k', else ceil(1.5 k))")
+                     help="candidate experts a prediction names per token (default: twice the predictors' k', "
+                          "else twice ceil(1.5 k)); only those the drive has spare time for, or that are right "
+                          "more often than wrong, are read")
     off.add_argument("--lookahead", type=int, default=OffloadOptions.lookahead, metavar="N",
                      help="pre-attn and oracle: also guess the next N MoE layers' experts right after each "
                           "attention, from the residual stream, so that their transfers start a layer earlier; "
@@ -399,6 +438,19 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("model", help="path to the .gguf model")
     info.set_defaults(func=cmd_info)
 
+    plan = sub.add_parser("plan", help="forecast what fits and how fast it runs at each RAM budget",
+                          description="Forecast decode tok/s, time to first token and peak RSS at each RAM "
+                          "budget, from the model's shapes and a probe of this machine of a few seconds "
+                          "(drive bandwidth with O_DIRECT, kernel speed). Nothing is loaded.")
+    plan.add_argument("model", help="path to the .gguf model")
+    plan.add_argument("--ram", nargs="+", metavar="SIZE",
+                      help="RAM budgets to forecast (sizes, shares of the experts, or off = the mapped file; "
+                           "default: the mapped file and what --ram-budget auto would choose)")
+    plan.add_argument("--ctx", type=int, default=None, help="context size in tokens (default min(4096, trained))")
+    plan.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    plan.add_argument("--json", default=None, metavar="FILE", help="also write the forecast as JSON")
+    plan.set_defaults(func=cmd_plan)
+
     cal = sub.add_parser("calibrate", help="record router decisions for predictor training",
                          description="Run the model over text and record, per MoE layer and token, the "
                          "pre-attention activation, the router input, the router logits and its top-k.")
@@ -410,6 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--window", type=int, default=256, help="tokens per context window (default 256)")
     cal.add_argument("-o", "--output", required=True, metavar="CALIB_DIR", help="output directory (new or empty)")
     cal.add_argument("--device", default="cpu", help="cpu or cuda")
+    cal.add_argument("--ram-budget", metavar="SIZE", default=AUTO, help=RAM_BUDGET_HELP)
     cal.add_argument("-t", "--threads", type=int, default=None, help="CPU threads")
     cal.add_argument("--seed", type=int, default=0, help="seed for --self-generate")
     cal.set_defaults(func=cmd_calibrate)

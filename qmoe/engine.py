@@ -13,6 +13,7 @@ token so that the CLI can print it at once and the caller can stop early.
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -37,6 +38,9 @@ __all__ = ["Model", "SamplingParams", "Timings", "load"]
 
 DEFAULT_CTX = 4096
 DEFAULT_BATCH = 256
+# The default: a RAM pool of experts only when they do not fit the memory available
+# (qmoe/experts/budget.py); offload=None turns every store off.
+AUTO_OFFLOAD = OffloadOptions()
 
 
 @dataclass
@@ -86,12 +90,14 @@ class Model:
 
     With `offload`, the routed experts come from an expert store with budgeted
     tiers (qmoe/experts/), prefetched by the chosen policy; without it they are
-    computed straight from the memory-mapped file. Call `close()` (or use the
+    computed straight from the memory-mapped file. The default, `--ram-budget auto`,
+    makes a store only when the experts do not fit the memory available. Call `close()` (or use the
     model as a context manager) to stop the store's threads.
     """
 
     def __init__(self, path: str | os.PathLike, device: str = "cpu", n_ctx: int | None = None,
-                 threads: int | None = None, n_batch: int = DEFAULT_BATCH, offload: OffloadOptions | None = None):
+                 threads: int | None = None, n_batch: int = DEFAULT_BATCH,
+                 offload: OffloadOptions | None = AUTO_OFFLOAD):
         start = time.perf_counter()
         self.device = _resolve_device(device)
         if threads:
@@ -110,7 +116,8 @@ class Model:
         self.offload: Offload | None = None
         self.recording = False  # record_routing(): the prefetcher sits the run out
         if offload is not None:
-            self.offload = attach(self.net, self.file, offload, self.device)
+            self.offload = attach(self.net, self.file, offload, self.device, self.n_ctx, self.n_batch,
+                                  say=lambda line: print(f"qmoe: {line}", file=sys.stderr))
         self.timings = Timings(load_s=time.perf_counter() - start)
 
     # -- expert offloading (qmoe/experts/)
@@ -202,16 +209,21 @@ class Model:
         """Feed `ids` after what `cache` holds, in batches; logits of the last (or every) token."""
         self._check_fits(cache.n_past + len(ids))
         observer = self._with_prefetcher(observer)
+        chunks = [np.asarray(ids[start:start + self.n_batch], dtype=np.int64)
+                  for start in range(0, len(ids), self.n_batch)]
+        if len(chunks) > 1 and self.layer_major:
+            torch.set_num_threads(self.torch_threads)
+            outs = self.net.forward_layer_major([(chunk, cache) for chunk in chunks], observer, all_logits)
+            return torch.cat(outs) if all_logits else outs[-1]
         outs = []
-        for start in range(0, len(ids), self.n_batch):
-            chunk = np.asarray(ids[start:start + self.n_batch], dtype=np.int64)
+        for n, chunk in enumerate(chunks):
             # One token's torch ops take microseconds, and with more threads each first wakes
             # OpenMP's sleeping workers (qmoe/__init__.py: OMP_WAIT_POLICY=PASSIVE), ~90 us an op:
             # a decode step runs torch on one thread (tiny model at 2 threads: 7.6 -> 5.0 ms a
             # token; A3B shapes unchanged), a batch on all of them (A3B shapes, 512-token
             # prefill: 2.6 s on two, 3.2 s on one). The kernels keep their own threads.
             torch.set_num_threads(1 if len(chunk) == 1 else self.torch_threads)
-            last = start + self.n_batch >= len(ids)
+            last = n + 1 == len(chunks)
             if all_logits or last:
                 outs.append(self.net.forward(chunk, cache, observer, all_logits=all_logits))
             else:
@@ -234,6 +246,30 @@ class Model:
         if self.prefetcher is None or self.recording:
             return observer
         return self.prefetcher if observer is None else _Observers(self.prefetcher, observer)
+
+    @property
+    def layer_major(self) -> bool:
+        """Prefill goes layer by layer over the whole prompt (Transformer.forward_layer_major): with
+        a store that reads experts, so that each is read once per prompt rather than once per batch.
+        Without one, the page cache keeps what the batches share, and prefill runs batch by batch."""
+        return self.store is not None and self.store.compute_tier is not None
+
+    @torch.inference_mode()
+    def eval_windows(self, windows: list[list[int]], observer: Observer | None = None) -> None:
+        """Feed each of `windows` in a fresh context of its own (calibration): layer-major across
+        all of them when prefill is (one read of each expert for them all), else one after another."""
+        if not self.layer_major:
+            for w in windows:
+                self.eval(w, self.new_cache(), observer)
+            return
+        segments = []
+        for w in windows:
+            self._check_fits(len(w))
+            cache = KVCache(len(w))
+            segments += [(np.asarray(w[s:s + self.n_batch], dtype=np.int64), cache)
+                         for s in range(0, len(w), self.n_batch)]
+        torch.set_num_threads(self.torch_threads)
+        self.net.forward_layer_major(segments, self._with_prefetcher(observer))
 
     def logits(self, ids: list[int]) -> np.ndarray:
         """Logits at every position of `ids` in a fresh context: float32 [len(ids), n_vocab]."""

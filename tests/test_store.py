@@ -79,8 +79,9 @@ def test_budgets_parse_sizes_and_shares():
 
 
 def test_options_are_checked():
-    with pytest.raises(QmoeError, match="--ram-budget and/or --gpu-budget \\(or --sim-fast-budget\\)"):
-        OffloadOptions(prefetch="pre-attn")
+    assert OffloadOptions().ram_budget == "auto"  # the default: sized at load (budget.py)
+    with pytest.raises(QmoeError, match="--gpu-budget \\(or --sim-fast-budget\\); for none at all"):
+        OffloadOptions(ram_budget="off", prefetch="pre-attn")
     with pytest.raises(QmoeError, match="--prefetch"):
         OffloadOptions(ram_budget="1G", prefetch="psychic")
     with pytest.raises(QmoeError, match="--on-miss"):
@@ -675,7 +676,8 @@ def test_default_sidecar_is_found(q4_path, tmp_path):
             weight_type="f16",
         )
     with qmoe.load(model, offload=OffloadOptions(ram_budget="50%", prefetch="pre-attn")) as m:
-        assert m.prefetcher.policy.k_prime == hp.n_expert_used + 1
+        # the sidecar's k' (k + 1), doubled: the candidates the store's admission picks from
+        assert m.prefetcher.policy.k_prime == min(hp.n_expert, 2 * (hp.n_expert_used + 1))
 
 
 # ----------------------------------------------------------------------------- CUDA

@@ -1,10 +1,13 @@
 """Wiring expert offloading into a loaded model: the store, its compute, the prefetcher.
 
-    offload = attach(net, file, options, device)   # every MoE layer now computes through the store
+    offload = attach(net, file, options, device, n_ctx, n_batch)  # MoE layers compute through the store
     offload.stats()                                # once every prediction and transfer is done
     offload.close()
 
-`attach` replaces each MoE layer's `experts` (the kernels on the memory-mapped
+`attach` first resolves `--ram-budget auto` (budget.py): a model whose experts fit
+the memory available gets no store at all (attach returns None, unless a fast tier
+was asked for), one whose experts do not gets a RAM pool of what is left, read with
+O_DIRECT. It then replaces each MoE layer's `experts` (the kernels on the memory-mapped
 file) with `StoreExperts` over one `ExpertStore`, chooses the prefetch policy from
 the options (loading and checking predictors for pre-attn), and starts a
 `Prefetcher` that observes the forward pass. The engine only passes the
@@ -13,11 +16,13 @@ Prefetcher to the forward pass as its observer.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 import torch
 
 from qmoe.errors import QmoeError
+from qmoe.experts.budget import RunSizes, choose_ram_budget, mem_available, run_sizes
 from qmoe.experts.compute import StoreExperts
 from qmoe.experts.options import OffloadOptions
 from qmoe.experts.prefetch import (
@@ -82,11 +87,23 @@ class Offload:
         self.store.close()
 
 
-def attach(net: Transformer, file: GGUFFile, options: OffloadOptions, device: torch.device) -> Offload:
-    """Serve every MoE layer's routed experts of `net` (loaded from `file`) from an ExpertStore."""
+def attach(net: Transformer, file: GGUFFile, options: OffloadOptions, device: torch.device,
+           n_ctx: int, n_batch: int, say: Callable[[str], None] = print) -> Offload | None:
+    """Serve every MoE layer's routed experts of `net` (loaded from `file`) from an ExpertStore.
+
+    n_ctx, n_batch: the run's context and prefill batch, which `auto` leaves memory for.
+    say: where `auto` tells the user, in one line, what it chose when it made a pool.
+    None: `auto` found that the experts fit, and no other tier was asked for.
+    """
     moe = [block.ffn for block in net.blocks if isinstance(block.ffn, MoE)]
-    file_experts = moe[0].experts  # the kernels on the mapped file (MmapExperts), shared by every layer
+    if not moe and options.auto_ram and not options.has_fast_tier:
+        return None  # nothing routed to offload, nothing asked for
+    file_experts = moe[0].experts if moe else None  # the kernels on the mapped file (MmapExperts), shared
     slabs = ExpertSlabs(file.path, {m.layer: file_experts.tensors[m.layer] for m in moe})
+    if options.auto_ram:
+        options = _resolve_auto(options, run_sizes(net.hp, file, slabs, n_ctx, n_batch), say)
+        if options is None:
+            return None
     store = ExpertStore(slabs, options, device)
     try:
         experts = StoreExperts(store, file_experts)
@@ -104,6 +121,20 @@ def attach(net: Transformer, file: GGUFFile, options: OffloadOptions, device: to
     return Offload(store, experts, prefetcher)
 
 
+def _resolve_auto(options: OffloadOptions, sizes: RunSizes, say: Callable[[str], None]) -> OffloadOptions | None:
+    """`--ram-budget auto` made a size (with O_DIRECT reads), or no pool; None: no store at all."""
+    choice = choose_ram_budget(sizes, mem_available())
+    if choice.budget is not None:
+        say(f"--ram-budget auto: {choice.message}")
+        return replace(options, ram_budget=choice.budget, direct_io=True)
+    if options.has_fast_tier:
+        return replace(options, ram_budget=None)
+    if options.prefetch != "none":
+        say(f"--ram-budget auto: {choice.message}; --prefetch {options.prefetch} has no store to fill "
+            "(give --ram-budget SIZE for one)")
+    return None
+
+
 def _policy(net: Transformer, file: GGUFFile, options: OffloadOptions, device: torch.device,
             routers: dict[int, torch.Tensor]) -> Policy | None:
     hp = net.hp
@@ -114,6 +145,12 @@ def _policy(net: Transformer, file: GGUFFile, options: OffloadOptions, device: t
     if options.prefetch == "oracle":
         return OraclePolicy(RoutingTrace())  # predicts nothing until the engine replays a recording
     if options.prefetch == "cross-layer":
-        return CrossLayerPolicy(routers, options.k_prime or default_k_prime(hp.n_expert_used))
+        return CrossLayerPolicy(routers, options.k_prime or _candidates(default_k_prime(hp.n_expert_used), hp))
     predictors = load_predictors(file, options.predictors, net.moe_layers, device)
-    return PreAttentionPolicy(predictors, options.k_prime or predictors.k_prime)
+    return PreAttentionPolicy(predictors, options.k_prime or _candidates(predictors.k_prime, hp))
+
+
+def _candidates(k_prime: int, hp) -> int:
+    """Without --k-prime, a policy names twice its k' candidates, ranked, and the store admits
+    what the drive's spare time and each rank's measured precision allow (admission.py)."""
+    return min(hp.n_expert, 2 * k_prime)

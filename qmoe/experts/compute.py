@@ -49,11 +49,41 @@ class StoreExperts:
         tier = store.compute_tier
         if not claims.waiting and not claims.on_cpu and not tier.dense and self.layouts[layer] == tier.layout:
             return self._all_ready(tier, claims, x, ids, weights)
-        outputs = self._one_by_one(layer, tier, claims, x, {e: groups.tokens(g) for g, e in enumerate(needed)})
+        outputs = self._one_by_one(layer, tier, claims, {e: [x[groups.tokens(g)]] for g, e in enumerate(needed)})
         out = np.zeros_like(x)
         for g, e in enumerate(needed):
-            kernels.add_expert_output(out, groups, g, outputs[e], weights)
+            kernels.add_expert_output(out, groups, g, outputs[e][0], weights)
         return out
+
+    def over_segments(self, layer: int, xs: list[np.ndarray], ids: list[np.ndarray],
+                      weights: list[np.ndarray]) -> list[np.ndarray]:
+        """__call__ for each segment, every expert claimed once for all of them (layer-major prefill).
+
+        Each expert computes each segment's tokens apart, as __call__ on that segment would
+        (the kernels' path depends on how many tokens an expert has), and each segment's sum
+        runs in its own groups' order: every result equals __call__'s bit for bit. While this
+        layer computes, the store reads the next MoE layer ahead when the tier has room (read_ahead).
+        """
+        store = self.store
+        groups = [kernels.ExpertGroups(i) for i in ids]
+        inputs: dict[int, list[np.ndarray]] = {}  # expert -> its tokens' rows of each segment that chose it
+        for x, g in zip(xs, groups):
+            for n, e in enumerate(g.experts):
+                inputs.setdefault(int(e), []).append(x[g.tokens(n)])
+        needed = sorted(inputs)
+        if store.compute_tier is None:
+            store.count_file_layer(layer, needed)
+            return self.file_experts.over_segments(layer, xs, ids, weights)
+        claims = store.claim_layer(layer, needed)
+        store.read_ahead(layer, len(needed))
+        outputs = {e: iter(ys) for e, ys in self._one_by_one(layer, store.compute_tier, claims, inputs).items()}
+        results = []
+        for x, g, w in zip(xs, groups, weights):  # the segments in the order their inputs were listed
+            out = np.zeros_like(x)
+            for n, e in enumerate(g.experts):
+                kernels.add_expert_output(out, g, n, next(outputs[int(e)]), w)
+            results.append(out)
+        return results
 
     def _all_ready(self, tier: Tier, claims: LayerClaims, x, ids, weights) -> np.ndarray:
         """Every expert is ready in quantized slots: one moe_ffn call with the slots for their ids."""
@@ -67,45 +97,46 @@ class StoreExperts:
                 self.store.release(tier, entry)
 
     def _one_by_one(
-        self, layer: int, tier: Tier, claims: LayerClaims, x: np.ndarray, tokens: dict[int, np.ndarray]
-    ) -> dict[int, np.ndarray]:
-        """Each claimed expert's output on its tokens [n, n_embd]: hits, then the rest as they arrive."""
+        self, layer: int, tier: Tier, claims: LayerClaims, inputs: dict[int, list[np.ndarray]]
+    ) -> dict[int, list[np.ndarray]]:
+        """Each claimed expert's outputs [n, n_embd] on its inputs [n, n_embd] (one per segment):
+        hits first, then the rest as they arrive."""
         outputs = {}
         unused = claims.handles()
         try:
             for e, entry in claims.ready:
                 unused.remove(entry)
-                outputs[e] = self._compute_in(tier, entry, x[tokens[e]])
+                outputs[e] = self._compute_in(tier, entry, inputs[e])
             for e, handle in claims.waiting:
                 entry = self.store.wait(handle, layer)
                 unused.remove(handle)
-                outputs[e] = self._compute_in(tier, entry, x[tokens[e]])
+                outputs[e] = self._compute_in(tier, entry, inputs[e])
             for e in claims.on_cpu:
-                outputs[e] = self._compute_on_cpu(layer, e, x[tokens[e]])
+                outputs[e] = self._compute_on_cpu(layer, e, inputs[e])
         except BaseException:  # an error or Ctrl-C: do not leave slabs pinned for good
             self.store.unclaim(unused)
             raise
         return outputs
 
-    def _compute_in(self, tier: Tier, entry: Entry, x: np.ndarray) -> np.ndarray:
+    def _compute_in(self, tier: Tier, entry: Entry, xs: list[np.ndarray]) -> list[np.ndarray]:
         """Compute from an entry pinned for us, then release it."""
         layout = self.layouts[entry.key[0]]
         try:
             if tier is self.store.fast:
-                return tier.compute(entry.slot, x, layout)
-            return kernels.expert_ffn(*tier.views(entry.slot, layout), layout.qtypes, x)
+                return [tier.compute(entry.slot, x, layout) for x in xs]
+            return [kernels.expert_ffn(*tier.views(entry.slot, layout), layout.qtypes, x) for x in xs]
         finally:
             self.store.release(tier, entry)
 
-    def _compute_on_cpu(self, layer: int, expert: int, x: np.ndarray) -> np.ndarray:
+    def _compute_on_cpu(self, layer: int, expert: int, xs: list[np.ndarray]) -> list[np.ndarray]:
         """A fast-tier miss computed by the kernels from the quantized slab: pool (read if absent) or file."""
         pool = self.store.pool
         if pool is None:
-            return kernels.expert_ffn(*self.store.slabs.views(layer, expert), self.layouts[layer].qtypes, x)
+            return [kernels.expert_ffn(*self.store.slabs.views(layer, expert), self.layouts[layer].qtypes, x) for x in xs]
         handle = self.store.claim_in_pool(layer, expert)
         try:
             entry = self.store.wait(handle, layer)
         except BaseException:
             self.store.unclaim([handle])
             raise
-        return self._compute_in(pool, entry, x)
+        return self._compute_in(pool, entry, xs)

@@ -7,7 +7,9 @@ the engine hands it to the expert store and the prefetcher.
 Budgets are bytes of expert slabs a tier may hold: a size ("6G", "512M", "300K",
 "123456"; binary units, so 6G = 6 GiB) or a share of all the model's experts in
 that tier's own form ("40%": of the quantized bytes for the RAM pool, of the
-bytes a slab takes in the fast tier).
+bytes a slab takes in the fast tier). The RAM pool's budget may also be "auto"
+(the default: a pool, read with O_DIRECT, only when the experts do not fit the
+memory available; budget.py) or "off" (no pool).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from dataclasses import dataclass
 from qmoe.errors import QmoeError
 from qmoe.experts.link import SimulatedLink
 
+AUTO, OFF = "auto", "off"
 POLICIES = ("none", "cross-layer", "pre-attn", "oracle")
 PREDICT_IN = ("auto", "model", "worker")
 MISS_POLICIES = ("cpu", "wait")
@@ -67,7 +70,9 @@ class OffloadOptions:
     """Tiers, prefetch policy and miss policy for the routed experts.
 
     ram_budget: host-RAM pool of quantized slabs, read from the file explicitly;
-        None = no pool (the experts are served from the memory-mapped file).
+        "auto" (default): sized at load to the memory available, and only when the experts
+        do not fit it (budget.py; attach() resolves it); None or "off" = no pool (the
+        experts are served from the memory-mapped file).
     gpu_budget: GPU memory for the compute-ready fast tier of dequantized experts
         (CUDA). Without CUDA it is a deprecated spelling of sim_fast_budget.
     sim_fast_budget: a SIMULATED fast tier in CPU memory: quantized slabs for the CPU
@@ -79,7 +84,9 @@ class OffloadOptions:
         "wait" loads it and computes it in the fast tier.
         Without a fast tier every expert is computed by the CPU kernels from the
         pool, and a pool miss is always read (there is nothing else to compute from).
-    k_prime: experts prefetched per token (default: the predictors' k', else ceil(1.5 k)).
+    k_prime: candidates a prediction names per token (default: twice the predictors' k', else
+        twice ceil(1.5 k)); of those the store reads only what the drive has spare time for,
+        and beyond it the ranks that are right more often than wrong (admission.py).
     lookahead: for "pre-attn" and "oracle", how many of the next MoE layers to guess right
         after each attention, besides each layer's own prediction (prefetch.py); 0 = the
         paper's schedule.
@@ -92,7 +99,7 @@ class OffloadOptions:
         (float32 slots in CPU memory): slower, for testing that path on machines without a GPU.
     """
 
-    ram_budget: str | int | None = None
+    ram_budget: str | int | None = AUTO
     gpu_budget: str | int | None = None
     sim_fast_budget: str | int | None = None
     prefetch: str = "none"
@@ -106,10 +113,14 @@ class OffloadOptions:
     cpu_fast_tier_dense: bool = False
 
     def __post_init__(self) -> None:
+        if isinstance(self.ram_budget, str) and self.ram_budget.strip().lower() in (AUTO, OFF):
+            self.ram_budget = self.ram_budget.strip().lower()
+        if self.ram_budget == OFF:
+            self.ram_budget = None
         if self.ram_budget is None and self.gpu_budget is None and self.sim_fast_budget is None:
             raise QmoeError(
-                "expert offloading needs a tier to manage: give --ram-budget and/or --gpu-budget "
-                "(or --sim-fast-budget)"
+                "expert offloading needs a tier to manage: give --ram-budget (auto or a size) and/or "
+                "--gpu-budget (or --sim-fast-budget); for none at all, load with offload=None"
             )
         if self.gpu_budget is not None and self.sim_fast_budget is not None:
             raise QmoeError("give --gpu-budget (a GPU tier) or --sim-fast-budget (a simulated one), not both")
@@ -139,3 +150,12 @@ class OffloadOptions:
             )
             return self.gpu_budget, "--gpu-budget", True
         return self.gpu_budget, "--gpu-budget", False
+
+    @property
+    def has_fast_tier(self) -> bool:
+        return self.gpu_budget is not None or self.sim_fast_budget is not None
+
+    @property
+    def auto_ram(self) -> bool:
+        """The RAM pool is still to be sized from the memory available (attach() does it)."""
+        return self.ram_budget == AUTO

@@ -257,8 +257,8 @@ class Prefetcher:
                 self.stream.wait_event(ready)
                 x.record_stream(self.stream)  # x's memory is not reused before this stream is done with it
                 experts = self.policy.predict(layer, self.attn_norms[layer](x) if normalize else x)
-        self.scorer.predicted(layer, step, experts, time.perf_counter() - start)
-        self.store.prefetch(layer, experts, step)
+        self.scorer.predicted(layer, step, experts, time.perf_counter() - start)  # all ranks: how each scores
+        self.store.prefetch(layer, experts, step, self.scorer.rank_precision)  # those worth a read
 
     def set_policy(self, policy: Policy) -> None:
         """Switch policies between runs (the oracle gets its recording this way)."""

@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 
 from qmoe.experts.options import format_bytes
@@ -106,9 +107,13 @@ class PredictionScorer:
     def reset(self) -> None:
         with self.lock:
             self.stats = PredictionStats.for_layers(self.layers)
-            self.pending: dict[int, tuple[int, set[int]]] = {}  # layer -> (step, its latest prediction)
+            self.pending: dict[int, tuple[int, list[int]]] = {}  # layer -> (step, its latest prediction)
             self.routed_steps: dict[int, int] = {}  # layer -> passes routed so far
             self.unpredicted: dict[tuple[int, int], set[int]] = {}  # (layer, step) routed unpredicted
+            # Per rank of the ranked predictions (most wanted first): how often it was named, and
+            # right. What speculative reads are admitted by (admission.py).
+            self.rank_named: dict[int, int] = defaultdict(int)
+            self.rank_correct: dict[int, int] = defaultdict(int)
 
     def predicted(self, layer: int, step: int, experts: list[int], seconds: float) -> None:
         with self.lock:
@@ -118,9 +123,9 @@ class PredictionScorer:
                 self.stats.late_predictions += 1
                 actual = self.unpredicted.pop((layer, step), None)
                 if actual is not None:
-                    self._score(layer, set(experts), actual)
+                    self._score(layer, experts, actual)
                 return
-            self.pending[layer] = (step, set(experts))
+            self.pending[layer] = (step, list(experts))
 
     def routed(self, layer: int, step: int, actual: set[int]) -> None:
         with self.lock:
@@ -134,10 +139,20 @@ class PredictionScorer:
             if len(self.unpredicted) > UNPREDICTED_KEPT:
                 del self.unpredicted[next(iter(self.unpredicted))]  # the oldest
 
-    def _score(self, layer: int, predicted: set[int], actual: set[int]) -> None:
+    def _score(self, layer: int, ranked: list[int], actual: set[int]) -> None:
         s = self.stats.layers[layer]
+        predicted = set(ranked)
         s.predicted += len(predicted)
         s.correct += len(predicted & actual)
+        for rank, e in enumerate(ranked):
+            self.rank_named[rank] += 1
+            self.rank_correct[rank] += e in actual
+
+    def rank_precision(self, rank: int) -> float | None:
+        """How often the prediction's `rank`-th expert was routed to; None before it was scored."""
+        with self.lock:
+            named = self.rank_named.get(rank, 0)
+            return self.rank_correct[rank] / named if named else None
 
 
 def _ratio(num: float, den: float) -> float | None:

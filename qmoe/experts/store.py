@@ -35,11 +35,13 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
 from qmoe.errors import QmoeError
+from qmoe.experts.admission import admit
 from qmoe.experts.cache import Entry, Key
 from qmoe.experts.options import OffloadOptions, format_bytes, parse_budget
 from qmoe.experts.slabs import ExpertSlabs, SlabReader
@@ -88,6 +90,11 @@ class ExpertStore:
         self.closing = False
         self.error: BaseException | None = None
         self.stats = StoreStats.for_layers(slabs.layers)
+        # What speculative reads may spend (admission.py): seconds per slab read, and between a
+        # layer's first prediction and its forward pass (moving averages), the latter's start.
+        self.read_s: float | None = None
+        self.lead_s: float | None = None
+        self.predicted_at: dict[int, float] = {}
         self.transfers = Transfers(self)
 
     # ----------------------------------------------------------------------------- tiers from budgets
@@ -198,6 +205,9 @@ class ExpertStore:
         """Under the lock: `layer` runs a forward pass. A prediction for this pass that comes
         later is too late; those that came are used (claimed already) or wrong: evict those first."""
         self.steps[layer] += 1
+        since = self.predicted_at.pop(layer, None)
+        if since is not None:
+            self.lead_s = _moving_average(self.lead_s, time.perf_counter() - since)
         tier = self.compute_tier
         for key in self.predicted.pop(layer, ()):
             entry = tier.cache.get(key) if tier is not None else None
@@ -294,8 +304,24 @@ class ExpertStore:
         """Under the lock: `key` is named by the current prediction for its layer's coming step."""
         return key in self.predicted.get(key[0], ())
 
-    def prefetch(self, layer: int, experts: list[int], step: int) -> None:
+    def observe_read(self, seconds: float) -> None:
+        """Under the lock: one slab was read from the file in `seconds` (the transfer thread)."""
+        self.read_s = _moving_average(self.read_s, seconds)
+
+    def spare_reads(self) -> int | None:
+        """Under the lock: slab reads the drive can finish before a predicted layer runs, beside
+        those queued or running already; None until both times have been measured."""
+        if self.read_s is None or self.lead_s is None or self.read_s <= 0:
+            return None
+        queued = sum(not job.cancelled for job in self.transfers.queue) + self.transfers.busy
+        return max(0, int(self.lead_s / self.read_s) - queued)
+
+    def prefetch(self, layer: int, experts: list[int], step: int,
+                 rank_precision: Callable[[int], float | None] | None = None) -> None:
         """Bring `experts` of `layer` (most wanted first) into the compute tier for its step `step`.
+
+        rank_precision: the prediction's measured precision by rank; given, only the experts
+        worth a speculative read are queued (admission.py), else all of them.
 
         Resident ones are protected until the layer runs; absent ones are queued
         behind any demand load. Nothing happens if the layer has already started its step.
@@ -307,6 +333,10 @@ class ExpertStore:
         with self.lock:
             if step != self.steps[layer] or tier is None:  # too late, or nothing to move
                 return
+            if rank_precision is not None:
+                experts = admit(experts, lambda e: tier.cache.get((layer, e)) is not None, self.spare_reads(),
+                                rank_precision)
+            self.predicted_at.setdefault(layer, time.perf_counter())
             guessed = self.predicted.get(layer, set())
             self.predicted[layer] = {(layer, e) for e in experts}
             if guessed:
@@ -323,6 +353,24 @@ class ExpertStore:
                     entry.protected = True
                 else:
                     self.transfers.enqueue(PREFETCH, tier, key, step)
+
+    def read_ahead(self, layer: int, n_claimed: int) -> None:
+        """Layer-major prefill: while `layer` computes (`n_claimed` experts pinned), bring in every
+        expert of the next MoE layer, if the compute tier holds them beside `layer`'s.
+
+        A whole prompt routes to (nearly) every expert of a layer, so this is barely a guess;
+        an expert it brought that no token chose is evicted first once that layer ran. Behind
+        any demand load (a prefetch), and nothing when the tier is too small: then each
+        expert is read when its layer asks for it, still once per prompt.
+        """
+        tier = self.compute_tier
+        index = self.slabs.layers.index(layer)
+        if tier is None or index + 1 == len(self.slabs.layers):
+            return
+        if tier.cache.n_slots < n_claimed + self.slabs.n_expert:
+            return
+        upcoming = self.slabs.layers[index + 1]
+        self.prefetch(upcoming, list(range(self.slabs.n_expert)), self.step(upcoming))
 
     # ----------------------------------------------------------------------------- lifetime
 
@@ -360,3 +408,7 @@ class ExpertStore:
         self.transfers.join()
         if self.reader is not None:
             self.reader.close()
+
+
+def _moving_average(average: float | None, sample: float, weight: float = 0.2) -> float:
+    return sample if average is None else (1 - weight) * average + weight * sample

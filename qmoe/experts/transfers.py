@@ -223,6 +223,7 @@ class Transfers:
         if t.read_into is not None:
             store.pool.cache.loaded(t.read_into)
             s.bytes_into["ram"] += nbytes
+            store.observe_read(t.elapsed)
         if t.upload_from is not None:
             t.upload_from.pins -= 1
             store.pool.cache.touch(t.upload_from)

@@ -429,6 +429,11 @@ class ExpertCompute(Protocol):
 
     def __call__(self, layer: int, x: np.ndarray, ids: np.ndarray, weights: np.ndarray) -> np.ndarray: ...
 
+    def over_segments(self, layer: int, xs: list[np.ndarray], ids: list[np.ndarray],
+                      weights: list[np.ndarray]) -> list[np.ndarray]:
+        """What __call__ gives for each segment, computed together (layer-major prefill): a store
+        brings each expert in once for all of them. Each result equals __call__'s bit for bit."""
+
 
 class MmapExperts:
     """Experts computed by the numba kernels straight from the memory-mapped file."""
@@ -446,6 +451,10 @@ class MmapExperts:
         gate, up, down = self.tensors[layer]
         return kernels.moe_ffn(gate.data, up.data, down.data, (gate.qtype, up.qtype, down.qtype),
                                x, ids, weights)
+
+    def over_segments(self, layer: int, xs: list[np.ndarray], ids: list[np.ndarray],
+                      weights: list[np.ndarray]) -> list[np.ndarray]:
+        return [self(layer, x, i, w) for x, i, w in zip(xs, ids, weights)]  # the map is read in place
 
 
 class Observer(Protocol):
@@ -471,12 +480,25 @@ class MoE:
         self.shared = shared
 
     def __call__(self, x: torch.Tensor, observer: Observer | None) -> torch.Tensor:
+        ids, weights = self.choose(x, observer)
+        return self._finish(x, self.experts(self.layer, _np(x), ids, weights))
+
+    def choose(self, x: torch.Tensor, observer: Observer | None) -> tuple[np.ndarray, np.ndarray]:
+        """The routing of x [T, n_embd]: expert ids int32 [T, k] and their weights float32 [T, k]."""
         logits = x @ self.router.T  # [T, n_expert]
         ids, weights = self.route(logits)
         if observer is not None:
             observer.routed(self.layer, x, logits, ids)
-        out = self.experts(self.layer, _np(x), ids.cpu().numpy().astype(np.int32),
-                           np.ascontiguousarray(weights.cpu().numpy(), dtype=np.float32))
+        return ids.cpu().numpy().astype(np.int32), np.ascontiguousarray(weights.cpu().numpy(), dtype=np.float32)
+
+    def over_segments(self, xs: list[torch.Tensor], choices: list[tuple[np.ndarray, np.ndarray]]
+                      ) -> list[torch.Tensor]:
+        """__call__ for each segment (routed already by `choose`), the experts computed together."""
+        outs = self.experts.over_segments(self.layer, [_np(x) for x in xs], [c[0] for c in choices],
+                                          [c[1] for c in choices])
+        return [self._finish(x, out) for x, out in zip(xs, outs)]
+
+    def _finish(self, x: torch.Tensor, out: np.ndarray) -> torch.Tensor:
         y = torch.from_numpy(out).to(x.device)
         if self.shared is not None:
             y = y + self.shared(x)
@@ -553,6 +575,48 @@ class Transformer:
             y = block.ffn_norm(h)
             h = h + block.ffn(y, observer)
         return h
+
+    def forward_layer_major(self, segments: list[tuple[np.ndarray, KVCache]], observer: Observer | None = None,
+                            all_logits: bool = False) -> list[torch.Tensor]:
+        """`forward` over several segments, layer by layer: each block takes every segment before the next.
+
+        segments: (tokens, cache) pairs, each run after what its cache holds; segments that
+        share a cache are consecutive parts of one sequence (a long prompt's batches), in
+        order; others are separate sequences (calibration windows). In each block, every
+        segment's attention runs as `forward` runs it, then the routed experts of all
+        segments' tokens in one `MoE.over_segments` call, so that an expert store brings each
+        expert in once per block rather than once per segment. The logits equal `forward`'s on
+        each segment in turn, bit for bit (tests/test_layer_major.py); the observer sees each
+        segment's pre_attention, attended and routed calls in that order, block by block.
+        """
+        ends: dict[int, int] = {}
+        starts = []
+        for tokens, cache in segments:
+            starts.append(ends.get(id(cache), cache.n_past))
+            ends[id(cache)] = starts[-1] + len(tokens)
+        positions = [torch.arange(s, s + len(t), device=self.device) for s, (t, _) in zip(starts, segments)]
+        hs = [self.embed(np.asarray(tokens)) for tokens, _ in segments]
+        for i, block in enumerate(self.blocks):
+            ys, choices = [], []
+            for j, (_, cache) in enumerate(segments):
+                cache.n_past = starts[j]
+                x = block.attn_norm(hs[j])
+                if observer is not None and block.routed:
+                    observer.pre_attention(i, x)
+                hs[j] = hs[j] + block.attn(x, cache, positions[j])
+                if observer is not None:
+                    observer.attended(i, hs[j])
+                y = block.ffn_norm(hs[j])
+                if block.routed:
+                    ys.append(y)
+                    choices.append(block.ffn.choose(y, observer))
+                else:
+                    hs[j] = hs[j] + block.ffn(y, observer)
+            if block.routed:
+                hs = [h + out for h, out in zip(hs, block.ffn.over_segments(ys, choices))]
+        for _, cache in segments:
+            cache.n_past = ends[id(cache)]
+        return [self.output(self.output_norm(h if all_logits else h[-1:])) for h in hs]
 
 
 Norm = Callable[[torch.Tensor], torch.Tensor]

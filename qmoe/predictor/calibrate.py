@@ -77,12 +77,37 @@ def self_generated_text(model: Model, n_tokens: int, seed: int = 0, window: int 
     return docs
 
 
+GROUP_TOKENS = 4096  # windows run layer-major together: what their activations and KV caches hold
+
+
+def _window_groups(windows: list[list[int]], n_tokens: int, group_tokens: int) -> list[list[list[int]]]:
+    """The first `n_tokens` tokens of `windows` (the last window cut), in groups of about `group_tokens`."""
+    groups: list[list[list[int]]] = [[]]
+    size = 0
+    left = n_tokens
+    for w in windows:
+        w = w[:left]
+        if not w:
+            break
+        if size and size + len(w) > group_tokens:
+            groups.append([])
+            size = 0
+        groups[-1].append(w)
+        size += len(w)
+        left -= len(w)
+    return groups
+
+
 def record(model: Model, docs: list[list[int]], out_dir: str | os.PathLike, max_tokens: int,
-           window: int = 256, progress: bool = True) -> CalibMeta:
+           window: int = 256, progress: bool = True, group_tokens: int = GROUP_TOKENS) -> CalibMeta:
     """Run `docs` (token lists) through the model and record up to `max_tokens` tokens.
 
     Each window is at most one prefill batch, so every forward pass records all of
-    its tokens; the last window is cut to what is left of `max_tokens`.
+    its tokens; the last window is cut to what is left of `max_tokens`. Windows run
+    in groups of about `group_tokens` tokens through `Model.eval_windows`: with an
+    expert store, each group goes layer by layer, so that each expert is read once
+    per group rather than once per window (a model larger than RAM calibrates in
+    minutes, not hours). The recording is the same either way.
     """
     window = min(window, model.n_batch, model.n_ctx)
     windows = [doc[i:i + window] for doc in docs for i in range(0, len(doc), window)]
@@ -94,16 +119,11 @@ def record(model: Model, docs: list[list[int]], out_dir: str | os.PathLike, max_
                      n_expert=hp.n_expert, k=hp.n_expert_used, model_identity=model_identity(model.file))
     writer = CalibWriter(out_dir, meta, n_tokens)
     recorder = _Recorder(writer)
-    done = 0
     try:
         with tqdm(total=n_tokens, desc="calibrate", unit="tok", disable=not progress) as bar:
-            for w in windows:
-                w = w[: n_tokens - done]
-                if not w:
-                    break
-                model.eval(w, model.new_cache(), observer=recorder)
-                done += len(w)
-                bar.update(len(w))
+            for group in _window_groups(windows, n_tokens, group_tokens):
+                model.eval_windows(group, observer=recorder)
+                bar.update(sum(len(w) for w in group))
     except BaseException:
         writer.abort()
         raise

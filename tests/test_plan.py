@@ -1,0 +1,66 @@
+"""`qmoe plan`: the forecast's arithmetic on made-up machines, and the command on a small file."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from qmoe.cli import main
+from qmoe.experts.budget import MEASURED_OVERHEAD_BYTES, RunSizes
+from qmoe.experts.plan import ModelShape, Probe, forecast
+
+MiB = 2**20
+# Qwen3-30B-A3B at Q8_0: 48 MoE layers of 128 experts (8 used), 3 x 768 x 2048 rows a slab.
+SLAB = 3 * 768 * 2048 * 34 // 32
+SHAPE = ModelShape(n_moe_layers=48, n_expert=128, n_expert_used=8, dense_bytes=1200 * MiB,
+                   sizes=RunSizes(expert_bytes=48 * 128 * SLAB, slab_bytes=SLAB, slabs_per_token=8,
+                                  other_weights_bytes=1500 * MiB, kv_cache_bytes=100 * MiB, activation_bytes=50 * MiB))
+# A drive of 0.7 GB/s; an expert 0.5 ms a token (0.25 ms in a batch); 10 GB/s over the other weights.
+PROBE = Probe(read_bps=0.7e9, expert_s=0.5e-3, expert_batched_s=0.25e-3, dense_bps=10e9,
+              dense_batched_bps=100e9, seconds=4.0)
+
+
+def test_a_model_served_from_the_map_reads_nothing_per_token():
+    f = forecast(SHAPE, PROBE, None)
+    compute = 48 * 8 * 0.5e-3 + 1200 * MiB / 10e9
+    assert f.hit_rate == 1 and f.read_per_token == 0 and f.pool_bytes == 0
+    assert f.decode_tok_s == pytest.approx(1 / compute) == f.decode_bound_tok_s
+    assert f.peak_rss == 1650 * MiB + MEASURED_OVERHEAD_BYTES + SHAPE.sizes.expert_bytes
+
+
+def test_a_pool_misses_in_proportion_to_what_it_leaves_out():
+    half = SHAPE.sizes.expert_bytes // 2
+    f = forecast(SHAPE, PROBE, half)
+    slots = half // SLAB
+    assert f.hit_rate == pytest.approx(slots / (48 * 128))
+    assert f.read_per_token == round((1 - f.hit_rate) * 8 * 48) * SLAB  # 192 slabs: 0.5 GB a token
+    compute, reads = 48 * 8 * 0.5e-3 + 1200 * MiB / 10e9, f.read_per_token / 0.7e9
+    assert f.decode_tok_s == pytest.approx(1 / (compute + reads))
+    assert f.decode_bound_tok_s == pytest.approx(1 / max(compute, reads))
+    assert f.peak_rss == 1650 * MiB + MEASURED_OVERHEAD_BYTES + slots * SLAB
+    # Layer-major prefill: an 8-token prompt uses at most 64 of a layer's 128 experts, read once;
+    # the pool holds two layers, so the reads overlap the compute.
+    used = 128 * (1 - (1 - 8 / 128) ** 8)
+    work = 8 * (48 * 8 * 0.25e-3 + 1200 * MiB / 100e9)
+    assert f.first_token_s[8] == pytest.approx(max(48 * used * SLAB / 0.7e9, work))
+    assert f.first_token_s[512] > f.first_token_s[8]
+
+
+def test_smaller_pools_forecast_slower_runs():
+    budgets = [2**30 * g for g in (4, 8, 16, 24)]
+    rates = [forecast(SHAPE, PROBE, b).decode_tok_s for b in budgets]
+    assert rates == sorted(rates) and rates[0] < rates[-1] < forecast(SHAPE, PROBE, None).decode_tok_s
+
+
+def test_plan_answers_for_a_small_file(tiny_gguf, tmp_path, capsys):
+    path = tiny_gguf("qwen3moe", "q8_0", "q4_0")
+    out = tmp_path / "plan.json"
+    assert main(["plan", str(path), "--ram", "30%", "off", "--json", str(out), "-t", "1"]) == 0
+    table = capsys.readouterr().out
+    assert "| mapped file |" in table and "probe (" in table
+    plan = json.loads(out.read_text())
+    assert [f["budget"] for f in plan["forecasts"]][1] is None
+    assert plan["probe"]["read_bps"] > 0 and plan["model"]["n_slabs"] == 16
+    assert main(["plan", str(path), "--ram", "lots"]) == 1
+    assert "is not a size" in capsys.readouterr().err
