@@ -23,6 +23,7 @@ the experts stay quantized in host memory (computed on the CPU, like llama.cpp's
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -296,7 +297,7 @@ class KVCache:
         return self.layers[layer]
 
 
-class CachedAttention:
+class CachedAttention(ABC):
     """Attention over a KV cache, in three parts: project, attend, output projection.
 
     A pass of one sequence runs them in a row. A batched decode step
@@ -312,11 +313,11 @@ class CachedAttention:
 
     wo: Linear
 
-    def project(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        raise NotImplementedError
+    @abstractmethod
+    def project(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, ...]: ...
 
-    def attend(self, parts: tuple[torch.Tensor, ...], cache: KVCache) -> torch.Tensor:
-        raise NotImplementedError
+    @abstractmethod
+    def attend(self, parts: tuple[torch.Tensor, ...], cache: KVCache) -> torch.Tensor: ...
 
     def __call__(self, x: torch.Tensor, cache: KVCache, positions: torch.Tensor) -> torch.Tensor:
         return self.wo(self.attend(self.project(x, positions), cache))
