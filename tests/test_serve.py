@@ -381,7 +381,7 @@ def test_sigterm_ends_in_flight_streams_cleanly(model_path):
     port = _free_port()
     env = os.environ | {"PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, "-m", "qmoe.cli", "serve", str(model_path), "--port", str(port),
-                             "--parallel", "2", "--shutdown-grace", "1.5", "-t", "1", "--ctx", "512"],
+                             "--parallel", "2", "--shutdown-grace", "0.5", "-t", "1", "--ctx", "512"],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         def up() -> bool:
@@ -394,7 +394,9 @@ def test_sigterm_ends_in_flight_streams_cleanly(model_path):
         _wait_for(up, "qmoe serve did not come up", 120)
         server = type("S", (), {"port": port})
         long = _open_stream(server, {"prompt": "def main(", "max_tokens": 500, "stop": "@@@@"})
-        short = _open_stream(server, {"prompt": "x", "max_tokens": 20, "temperature": 0.8, "seed": 3})
+        # 5 tokens take milliseconds, 500 take seconds even on a fast machine: the grace (0.5 s)
+        # lets the first finish and cuts the second
+        short = _open_stream(server, {"prompt": "x", "max_tokens": 5, "temperature": 0.8, "seed": 3})
         assert long.readline().startswith(b"data: ")
         proc.send_signal(signal.SIGTERM)
         short_events = [line for line in short.read().decode().splitlines() if line.startswith("data: ")]

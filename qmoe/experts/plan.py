@@ -142,12 +142,14 @@ def probe(file: GGUFFile, shape: ModelShape, seed: int = 0) -> Probe:
     rng = np.random.default_rng(seed)
     reader = SlabReader(file.path, direct=True)
     try:
-        n_read, t0 = 0, time.perf_counter()
+        n_read, bytes_read, t0 = 0, 0, time.perf_counter()
         while n_read < max(PROBE_READS * (time.perf_counter() - t0 < PROBE_READS_S), k):
             layer = layers[rng.integers(len(layers))]
-            reader.read(slabs.ranges(layer, int(rng.integers(slabs.n_expert))), pool.views(n_read % k))
+            reader.read(slabs.ranges(layer, int(rng.integers(slabs.n_expert))),
+                        pool.views(n_read % k, slabs.layouts[layer]))
             n_read += 1
-        read_bps = n_read * slabs.layout.nbytes / (time.perf_counter() - t0)
+            bytes_read += slabs.layouts[layer].nbytes
+        read_bps = bytes_read / (time.perf_counter() - t0)
     finally:
         reader.close()
     n_embd = slabs.layout.n_embd
