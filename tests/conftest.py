@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 
 @pytest.fixture(scope="session")
@@ -38,3 +39,13 @@ def tiny_gguf(tiny_hf, tmp_path_factory):
         return built[key]
 
     return get
+
+
+@pytest.fixture
+def one_torch_thread():
+    """The test machines are small and shared: keep torch to one thread for a test
+    (modules that want it for every test: pytestmark = pytest.mark.usefixtures("one_torch_thread"))."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

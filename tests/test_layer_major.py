@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 import qmoe
 from qmoe.cli import main
@@ -36,12 +35,7 @@ from qmoe.predictor.calibrate import record
 N_BATCH = 48  # a 160-token prompt is four batches; 2 of 8 experts per token: ~12 tokens an expert a batch
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def prompt(n_vocab: int, n: int = 160, seed: int = 0) -> list[int]:

@@ -38,14 +38,7 @@ from qmoe.predictor.runtime import KernelPredictors
 from qmoe.predictor.sidecar import default_sidecar_path, load_sidecar, model_identity, write_sidecar
 from qmoe.predictor.train import predictor_loss, rank_tiers, router_order, train_all, train_layer
 
-
-@pytest.fixture(autouse=True)
-def _few_threads():
-    """The test machines are small and shared: keep torch to one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def separated_linear_router(n_tokens: int, n_embd: int, n_expert: int, k: int, seed: int, gap: float = 0.5):

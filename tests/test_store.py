@@ -36,13 +36,7 @@ QT = GGMLQuantizationType
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA fast tier needs a CUDA device")
 
 
-@pytest.fixture(autouse=True)
-def _few_threads():
-    """The test machines are small and shared: keep torch to one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
