@@ -66,7 +66,7 @@ def _offload_options(args: argparse.Namespace):
             ("--predict-in", args.predict_in != OffloadOptions.predict_in), ("--predictors", args.predictors),
             ("--sim-link-gbps", args.sim_link_gbps),
             ("--sim-link-latency-us", args.sim_link_latency_us), ("--no-page-cache", args.no_page_cache),
-            ("--stats", args.stats), ("--stats-json", args.stats_json),
+            ("--io-depth", args.io_depth != OffloadOptions.io_depth), ("--stats", args.stats), ("--stats-json", args.stats_json),
         ) if value]
         if given:
             raise QmoeError(f"{', '.join(given)} only apply with an expert store: give --ram-budget (auto or a "
@@ -79,7 +79,7 @@ def _offload_options(args: argparse.Namespace):
                           sim_fast_budget=args.sim_fast_budget, prefetch=args.prefetch,
                           on_miss=args.on_miss or "cpu", k_prime=args.k_prime, lookahead=args.lookahead,
                           predict_in=args.predict_in,
-                          predictors=args.predictors, direct_io=args.no_page_cache, link=link)
+                          predictors=args.predictors, direct_io=args.no_page_cache, io_depth=args.io_depth, link=link)
 
 
 def _prepare_oracle(model, args, sampling) -> None:
@@ -395,6 +395,9 @@ def add_offload_arguments(parser: argparse.ArgumentParser) -> None:
                      help="per-transfer latency of the simulated link in microseconds (default 0)")
     off.add_argument("--no-page-cache", action="store_true",
                      help="read experts with O_DIRECT so the page cache holds no second copy")
+    off.add_argument("--io-depth", type=int, default=OffloadOptions.io_depth, metavar="N",
+                     help="expert reads from the file in flight at once: a drive serves several in little "
+                          f"more than the time of one (default {OffloadOptions.io_depth})")
     off.add_argument("--stats", action="store_true", help="print expert store statistics to stderr")
     off.add_argument("--stats-json", default=None, metavar="FILE", help="write expert store statistics as JSON")
 

@@ -8,6 +8,7 @@ import shutil
 import threading
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -17,15 +18,16 @@ from gguf import GGMLQuantizationType
 from gguf.quants import quantize
 
 import qmoe
+from bench.random_moe import MoEShape, write_random_moe
 from qmoe import kernels
 from qmoe.cli import main
 from qmoe.errors import QmoeError
 from qmoe.experts.cache import SlotCache
 from qmoe.experts.link import SimulatedLink
 from qmoe.experts.options import OffloadOptions, parse_budget
-from qmoe.experts.slabs import SlabReader
+from qmoe.experts.slabs import SlabReader, direct_residue
 from qmoe.experts.store import ExpertStore
-from qmoe.experts.tiers import dense_expert_ffn
+from qmoe.experts.tiers import RamPool, dense_expert_ffn
 from qmoe.kernels import dequantize_torch
 from qmoe.models.base import MmapExperts, MoE
 from qmoe.predictor.model import INPUT_PRE_ATTN, PredictorSet, build_predictor, fold_batchnorm
@@ -126,20 +128,55 @@ def test_dequantize_torch_matches_the_kernels(qtype):
     assert np.array_equal(got, kernels.dequantize(raw, qtype))
 
 
-@pytest.mark.parametrize("direct,fan_out", [(False, False), (True, False), (True, True)])
-def test_reader_reads_every_slab_as_the_file_has_it(q4_path, direct, fan_out, monkeypatch):
-    if fan_out:  # the parts in parallel, as for slabs of real models' size
-        monkeypatch.setattr(SlabReader, "FAN_OUT_MIN_BYTES", 0)
-    with qmoe.load(q4_path, offload=OffloadOptions(ram_budget="100%", direct_io=True)) as m:
+@pytest.fixture(scope="module")
+def wide_experts_path(tmp_path_factory):
+    """Experts of several pages per part (Q8_0 [512, 256]: 34 pages), as in real models."""
+    shape = MoEShape(n_layers=2, n_embd=256, n_head=4, n_head_kv=2, head_dim=64, n_expert=8, n_expert_used=2,
+                     n_ff_exp=512, n_vocab=300, expert_type=QT.Q8_0)
+    return write_random_moe(tmp_path_factory.mktemp("wide") / "wide.gguf", shape, "wide experts")
+
+
+@pytest.mark.parametrize("direct,into_pool,align", [(False, False, None), (True, False, None),
+                                                    (True, True, None), (True, True, 4096)])
+@pytest.mark.parametrize("model", ["q4_path", "wide_experts_path"])
+def test_reader_reads_every_slab_as_the_file_has_it(model, direct, into_pool, align, request):
+    """Plain buffers go through the bounce buffer; slots of a pool lined up with the file take the
+    whole blocks straight from the drive (at the drive's alignment, or 4096), from 4 threads at once."""
+    path = request.getfixturevalue(model)
+    with qmoe.load(path, offload=OffloadOptions(ram_budget="100%", direct_io=True)) as m:
         slabs = m.store.slabs
         reader = SlabReader(slabs.path, direct)
+        if align is not None:
+            reader.align = align
+        pool = RamPool(slabs.layout, 4, reader.align, direct_residue(slabs, reader.align))
+        keys = [(layer, e) for layer in slabs.layers for e in range(slabs.n_expert)]
+
+        lined_up = []  # bytes of the parts whose slot lines up with the file and that span a whole block
+
+        def read_all(slot: int) -> None:
+            for layer, e in keys[slot::4]:
+                for (offset, nbytes), view in zip(slabs.ranges(layer, e), pool.views(slot, slabs.layouts[layer])):
+                    if (view.ctypes.data - offset) % reader.align == 0 and (
+                        -(-offset // reader.align) < (offset + nbytes) // reader.align
+                    ):
+                        lined_up.append(nbytes)
+                outs = (pool.views(slot, slabs.layouts[layer]) if into_pool else
+                        tuple(np.empty(shape, np.uint8) for shape in slabs.layouts[layer].raw_shapes))
+                reader.read(slabs.ranges(layer, e), outs)
+                for out, view in zip(outs, slabs.views(layer, e)):
+                    assert np.array_equal(out, view), (layer, e)
+
         try:
-            for layer in slabs.layers:
-                for e in range(slabs.n_expert):
-                    outs = tuple(np.empty(shape, np.uint8) for shape in slabs.layouts[layer].raw_shapes)
-                    reader.read(slabs.ranges(layer, e), outs)
-                    for out, view in zip(outs, slabs.views(layer, e)):
-                        assert np.array_equal(out, view)
+            with ThreadPoolExecutor(4) as workers:
+                for done in [workers.submit(read_all, slot) for slot in range(4)]:
+                    done.result()
+            total = sum(layout.nbytes for layout in slabs.layouts.values()) * slabs.n_expert
+            if direct and reader.direct and into_pool:
+                assert reader.bounced_bytes == total - sum(lined_up)
+                if model == "wide_experts_path":  # parts of whole pages: at 512 all lie at one residue
+                    assert sum(lined_up) == total if reader.align <= 512 else sum(lined_up) > 0
+            elif direct and reader.direct:
+                assert reader.bounced_bytes > 0
         finally:
             reader.close()
 

@@ -9,6 +9,7 @@ is measured or asserted.
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
@@ -49,7 +50,7 @@ def claim_and_release(store, layer: int, experts: list[int]) -> None:
 
 
 def test_a_demand_load_goes_before_queued_prefetches(q4_path):
-    with qmoe.load(q4_path, offload=OffloadOptions(ram_budget="100%", direct_io=True)) as m:
+    with qmoe.load(q4_path, offload=OffloadOptions(ram_budget="100%", direct_io=True, io_depth=1)) as m:
         store = m.store
         layer, other = m.net.moe_layers
         held = HeldTransfers(store)
@@ -66,8 +67,30 @@ def test_a_demand_load_goes_before_queued_prefetches(q4_path):
                               ((layer, 2), PREFETCH)]
 
 
+def test_a_demand_load_never_waits_behind_a_full_set_of_prefetches(q4_path):
+    """With 3 reads in flight, prefetches take at most 2 workers: a demand load starts at once."""
+    with qmoe.load(q4_path, offload=OffloadOptions(ram_budget="100%", direct_io=True, io_depth=3)) as m:
+        store = m.store
+        layer, other = m.net.moe_layers
+        held = HeldTransfers(store)
+        store.prefetch(layer, [0, 1, 2, 3], store.step(layer))
+        while len(held.moved) < 2:
+            time.sleep(0.01)
+        with store.lock:
+            assert store.transfers.speculating == 2 and len(store.transfers.queued) == 2  # 2 and 3 wait
+        demand = threading.Thread(target=claim_and_release, args=(store, other, [5]))
+        demand.start()
+        while len(held.moved) < 3:  # the demand's read starts while both prefetches are held
+            time.sleep(0.01)
+        assert held.moved[2] == ((other, 5), DEMAND)
+        held.go.set()
+        demand.join(30)
+        store.drain()
+        assert sorted(held.moved) == sorted([((layer, e), PREFETCH) for e in range(4)] + [((other, 5), DEMAND)])
+
+
 def test_prefetches_the_layer_did_not_need_are_cancelled_unread(q4_path):
-    with qmoe.load(q4_path, offload=OffloadOptions(ram_budget="100%", direct_io=True)) as m:
+    with qmoe.load(q4_path, offload=OffloadOptions(ram_budget="100%", direct_io=True, io_depth=1)) as m:
         store = m.store
         layer = m.net.moe_layers[0]
         held = HeldTransfers(store)
@@ -87,7 +110,7 @@ def test_prefetches_the_layer_did_not_need_are_cancelled_unread(q4_path):
 
 
 def test_a_prefetch_for_a_step_already_run_is_dropped_unread(q4_path):
-    with qmoe.load(q4_path, offload=OffloadOptions(ram_budget="100%", direct_io=True)) as m:
+    with qmoe.load(q4_path, offload=OffloadOptions(ram_budget="100%", direct_io=True, io_depth=1)) as m:
         store = m.store
         layer, other = m.net.moe_layers
         held = HeldTransfers(store)
@@ -120,7 +143,7 @@ def test_speculative_reads_get_only_the_spare_reads_and_the_confident_ranks():
 
 
 def test_the_store_measures_reads_and_lead_time_and_admits_by_them(q4_path):
-    with qmoe.load(q4_path, offload=OffloadOptions(ram_budget="100%", direct_io=True)) as m:
+    with qmoe.load(q4_path, offload=OffloadOptions(ram_budget="100%", direct_io=True, io_depth=1)) as m:
         store = m.store
         layer = m.net.moe_layers[0]
         with store.lock:

@@ -94,6 +94,9 @@ class OffloadOptions:
         it), "auto" = worker on CUDA, model on the CPU (prefetch.py says why).
     predictors: predictor GGUF for "pre-attn" (default: embedded in the model, else MODEL.pred.gguf).
     direct_io: read the file with O_DIRECT so the page cache does not hold a second copy.
+    io_depth: expert reads from the file in flight at once (transfer workers): a drive serves
+        several requests in little more than the time of one (bench/larger_than_ram.py
+        measures it at 1-16).
     link: simulated link into the compute tier (None: transfers run at real speed).
     cpu_fast_tier_dense: the simulated fast tier runs the CUDA tier's dense path instead
         (float32 slots in CPU memory): slower, for testing that path on machines without a GPU.
@@ -109,6 +112,7 @@ class OffloadOptions:
     predict_in: str = "auto"
     predictors: str | None = None
     direct_io: bool = False
+    io_depth: int = 4
     link: SimulatedLink | None = None
     cpu_fast_tier_dense: bool = False
 
@@ -132,6 +136,8 @@ class OffloadOptions:
             raise QmoeError(f"--k-prime must be >= 1, got {self.k_prime}")
         if self.predict_in not in PREDICT_IN:
             raise QmoeError(f"--predict-in must be one of {', '.join(PREDICT_IN)}, got {self.predict_in!r}")
+        if self.io_depth < 1:
+            raise QmoeError(f"--io-depth must be >= 1, got {self.io_depth}")
         if self.lookahead < 0:
             raise QmoeError(f"--lookahead must be >= 0, got {self.lookahead}")
         if self.lookahead and self.prefetch not in ("pre-attn", "oracle"):

@@ -9,14 +9,16 @@ is sized for the widest layer's slab (`ExpertSlabs.layout`). The store never loo
 except through the kernels (which take its raw bytes as they are in the file)
 and the fast tier (which dequantizes it).
 
-`SlabReader` reads slabs with explicit `os.pread` calls, optionally with
+`SlabReader` reads slabs with explicit `os.preadv` calls, optionally with
 O_DIRECT so that the page cache does not keep a second, unaccounted copy of what
-the RAM pool holds: with O_DIRECT the kernel moves the bytes straight from the
-device into a page-aligned bounce buffer, from which the slot is filled.
+the RAM pool holds. With O_DIRECT the device writes the bytes straight into the
+pool's slot: the pool places its slots at the file's offsets modulo the drive's
+block size (`direct_residue`), so that a slab's aligned blocks land where they
+belong, and only its partial first and last blocks pass through a small buffer.
 Filesystems that refuse O_DIRECT (tmpfs, some overlays) get buffered reads
-followed by POSIX_FADV_DONTNEED on the range, with a warning. With O_DIRECT, the
-three parts of a slab of 1 MiB or more are read in parallel; smaller slabs, and all
-buffered reads, read them one after the other (`SlabReader` says why).
+followed by POSIX_FADV_DONTNEED on the range, with a warning. Several reads are in
+flight at once because the store's transfer workers call `read` concurrently
+(transfers.py), not because a read fans out.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import mmap
 import os
 import threading
 import warnings
-from concurrent.futures import ThreadPoolExecutor
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -161,23 +163,45 @@ def slot_views(parts: list[np.ndarray], slot: int, layout: SlabLayout) -> tuple[
     )
 
 
-class SlabReader:
-    """Explicit reads of slabs from the GGUF file into caller-owned buffers.
+def direct_alignment(path: str | os.PathLike) -> int:
+    """Bytes O_DIRECT offsets, lengths and buffers must be multiples of on the drive holding `path`.
 
-    With O_DIRECT a slab of FAN_OUT_MIN_BYTES or more has its three parts read at
-    once, one thread each: a drive serves parallel requests in little more than the
-    time of one. A smaller slab's parts are read one after the other: alone, three
-    35 KB reads took 660 us in a row and 170 us together, but beside a running model
-    the reader threads' turns at the GIL cost it more than that (below). Through the
-    page cache a read is a copy, with no latency to overlap: always one after the
-    other. Used by one thread at a time (the store's transfer thread).
+    The device's logical block size and DMA alignment, from sysfs; 4096 (a multiple of
+    every common block size) where sysfs does not say. 512 rather than 4096 matters:
+    GGUF tensors are 32-byte aligned, so slabs lie at the same offset modulo 512
+    throughout most files but not modulo 4096.
     """
+    try:
+        dev = os.stat(path).st_dev
+        queue = Path(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}")
+        queue = queue / "queue" if (queue / "queue").is_dir() else queue / ".." / "queue"  # a partition
+        block = int((queue / "logical_block_size").read_text())
+        dma = int((queue / "dma_alignment").read_text()) + 1
+        align = max(block, dma)
+    except (OSError, ValueError):
+        return 4096
+    return align if 0 < align <= 4096 and 4096 % align == 0 else 4096
 
-    ALIGN = 4096  # O_DIRECT wants offsets, lengths and buffers aligned to the logical block size
-    # 25 % RAM pool, O_DIRECT: the tiny model's 0.1 MB slabs decoded at 68 tokens/s with parallel
-    # parts and 86 with serial ones (pre-attn); the A3B shapes' 2.6 MB slabs at 19.1 parallel and
-    # 15.2 serial (none).
-    FAN_OUT_MIN_BYTES = 1 << 20
+
+def direct_residue(slabs: ExpertSlabs, align: int) -> int:
+    """The offset modulo `align` of most slab parts in the file: where a pool's slots should start
+    (modulo `align`) for O_DIRECT to read into them directly."""
+    residues = Counter(offset % align for layer in slabs.layers for e in (0, slabs.n_expert - 1)
+                       for offset, _ in slabs.ranges(layer, e))
+    return residues.most_common(1)[0][0]
+
+
+class SlabReader:
+    """Explicit reads of slabs from the GGUF file into caller-owned buffers; safe to call from
+    several threads at once (each has its own small buffers).
+
+    With O_DIRECT, a part whose buffer lies at its file offset modulo `align` is read in
+    place: its whole blocks straight into the buffer, its partial first and last blocks
+    (a slab rarely starts or ends on a block boundary) through a per-thread buffer of one
+    block each. A part whose buffer does not line up is read whole into a per-thread
+    bounce buffer and copied (`bounced_bytes` counts them). Through the page cache a read
+    is a copy into the buffer, with no alignment to keep.
+    """
 
     def __init__(self, path: str | os.PathLike, direct: bool):
         self.path = Path(path)
@@ -185,6 +209,8 @@ class SlabReader:
         self.direct_fd = -1
         self.direct = False
         self.drop_cache = False  # fallback for O_DIRECT: evict what a buffered read cached
+        self.align = direct_alignment(self.path)
+        self.bounced_bytes = 0  # read through a bounce buffer because the destination did not line up
         if direct and not hasattr(os, "O_DIRECT"):
             self._fall_back("this platform has no O_DIRECT")
         elif direct:
@@ -193,9 +219,9 @@ class SlabReader:
                 self.direct = True
             except OSError as e:
                 self._fall_back(f"cannot open it with O_DIRECT ({e.strerror})")
-        self.fallback_lock = threading.Lock()
-        self.bounces: list[mmap.mmap | None] = [None] * len(PARTS)  # one O_DIRECT buffer per part
-        self.workers = ThreadPoolExecutor(max_workers=len(PARTS), thread_name_prefix="qmoe-read")
+        self.lock = threading.Lock()  # the fallback switch and the counters
+        self.local = threading.local()  # each reading thread's own O_DIRECT buffers
+        self.buffers: list[mmap.mmap] = []  # every thread's, to close
 
     def _open(self, flags: int) -> int:
         try:
@@ -215,78 +241,102 @@ class SlabReader:
 
     def read(self, ranges: tuple[tuple[int, int], ...], outs: tuple[np.ndarray, ...]) -> None:
         """Fill each writable contiguous buffer of `outs` with its (offset, nbytes) range of the file."""
-        if not self.direct or sum(nbytes for _, nbytes in ranges) < self.FAN_OUT_MIN_BYTES:
-            for i, ((offset, nbytes), out) in enumerate(zip(ranges, outs)):
-                self._read_part(i, offset, nbytes, out)
-            return
-        parts = [
-            self.workers.submit(self._read_part, i, offset, nbytes, out)
-            for i, ((offset, nbytes), out) in enumerate(zip(ranges, outs))
-        ]
-        for part in parts:
-            part.result()  # raises the part's error, if any
+        for (offset, nbytes), out in zip(ranges, outs):
+            flat = out.reshape(-1).view(np.uint8)
+            assert flat.nbytes == nbytes and flat.flags.c_contiguous
+            self._read_part(offset, nbytes, flat)
 
-    def _read_part(self, part: int, offset: int, nbytes: int, out: np.ndarray) -> None:
-        flat = out.reshape(-1).view(np.uint8)
-        assert flat.nbytes == nbytes and flat.flags.c_contiguous
+    def _read_part(self, offset: int, nbytes: int, flat: np.ndarray) -> None:
         if self.direct:
             try:
-                self._read_direct(part, offset, nbytes, flat)
+                self._read_direct(offset, nbytes, flat)
                 return
             except OSError as e:
                 if e.errno != errno.EINVAL:
                     raise QmoeError(
                         f"{self.path}: reading {nbytes} bytes at {offset} failed ({e.strerror})"
                     ) from e
-                with self.fallback_lock:
+                with self.lock:
                     if self.direct:
                         self._fall_back("the filesystem refused an O_DIRECT read")
-        self._read_exact(memoryview(flat), offset, nbytes)
+        self._read_exact(self.fd, memoryview(flat), offset)
         if self.drop_cache:
             os.posix_fadvise(self.fd, offset, nbytes, os.POSIX_FADV_DONTNEED)
 
-    def _read_exact(self, buf: memoryview, offset: int, nbytes: int) -> None:
-        got = 0
+    def _read_exact(self, fd: int, buf: memoryview, offset: int) -> None:
+        """Fill `buf` from `offset`; with O_DIRECT the file's last block may come back short, which is
+        fine once the bytes asked for are in (the caller asks only for bytes of the file)."""
+        got, nbytes = 0, len(buf)
         while got < nbytes:
             try:
-                n = os.preadv(self.fd, [buf[got:nbytes]], offset + got)
+                n = os.preadv(fd, [buf[got:]], offset + got)
             except OSError as e:
-                raise QmoeError(
-                    f"{self.path}: reading {nbytes} bytes at {offset} failed ({e.strerror})"
-                ) from e
+                if fd == self.direct_fd:
+                    raise  # _read_part decides about EINVAL
+                raise QmoeError(f"{self.path}: reading {nbytes} bytes at {offset} failed ({e.strerror})") from e
             if n == 0:
-                raise GGUFFormatError(
-                    f"{self.path}: the file ends before the expert bytes at {offset}+{nbytes}"
-                )
+                raise GGUFFormatError(f"{self.path}: the file ends before the expert bytes at {offset}+{nbytes}")
             got += n
 
-    def _read_direct(self, part: int, offset: int, nbytes: int, out: np.ndarray) -> None:
-        start = offset // self.ALIGN * self.ALIGN
-        end = -(-(offset + nbytes) // self.ALIGN) * self.ALIGN
-        bounce = self.bounces[part]
-        if bounce is None or len(bounce) < end - start:
-            bounce = self.bounces[part] = mmap.mmap(-1, end - start)  # anonymous mappings are page-aligned
-        view = memoryview(bounce)
-        need = offset + nbytes - start
-        got = 0
-        while got < need:  # the last block of the file may come back short: that is fine once `need` is in
-            n = os.preadv(self.direct_fd, [view[got : end - start]], start + got)
-            if n == 0:
-                raise GGUFFormatError(
-                    f"{self.path}: the file ends before the expert bytes at {offset}+{nbytes}"
-                )
-            got += n
-        out[:] = np.frombuffer(bounce, np.uint8, count=nbytes, offset=offset - start)
-        view.release()
+    def _read_direct(self, offset: int, nbytes: int, flat: np.ndarray) -> None:
+        align, end = self.align, offset + nbytes
+        first_whole = -(-offset // align) * align  # the first block boundary at or after offset
+        last_whole = end // align * align  # the last one at or before end
+        if (flat.ctypes.data - offset) % align or first_whole >= last_whole:
+            self._read_bounced(offset, nbytes, flat)
+            return
+        if first_whole > offset:  # the partial first block
+            head = self._buffer("head", align)
+            self._read_block(head, first_whole - align, align, align)
+            flat[: first_whole - offset] = np.frombuffer(head, np.uint8, first_whole - offset, offset % align)
+        self._read_exact(self.direct_fd, memoryview(flat)[first_whole - offset : last_whole - offset], first_whole)
+        if end > last_whole:  # the partial last block
+            tail = self._buffer("tail", align)
+            self._read_block(tail, last_whole, align, end - last_whole)
+            flat[last_whole - offset :] = np.frombuffer(tail, np.uint8, end - last_whole)
+
+    def _read_block(self, buffer: mmap.mmap, start: int, length: int, need: int) -> None:
+        """`length` aligned bytes of the file from aligned `start` into `buffer`, of which the first
+        `need` must arrive (the file's last block may be short)."""
+        view = memoryview(buffer)[:length]
+        try:
+            got = 0
+            while got < need:
+                n = os.preadv(self.direct_fd, [view[got:]], start + got)
+                if n == 0:
+                    raise GGUFFormatError(f"{self.path}: the file ends before the expert bytes at {start}+{need}")
+                got += n
+        finally:
+            view.release()
+
+    def _read_bounced(self, offset: int, nbytes: int, flat: np.ndarray) -> None:
+        """The whole part through this thread's bounce buffer (its destination does not line up)."""
+        start = offset // self.align * self.align
+        length = -(-(offset + nbytes - start) // self.align) * self.align
+        bounce = self._buffer("bounce", length)
+        self._read_block(bounce, start, length, offset + nbytes - start)
+        flat[:] = np.frombuffer(bounce, np.uint8, count=nbytes, offset=offset - start)
+        with self.lock:
+            self.bounced_bytes += nbytes
+
+    def _buffer(self, name: str, nbytes: int) -> mmap.mmap:
+        """This thread's page-aligned buffer `name` of at least `nbytes` (anonymous maps are page-aligned)."""
+        buffer = getattr(self.local, name, None)
+        if buffer is None or len(buffer) < nbytes:
+            buffer = mmap.mmap(-1, -(-nbytes // mmap.PAGESIZE) * mmap.PAGESIZE)
+            setattr(self.local, name, buffer)
+            with self.lock:
+                self.buffers.append(buffer)
+        return buffer
 
     def close(self) -> None:
-        """Stop the reading threads and close the file. Idempotent."""
-        self.workers.shutdown()
+        """Close the file and the buffers. Idempotent; no read may be running."""
         for fd in (self.fd, self.direct_fd):
             if fd >= 0:
                 os.close(fd)
         self.fd = self.direct_fd = -1
-        for bounce in self.bounces:
-            if bounce is not None:
-                bounce.close()
-        self.bounces = [None] * len(PARTS)
+        with self.lock:
+            for buffer in self.buffers:
+                buffer.close()
+            self.buffers.clear()
+        self.local = threading.local()

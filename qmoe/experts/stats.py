@@ -15,10 +15,11 @@ the layer's own when it was in time). A prediction
 that arrives after its layer ran still counts here, for the predictor's accuracy;
 `late_predictions` says how many came too late to prefetch anything.
 
-For the run: bytes moved into each tier, transfer count and busy time (including
-any simulated link time), and the share of that busy time that overlapped compute,
-1 - stall / busy: with one transfer thread, the model stalls only while a transfer
-it needs is running or queued, so busy time not spent stalling ran beside compute.
+For the run: bytes moved into each tier, transfer count and busy time (wall time
+with at least one transfer running, including any simulated link time), and the
+share of that busy time that overlapped compute, 1 - stall / busy: the model stalls
+only while a transfer it needs is running or queued, so busy time not spent
+stalling ran beside compute.
 
 The store keeps the hits, stalls and transfer figures (StoreStats, under its lock), the
 prefetcher's PredictionScorer the predictions' (PredictionStats); `report` puts them side
@@ -55,7 +56,7 @@ class StoreStats:
     layers: dict[int, LayerStats]
     bytes_into: dict[str, int] = field(default_factory=lambda: {"ram": 0, "fast": 0})
     transfers: int = 0
-    transfer_s: float = 0.0  # the transfer thread's busy time
+    transfer_s: float = 0.0  # wall time with any transfer running
     simulated_s: float = 0.0  # of which spent sleeping for the simulated link
     prefetch_requested: int = 0  # experts named by predictions in time to be useful
     prefetch_loaded: int = 0  # of those, transfers actually made

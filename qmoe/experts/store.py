@@ -26,8 +26,8 @@ outside the budgets. A slot is taken by evicting the least recently used slab
 that nobody pins and that is not a prediction waiting for its layer; a prediction
 its layer did not use goes to the front of the eviction order (cache.py).
 
-Threads: model threads claim and release under one lock; the transfer thread
-plans and completes transfers under it and moves bytes outside it; prefetch
+Threads: model threads claim and release under one lock; the transfer workers
+plan and complete transfers under it and move bytes outside it; prefetch
 calls come from the model's thread or a prefetch worker.
 """
 
@@ -44,7 +44,7 @@ from qmoe.errors import QmoeError
 from qmoe.experts.admission import admit
 from qmoe.experts.cache import Entry, Key
 from qmoe.experts.options import OffloadOptions, format_bytes, parse_budget
-from qmoe.experts.slabs import ExpertSlabs, SlabReader
+from qmoe.experts.slabs import ExpertSlabs, SlabReader, direct_alignment, direct_residue
 from qmoe.experts.stats import StoreStats
 from qmoe.experts.tiers import FastTier, RamPool
 from qmoe.experts.transfers import DEMAND, FILL, PREFETCH, Job, Tier, Transfers
@@ -82,9 +82,10 @@ class ExpertStore:
         self.reader = SlabReader(slabs.path, options.direct_io) if self.pool else None
         # One lock, two conditions, so that a thread is woken only for what it waits for:
         self.lock = threading.Lock()
-        self.work = threading.Condition(self.lock)  # transfer thread: a job queued, a slot released
+        self.work = threading.Condition(self.lock)  # transfer workers: a job queued or a worker freed
         self.arrivals = threading.Condition(self.lock)  # model threads: a transfer done, or none left (drain)
-        self.waiting_for_slot = False  # the transfer thread waits for a pin to be released
+        self.slot_freed = threading.Condition(self.lock)  # transfer workers waiting for an unpinned slot
+        self.waiting_for_slot = 0  # how many of them
         self.steps = {layer: 0 for layer in slabs.layers}  # forward passes each layer has started
         self.predicted: dict[int, set[Key]] = {}  # layer -> slabs protected for its coming step
         self.closing = False
@@ -95,7 +96,9 @@ class ExpertStore:
         self.read_s: float | None = None
         self.lead_s: float | None = None
         self.predicted_at: dict[int, float] = {}
-        self.transfers = Transfers(self)
+        # Several reads in flight when they only fill the pool; a fast tier's link (and CUDA's one
+        # staging buffer) carries one transfer at a time.
+        self.transfers = Transfers(self, options.io_depth if self.compute_tier is self.pool else 1)
 
     # ----------------------------------------------------------------------------- tiers from budgets
 
@@ -114,7 +117,11 @@ class ExpertStore:
         budget = parse_budget(options.ram_budget, total, "--ram-budget")
         if budget >= total and not options.direct_io:
             return None  # every expert fits: serve them from the mapped file, no copies
-        return RamPool(self.layout, self._slots(budget, self.layout.nbytes, "--ram-budget"))
+        n_slots = self._slots(budget, self.layout.nbytes, "--ram-budget")
+        if not options.direct_io:
+            return RamPool(self.layout, n_slots)
+        align = direct_alignment(self.slabs.path)  # slots lined up with the file: O_DIRECT reads into them
+        return RamPool(self.layout, n_slots, align, direct_residue(self.slabs, align))
 
     def _make_fast(self, options: OffloadOptions, device: torch.device) -> FastTier | None:
         spec, flag, simulated = options.fast_budget(cuda=device.type == "cuda")
@@ -288,7 +295,7 @@ class ExpertStore:
 
     def _slot_released(self, entry: Entry) -> None:
         if entry.pins == 0 and self.waiting_for_slot:
-            self.work.notify()
+            self.slot_freed.notify_all()
 
     def raise_if_failed(self) -> None:
         if self.error is not None:
@@ -310,11 +317,15 @@ class ExpertStore:
 
     def spare_reads(self) -> int | None:
         """Under the lock: slab reads the drive can finish before a predicted layer runs, beside
-        those queued or running already; None until both times have been measured."""
+        those queued or running already; None until both times have been measured.
+
+        `depth` reads are in flight at a time, each taking about read_s (which grows with the
+        depth while the drive is the bottleneck), so the drive finishes depth / read_s a second.
+        """
         if self.read_s is None or self.lead_s is None or self.read_s <= 0:
             return None
-        queued = sum(not job.cancelled for job in self.transfers.queue) + self.transfers.busy
-        return max(0, int(self.lead_s / self.read_s) - queued)
+        queued = sum(not job.cancelled for job in self.transfers.queue) + self.transfers.running
+        return max(0, int(self.lead_s * self.transfers.depth / self.read_s) - queued)
 
     def prefetch(self, layer: int, experts: list[int], step: int,
                  rank_precision: Callable[[int], float | None] | None = None) -> None:
@@ -404,6 +415,7 @@ class ExpertStore:
         with self.lock:
             self.closing = True
             self.work.notify_all()
+            self.slot_freed.notify_all()
             self.arrivals.notify_all()
         self.transfers.join()
         if self.reader is not None:

@@ -1,8 +1,8 @@
-"""The store's transfer thread: the one link between tiers, and the queue of work for it.
+"""The store's transfer workers: the links between tiers, and the queue of work for them.
 
 A transfer brings one slab into one tier: file -> RAM pool, and/or pool (or the
 mapped file, when there is no pool) -> fast tier, with the simulated link's delay
-if one is set (link.py). Transfers run one at a time, in priority order:
+if one is set (link.py). `depth` worker threads run transfers, in priority order:
 
     DEMAND    a model thread waits for it (a miss, or a late prefetch it claimed)
     PREFETCH  a prediction, for one step of its layer: dropped unstarted once the
@@ -13,11 +13,17 @@ if one is set (link.py). Transfers run one at a time, in priority order:
 then first come first served. Each job is planned under the store's lock (which
 slot, evicting what), moved outside it (the reads and copies), and completed under
 it again (the slot is ready, the pins of the threads waiting for it are added).
-Slab reads are `SlabReader.read` (slabs.py).
+Slab reads are `SlabReader.read` (slabs.py); they release the GIL, so `depth`
+workers keep that many reads in flight, which a drive serves in little more than
+the time of one. Speculative jobs (prefetches, fills) take at most depth - 1
+workers, so that a demand miss never queues behind a full set of guesses. Only
+reads into the RAM pool run several at a time; a fast tier's link carries one
+transfer after the other (depth 1).
 """
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import itertools
 import threading
@@ -52,7 +58,7 @@ class Job:
 
 @dataclass
 class _Transfer:
-    """What the transfer thread does for a job, decided under the lock, done outside it."""
+    """What a transfer worker does for a job, decided under the lock, done outside it."""
 
     job: Job
     target: Entry  # in job.tier
@@ -63,24 +69,33 @@ class _Transfer:
 
 
 class Transfers:
-    """The queue of jobs and the thread that runs them, for one store.
+    """The queue of jobs and the `depth` threads that run them, for one store.
 
-    The queueing methods are called under the store's lock; the thread takes it itself.
+    The queueing methods are called under the store's lock; the threads take it themselves.
     """
 
-    def __init__(self, store: ExpertStore):
+    def __init__(self, store: ExpertStore, depth: int = 1):
         self.store = store
+        self.depth = depth
         self.queue: list[Job] = []  # heap: demand before prefetch before fill, then first come first served
         self.queued: dict[tuple[str, Key], Job] = {}
         self.seq = itertools.count()
-        self.busy = False
-        self.thread = threading.Thread(target=self._loop, name="qmoe-transfers", daemon=True)
-        self.thread.start()
+        self.running = 0  # jobs being planned, moved or completed
+        self.busy_since = 0.0  # when `running` last rose from 0
+        self.slot_waiters: list[int] = []  # seqs of demand jobs waiting for a slot, oldest first
+        self.reserving: dict[tuple[str, Key], Job] = {}  # those jobs by tier and key
+        self.speculating = 0  # of which prefetches and fills
+        self.threads = [
+            threading.Thread(target=self._loop, name=f"qmoe-transfers-{i}", daemon=True) for i in range(depth)
+        ]
+        for thread in self.threads:
+            thread.start()
 
     # ----------------------------------------------------------------------------- queueing (under the lock)
 
     def find(self, tier: Tier, key: Key) -> Job | None:
-        return self.queued.get((tier.name, key))
+        """The job queued for `key` in `tier`, or the demand load waiting for a slot for it."""
+        return self.queued.get((tier.name, key)) or self.reserving.get((tier.name, key))
 
     def demand(self, tier: Tier, key: Key) -> Job:
         """Queue a demand load of `key` into `tier`, held for the requesting thread."""
@@ -108,7 +123,7 @@ class Transfers:
 
     def pending(self) -> bool:
         """A transfer is running or queued."""
-        return self.busy or any(not job.cancelled for job in self.queue)
+        return self.running > 0 or any(not job.cancelled for job in self.queue)
 
     # ----------------------------------------------------------------------------- the thread
 
@@ -121,10 +136,10 @@ class Transfers:
                     job = self._next_job()
                     if job is None:
                         return
-                    self.busy = True
+                    self._start(job)
                     transfer = self._plan(job)
                     if transfer is None:
-                        self.busy = False
+                        self._finish(job)
                         store.arrivals.notify_all()  # it may have delivered a slab that was already there
             try:
                 self._move(transfer)
@@ -136,44 +151,82 @@ class Transfers:
                     self._complete(transfer)
             finally:
                 with store.lock:
-                    self.busy = False
+                    self._finish(transfer.job)
                     store.arrivals.notify_all()
 
+    def _start(self, job: Job) -> None:
+        if self.running == 0:
+            self.busy_since = time.perf_counter()
+        self.running += 1
+        self.speculating += job.priority != DEMAND
+
+    def _finish(self, job: Job) -> None:
+        self.running -= 1
+        self.speculating -= job.priority != DEMAND
+        if self.running == 0:  # busy time is wall time with any transfer running, however many
+            self.store.stats.transfer_s += time.perf_counter() - self.busy_since
+        self.store.work.notify()  # a worker may be waiting for a speculative turn
+        if self.store.waiting_for_slot:  # what it brought may be evictable for a demand load now
+            self.store.slot_freed.notify_all()
+
     def _next_job(self) -> Job | None:
+        """Under the lock: the most urgent job this worker may take, waiting for one if need be."""
         store = self.store
         while not store.closing:
-            while self.queue:
+            while self.queue and self.queue[0].cancelled:
+                heapq.heappop(self.queue)
+            if self.queue and (self.queue[0].priority == DEMAND or self.depth == 1
+                               or self.speculating < self.depth - 1):
                 job = heapq.heappop(self.queue)
-                if not job.cancelled:
-                    del self.queued[(job.tier.name, job.key)]
-                    return job
-            store.arrivals.notify_all()  # idle: wake drain()
+                del self.queued[(job.tier.name, job.key)]
+                return job
+            if not self.queue:
+                store.arrivals.notify_all()  # idle: wake drain()
             store.work.wait()
         return None
 
-    def _reserve(self, tier: Tier, key: Key, demand: bool) -> Entry | None:
-        """A slot for `key`: a demand load waits for one to be released, a prefetch gives up."""
+    def _reserve(self, tier: Tier, key: Key, job: Job) -> Entry | None:
+        """A slot for `key`: a demand load waits for one to be released, a prefetch gives up.
+
+        Waiting demand loads take freed slots in the order they were queued, which is the
+        order the model thread waits for them in: were a later one served first, it could
+        hold the last slot (pinned for the model) while the model waits for an earlier one.
+        Nothing speculative takes a slot while a demand load waits for one.
+        """
         store = self.store
-        while True:
-            entry = tier.cache.reserve(key, demand)
-            if entry is not None or not demand or store.closing:
-                return entry
-            store.waiting_for_slot = True
-            store.work.wait()
-            store.waiting_for_slot = False
+        if job.priority != DEMAND:
+            return None if self.slot_waiters else tier.cache.reserve(key, demand=False)
+        bisect.insort(self.slot_waiters, job.seq)
+        joinable = tier is job.tier  # not the pool slot a fast-tier job reads through
+        if joinable:
+            self.reserving[(tier.name, key)] = job  # claims on the key meanwhile join this job (find)
+        try:
+            while True:
+                entry = tier.cache.reserve(key, demand=True) if self.slot_waiters[0] == job.seq else None
+                if entry is not None or store.closing:
+                    return entry
+                store.waiting_for_slot += 1
+                store.slot_freed.wait()
+                store.waiting_for_slot -= 1
+        finally:
+            self.slot_waiters.remove(job.seq)
+            if joinable:
+                del self.reserving[(tier.name, key)]
+            if self.slot_waiters:
+                store.slot_freed.notify_all()  # the next in line may find a slot free already
 
     def _plan(self, job: Job) -> _Transfer | None:
         store = self.store
-        tier, key, demand = job.tier, job.key, job.priority == DEMAND
+        tier, key = job.tier, job.key
         if job.priority == PREFETCH and job.step != store.steps[key[0]]:
             store.stats.prefetch_dropped += 1
             return None
         existing = tier.cache.get(key)
-        if existing is not None:  # brought in by another job meanwhile (only this thread loads: it is ready)
+        if existing is not None:  # brought in (or being brought in) by another job meanwhile: wait on that
             existing.pins += job.pins
             job.pinned, job.delivered = job.pins, existing
             return None
-        target = self._reserve(tier, key, demand)
+        target = self._reserve(tier, key, job)
         if target is None:
             store.stats.prefetch_dropped += job.priority == PREFETCH
             return None
@@ -184,12 +237,12 @@ class Transfers:
             return _Transfer(job, target, read_into=target, upload_from=None)
         if store.pool is None:
             return _Transfer(job, target, read_into=None, upload_from=None)
-        # Into the fast tier through the pool. Only this thread fills the pool, so a
-        # pool entry found here is ready; an absent one is read from the file first.
+        # Into the fast tier through the pool (one worker: depth 1, so a pool entry found
+        # here is ready); an absent one is read from the file first.
         source = store.pool.cache.get(key)
         read_into = None
         if source is None:
-            source = read_into = self._reserve(store.pool, key, demand)
+            source = read_into = self._reserve(store.pool, key, job)
             if source is None:  # not a demand load, and every pool slot is in use
                 tier.cache.discard(target)
                 store.stats.prefetch_dropped += job.priority == PREFETCH
@@ -233,7 +286,6 @@ class Transfers:
         t.target.pins += t.job.pins - t.job.pinned  # claims withdrawn (or added) during the transfer
         t.job.delivered = t.target
         s.transfers += 1
-        s.transfer_s += t.elapsed
         s.simulated_s += t.slept
         s.prefetch_loaded += t.job.priority == PREFETCH
         if t.job.step != store.steps[t.job.key[0]] or not store.is_predicted(t.job.key):
@@ -249,5 +301,6 @@ class Transfers:
             t.upload_from.pins -= 1
 
     def join(self) -> None:
-        """Wait for the thread to end (after the store set `closing` and woke it)."""
-        self.thread.join()
+        """Wait for the threads to end (after the store set `closing` and woke them)."""
+        for thread in self.threads:
+            thread.join()
