@@ -254,26 +254,59 @@ def train_predictors(path: Path, tokens: int, threads: int) -> tuple[Path, dict]
     return sidecar, {"calibration_tokens": tokens, "calibrate_s": calibrate_s, "train_s": train_s}
 
 
+def plan_forecast(path: Path, budget: int | None, threads: int) -> dict:
+    """What `qmoe plan` forecasts for the budget qmoe chose itself (its probe included), to set beside
+    the measurements."""
+    from qmoe import kernels
+    from qmoe.experts.plan import forecast, model_shape, probe
+    from qmoe.gguf_file import GGUFFile
+
+    kernels.set_num_threads(threads)
+    file = GGUFFile(path)
+    shape = model_shape(file, PROMPT_LONG + 64, 512)
+    drop_page_cache(path)
+    measured = probe(file, shape)
+    f = forecast(shape, measured, budget)
+    return {"budget": budget, "probe_s": measured.seconds, "read_bps": measured.read_bps,
+            "decode_tok_s": f.decode_tok_s, "decode_bound_tok_s": f.decode_bound_tok_s,
+            "first_token_s": {str(n): t for n, t in f.first_token_s.items()}, "peak_rss": f.peak_rss,
+            "read_per_token": f.read_per_token}
+
+
 # ----------------------------------------------------------------------------- report
 
 
 def table(results: dict) -> str:
-    rows = ["| engine | decode tok/s | vs llama.cpp | read per token | first token, 8 tokens | "
-            "first token, 512 tokens | wasted prefetch | peak RSS |", "|---" * 8 + "|"]
+    rows = ["| engine | load | decode tok/s | vs llama.cpp | read per token | first token, 8 tokens | "
+            "first token, 512 tokens | wasted prefetch | peak RSS |", "|---" * 9 + "|"]
     runs = {r["engine"]: r for r in results["decode_runs"]}
     longs = {r["engine"]: r for r in results["long_prompt_runs"]}
     base = runs.get("llama.cpp", {}).get("decode_tok_s")
     for engine, r in runs.items():
         if "error" in r:
-            rows.append(f"| {engine} | failed: {r['error']} |" + " |" * 6)
+            rows.append(f"| {engine} | failed: {r['error']} |" + " |" * 7)
             continue
         long = longs.get(engine, {})
         ratio = f"{r['decode_tok_s'] / base:.2f}x" if base else "-"
         wasted = r.get("store") or {}
         wasted = f"{wasted['wasted_prefetch_bytes'] / 1e9:.2f} GB" if wasted else "-"
         first_long = f"{long['first_token_s']:.1f} s" if "first_token_s" in long else "-"
-        rows.append(f"| {engine} | {r['decode_tok_s']:.2f} | {ratio} | {r['read_per_token'] / 1e9:.2f} GB | "
+        rows.append(f"| {engine} | {r['load_s']:.1f} s | {r['decode_tok_s']:.2f} | {ratio} | {r['read_per_token'] / 1e9:.2f} GB | "
                     f"{r['first_token_s']:.1f} s | {first_long} | {wasted} | {r['peak_rss'] / 2**30:.1f} GiB |")
+    qmoe, plan = runs.get("qmoe"), results.get("plan")
+    if qmoe and plan and "decode_tok_s" in qmoe:
+        rows.append("")
+        rows.append(f"qmoe plan forecast for its budget: decode {plan['decode_tok_s']:.2f} tok/s (measured "
+                    f"{qmoe['decode_tok_s']:.2f}), first token of 8 tokens {plan['first_token_s']['8']:.1f} s "
+                    f"(measured {qmoe['first_token_s']:.1f}), peak RSS {plan['peak_rss'] / 2**30:.1f} GiB "
+                    f"(measured {qmoe['peak_rss'] / 2**30:.1f})")
+        long = longs.get("qmoe", {})
+        if "first_token_s" in long:
+            rows[-1] += f", 512 tokens {plan['first_token_s']['512']:.1f} s (measured {long['first_token_s']:.1f})"
+        depth = str(4 if "4" in results["drive_gbs"] else max(results["drive_gbs"], key=int))
+        reached = qmoe["read_per_token"] * qmoe["decode_tok_s"] / 1e9
+        rows.append(f"qmoe's decode read {reached:.2f} GB/s from the drive, which serves "
+                    f"{results['drive_gbs'][depth]:.2f} GB/s at {depth} reads in flight")
     return "\n".join(rows)
 
 
@@ -345,11 +378,14 @@ def main(argv: list[str] | None = None) -> None:
         if not args.no_long_prompt:
             print("512-token prompts:", flush=True)
             long_runs = [in_child(e, path, args.threads, PROMPT_LONG, 0, None) for e in engines[:2]]
+        chosen = next((r.get("ram_pool_bytes") for r in decode_runs if r["engine"] == "qmoe"), None)
+        print("qmoe plan's forecast for that budget...", flush=True)
+        planned = plan_forecast(path, chosen, args.threads)
         results = {"model": path.name, "model_bytes": size, "layers": shape.n_layers, "threads": args.threads,
                    "mem_total": mem_total, "machine": platform.processor() or platform.machine(),
                    "cpu_count": os.cpu_count(), "drive_gbs": {str(k): v for k, v in drive.items()},
                    "slab_bytes": slab, "predictors": training, "decode_runs": decode_runs,
-                   "long_prompt_runs": long_runs}
+                   "long_prompt_runs": long_runs, "plan": planned}
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "larger_than_ram.json").write_text(json.dumps(results, indent=2))
         plot(results, args.out / "larger_than_ram.png")

@@ -12,7 +12,7 @@ right is the one property prefetching relies on:
     attention update as large as the residual, routing would be no more predictable
     from attn_norm than from anything else.
 
-The vocabulary is byte-level ("gpt2"): the 256 bytes, one merge (two spaces), unused
+The vocabulary is byte-level ("gpt2", split as Qwen2/3 do): the 256 bytes, one merge (two spaces), unused
 tokens up to the size asked for, then BOS and EOS.
 (bench/bench_model.py writes the decode benchmark's model instead: the real 151k
 SentencePiece vocabulary and fan-in scales, to compare speed with llama.cpp.)
@@ -144,7 +144,7 @@ def _add_byte_tokenizer(writer: GGUFWriter, n_vocab: int) -> None:
     tokens = [alphabet[b] for b in range(256)] + [space * 2] + [f"<unused{i}>" for i in range(n_vocab - 259)]
     tokens += ["<|bos|>", "<|eos|>"]
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("gpt2")
+    writer.add_tokenizer_pre("qwen2")  # Qwen3's split rules; llama.cpp knows no "gpt2"
     writer.add_token_list(tokens)
     writer.add_token_types([1] * 257 + [5] * (n_vocab - 259) + [3, 3])  # normal, unused, control
     writer.add_token_merges([f"{space} {space}"])

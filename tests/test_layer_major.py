@@ -166,3 +166,28 @@ def test_auto_is_the_default_and_sizes_a_pool_when_the_experts_do_not_fit(tiny_g
     assert main(["run", str(path), "-p", "x", "-n", "2"]) == 1
     assert "not enough memory for this model" in capsys.readouterr().err
     assert main(["run", str(path), "-p", "x", "-n", "2", "--ram-budget", "30%"]) == 0  # a size overrides
+
+
+def test_the_larger_than_ram_bench_file_decodes_as_from_ram(tmp_path, monkeypatch):
+    """bench/larger_than_ram.py's model at 2 layers (and a small vocabulary): under `auto` with a
+    MemAvailable that leaves room for a third of its experts, the O_DIRECT pool with several reads
+    in flight and prefetching give the tokens and logits of a run with everything in RAM."""
+    from bench.larger_than_ram import A3B_FULL, model_path
+    from bench.random_moe import MoEShape, write_random_moe
+
+    shape = MoEShape(**{**A3B_FULL.__dict__, "n_layers": 2, "n_vocab": 2048})
+    path = write_random_moe(model_path(tmp_path, shape), shape, "larger than RAM, 2 layers")
+    with qmoe.load(path, offload=None) as m:
+        ids = m.tokenize("def main(args):\n    return")[:8]
+        want_tokens, want_logits = list(m.stream(ids, 12)), m.logits(ids)
+        slabs = ExpertSlabs(m.file.path, m.net.blocks[m.net.moe_layers[0]].ffn.experts.tensors)
+        run = run_sizes(m.net.hp, m.file, slabs, m.n_ctx, m.n_batch)
+    monkeypatch.setattr(attach_module, "mem_available",
+                        lambda: run.rest_of_run + MIN_MARGIN_BYTES + run.expert_bytes // 3)
+    for prefetch in ("none", "cross-layer"):
+        with qmoe.load(path, offload=OffloadOptions(prefetch=prefetch)) as m:
+            assert m.store.pool is not None and m.store.pool.nbytes <= run.expert_bytes // 3
+            assert m.store.transfers.depth == OffloadOptions.io_depth
+            assert list(m.stream(ids, 12)) == want_tokens, prefetch
+            assert np.array_equal(m.logits(ids), want_logits), prefetch
+            assert m.offload_stats()["bytes_into"]["ram"] > 0

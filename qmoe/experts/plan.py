@@ -3,8 +3,8 @@
 The forecast is arithmetic over the model's shapes (read from the GGUF header, nothing
 loaded) and a probe of this machine of a few seconds (`probe`):
 
-    read_bps        O_DIRECT slab reads as the store makes them (one slab at a time, its
-                    three parts in parallel), at random places in this very file
+    read_bps        O_DIRECT slab reads as the store makes them (OffloadOptions.io_depth
+                    in flight, straight into pool slots), at random places in this very file
     expert_s        one expert on one token, from one call over a token's k experts in RAM
                     (a decode step's), and per token in a prefill batch: the kernels' speed
                     on this model's types
@@ -34,6 +34,7 @@ no reads once warm, and the first token reads what the prompt uses once (cold ca
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -41,8 +42,8 @@ import numpy as np
 from qmoe import kernels
 from qmoe.errors import QmoeError
 from qmoe.experts.budget import MEASURED_OVERHEAD_BYTES, RunSizes, run_sizes
-from qmoe.experts.options import format_bytes
-from qmoe.experts.slabs import ExpertSlabs, SlabReader
+from qmoe.experts.options import OffloadOptions, format_bytes
+from qmoe.experts.slabs import ExpertSlabs, SlabReader, direct_alignment, direct_residue
 from qmoe.experts.tiers import RamPool
 from qmoe.gguf_file import GGUFFile
 from qmoe.models.base import HParams
@@ -137,21 +138,32 @@ def probe(file: GGUFFile, shape: ModelShape, seed: int = 0) -> Probe:
     names = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
     layers = [i for i in range(10**6) if file.has(f"blk.{i}.ffn_gate_exps.weight")][: shape.n_moe_layers]
     slabs = ExpertSlabs(file.path, {i: tuple(file.tensor(f"blk.{i}.{n}.weight") for n in names) for i in layers})
-    k = shape.n_expert_used
-    pool = RamPool(slabs.layout, k)  # one token's experts, as a decode step computes them
-    rng = np.random.default_rng(seed)
+    k, depth = shape.n_expert_used, OffloadOptions.io_depth
+    align = direct_alignment(file.path)
+    pool = RamPool(slabs.layout, max(k, depth), align, direct_residue(slabs, align))  # a decode step's k experts
     reader = SlabReader(file.path, direct=True)
-    try:
-        n_read, bytes_read, t0 = 0, 0, time.perf_counter()
-        while n_read < max(PROBE_READS * (time.perf_counter() - t0 < PROBE_READS_S), k):
+    stop = time.perf_counter() + PROBE_READS_S
+
+    def read_slabs(worker: int) -> int:
+        """One transfer worker's reads into its own slot: the bytes it read."""
+        rng, done = np.random.default_rng(seed + worker), 0
+        for n in range(PROBE_READS // depth):
+            if n >= 2 and time.perf_counter() > stop:
+                break
             layer = layers[rng.integers(len(layers))]
             reader.read(slabs.ranges(layer, int(rng.integers(slabs.n_expert))),
-                        pool.views(n_read % k, slabs.layouts[layer]))
-            n_read += 1
-            bytes_read += slabs.layouts[layer].nbytes
+                        pool.views(worker, slabs.layouts[layer]))
+            done += slabs.layouts[layer].nbytes
+        return done
+
+    try:
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(depth) as workers:
+            bytes_read = sum(workers.map(read_slabs, range(depth)))
         read_bps = bytes_read / (time.perf_counter() - t0)
     finally:
         reader.close()
+    rng = np.random.default_rng(seed)
     n_embd = slabs.layout.n_embd
     x1 = rng.standard_normal((1, n_embd)).astype(np.float32)
     xb = rng.standard_normal((PREFILL_BATCH, n_embd)).astype(np.float32)
@@ -202,8 +214,8 @@ def format_table(shape: ModelShape, probe_result: Probe, forecasts: list[Forecas
     lines = [
         f"experts {format_bytes(s.expert_bytes)} ({shape.n_slabs} slabs of {format_bytes(s.slab_bytes)}), "
         f"the rest of the run {format_bytes(s.rest_of_run)}",
-        f"probe ({probe_result.seconds:.1f} s): drive {probe_result.read_bps / 1e9:.2f} GB/s (O_DIRECT, one slab "
-        f"at a time), one expert {probe_result.expert_s * 1e3:.2f} ms a token, non-expert weights "
+        f"probe ({probe_result.seconds:.1f} s): drive {probe_result.read_bps / 1e9:.2f} GB/s (O_DIRECT, "
+        f"{OffloadOptions.io_depth} slabs in flight), one expert {probe_result.expert_s * 1e3:.2f} ms a token, non-expert weights "
         f"{probe_result.dense_bps / 1e9:.1f} GB/s",
         "",
         "| RAM budget | pool | hit rate | read/token | decode tok/s (none) | best prefetch | "
