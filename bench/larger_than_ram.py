@@ -206,18 +206,22 @@ def store_figures(m, n_steps: int) -> dict | None:
 
 
 def in_child(engine: str, path: Path, threads: int, prompt_len: int, decode: int, predictors: Path | None) -> dict:
+    from qmoe.experts.budget import mem_available
+
     drop_page_cache(path)
+    available = mem_available()
     code = (f"import json, sys; sys.path.insert(0, {str(REPO_ROOT)!r}); from bench.larger_than_ram import "
             "run_engine; print('RESULT ' + json.dumps(run_engine(*json.loads(sys.argv[1]))))")
     arg = json.dumps([engine, str(path), threads, prompt_len, decode, str(predictors) if predictors else None])
     env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
-    print(f"  {engine}: {prompt_len}-token prompt" + (f", {decode} decode steps" if decode else ""), flush=True)
+    print(f"  {engine}: {prompt_len}-token prompt" + (f", {decode} decode steps" if decode else "")
+          + f" (MemAvailable {available / 2**30:.1f} GiB)", flush=True)
     out = subprocess.run([sys.executable, "-c", code, arg], capture_output=True, text=True, env=env)
     lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
     if out.returncode != 0 or not lines:
         print(out.stderr[-3000:], file=sys.stderr)
         return {"engine": engine, "prompt_tokens": prompt_len, "error": out.stderr.strip().splitlines()[-1:]}
-    result = json.loads(lines[-1].removeprefix("RESULT "))
+    result = json.loads(lines[-1].removeprefix("RESULT ")) | {"mem_available_before": available}
     said = [line for line in out.stderr.splitlines() if line.startswith("qmoe: ")]
     result["said"] = said
     summary = f"    first token {result['first_token_s']:.1f} s"
@@ -230,10 +234,16 @@ def in_child(engine: str, path: Path, threads: int, prompt_len: int, decode: int
 # ----------------------------------------------------------------------------- predictors
 
 
+def qmoe_in_child(argv: list[str]) -> None:
+    """A qmoe command in a process of its own: its memory (a calibration's RAM pool) is gone after it."""
+    code = f"import sys; sys.path.insert(0, {str(REPO_ROOT)!r}); from qmoe.cli import main; sys.exit(main(sys.argv[1:]))"
+    if subprocess.run([sys.executable, "-c", code, *argv]).returncode != 0:
+        raise SystemExit(f"qmoe {argv[0]} failed")
+
+
 def train_predictors(path: Path, tokens: int, threads: int) -> tuple[Path, dict]:
     """`qmoe calibrate` (layer-major through the auto RAM pool) + `qmoe train-predictors`, timed."""
     from bench.offload import stdlib_texts
-    from qmoe.cli import main as qmoe_main
 
     sidecar = path.with_suffix(".pred.gguf")
     calib = path.parent / "calib"
@@ -241,14 +251,12 @@ def train_predictors(path: Path, tokens: int, threads: int) -> tuple[Path, dict]
     drop_page_cache(path)
     texts = [str(p) for p in stdlib_texts(40)]
     t0 = time.perf_counter()
-    if qmoe_main(["calibrate", str(path), "--text", *texts, "--tokens", str(tokens), "--threads", str(threads),
-                  "-o", str(calib)]) != 0:
-        raise SystemExit("calibration failed")
+    qmoe_in_child(["calibrate", str(path), "--text", *texts, "--tokens", str(tokens), "--threads", str(threads),
+                   "-o", str(calib)])
     calibrate_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    if qmoe_main(["train-predictors", str(path), "--data", str(calib), "-o", str(sidecar), "--device", "cpu",
-                  "--type", "q8_0"]) != 0:
-        raise SystemExit("training predictors failed")
+    qmoe_in_child(["train-predictors", str(path), "--data", str(calib), "-o", str(sidecar), "--device", "cpu",
+                   "--type", "q8_0"])
     train_s = time.perf_counter() - t0
     shutil.rmtree(calib, ignore_errors=True)
     return sidecar, {"calibration_tokens": tokens, "calibrate_s": calibrate_s, "train_s": train_s}
@@ -343,6 +351,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--decode", type=int, default=32, help="decode steps per run (>= 32 for the README)")
     parser.add_argument("--calib-tokens", type=int, default=2048, help="calibration tokens for the predictors")
+    parser.add_argument("--predictors", type=Path, default=None,
+                        help="predictors trained for this file by an earlier run (--keep keeps them): skip training")
     parser.add_argument("--policies", nargs="*", default=list(POLICIES), choices=POLICIES)
     parser.add_argument("--no-llama-cpp", action="store_true")
     parser.add_argument("--no-long-prompt", action="store_true", help="skip the 512-token prompt runs")
@@ -367,7 +377,9 @@ def main(argv: list[str] | None = None) -> None:
         print("measuring the drive...", flush=True)
         drive = drive_bandwidth(path, slab)
         predictors, training = None, None
-        if "pre-attn" in args.policies:
+        if args.predictors is not None:
+            predictors, training = args.predictors, {"reused": str(args.predictors)}
+        elif "pre-attn" in args.policies:
             print(f"training predictors on {args.calib_tokens} tokens...", flush=True)
             predictors, training = train_predictors(path, args.calib_tokens, args.threads)
             print(f"  calibration {training['calibrate_s']:.0f} s, training {training['train_s']:.0f} s", flush=True)

@@ -121,6 +121,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"qmoe: {model.path.name}: {model.file.arch}, {model.net.hp.n_layer} layers, "
           f"{model.net.hp.n_expert} experts ({model.net.hp.n_expert_used} used), ctx {model.n_ctx}, "
           f"device {model.device}", file=sys.stderr)
+    with model:
+        return _generate(model, offload, args, sampling)
+
+
+def _generate(model, offload, args: argparse.Namespace, sampling) -> int:
+    """cmd_run's generation and report, on a loaded model."""
     status = 0
     try:
         if offload is not None and offload.prefetch == "oracle":
@@ -152,7 +158,6 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"qmoe: RAM pool     = {ram['bytes'] / 2**20:9.1f} MiB ({ram['slots']} expert slabs)",
               file=sys.stderr)
     _report_offload(model, args)
-    model.close()
     return status
 
 
@@ -235,11 +240,11 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     if not args.text and not args.self_generate:
         raise QmoeError("give calibration text with --text FILE... or --self-generate N")
     offload = None if args.ram_budget.strip().lower() == OFF else OffloadOptions(ram_budget=args.ram_budget)
-    model = load(args.model, device=args.device, threads=args.threads, offload=offload)
-    docs = tokenize_files(model, args.text) if args.text else []
-    if args.self_generate:
-        docs += self_generated_text(model, args.self_generate, seed=args.seed)
-    meta = record(model, docs, args.output, args.tokens, window=args.window)
+    with load(args.model, device=args.device, threads=args.threads, offload=offload) as model:
+        docs = tokenize_files(model, args.text) if args.text else []
+        if args.self_generate:
+            docs += self_generated_text(model, args.self_generate, seed=args.seed)
+        meta = record(model, docs, args.output, args.tokens, window=args.window)
     print(f"recorded {meta.n_tokens} tokens x {len(meta.moe_layers)} MoE layers into {args.output}")
     return 0
 

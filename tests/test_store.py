@@ -136,18 +136,22 @@ def wide_experts_path(tmp_path_factory):
     return write_random_moe(tmp_path_factory.mktemp("wide") / "wide.gguf", shape, "wide experts")
 
 
-@pytest.mark.parametrize("direct,into_pool,align", [(False, False, None), (True, False, None),
-                                                    (True, True, None), (True, True, 4096)])
+@pytest.mark.parametrize("direct,into_pool,align,fan_out", [
+    (False, False, None, False), (True, False, None, False), (True, True, None, False), (True, True, 4096, False),
+    (True, True, None, True)])
 @pytest.mark.parametrize("model", ["q4_path", "wide_experts_path"])
-def test_reader_reads_every_slab_as_the_file_has_it(model, direct, into_pool, align, request):
+def test_reader_reads_every_slab_as_the_file_has_it(model, direct, into_pool, align, fan_out, request):
     """Plain buffers go through the bounce buffer; slots of a pool lined up with the file take the
-    whole blocks straight from the drive (at the drive's alignment, or 4096), from 4 threads at once."""
+    whole blocks straight from the drive (at the drive's alignment, or 4096), from 4 threads at once
+    (and with fan_out, each slab's parts at once, as for slabs of real models' size)."""
     path = request.getfixturevalue(model)
     with qmoe.load(path, offload=OffloadOptions(ram_budget="100%", direct_io=True)) as m:
         slabs = m.store.slabs
-        reader = SlabReader(slabs.path, direct)
+        reader = SlabReader(slabs.path, direct, depth=4)
         if align is not None:
             reader.align = align
+        if fan_out:
+            reader.FAN_OUT_MIN_BYTES = 0
         pool = RamPool(slabs.layout, 4, reader.align, direct_residue(slabs, reader.align))
         keys = [(layer, e) for layer in slabs.layers for e in range(slabs.n_expert)]
 

@@ -141,7 +141,7 @@ def probe(file: GGUFFile, shape: ModelShape, seed: int = 0) -> Probe:
     k, depth = shape.n_expert_used, OffloadOptions.io_depth
     align = direct_alignment(file.path)
     pool = RamPool(slabs.layout, max(k, depth), align, direct_residue(slabs, align))  # a decode step's k experts
-    reader = SlabReader(file.path, direct=True)
+    reader = SlabReader(file.path, direct=True, depth=depth)
     stop = time.perf_counter() + PROBE_READS_S
 
     def read_slabs(worker: int) -> int:

@@ -79,7 +79,7 @@ class ExpertStore:
         self.pool = self._make_pool(options)
         self.fast = self._make_fast(options, device)
         self.compute_tier: Tier | None = self.fast or self.pool
-        self.reader = SlabReader(slabs.path, options.direct_io) if self.pool else None
+        self.reader = SlabReader(slabs.path, options.direct_io, options.io_depth) if self.pool else None
         # One lock, two conditions, so that a thread is woken only for what it waits for:
         self.lock = threading.Lock()
         self.work = threading.Condition(self.lock)  # transfer workers: a job queued or a worker freed
@@ -411,7 +411,7 @@ class ExpertStore:
                     tier.cache.reset_counts()
 
     def close(self) -> None:
-        """Stop the transfer thread and close the file. Idempotent."""
+        """Stop the transfer workers, close the file and free the tiers' memory. Idempotent."""
         with self.lock:
             self.closing = True
             self.work.notify_all()
@@ -420,6 +420,9 @@ class ExpertStore:
         self.transfers.join()
         if self.reader is not None:
             self.reader.close()
+        for tier in (self.pool, self.fast):
+            if tier is not None:
+                tier.release()
 
 
 def _moving_average(average: float | None, sample: float, weight: float = 0.2) -> float:

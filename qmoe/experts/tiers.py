@@ -92,6 +92,11 @@ class RamPool:
     def describe(self) -> str:
         return f"RAM pool of quantized slabs, {self.cache.n_slots} slots"
 
+    def release(self) -> None:
+        """Give the slots' memory back now (the store is closed), not whenever the collector
+        finds the model: a closed model may sit in a reference cycle while its caller goes on."""
+        self.parts = []
+
 
 def dense_expert_ffn(
     gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, x: torch.Tensor
@@ -162,6 +167,11 @@ class FastTier:
             f"fast tier of dequantized {str(self.dtype).removeprefix('torch.')} experts in {where}, "
             f"{self.cache.n_slots} slots"
         )
+
+    def release(self) -> None:
+        """Give the slots' memory (GPU memory and the pinned staging buffer, on CUDA) back now."""
+        self.parts = []
+        self.staging = self.raw = None
 
     def upload(self, slot: int, raw: tuple[np.ndarray, np.ndarray, np.ndarray], layout: SlabLayout) -> None:
         """Fill `slot` with the slab (of `layout`) whose raw parts are `raw` (runs in the transfer thread)."""

@@ -95,7 +95,7 @@ class Transfers:
 
     def find(self, tier: Tier, key: Key) -> Job | None:
         """The job queued for `key` in `tier`, or the demand load waiting for a slot for it."""
-        return self.queued.get((tier.name, key)) or self.reserving.get((tier.name, key))
+        return self.reserving.get((tier.name, key)) or self.queued.get((tier.name, key))
 
     def demand(self, tier: Tier, key: Key) -> Job:
         """Queue a demand load of `key` into `tier`, held for the requesting thread."""
@@ -104,8 +104,9 @@ class Transfers:
         return job
 
     def enqueue(self, priority: int, tier: Tier, key: Key, step: int) -> None:
-        """Queue a prefetch or a cache fill of `key` unless one is queued already."""
-        if (tier.name, key) not in self.queued:
+        """Queue a prefetch or a cache fill of `key` unless a job for it is queued already, or a
+        demand load for it waits for a slot."""
+        if (tier.name, key) not in self.queued and (tier.name, key) not in self.reserving:
             self._push(Job(priority, next(self.seq), key, tier, step))
 
     def _push(self, job: Job) -> None:
