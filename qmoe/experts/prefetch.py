@@ -3,7 +3,7 @@
 The prefetcher is an Observer of the forward pass (models/base.py). At each MoE
 layer l the model thread hands it l's attn_norm output (`pre_attention`) and,
 after routing, l's router input and choice (`routed`). The prediction it makes
-asks the store to prefetch experts, which the store's transfer thread brings in
+asks the store to prefetch experts, which the store's transfer workers bring in
 while the model computes. Where the prediction itself runs (`--predict-in`):
 
     worker  a worker thread, while the model's thread goes on to attention (numba

@@ -15,13 +15,14 @@ The compute tier is the fast tier when there is one, else the RAM pool. The stor
 is a residency service: it keeps slabs within the budgets, hands out claims on
 them (a claim pins a slab, so that it is not evicted while a thread computes
 from it or waits for it), takes predictions (`prefetch`) and queues the
-transfers that move slabs between tiers (transfers.py, one thread of its own).
+transfers that move slabs between tiers (transfers.py, worker threads of its own).
 Computing from what it hands out is compute.py's job; scoring predictions is the
 prefetcher's (stats.PredictionScorer).
 
 Accounting: the budgets fix each tier's slot count (budget // slab bytes); slots
 are allocated once, so the bytes held never exceed the budget. Fixed I/O buffers
-(the O_DIRECT bounce buffers, CUDA's pinned staging buffer: one slab in all) are
+(the readers' one-block O_DIRECT buffers and, for slabs whose offsets do not line up
+with the pool's slots, a bounce buffer per reader; CUDA's pinned staging buffer) are
 outside the budgets. A slot is taken by evicting the least recently used slab
 that nobody pins and that is not a prediction waiting for its layer; a prediction
 its layer did not use goes to the front of the eviction order (cache.py).
@@ -55,7 +56,7 @@ class LayerClaims:
     """What a layer's forward pass got from the store for the experts it needs.
 
     ready:   (expert, entry) in the compute tier, pinned for the caller
-    waiting: (expert, handle) on their way, in the order the transfer thread delivers them;
+    waiting: (expert, handle) on their way, in the order they were queued;
              a handle is an Entry (being loaded now) or the Job that will bring it
     on_cpu:  fast-tier misses the caller computes from the quantized slab (on_miss "cpu")
     """
@@ -287,7 +288,7 @@ class ExpertStore:
             for handle in handles:
                 if isinstance(handle, Job):
                     if handle.delivered is None:
-                        handle.pins -= 1  # the transfer thread reconciles if it already pinned the slab
+                        handle.pins -= 1  # the transfer worker reconciles if it already pinned the slab
                         continue
                     handle = handle.delivered
                 handle.pins -= 1
@@ -312,7 +313,7 @@ class ExpertStore:
         return key in self.predicted.get(key[0], ())
 
     def observe_read(self, seconds: float) -> None:
-        """Under the lock: one slab was read from the file in `seconds` (the transfer thread)."""
+        """Under the lock: one slab was read from the file in `seconds` (a transfer worker)."""
         self.read_s = _moving_average(self.read_s, seconds)
 
     def spare_reads(self) -> int | None:
