@@ -24,7 +24,7 @@ from gguf import GGMLQuantizationType
 
 from qmoe.errors import QmoeError
 from qmoe.kernels import compiled
-from qmoe.kernels.formats import QT, check_qtype, row_bytes, weight_bytes
+from qmoe.kernels.formats import FORMATS, QT, check_qtype, row_bytes, weight_bytes
 
 BLAS_MIN_TOKENS = 32
 TILE_FLOATS = 1 << 20  # rows dequantized per BLAS call: about 4 MB of float32, at home in L2/L3
@@ -76,10 +76,27 @@ def _output(out: np.ndarray | None, shape: tuple[int, int]) -> np.ndarray:
     return out
 
 
+def q8_products(qtype: GGMLQuantizationType, exact: bool) -> bool:
+    """Whether a few-token product of a `qtype` weight runs on integers (see the module docstring)."""
+    return not exact and int(qtype) in compiled.Q8_FORMATS
+
+
+def q8_block(qtype: GGMLQuantizationType) -> int:
+    """Elements per scale of the activation quantized for a `qtype` weight: its block."""
+    return FORMATS[qtype].block
+
+
 def matmul(
-    w: np.ndarray, qtype: GGMLQuantizationType | int, x: np.ndarray, out: np.ndarray | None = None
+    w: np.ndarray,
+    qtype: GGMLQuantizationType | int,
+    x: np.ndarray,
+    out: np.ndarray | None = None,
+    exact: bool = False,
 ) -> np.ndarray:
-    """x @ W.T for a raw weight W [rows, n] of type qtype: x float32 [T, n] -> float32 [T, rows]."""
+    """x @ W.T for a raw weight W [rows, n] of type qtype: x float32 [T, n] -> float32 [T, rows].
+
+    exact: float32 activations for every product; else few-token products of block formats
+    quantize x to 8 bits per 32 elements and multiply integers (the module docstring)."""
     qtype = check_qtype(qtype)
     if w.ndim != 2:
         raise QmoeError(f"matmul: weight must be [rows, row], got shape {list(w.shape)}")
@@ -90,7 +107,8 @@ def matmul(
     if x.shape[0] == 0 or rows == 0:
         return out
     if x.shape[0] < BLAS_MIN_TOKENS:
-        _run(compiled.matmul_rows, wb.nbytes, int(qtype), wb, row_bytes(qtype, n), x, out)
+        q8 = q8_products(qtype, exact)
+        _run(compiled.matmul_rows, wb.nbytes, int(qtype), wb, row_bytes(qtype, n), x, q8, q8_block(qtype), out)
     elif qtype == QT.F32:
         with warnings.catch_warnings():  # torch warns on read-only (memory-mapped) arrays; we only read them
             warnings.simplefilter("ignore", UserWarning)
