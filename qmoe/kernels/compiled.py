@@ -172,8 +172,15 @@ def _i32_to_f32(builder, v):
 
 
 def _kvalues(builder, nibbles):
-    """IQ4's table lookup KVALUES[nibble] on <16 x i8>, as a tree of 15 vector selects
-    (portable: no shuffle-by-variable in LLVM's generic vectors)."""
+    """IQ4's table lookup KVALUES[nibble] on <16 x i8>: one byte shuffle where the target has
+    one (x86's pshufb, every x86-64 CPU with SSSE3, so every AVX2 one; ARM's tbl), else a tree
+    of 15 vector selects (LLVM's generic vectors have no shuffle by a variable index)."""
+    table = ir.Constant(_vi8, list(KVALUES))
+    shuffle = {"x86_64": "llvm.x86.ssse3.pshuf.b.128", "aarch64": "llvm.aarch64.neon.tbl1.v16i8"}
+    name = shuffle.get(builder.module.triple.split("-")[0])
+    if name is not None:
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_vi8, [_vi8, _vi8]), name)
+        return builder.call(fn, [table, nibbles])
     vals = [_c8(k) for k in KVALUES]
     for bit in range(4):
         test = builder.icmp_unsigned("!=", builder.and_(nibbles, _c8(1 << bit)), _c8(0))
