@@ -41,7 +41,7 @@ whose threads follow torch.set_num_threads (ops.py says why torch and not numpy)
 """
 
 from qmoe.kernels.moe import ExpertGroups, add_expert_output, expert_ffn, moe_ffn
-from qmoe.kernels.ops import MLPTopK, dequantize, matmul, set_num_threads
+from qmoe.kernels.ops import MLPTopK, dequantize, exact_products, matmul, set_exact_products, set_num_threads
 from qmoe.kernels.torch_dequant import dequantize_torch
 
 __all__ = [
@@ -50,8 +50,10 @@ __all__ = [
     "add_expert_output",
     "dequantize",
     "dequantize_torch",
+    "exact_products",
     "expert_ffn",
     "matmul",
     "moe_ffn",
+    "set_exact_products",
     "set_num_threads",
 ]

@@ -90,7 +90,7 @@ def _experts(gate: np.ndarray, up: np.ndarray, down: np.ndarray, qtypes: tuple, 
     return flat, qtypes, row_nbytes, e_g, n_embd, n_ff
 
 
-def _moe_rows_types(qtypes: tuple, exact: bool) -> tuple:
+def _moe_rows_types(qtypes: tuple, exact: bool | None) -> tuple:
     """moe_rows' qtypes, q8 and q8_blocks arguments. Gate and up share one quantized x, so up
     runs in float32 when its block differs from gate's (no llama.cpp mix does that)."""
     gate, up, down = qtypes
@@ -110,7 +110,7 @@ def moe_ffn(
     expert_ids: np.ndarray,
     expert_weights: np.ndarray,
     slabs: np.ndarray | None = None,
-    exact: bool = False,
+    exact: bool | None = None,
 ) -> np.ndarray:
     """The routed experts' weighted sum for T tokens.
 
@@ -124,7 +124,7 @@ def moe_ffn(
     slabs: int [n_ids], expert id -> its index in the stacked arrays, when these are not
     the model's tensors but slots of a cache (the expert store's tiers); the sums run in
     the order of the expert ids all the same, so the result is bit-identical.
-    exact: float32 activations (else integer products, as ops.matmul's `exact`).
+    exact: float32 activations or integer products, as ops.matmul's `exact`.
     """
     flat, qt, rb, n_expert, n_embd, n_ff = _experts(gate_exps, up_exps, down_exps, qtypes, "moe_ffn")
     n_ids = n_expert
@@ -165,7 +165,7 @@ def moe_ffn(
 
 
 def expert_ffn(
-    gate: np.ndarray, up: np.ndarray, down: np.ndarray, qtypes: tuple, x: np.ndarray, exact: bool = False
+    gate: np.ndarray, up: np.ndarray, down: np.ndarray, qtypes: tuple, x: np.ndarray, exact: bool | None = None
 ) -> np.ndarray:
     """One expert's SwiGLU for T token rows, from its slabs (stacked[e] views).
 

@@ -76,8 +76,23 @@ def _output(out: np.ndarray | None, shape: tuple[int, int]) -> np.ndarray:
     return out
 
 
-def q8_products(qtype: GGMLQuantizationType, exact: bool) -> bool:
+_exact_products = False  # set_exact_products
+
+
+def set_exact_products(exact: bool) -> None:
+    """The products' default: float32 activations (True), or integer products on activations
+    quantized to 8 bits (False, the initial setting). Like set_num_threads, for the process."""
+    global _exact_products
+    _exact_products = bool(exact)
+
+
+def exact_products() -> bool:
+    return _exact_products
+
+
+def q8_products(qtype: GGMLQuantizationType, exact: bool | None) -> bool:
     """Whether a few-token product of a `qtype` weight runs on integers (see the module docstring)."""
+    exact = _exact_products if exact is None else exact
     return not exact and int(qtype) in compiled.Q8_FORMATS
 
 
@@ -91,12 +106,12 @@ def matmul(
     qtype: GGMLQuantizationType | int,
     x: np.ndarray,
     out: np.ndarray | None = None,
-    exact: bool = False,
+    exact: bool | None = None,
 ) -> np.ndarray:
     """x @ W.T for a raw weight W [rows, n] of type qtype: x float32 [T, n] -> float32 [T, rows].
 
-    exact: float32 activations for every product; else few-token products of block formats
-    quantize x to 8 bits per 32 elements and multiply integers (the module docstring)."""
+    exact: float32 activations for every product (True), or integer products on x quantized
+    to 8 bits for few tokens of a block format (False); None: set_exact_products' setting."""
     qtype = check_qtype(qtype)
     if w.ndim != 2:
         raise QmoeError(f"matmul: weight must be [rows, row], got shape {list(w.shape)}")
