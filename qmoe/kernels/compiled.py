@@ -136,6 +136,7 @@ class _Half:
     d: ir.Value | None = None  # float32
     offset: ir.Value | None = None  # float32
     iscale: ir.Value | None = None  # i32
+    imin: ir.Value | None = None  # i32, K-quants: offset = -(dmin * imin), dmin the block's
 
     def values(self, builder):
         """q as <16 x float>."""
@@ -200,8 +201,8 @@ def _qh_bits(builder, p, offset: int):
     return halves
 
 
-def _same(q_lo, q_hi, d, offset=None, iscale=None):
-    return _Half(q_lo, d, offset, iscale), _Half(q_hi, d, offset, iscale)
+def _same(q_lo, q_hi, d, offset=None, iscale=None, imin=None):
+    return _Half(q_lo, d, offset, iscale, imin), _Half(q_hi, d, offset, iscale, imin)
 
 
 def _format(qtype):
@@ -270,8 +271,9 @@ def _q2_k_group(builder, p, s):
     for h in range(2):
         q = _bits(builder, _bytes16(builder, p, qs + 16 * h), 2 * (s % 4), 3)
         sc = _byte(builder, p, fmt.offset("scales") + 2 * s + h)
-        ml = builder.fmul(dmin, _i32_to_f32(builder, builder.lshr(sc, ir.Constant(_i32, 4))))
-        halves.append(_Half(q, d, builder.fneg(ml), builder.and_(sc, ir.Constant(_i32, 15))))
+        m = builder.lshr(sc, ir.Constant(_i32, 4))
+        ml = builder.fmul(dmin, _i32_to_f32(builder, m))
+        halves.append(_Half(q, d, builder.fneg(ml), builder.and_(sc, ir.Constant(_i32, 15)), m))
     return tuple(halves)
 
 
@@ -319,10 +321,10 @@ def _k4_scale_min(builder, p, offset: int, j: int):
 
 
 def _k4_scales(builder, p, fmt, s):
-    """(d, -(dmin * m), sc) of group s of a Q4_K/Q5_K super-block: _same's d, offset, iscale."""
+    """(d, -(dmin * m), sc, m) of group s of a Q4_K/Q5_K super-block: _same's d, offset, iscale, imin."""
     sc, m = _k4_scale_min(builder, p, fmt.offset("scales"), s)
     d, dmin = _field_half(builder, p, fmt, "d"), _field_half(builder, p, fmt, "dmin")
-    return d, builder.fneg(builder.fmul(dmin, _i32_to_f32(builder, m))), sc
+    return d, builder.fneg(builder.fmul(dmin, _i32_to_f32(builder, m))), sc, m
 
 
 def _k4_nibbles(builder, p, fmt, s):
@@ -408,11 +410,13 @@ class _IRFormat:
     elem_bytes: int = 0  # float formats: bytes of one element, for the row tail
     one: Callable | None = None  # float formats: (builder, byte ptr) -> float
     d_offset: int = 0  # block formats: byte offset of the fp16 d, the halves' common d
+    dmin_offset: int = 0  # K-quants with mins: byte offset of the fp16 dmin
 
 
 def _block_format(qtype, group: Callable) -> _IRFormat:
     fmt = _format(qtype)
-    return _IRFormat(fmt.block, fmt.block_bytes, group, d_offset=fmt.offset("d"))
+    dmin = fmt.offset("dmin") if "dmin" in dict(fmt.fields) else 0
+    return _IRFormat(fmt.block, fmt.block_bytes, group, d_offset=fmt.offset("d"), dmin_offset=dmin)
 
 
 def _float_format(qtype, group: Callable, one: Callable) -> _IRFormat:
@@ -643,8 +647,15 @@ def _group_isum(builder, lo: _Half, hi: _Half, xq_lo, xq_hi):
     )
 
 
+def _group_imin(builder, lo: _Half, hi: _Half, xb_lo, xb_hi):
+    """K-quants: the group's integer mins times the integer sums of its xq halves (i32)."""
+    if lo.imin is hi.imin:
+        return builder.mul(lo.imin, builder.add(xb_lo, xb_hi))
+    return builder.add(builder.mul(lo.imin, xb_lo), builder.mul(hi.imin, xb_hi))
+
+
 def _group_offset(builder, lo: _Half, hi: _Half, xs_lo, xs_hi):
-    """The group's offsets times the float sums of its x halves (None without offsets)."""
+    """The group's float offsets (Q4_1, Q5_1) times the float sums of its x halves."""
     if lo.offset is None:
         return None
     if lo.offset is hi.offset:
@@ -655,13 +666,14 @@ def _group_offset(builder, lo: _Half, hi: _Half, xs_lo, xs_hi):
 
 
 def _make_row_dot_q8(n_tokens: int):
-    """row_dot_q8(qtype, w, w_off, xq, xd, xs, x_offs, n): _make_row_dot's product for a block
-    format, on quantize_q8's activation (xq int16, xd and xs float32, C arrays indexed flat:
-    element e of x is about xq[e] * xd[e // block], xs[e // 16] the float sum of its 16)."""
+    """row_dot_q8(qtype, w, w_off, xq, xd, xs, xb, x_offs, n): _make_row_dot's product for a
+    block format, on quantize_q8's activation (xq int16, xd and xs float32, xb int32, C arrays
+    indexed flat: element e of x is about xq[e] * xd[e // block]; xs[e // 16] and xb[e // 16]
+    are the float sum of its 16 and the sum of their xq)."""
 
     @intrinsic
-    def row_dot_q8(typingctx, qtype, w, w_off, xq, xd, xs, x_offs, n):
-        arrays = ((w, types.uint8), (xq, types.int16), (xd, types.float32), (xs, types.float32))
+    def row_dot_q8(typingctx, qtype, w, w_off, xq, xd, xs, xb, x_offs, n):
+        arrays = ((w, types.uint8), (xq, types.int16), (xd, types.float32), (xs, types.float32), (xb, types.int32))
         if not (isinstance(qtype, types.Integer) and all(_is_c_array(a, dt) for a, dt in arrays)):
             return None
         if n_tokens == 1:
@@ -671,18 +683,20 @@ def _make_row_dot_q8(n_tokens: int):
                 types.UniTuple(types.intp, n_tokens),
                 types.UniTuple(types.float32, n_tokens),
             )
-        sig = result_type(qtype, w, types.intp, xq, xd, xs, offs_type, types.intp)
+        sig = result_type(qtype, w, types.intp, xq, xd, xs, xb, offs_type, types.intp)
 
         def codegen(context, builder, sig, args):
-            qtype, w, w_off, xq, xd, xs, x_offs, n = args
+            qtype, w, w_off, xq, xd, xs, xb, x_offs, n = args
 
             def data(i, value):
                 return context.make_array(sig.args[i])(context, builder, value).data
 
             wp = builder.gep(data(1, w), [w_off])
-            xq0, xd0, xs0 = data(3, xq), data(4, xd), data(5, xs)
+            xq0, xd0, xs0, xb0 = data(3, xq), data(4, xd), data(5, xs), data(6, xb)
             offs = [x_offs] if n_tokens == 1 else [builder.extract_value(x_offs, j) for j in range(n_tokens)]
             totals = [cgutils.alloca_once_value(builder, ir.Constant(_f32, 0.0)) for _ in offs]
+
+            imins_zero = ir.Constant(_i32, 0)
 
             def emit(fmt: _IRFormat):
                 accs = [cgutils.alloca_once_value(builder, ir.Constant(_vf32_i, [0.0] * _I_LANES)) for _ in offs]
@@ -692,24 +706,35 @@ def _make_row_dot_q8(n_tokens: int):
                     es = [builder.add(off, first) for off in offs]
                     xqps = [builder.bitcast(builder.gep(xq0, [e]), _vi16.as_pointer()) for e in es]
                     xsps = [builder.gep(xs0, [builder.ashr(e, _const(4))]) for e in es]
+                    xbps = [builder.gep(xb0, [builder.ashr(e, _const(4))]) for e in es]
                     isums, offsets = [ir.Constant(_vi32_i, [0] * _I_LANES)] * len(es), [None] * len(es)
+                    imins = [imins_zero] * len(es)
                     for s in range(fmt.block // _GROUP):
                         lo, hi = fmt.group(builder, bp, s)
-                        for j, (xqp, xsp) in enumerate(zip(xqps, xsps)):
+                        for j, (xqp, xsp, xbp) in enumerate(zip(xqps, xsps, xbps)):
                             xq_lo = builder.load(builder.gep(xqp, [_const(2 * s)]), align=2)
                             xq_hi = builder.load(builder.gep(xqp, [_const(2 * s + 1)]), align=2)
                             isums[j] = builder.add(isums[j], _group_isum(builder, lo, hi, xq_lo, xq_hi))
-                            xs_lo = builder.load(builder.gep(xsp, [_const(2 * s)]))
-                            o = _group_offset(builder, lo, hi, xs_lo, builder.load(builder.gep(xsp, [_const(2 * s + 1)])))
+                            if lo.imin is not None:
+                                xb_lo, xb_hi = (builder.load(builder.gep(xbp, [_const(2 * s + h)])) for h in range(2))
+                                imins[j] = builder.add(imins[j], _group_imin(builder, lo, hi, xb_lo, xb_hi))
+                                continue
+                            xs_lo, xs_hi = (builder.load(builder.gep(xsp, [_const(2 * s + h)])) for h in range(2))
+                            o = _group_offset(builder, lo, hi, xs_lo, xs_hi)
                             if o is not None:
                                 offsets[j] = o if offsets[j] is None else builder.fadd(offsets[j], o, flags=_FLAGS)
                     half = _half_to_f32_int if fmt.block == _GROUP else _half_to_f32
                     d = half(builder, builder.gep(bp, [_const(fmt.d_offset)]))
-                    for e, isum, o, acc, offset_sum in zip(es, isums, offsets, accs, offset_sums):
+                    for j, (e, isum, acc, offset_sum) in enumerate(zip(es, isums, accs, offset_sums)):
                         dx = builder.load(builder.gep(xd0, [builder.udiv(e, _const(fmt.block))]))
                         scale = _splat(builder, builder.fmul(d, dx, flags=_FLAGS), _I_LANES)
                         v = builder.fmul(builder.sitofp(isum, _vf32_i), scale, flags=_FLAGS)
                         builder.store(builder.fadd(builder.load(acc), v, flags=_FLAGS), acc)
+                        o = offsets[j]
+                        if imins[j] is not imins_zero:  # -(dmin * dx) * sum of imin * xb
+                            dmin = half(builder, builder.gep(bp, [_const(fmt.dmin_offset)]))
+                            o = builder.fmul(builder.fneg(builder.fmul(dmin, dx, flags=_FLAGS)),
+                                             builder.sitofp(imins[j], _f32), flags=_FLAGS)
                         if o is not None:
                             builder.store(builder.fadd(builder.load(offset_sum), o, flags=_FLAGS), offset_sum)
 
@@ -777,13 +802,15 @@ def quantize_q8(x, q8, block):
     """x float32 [T, n] quantized for the q8 row loops, when q8 (else empty arrays), as
     llama.cpp quantizes activations (Q8_0 for block 32, Q8_K for 256): xq int16 [T, n] =
     round(x / d) with d = max |x| / 127 over each `block` elements, xd [T, n / block] the d's,
-    xs [T, n / 16] the float sums of each 16 elements (for the formats' offsets).
-    n must be a multiple of block (the weight's rows are)."""
+    xs [T, n / 16] the float sums of each 16 elements and xb [T, n / 16] int32 the sums of
+    their xq (for the formats' offsets). n must be a multiple of block (the weight's rows are).
+    Returns them as one tuple, the row loops' `xa`."""
     n_tokens, n = x.shape
     rows = n_tokens if q8 else 0
     xq = np.empty((rows, n), np.int16)
     xd = np.empty((rows, n // block), np.float32)
     xs = np.empty((rows, n // 16), np.float32)
+    xb = np.empty((rows, n // 16), np.int32)
     for t in range(rows):
         for b in range(n // block):
             amax = np.float32(0.0)
@@ -794,26 +821,29 @@ def quantize_q8(x, q8, block):
             for i in range(b * block, (b + 1) * block):
                 xq[t, i] = np.int16(np.rint(x[t, i] * inv))
         for b in range(n // 16):
-            total = np.float32(0.0)
+            total, q_total = np.float32(0.0), 0
             for i in range(16 * b, 16 * b + 16):
                 total += x[t, i]
+                q_total += xq[t, i]
             xs[t, b] = total
-    return xq, xd, xs
+            xb[t, b] = q_total
+    return xq, xd, xs, xb
 
 
 @njit(nogil=True, inline="always")
-def row_product(qtype, w, w_off, x, xq, xd, xs, q8, x_off, n):
-    """The row's product with the activation row at x_off: integer (q8) or float32."""
+def row_product(qtype, w, w_off, x, xa, q8, x_off, n):
+    """The row's product with the activation row at x_off: integer on xa = quantize_q8(x) (q8)
+    or float32 on x."""
     if q8:
-        return dot_row_q8(qtype, w, w_off, xq, xd, xs, x_off, n)
+        return dot_row_q8(qtype, w, w_off, xa[0], xa[1], xa[2], xa[3], x_off, n)
     return dot_row(qtype, w, w_off, x, x_off, n)
 
 
 @njit(nogil=True, inline="always")
-def row_product_tile(qtype, w, w_off, x, xq, xd, xs, q8, x_offs, n):
+def row_product_tile(qtype, w, w_off, x, xa, q8, x_offs, n):
     """row_product for TOKEN_TILE activation rows."""
     if q8:
-        return dot_row_q8_tile(qtype, w, w_off, xq, xd, xs, x_offs, n)
+        return dot_row_q8_tile(qtype, w, w_off, xa[0], xa[1], xa[2], xa[3], x_offs, n)
     return dot_row_tile(qtype, w, w_off, x, x_offs, n)
 
 
@@ -853,15 +883,15 @@ def matmul_rows(qtype, w, row_bytes, x, q8, q8_block, out):
     n_tokens, n = x.shape
     rows = out.shape[1]
     tokens = np.arange(n_tokens)
-    xq, xd, xs = quantize_q8(x, q8, q8_block)
+    xa = quantize_q8(x, q8, q8_block)
     for r in prange(rows):
         for t in range(0, n_tokens, TOKEN_TILE):
             m = min(TOKEN_TILE, n_tokens - t)
             if m == 1:
-                out[t, r] = row_product(qtype, w, r * row_bytes, x, xq, xd, xs, q8, t * n, n)
+                out[t, r] = row_product(qtype, w, r * row_bytes, x, xa, q8, t * n, n)
             else:
                 offs = tile_offsets(tokens, t, m, 1, n)
-                y = row_product_tile(qtype, w, r * row_bytes, x, xq, xd, xs, q8, offs, n)
+                y = row_product_tile(qtype, w, r * row_bytes, x, xa, q8, offs, n)
                 for j in range(m):
                     out[t + j, r] = y[j]
 
@@ -893,7 +923,7 @@ def moe_rows(
     n_tokens, n_embd = x.shape
     n_groups = group_experts.shape[0]
     hidden = np.empty((n_tokens * k, n_ff), np.float32)  # [pair, n_ff]
-    xq, xd, xs = quantize_q8(x, q8[0] or q8[1], q8_blocks[0])
+    xa = quantize_q8(x, q8[0] or q8[1], q8_blocks[0])
     for i in prange(n_groups * n_ff):
         g = i // n_ff
         r = i - g * n_ff
@@ -903,16 +933,16 @@ def moe_rows(
             m = min(TOKEN_TILE, group_starts[g + 1] - q)
             if m == 1:
                 t_off = pairs[q] // k * n_embd
-                a = row_product(qtypes[0], gate, off_gate, x, xq, xd, xs, q8[0], t_off, n_embd)
-                b = row_product(qtypes[1], up, off_up, x, xq, xd, xs, q8[1], t_off, n_embd)
+                a = row_product(qtypes[0], gate, off_gate, x, xa, q8[0], t_off, n_embd)
+                b = row_product(qtypes[1], up, off_up, x, xa, q8[1], t_off, n_embd)
                 hidden[pairs[q], r] = silu(a) * b
             else:
                 t_offs = tile_offsets(pairs, q, m, k, n_embd)
-                a4 = row_product_tile(qtypes[0], gate, off_gate, x, xq, xd, xs, q8[0], t_offs, n_embd)
-                b4 = row_product_tile(qtypes[1], up, off_up, x, xq, xd, xs, q8[1], t_offs, n_embd)
+                a4 = row_product_tile(qtypes[0], gate, off_gate, x, xa, q8[0], t_offs, n_embd)
+                b4 = row_product_tile(qtypes[1], up, off_up, x, xa, q8[1], t_offs, n_embd)
                 for j in range(m):
                     hidden[pairs[q + j], r] = silu(a4[j]) * b4[j]
-    hq, hd, hs = quantize_q8(hidden, q8[2], q8_blocks[1])
+    ha = quantize_q8(hidden, q8[2], q8_blocks[1])
     # Output rows in blocks of OUT_BLOCK, so that a tile of hidden rows is read from L1 for a
     # whole block of down rows instead of from L2 or memory for every one of them.
     for cb in prange((n_embd + OUT_BLOCK - 1) // OUT_BLOCK):
@@ -924,11 +954,11 @@ def moe_rows(
                     off_down = (group_experts[g] * n_embd + c) * row_bytes[2]
                     if m == 1:
                         p = pairs[q]
-                        y = row_product(qtypes[2], down, off_down, hidden, hq, hd, hs, q8[2], p * n_ff, n_ff)
+                        y = row_product(qtypes[2], down, off_down, hidden, ha, q8[2], p * n_ff, n_ff)
                         out[p // k, c] += pair_weights[p] * y
                     else:
                         offs = tile_offsets(pairs, q, m, 1, n_ff)
-                        y4 = row_product_tile(qtypes[2], down, off_down, hidden, hq, hd, hs, q8[2], offs, n_ff)
+                        y4 = row_product_tile(qtypes[2], down, off_down, hidden, ha, q8[2], offs, n_ff)
                         for j in range(m):
                             p = pairs[q + j]
                             out[p // k, c] += pair_weights[p] * y4[j]
