@@ -6,6 +6,13 @@ float32 and multiply them with BLAS, which does far more arithmetic per byte tha
 row loop can. `BLAS_MIN_TOKENS` is about where the second starts to win
 (bench/kernels_bench.py, "tokens" section, on the 2-core development machines).
 
+The row kernels multiply either float32 activations by the decoded weights (exact) or,
+for block formats, integers: x quantized to 8 bits per block of the weight's format, as
+llama.cpp does, times the weights' integer values (compiled.py's integer products). The
+second is the default (set_exact_products, or `exact=` per call): it reads weights 1.5-2x
+faster on an AVX2 core, and decode is as close to llama.cpp's logits as llama.cpp's own
+float run is (tests/test_llama_cpp_quants.py). BLAS products stay float32.
+
 The BLAS products go through torch, not numpy: OpenBLAS's threads spin after each
 call and numba's OpenMP threads spin after each parallel loop, and alternating the two
 on a 2-core machine made a 256-token prefill of the tiny model take 3 s instead of
