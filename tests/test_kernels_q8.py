@@ -1,11 +1,13 @@
 """The integer products (exact=False, the default): block formats times an 8-bit activation.
 
 A few-token product of a block format quantizes x per block of the weight's format
-(compiled.quantize_q8: x ~ xq * d, d = max |x| / 127, as llama.cpp's Q8_0 / Q8_K) and
-sums integers. So the result is the float product with x replaced by its quantized
-values x_hat, to float32 rounding -- except Q4_1's and Q5_1's per-block offsets m, which
-multiply the exact float sums of x. That is what is asserted, and with it the error the
-activation's quantization brings: at most sum_i |w_i - m_i| * d_i / 2 per output.
+(compiled.quantize_q8: x ~ xq * d, d ~ max |x| / 127, as llama.cpp's Q8_0 / Q8_1 / Q8_K)
+and sums integers. So the result is the float product with x replaced by its quantized
+values x_hat, to float32 rounding; Q4_1's and Q5_1's per-block offsets m multiply Q8_1's
+block sum s (d times the sum of the block's xq, in fp16). That is what is asserted, and
+with it the error the activation's quantization brings: at most about
+sum_i |w_i| * d_i / 2 per output (d_i / 2: rounding to the integer; 32-blocks' d is
+rounded to fp16, which moves x_hat by up to 127 * 2^-12 d more).
 """
 
 from __future__ import annotations
@@ -39,14 +41,13 @@ def quantized_activation(x: np.ndarray, block: int) -> tuple[np.ndarray, np.ndar
 
 
 def block_offsets(raw: np.ndarray, qtype: QT, n: int) -> np.ndarray:
-    """Q4_1/Q5_1: each weight's block offset m (float64 [rows, n]); zeros for other types."""
+    """Q4_1/Q5_1: each block's offset m (float64 [rows, n / 32]); zeros for other types."""
     rows = raw.shape[0]
     if qtype not in FLOAT_OFFSETS:
-        return np.zeros((rows, n))
+        return np.zeros((rows, n // 32))
     fmt = FORMATS[qtype]
     blocks = raw.reshape(rows, n // fmt.block, fmt.block_bytes)
-    m = np.ascontiguousarray(blocks[:, :, fmt.offset("m") : fmt.offset("m") + 2]).view(np.float16)[..., 0]
-    return np.repeat(m.astype(np.float64), fmt.block, axis=1)
+    return np.ascontiguousarray(blocks[:, :, fmt.offset("m") : fmt.offset("m") + 2]).view(np.float16)[..., 0]
 
 
 @pytest.mark.parametrize("qtype", Q8_TYPES)
@@ -55,17 +56,21 @@ def test_integer_product_is_the_product_of_the_quantized_activation(qtype, n_tok
     n = 512
     raw = raw_weight(0.3 * rng.standard_normal((40, n)).astype(np.float32), qtype, rng)
     w = exact(raw, qtype)
-    m = block_offsets(raw, qtype, n)
+    m = block_offsets(raw, qtype, n).astype(np.float64)
     x = (rng.standard_normal((n_tokens, n)) * rng.uniform(0.1, 3, (n_tokens, 1))).astype(np.float32)
     x_hat, d = quantized_activation(x, FORMATS[qtype].block)
+    s = compiled.quantize_q8(x, True, FORMATS[qtype].block)[2].astype(np.float64)  # Q8_1's block sums
     got = kernels.matmul(raw, qtype, x, exact=False).astype(np.float64)
 
-    ref = x_hat @ (w - m).T + x.astype(np.float64) @ m.T
-    rounding = 1e-5 * (np.abs(x_hat) @ np.abs(w - m).T + np.abs(x) @ np.abs(m).T) + 1e-30
+    w_scaled = w - np.repeat(m, 32, axis=1)  # the weights without their offsets
+    ref = x_hat @ w_scaled.T + s @ m.T
+    rounding = 1e-5 * (np.abs(x_hat) @ np.abs(w_scaled).T + np.abs(s) @ np.abs(m).T) + 1e-30
     assert np.all(np.abs(got - ref) <= rounding), f"{qtype.name}: max error / bound {np.max(np.abs(got - ref) / rounding):.3g}"
 
     float_ref = x.astype(np.float64) @ w.T
-    quantization = (d / 2) @ np.abs(w - m).T + rounding
+    x_err = 0.54 * d  # |x - x_hat|: half a step, and the fp16 rounding of a 32-block's d
+    s_err = x_err.reshape(n_tokens, -1, 32).sum(-1) + 2.0**-11 * np.abs(s)
+    quantization = x_err @ np.abs(w_scaled).T + s_err @ np.abs(m).T + rounding
     assert np.all(np.abs(got - float_ref) <= quantization)
     rel = np.linalg.norm(got - float_ref) / np.linalg.norm(float_ref)
     assert rel < 2e-2, f"{qtype.name}: relative error {rel:.3g}"
@@ -128,10 +133,13 @@ def test_quantize_q8_blocks(rng):
     x[1, :32] = 0  # an all-zero block: d = 0, quants 0
     for block in (32, 256):
         xq, xd, xs, xb = compiled.quantize_q8(x, True, block)
+        amax = np.abs(x).reshape(2, -1, block).max(-1)
         assert xq.dtype == np.int16 and np.abs(xq).max() == 127
-        d = np.repeat(xd, block, axis=1)
-        assert np.all(np.abs(xq * d.astype(np.float64) - x) <= d / 2 * (1 + 1e-5))
-        np.testing.assert_allclose(xs, x.reshape(2, -1, 16).sum(-1), rtol=1e-5, atol=1e-5)
+        assert np.array_equal(xq, np.rint(x * np.repeat(np.float32(127) / np.maximum(amax, 1e-30), block, axis=1)))
+        want_d = (amax / np.float32(127)).astype(np.float16) if block == 32 else np.float32(1) / (np.float32(127) / amax)
+        assert np.array_equal(xd, np.where(amax > 0, want_d, 0).astype(np.float32))  # fp16 d as ggml's Q8_0 stores it
+        sums = xq.reshape(2, -1, 32).sum(-1)
+        np.testing.assert_array_equal(xs, (np.repeat(amax / np.float32(127), block // 32, axis=1) * sums).astype(np.float16))
         assert np.array_equal(xb, xq.reshape(2, -1, 16).sum(-1))
     assert all(a.shape[0] == 0 for a in compiled.quantize_q8(x, False, 32))
 

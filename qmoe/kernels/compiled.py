@@ -621,11 +621,13 @@ def _make_row_dot(n_tokens: int):
 # xq integers in -127..127 with one dx per block of the weight's format (32 elements as Q8_0,
 # 256 as Q8_K for the K-quants and IQ4_XS). A half's 16 products q * xq are summed in int32 two
 # at a time into 8 lanes (the sign-extended multiply and pairwise add that x86 lowers to
-# vpmaddwd, ARM to smull/sadalp), times the half's integer sub-scale, and summed over the block;
-# the block's sum becomes float once, times d * dx. An offset (Q4_1, Q5_1, Q2_K, Q4_K, Q5_K)
-# multiplies the float sum of its half's x (xs: exact, not of the quantized values). The
-# int32 sums cannot overflow: |q * iscale| <= 4064 for every format, so a 256-block sums to
-# at most 256 * 4064 * 127 < 2^31. Float formats have no integer values and are not here.
+# vpmaddwd, ARM to smull and adds), times the half's integer sub-scale, and summed over the block;
+# the block's sum becomes float once, times d * dx. The K-quants' mins (Q2_K, Q4_K, Q5_K)
+# multiply the integer sums of their halves' xq (xb), summed as integers and scaled once by
+# -dmin * dx; Q4_1's and Q5_1's float offsets multiply their group's xs, as llama.cpp's Q8_1
+# does. The int32 sums cannot overflow: |q * iscale| <= 4064 for every format, so a
+# 256-block sums to at most 256 * 4064 * 127 < 2^31. Float formats have no integer values
+# and are not here (the x86 backend lowers the products to vpmaddwd, ARM's to smull).
 
 _I_LANES = _LANES // 2
 _vf32_i = ir.VectorType(_f32, _I_LANES)
@@ -660,22 +662,19 @@ def _group_imin(builder, lo: _Half, hi: _Half, xb_lo, xb_hi):
     return builder.add(builder.mul(lo.imin, xb_lo), builder.mul(hi.imin, xb_hi))
 
 
-def _group_offset(builder, lo: _Half, hi: _Half, xs_lo, xs_hi):
-    """The group's float offsets (Q4_1, Q5_1) times the float sums of its x halves."""
+def _group_offset(builder, lo: _Half, hi: _Half, xsp, s: int):
+    """The group's float offset (Q4_1, Q5_1: one per 32-block) times its x sum xs[s], or None."""
     if lo.offset is None:
         return None
-    if lo.offset is hi.offset:
-        return builder.fmul(lo.offset, builder.fadd(xs_lo, xs_hi, flags=_FLAGS), flags=_FLAGS)
-    return builder.fadd(
-        builder.fmul(lo.offset, xs_lo, flags=_FLAGS), builder.fmul(hi.offset, xs_hi, flags=_FLAGS), flags=_FLAGS
-    )
+    assert lo.offset is hi.offset, "float offsets are per 32-group; the K-quants' mins are integers (imin)"
+    return builder.fmul(lo.offset, builder.load(builder.gep(xsp, [_const(s)])), flags=_FLAGS)
 
 
 def _make_row_dot_q8(n_tokens: int):
     """row_dot_q8(qtype, w, w_off, xq, xd, xs, xb, x_offs, n): _make_row_dot's product for a
     block format, on quantize_q8's activation (xq int16, xd and xs float32, xb int32, C arrays
-    indexed flat: element e of x is about xq[e] * xd[e // block]; xs[e // 16] and xb[e // 16]
-    are the float sum of its 16 and the sum of their xq)."""
+    indexed flat: element e of x is about xq[e] * xd[e // block]; xs[e // 32] and xb[e // 16]
+    are the offset sum of its 32-group and the sum of its 16 xq)."""
 
     @intrinsic
     def row_dot_q8(typingctx, qtype, w, w_off, xq, xd, xs, xb, x_offs, n):
@@ -711,7 +710,7 @@ def _make_row_dot_q8(n_tokens: int):
                 def block(bp, first):
                     es = [builder.add(off, first) for off in offs]
                     xqps = [builder.bitcast(builder.gep(xq0, [e]), _vi16.as_pointer()) for e in es]
-                    xsps = [builder.gep(xs0, [builder.ashr(e, _const(4))]) for e in es]
+                    xsps = [builder.gep(xs0, [builder.ashr(e, _const(5))]) for e in es]
                     xbps = [builder.gep(xb0, [builder.ashr(e, _const(4))]) for e in es]
                     isums, offsets = [ir.Constant(_vi32_i, [0] * _I_LANES)] * len(es), [None] * len(es)
                     imins = [imins_zero] * len(es)
@@ -725,8 +724,7 @@ def _make_row_dot_q8(n_tokens: int):
                                 xb_lo, xb_hi = (builder.load(builder.gep(xbp, [_const(2 * s + h)])) for h in range(2))
                                 imins[j] = builder.add(imins[j], _group_imin(builder, lo, hi, xb_lo, xb_hi))
                                 continue
-                            xs_lo, xs_hi = (builder.load(builder.gep(xsp, [_const(2 * s + h)])) for h in range(2))
-                            o = _group_offset(builder, lo, hi, xs_lo, xs_hi)
+                            o = _group_offset(builder, lo, hi, xsp, s)
                             if o is not None:
                                 offsets[j] = o if offsets[j] is None else builder.fadd(offsets[j], o, flags=_FLAGS)
                     half = _half_to_f32_int if fmt.block == _GROUP else _half_to_f32
@@ -803,36 +801,57 @@ dot_row = _make_row_dot(1)
 dot_row_tile = _make_row_dot(TOKEN_TILE)
 dot_row_q8 = _make_row_dot_q8(1)
 dot_row_q8_tile = _make_row_dot_q8(TOKEN_TILE)
+Q8_GROUP = _GROUP  # elements per quantize_q8 offset sum (xs)
+@njit(nogil=True)
+def _to_half(v):
+    """float32 v rounded to the nearest float16 (ties to even), as float32: ggml's fp16 store."""
+    a = abs(v)
+    if a >= np.float32(65520.0):
+        return np.float32(np.inf) if v > 0 else np.float32(-np.inf)
+    if a < np.float32(2.0**-14):  # float16 subnormals: multiples of 2^-24
+        return np.float32(np.rint(np.float64(v) * 2.0**24) * 2.0**-24)
+    ulp = math.ldexp(1.0, math.frexp(np.float64(a))[1] - 11)  # 11 significant bits
+    return np.float32(np.rint(np.float64(v) / ulp) * ulp)
+
+
 @njit(nogil=True)
 def quantize_q8(x, q8, block):
-    """x float32 [T, n] quantized for the q8 row loops, when q8 (else empty arrays), as
-    llama.cpp quantizes activations (Q8_0 for block 32, Q8_K for 256): xq int16 [T, n] =
-    round(x / d) with d = max |x| / 127 over each `block` elements, xd [T, n / block] the d's,
-    xs [T, n / 16] the float sums of each 16 elements and xb [T, n / 16] int32 the sums of
-    their xq (for the formats' offsets). n must be a multiple of block (the weight's rows are).
-    Returns them as one tuple, the row loops' `xa`."""
+    """x float32 [T, n] quantized for the integer row loops, when q8 (else empty arrays), as
+    llama.cpp's CPU backend quantizes activations: per `block` elements (32: Q8_0/Q8_1 for
+    the 32-blocks, 256: Q8_K for the K-quants and IQ4_XS) xq = round(x * 127 / max |x|)
+    (ties to even), and the block's d = max |x| / 127 rounded to fp16 (block 32) or
+    1 / (127 / max |x|) (block 256). Returns the row loops' `xa` = (xq int16 [T, n],
+    xd float32 [T, n / block], xs float32 [T, n / 32]: max |x| / 127 times the sum of a
+    32-group's xq, rounded to fp16, Q8_1's s for Q4_1/Q5_1's offsets, xb int32 [T, n / 16]:
+    the sums of 16 xq, Q8_K's bsums for the K-quants' mins). n: a multiple of block."""
     n_tokens, n = x.shape
     rows = n_tokens if q8 else 0
     xq = np.empty((rows, n), np.int16)
     xd = np.empty((rows, n // block), np.float32)
-    xs = np.empty((rows, n // 16), np.float32)
+    xs = np.empty((rows, n // Q8_GROUP), np.float32)
     xb = np.empty((rows, n // 16), np.int32)
     for t in range(rows):
         for b in range(n // block):
             amax = np.float32(0.0)
             for i in range(b * block, (b + 1) * block):
                 amax = max(amax, abs(x[t, i]))
-            xd[t, b] = amax / np.float32(127.0)
+            d = amax / np.float32(127.0)
             inv = np.float32(127.0) / amax if amax > 0 else np.float32(0.0)
+            if block == Q8_GROUP:
+                xd[t, b] = _to_half(d)
+            else:
+                xd[t, b] = np.float32(1.0) / inv if amax > 0 else np.float32(0.0)
             for i in range(b * block, (b + 1) * block):
                 xq[t, i] = np.int16(np.rint(x[t, i] * inv))
-        for b in range(n // 16):
-            total, q_total = np.float32(0.0), 0
-            for i in range(16 * b, 16 * b + 16):
-                total += x[t, i]
-                q_total += xq[t, i]
-            xs[t, b] = total
-            xb[t, b] = q_total
+            for g in range(b * block // Q8_GROUP, (b + 1) * block // Q8_GROUP):
+                total = 0
+                for h in range(2):
+                    q_sum = 0
+                    for i in range(Q8_GROUP * g + 16 * h, Q8_GROUP * g + 16 * h + 16):
+                        q_sum += xq[t, i]
+                    xb[t, 2 * g + h] = q_sum
+                    total += q_sum
+                xs[t, g] = _to_half(d * np.float32(total))
     return xq, xd, xs, xb
 
 
