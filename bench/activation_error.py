@@ -46,7 +46,10 @@ def main() -> None:
             params = llama_cpp.llama_model_quantize_default_params()
             params.ftype, params.nthread = ftype, 2
             path = tmp / f"wide-{mix}.gguf"
-            if llama_cpp.llama_model_quantize(str(f32).encode(), str(path).encode(), ctypes.byref(params)) != 0:
+            if (
+                llama_cpp.llama_model_quantize(str(f32).encode(), str(path).encode(), ctypes.byref(params))
+                != 0
+            ):
                 raise SystemExit(f"llama_model_quantize to {mix} failed")
             llama_float = llama_cpp_logits(dequantized_copy(path, f32, tmp / "dequantized.gguf"))
             runs = {
@@ -56,17 +59,27 @@ def main() -> None:
             }
             row = {"mix": mix}
             for name, logits in runs.items():
-                row[name] = {"rel_rms": rel_rms(logits, llama_float),
-                             "worst_cosine": float(cosine_rows(logits, llama_float).min())}
+                row[name] = {
+                    "rel_rms": rel_rms(logits, llama_float),
+                    "worst_cosine": float(cosine_rows(logits, llama_float).min()),
+                }
             row["qmoe_integer_vs_llama_cpp_worst_cosine"] = float(
-                cosine_rows(runs["qmoe_integer"], runs["llama_cpp"]).min())
+                cosine_rows(runs["qmoe_integer"], runs["llama_cpp"]).min()
+            )
             rows.append(row)
             print(json.dumps(row))
-    print("| llama.cpp mix | qmoe exact: rel. RMS / worst cos | qmoe integer | llama.cpp | qmoe integer vs llama.cpp |")
+    print(
+        "| llama.cpp mix | qmoe exact: rel. RMS / worst cos | qmoe integer | llama.cpp | qmoe integer vs llama.cpp |"
+    )
     print("|---|---|---|---|---|")
     for r in rows:
-        cells = [f"{r[k]['rel_rms']:.1e} / {r[k]['worst_cosine']:.4f}" for k in ("qmoe_exact", "qmoe_integer", "llama_cpp")]
-        print(f"| {r['mix']} | " + " | ".join(cells) + f" | {r['qmoe_integer_vs_llama_cpp_worst_cosine']:.4f} |")
+        cells = [
+            f"{r[k]['rel_rms']:.1e} / {r[k]['worst_cosine']:.4f}"
+            for k in ("qmoe_exact", "qmoe_integer", "llama_cpp")
+        ]
+        print(
+            f"| {r['mix']} | " + " | ".join(cells) + f" | {r['qmoe_integer_vs_llama_cpp_worst_cosine']:.4f} |"
+        )
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(rows, indent=2))
     print(f"wrote {args.json}")

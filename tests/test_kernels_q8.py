@@ -65,7 +65,9 @@ def test_integer_product_is_the_product_of_the_quantized_activation(qtype, n_tok
     w_scaled = w - np.repeat(m, 32, axis=1)  # the weights without their offsets
     ref = x_hat @ w_scaled.T + s @ m.T
     rounding = 1e-5 * (np.abs(x_hat) @ np.abs(w_scaled).T + np.abs(s) @ np.abs(m).T) + 1e-30
-    assert np.all(np.abs(got - ref) <= rounding), f"{qtype.name}: max error / bound {np.max(np.abs(got - ref) / rounding):.3g}"
+    assert np.all(np.abs(got - ref) <= rounding), (
+        f"{qtype.name}: max error / bound {np.max(np.abs(got - ref) / rounding):.3g}"
+    )
 
     float_ref = x.astype(np.float64) @ w.T
     x_err = 0.54 * d  # |x - x_hat|: half a step, and the fp16 rounding of a 32-block's d
@@ -82,14 +84,19 @@ def test_token_tiles_equal_single_tokens(qtype, rng):
     raw = raw_weight(rng.standard_normal((24, 256)).astype(np.float32), qtype, rng)
     x = rng.standard_normal((compiled.TOKEN_TILE + 2, 256)).astype(np.float32)
     together = kernels.matmul(raw, qtype, x, exact=False)
-    one_by_one = np.concatenate([kernels.matmul(raw, qtype, x[t : t + 1], exact=False) for t in range(len(x))])
+    one_by_one = np.concatenate(
+        [kernels.matmul(raw, qtype, x[t : t + 1], exact=False) for t in range(len(x))]
+    )
     assert np.array_equal(together, one_by_one)
 
 
 def test_the_process_setting_and_the_argument(rng):
     raw = raw_weight(rng.standard_normal((8, 256)).astype(np.float32), QT.Q4_K, rng)
     x = rng.standard_normal((1, 256)).astype(np.float32)
-    integer, floats = kernels.matmul(raw, QT.Q4_K, x, exact=False), kernels.matmul(raw, QT.Q4_K, x, exact=True)
+    integer, floats = (
+        kernels.matmul(raw, QT.Q4_K, x, exact=False),
+        kernels.matmul(raw, QT.Q4_K, x, exact=True),
+    )
     assert not np.array_equal(integer, floats)
     before = kernels.exact_products()
     try:
@@ -100,20 +107,26 @@ def test_the_process_setting_and_the_argument(rng):
     finally:
         kernels.set_exact_products(before)
     f32 = rng.standard_normal((8, 256)).astype(np.float32)  # float formats have no integer product
-    assert np.array_equal(kernels.matmul(f32, QT.F32, x, exact=False), kernels.matmul(f32, QT.F32, x, exact=True))
+    assert np.array_equal(
+        kernels.matmul(f32, QT.F32, x, exact=False), kernels.matmul(f32, QT.F32, x, exact=True)
+    )
 
 
 N_EXPERT, N_EMBD, N_FF = 16, 256, 512
 
 
-@pytest.mark.parametrize("qtypes", [(QT.Q4_0,) * 3, (QT.Q4_K, QT.Q4_K, QT.Q6_K), (QT.IQ4_XS, QT.Q5_K, QT.Q5_0)])
+@pytest.mark.parametrize(
+    "qtypes", [(QT.Q4_0,) * 3, (QT.Q4_K, QT.Q4_K, QT.Q6_K), (QT.IQ4_XS, QT.Q5_K, QT.Q5_0)]
+)
 @pytest.mark.parametrize("n_tokens,k", [(1, 8), (5, 2)])
 def test_moe_ffn_on_integer_products(qtypes, n_tokens, k, rng):
     """Routed experts with integer products: close to the float reference (three chained
     products, each off by its activation's quantization), and expert_ffn equals moe_ffn's
     groups. Gate Q4_K / up Q5_K share a quantized x; IQ4_XS gate and Q5_K up as well."""
     shapes = [(N_EXPERT, N_FF, N_EMBD), (N_EXPERT, N_FF, N_EMBD), (N_EXPERT, N_EMBD, N_FF)]
-    raws = [raw_weight(0.2 * rng.standard_normal(s).astype(np.float32), q, rng) for s, q in zip(shapes, qtypes)]
+    raws = [
+        raw_weight(0.2 * rng.standard_normal(s).astype(np.float32), q, rng) for s, q in zip(shapes, qtypes)
+    ]
     exacts = [exact(r.reshape(-1, r.shape[-1]), q).reshape(s) for r, q, s in zip(raws, qtypes, shapes)]
     x = rng.standard_normal((n_tokens, N_EMBD)).astype(np.float32)
     ids, weights = routing(rng, n_tokens, k)
@@ -135,11 +148,21 @@ def test_quantize_q8_blocks(rng):
         xq, xd, xs, xb = compiled.quantize_q8(x, True, block)
         amax = np.abs(x).reshape(2, -1, block).max(-1)
         assert xq.dtype == np.int16 and np.abs(xq).max() == 127
-        assert np.array_equal(xq, np.rint(x * np.repeat(np.float32(127) / np.maximum(amax, 1e-30), block, axis=1)))
-        want_d = (amax / np.float32(127)).astype(np.float16) if block == 32 else np.float32(1) / (np.float32(127) / amax)
-        assert np.array_equal(xd, np.where(amax > 0, want_d, 0).astype(np.float32))  # fp16 d as ggml's Q8_0 stores it
+        assert np.array_equal(
+            xq, np.rint(x * np.repeat(np.float32(127) / np.maximum(amax, 1e-30), block, axis=1))
+        )
+        want_d = (
+            (amax / np.float32(127)).astype(np.float16)
+            if block == 32
+            else np.float32(1) / (np.float32(127) / amax)
+        )
+        assert np.array_equal(
+            xd, np.where(amax > 0, want_d, 0).astype(np.float32)
+        )  # fp16 d as ggml's Q8_0 stores it
         sums = xq.reshape(2, -1, 32).sum(-1)
-        np.testing.assert_array_equal(xs, (np.repeat(amax / np.float32(127), block // 32, axis=1) * sums).astype(np.float16))
+        np.testing.assert_array_equal(
+            xs, (np.repeat(amax / np.float32(127), block // 32, axis=1) * sums).astype(np.float16)
+        )
         assert np.array_equal(xb, xq.reshape(2, -1, 16).sum(-1))
     assert all(a.shape[0] == 0 for a in compiled.quantize_q8(x, False, 32))
 
@@ -167,7 +190,11 @@ def _group_products_ir(triple: str) -> str:
 @pytest.mark.parametrize(
     "triple,cpu,wanted",
     [
-        ("aarch64-unknown-linux-gnu", "generic", ("smull", r"\btbl")),  # NEON: widening multiplies, IQ4's lookup
+        (
+            "aarch64-unknown-linux-gnu",
+            "generic",
+            ("smull", r"\btbl"),
+        ),  # NEON: widening multiplies, IQ4's lookup
         ("x86_64-unknown-linux-gnu", "haswell", ("vpmaddwd", "vpshufb")),  # AVX2 without AVX-512
     ],
 )
@@ -190,4 +217,6 @@ def test_blas_products_stay_float(rng, monkeypatch):
     monkeypatch.setattr(ops, "BLAS_MIN_TOKENS", 2)
     raw = raw_weight(rng.standard_normal((8, 256)).astype(np.float32), QT.Q4_K, rng)
     x = rng.standard_normal((3, 256)).astype(np.float32)
-    assert np.array_equal(kernels.matmul(raw, QT.Q4_K, x, exact=False), kernels.matmul(raw, QT.Q4_K, x, exact=True))
+    assert np.array_equal(
+        kernels.matmul(raw, QT.Q4_K, x, exact=False), kernels.matmul(raw, QT.Q4_K, x, exact=True)
+    )
