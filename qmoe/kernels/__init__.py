@@ -40,7 +40,8 @@ set_exact_products (the process's default, False; Model's `exact_products`):
   sum_i |w_i| * d_i / 2 (d_i = max |x| / 127 over x_i's block). On random weights and
   normal x that is a relative error of 0.5-0.8% per product (tests/test_kernels_q8.py).
   Float formats
-  (F32, F16, BF16) and products of BLAS_MIN_TOKENS tokens or more stay float32.
+  (F32, F16, BF16) stay float32; products of BLAS_MIN_TOKENS tokens or more multiply the
+  same quantized activation with BLAS, so batch size does not change a prompt's result.
 
 Threads: numba's parallel loops over output rows; `set_num_threads` (CLI `-t`) sets
 numba's count for the calling thread. All kernels release the GIL, so a prefetch

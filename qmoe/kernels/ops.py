@@ -11,7 +11,9 @@ for block formats, integers: x quantized to 8 bits per block of the weight's for
 llama.cpp does, times the weights' integer values (compiled.py's integer products). The
 second is the default (set_exact_products, or `exact=` per call): it reads weights 1.5-2x
 faster on an AVX2 core, and decode is as close to llama.cpp's logits as llama.cpp's own
-float run is (tests/test_llama_cpp_quants.py). BLAS products stay float32.
+float run is (tests/test_llama_cpp_quants.py). BLAS products then multiply the same
+quantized activation in float32 (quantized_activation), so that batch size does not change
+what a prompt computes.
 
 The BLAS products go through torch, not numpy: OpenBLAS's threads spin after each
 call and numba's OpenMP threads spin after each parallel loop, and alternating the two
@@ -128,8 +130,8 @@ def matmul(
     out = _output(out, (x.shape[0], rows))
     if x.shape[0] == 0 or rows == 0:
         return out
+    q8 = q8_products(qtype, exact)
     if x.shape[0] < BLAS_MIN_TOKENS:
-        q8 = q8_products(qtype, exact)
         _run(compiled.matmul_rows, wb.nbytes, int(qtype), wb, row_bytes(qtype, n), x, q8, q8_block(qtype), out)
     elif qtype == QT.F32:
         with warnings.catch_warnings():  # torch warns on read-only (memory-mapped) arrays; we only read them
@@ -137,8 +139,18 @@ def matmul(
             w_t = torch.from_numpy(wb.view(np.float32).reshape(rows, n))
         torch.matmul(torch.from_numpy(x), w_t.T, out=torch.from_numpy(out))
     else:
-        _matmul_blas_tiles(wb, qtype, rows, n, x, out)
+        _matmul_blas_tiles(wb, qtype, rows, n, quantized_activation(x, qtype) if q8 else x, out)
     return out
+
+
+def quantized_activation(x: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
+    """x as the integer products see it for a `qtype` weight (xq * d per block), float32:
+    BLAS products of many tokens multiply this, so that a prompt gives the same result to
+    float rounding whether it is computed in one batch or in chunks of few tokens."""
+    block = q8_block(qtype)
+    xq, xd, _, _ = compiled.quantize_q8(x, True, block)
+    n_tokens, n = x.shape
+    return (xq.reshape(n_tokens, n // block, block) * xd[:, :, None]).reshape(n_tokens, n).astype(np.float32)
 
 
 def _matmul_blas_tiles(
