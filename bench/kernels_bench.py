@@ -1,6 +1,6 @@
 """Speed of qmoe's numba kernels against the machine's memory bandwidth.
 
-    python -m bench.kernels_bench [--threads 1 2] [--repeats 30] [--output-rows] [--json out.json]
+    python -m bench.kernels_bench [--threads 1 2] [--repeats 30] [--output-rows] [--exact-products] [--json out.json]
 
 Reports, per thread count, the median time and effective weight bandwidth (weight
 bytes read / time) of:
@@ -138,7 +138,7 @@ def bench_tokens(qtype: QT, args, rng) -> list[dict]:
         out = np.empty((n_tokens, 2048), np.float32)
 
         def rows_kernel(i, x=x, out=out):
-            compiled.matmul_rows(int(qtype), wb, rb, x, out)
+            compiled.matmul_rows(int(qtype), wb, rb, x, ops.q8_products(qtype, None), ops.q8_block(qtype), out)
 
         def blas_tiles(i, x=x, out=out):
             ops._matmul_blas_tiles(wb, qtype, 2048, n, x, out)
@@ -193,7 +193,9 @@ def main() -> None:
     ap.add_argument("--output-rows", action="store_true", help="also the 151936x2048 output matrix")
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--types", default="Q4_0,Q8_0,F16,F32", help="matvec types, comma-separated (any of qmoe's)")
+    ap.add_argument("--exact-products", action="store_true", help="float32 activations (default: integer products)")
     args = ap.parse_args()
+    kernels.set_exact_products(args.exact_products)
 
     rng = np.random.default_rng(0)
     shapes = MATVEC_SHAPES + ([OUTPUT_SHAPE] if args.output_rows else [])
@@ -203,6 +205,7 @@ def main() -> None:
             "numba": numba.__version__,
             "threading_layer": None,
             "cores": numba.config.NUMBA_NUM_THREADS,
+            "exact_products": args.exact_products,
         },
         "runs": [],
     }

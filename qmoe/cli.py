@@ -117,7 +117,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if offload is not None and offload.prefetch == "oracle" and seed is None and args.temp > 0:
         seed = random.randrange(2**31)  # the recording and the replay must sample the same tokens
     sampling = SamplingParams(args.temp, args.top_k, args.top_p, seed, args.repeat_penalty, args.repeat_last_n)
-    model = load(args.model, device=args.device, n_ctx=args.ctx, threads=args.threads, offload=offload)
+    model = load(args.model, device=args.device, n_ctx=args.ctx, threads=args.threads, offload=offload,
+                 exact_products=args.exact_products)
     print(f"qmoe: {model.path.name}: {model.file.arch}, {model.net.hp.n_layer} layers, "
           f"{model.net.hp.n_expert} experts ({model.net.hp.n_expert_used} used), ctx {model.n_ctx}, "
           f"device {model.device}", file=sys.stderr)
@@ -181,7 +182,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     sampling = SamplingParams(args.temp, args.top_k, args.top_p, args.seed, args.repeat_penalty, args.repeat_last_n)
     options = ServeOptions(host=args.host, port=args.port, parallel=args.parallel, queue=args.queue,
                            api_key=args.api_key, shutdown_grace=args.shutdown_grace)
-    model = load(args.model, device=args.device, n_ctx=args.ctx, threads=args.threads, offload=offload)
+    model = load(args.model, device=args.device, n_ctx=args.ctx, threads=args.threads, offload=offload,
+                 exact_products=args.exact_products)
     try:
         serve(model, Defaults(args.n_predict, sampling), options)
     finally:
@@ -346,6 +348,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores)")
     parser.add_argument("--ctx", type=int, default=None, help="context size in tokens (default min(4096, trained))")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (attention and dense layers; default cpu)")
+    parser.add_argument("--exact-products", action="store_true",
+                        help="CPU products on float32 activations (default: 8-bit activations and integer "
+                             "products, as llama.cpp; faster)")
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:

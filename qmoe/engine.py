@@ -93,16 +93,21 @@ class Model:
     computed straight from the memory-mapped file. The default, `--ram-budget auto`,
     makes a store only when the experts do not fit the memory available. Call `close()` (or use the
     model as a context manager) to stop the store's threads.
+
+    `exact_products`: the CPU kernels' products keep float32 activations (True) instead of
+    quantizing them to 8 bits for integer products as llama.cpp does (the default, faster:
+    qmoe/kernels/ops.py); like `threads`, it sets the process's kernels, for every model.
     """
 
     def __init__(self, path: str | os.PathLike, device: str = "cpu", n_ctx: int | None = None,
                  threads: int | None = None, n_batch: int = DEFAULT_BATCH,
-                 offload: OffloadOptions | None = AUTO_OFFLOAD):
+                 offload: OffloadOptions | None = AUTO_OFFLOAD, exact_products: bool = False):
         start = time.perf_counter()
         self.device = _resolve_device(device)
         if threads:
             kernels.set_num_threads(threads)
             torch.set_num_threads(threads)
+        kernels.set_exact_products(exact_products)
         self.file = GGUFFile(path)
         self.path = Path(path)
         n_ctx_train = int(self.file.arch_get("context_length", DEFAULT_CTX))

@@ -3,7 +3,8 @@
 Tolerances (the accuracy contract of qmoe/kernels/__init__.py): dequantize is
 bit-exact with gguf.quants.dequantize; a product's error is at most
 REL_TOL * sum_i |w_i * x_i| per output, i.e. float32 rounding of the sum, with the
-weights taken exactly as dequantized (activations are not quantized).
+weights taken exactly as dequantized (activations are not quantized: these tests run the
+exact products; tests/test_kernels_q8.py tests the integer ones).
 
 gguf-py quantizes only some types, so the others (K-quants, IQ4, Q4_1, Q5_x) are
 tested on random blocks: random bytes everywhere, fp16 scales drawn from a normal
@@ -91,6 +92,15 @@ def reference_expert(gate, up, down, x):  # float64 weights [n_ff, n_embd], [n_e
 @pytest.fixture(scope="module")
 def rng():
     return np.random.default_rng(1234)
+
+
+@pytest.fixture(autouse=True)
+def exact_products():
+    """The float-activation products, held here to float32 rounding (the integer products,
+    the default, are tests/test_kernels_q8.py's)."""
+    kernels.set_exact_products(True)
+    yield
+    kernels.set_exact_products(False)
 
 
 @pytest.mark.parametrize("qtype", TYPES)

@@ -9,12 +9,13 @@ Per file, logits over the same prompt from:
   dequantization of the quantized one, run by qmoe and by llama.cpp. Same weights,
   float activations: qmoe on the quantized file must match both to float error;
 - llama.cpp on the quantized file. It quantizes the activations to 8 bits (Q8_0 /
-  Q8_1 / Q8_K) for its integer dot products; qmoe keeps them float32. So the two
-  differ by llama.cpp's activation quantization, which on this random model moves
-  llama.cpp's own logits away from its float run of the same weights by more than
-  a cosine of 0.999 at some positions (0.96-0.9993 by mix: a router choice flips).
-  What is asserted is that qmoe is as close to llama.cpp's quantized run as
-  llama.cpp's float run of the same weights is.
+  Q8_1 / Q8_K) for its integer dot products, and so does qmoe by default; with
+  exact_products=True qmoe keeps them float32. Activation quantization, on this
+  random model, moves llama.cpp's own logits away from its float run of the same
+  weights by more than a cosine of 0.999 at some positions (0.96-0.9993 by mix: a
+  router choice flips). What is asserted is that qmoe, both ways, is as close to
+  llama.cpp's quantized run as llama.cpp's float run of the same weights is.
+The float-reference comparisons use exact_products=True (float activations).
 """
 
 from __future__ import annotations
@@ -99,8 +100,8 @@ def llama_cpp_logits(path) -> np.ndarray:
     return np.array(model.scores[: len(PROMPT)], dtype=np.float32)
 
 
-def qmoe_logits(path) -> np.ndarray:
-    m = qmoe.load(path)
+def qmoe_logits(path, exact_products: bool = False) -> np.ndarray:
+    m = qmoe.load(path, exact_products=exact_products)
     try:
         return m.logits(PROMPT)
     finally:
@@ -126,18 +127,22 @@ def test_llama_cpp_quantized_file_matches_llama_cpp_and_the_float_reference(
     mix, quantized, wide_f32, tmp_path
 ):
     path = quantized(mix)
-    got = qmoe_logits(path)
+    got = qmoe_logits(path, exact_products=True)
     assert np.abs(got).max() > 0.5, "logits are ~0: the tiny model would test nothing"
     reference = dequantized_copy(path, wide_f32, tmp_path / "dequantized.gguf")
-    ref = qmoe_logits(reference)
+    ref = qmoe_logits(reference, exact_products=True)
     err = np.abs(got - ref).max()
     assert err <= 1e-4 * np.abs(ref).max(), f"{mix}: max |diff| to the float reference {err:.3g}"
     llama_float = llama_cpp_logits(reference)
     cos = cosine_rows(got, llama_float)
     assert cos.min() >= 0.9999, f"{mix}: worst position cosine to llama.cpp's float run {cos.min():.6f}"
     llama_quantized = llama_cpp_logits(path)
-    ours, theirs = cosine_rows(got, llama_quantized), cosine_rows(llama_float, llama_quantized)
-    assert np.all(ours >= theirs - 1e-4), f"{mix}: cosines to llama.cpp {ours} vs its float run's {theirs}"
+    theirs = cosine_rows(llama_float, llama_quantized)
+    for exact_products, logits in ((True, got), (False, qmoe_logits(path))):
+        ours = cosine_rows(logits, llama_quantized)
+        assert np.all(ours >= theirs - 1e-4), (
+            f"{mix} (exact_products={exact_products}): cosines to llama.cpp {ours} vs its float run's {theirs}"
+        )
 
 
 def test_qmoe_info_lists_the_types(quantized, capsys):
@@ -171,6 +176,8 @@ def test_the_expert_store_takes_every_type(mix, quantized):
     ):
         with qmoe.load(path, offload=OffloadOptions(**config)) as m:
             assert np.array_equal(m.logits(PROMPT), plain), config
-    with qmoe.load(path, offload=OffloadOptions(sim_fast_budget="50%", on_miss="wait", cpu_fast_tier_dense=True)) as m:
+    dense_options = OffloadOptions(sim_fast_budget="50%", on_miss="wait", cpu_fast_tier_dense=True)
+    with qmoe.load(path, offload=dense_options, exact_products=True) as m:  # float experts: float everywhere
         dense = m.logits(PROMPT)
-    assert np.abs(dense - plain).max() <= 1e-4 * np.abs(plain).max()
+    exact = qmoe_logits(path, exact_products=True)
+    assert np.abs(dense - exact).max() <= 1e-4 * np.abs(exact).max()

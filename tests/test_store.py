@@ -270,7 +270,9 @@ class DenseExperts:
 
 
 def dense_reference(path, ids):
-    with qmoe.load(path) as m:
+    """(logits with every expert dense, logits by the kernels), all products float32: the dense
+    tier has float activations, so the kernels it is compared with run exact products."""
+    with qmoe.load(path, exact_products=True) as m:
         kernel_logits = m.logits(ids)
         moe = [b.ffn for b in m.net.blocks if isinstance(b.ffn, MoE)]
         dense = DenseExperts(moe[0].experts)
@@ -292,12 +294,13 @@ def test_fast_tier_equals_its_reference_and_is_close_to_the_kernels(kind, tiny_g
     dict(sim_fast_budget="25%", on_miss="wait", prefetch="oracle", lookahead=2),  # guesses from dense blocks too
         dict(sim_fast_budget="50%", ram_budget="25%", on_miss="wait", prefetch="cross-layer"),
     ):
-        with qmoe.load(path, offload=OffloadOptions(**config, cpu_fast_tier_dense=True)) as m:
+        with qmoe.load(path, offload=OffloadOptions(**config, cpu_fast_tier_dense=True), exact_products=True) as m:
             assert m.store.fast.dense and m.store.fast.dtype == torch.float32
             assert np.array_equal(m.logits(ids), dense_logits), config
     with qmoe.load(
         path,
         offload=OffloadOptions(sim_fast_budget="30%", on_miss="cpu", prefetch="cross-layer", cpu_fast_tier_dense=True),
+        exact_products=True,
     ) as m:
         mixed = m.logits(ids)  # hits dense, misses by the kernels
         assert np.abs(mixed - kernel_logits).max() <= 1e-4 * scale
@@ -532,7 +535,8 @@ def test_budgets_hold_under_many_prompts_tiny_budgets_and_threads(q4_path, confi
         )
     )
     exact = not config.get("cpu_fast_tier_dense")  # the kernel path; the dense fast tier is only close
-    with qmoe.load(q4_path, offload=options) as m:
+    # (to the kernels' exact products: the dense tier's activations are float32)
+    with qmoe.load(q4_path, offload=options, exact_products=not exact) as m:
         store = m.store
         stop = threading.Event()
 

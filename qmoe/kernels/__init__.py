@@ -24,13 +24,24 @@ bytes as uint8; stacked expert tensors are [E, rows, ...] and `stacked[e]` is on
 expert's slab. Nothing is repacked or copied: the kernels read the memory-mapped
 file's blocks as they are, so an expert slab is usable the moment it is paged in.
 
-Accuracy contract: activations stay float32 and every weight is decoded exactly
-(bit for bit as gguf-py's dequantize: fp16 scales and sub-scales times integers, plus
-an offset for Q4_1, Q5_1, Q2_K, Q4_K, Q5_K), so for every type the result
-equals x @ dequantize(W).T up to float32 summation order: relative error about 1e-6
-of the row's sum of |w * x| (tests allow 1e-5). The F32 path therefore meets the
-runtime's 1e-3 parity with transformers with a wide margin, and the quantized
-paths add no error beyond the weights' own quantization.
+Accuracy contract: every weight is decoded exactly (bit for bit as gguf-py's
+dequantize: fp16 scales and sub-scales times integers, plus an offset for Q4_1, Q5_1,
+Q2_K, Q4_K, Q5_K). Two kinds of product, chosen by `exact` (per call) or
+set_exact_products (the process's default, False; Model's `exact_products`):
+- exact: activations stay float32, so for every type the result equals
+  x @ dequantize(W).T up to float32 summation order: relative error about 1e-6 of the
+  row's sum of |w * x| (tests allow 1e-5). The F32 path therefore meets the runtime's
+  1e-3 parity with transformers with a wide margin, and the quantized paths add no
+  error beyond the weights' own quantization.
+- integer (the default): few-token products of block formats quantize x to 8 bits per
+  block of the weight's format (32 elements as llama.cpp's Q8_0, 256 as its Q8_K) and
+  sum integers, as llama.cpp's CPU backend does: the result is x_hat @ dequantize(W).T
+  for the quantized x_hat, to float32 rounding, so off the exact product by at most
+  sum_i |w_i| * d_i / 2 (d_i = max |x| / 127 over x_i's block). On random weights and
+  normal x that is a relative error of 0.5-0.8% per product (tests/test_kernels_q8.py).
+  Float formats
+  (F32, F16, BF16) stay float32; products of BLAS_MIN_TOKENS tokens or more multiply the
+  same quantized activation with BLAS, so batch size does not change a prompt's result.
 
 Threads: numba's parallel loops over output rows; `set_num_threads` (CLI `-t`) sets
 numba's count for the calling thread. All kernels release the GIL, so a prefetch
@@ -41,7 +52,7 @@ whose threads follow torch.set_num_threads (ops.py says why torch and not numpy)
 """
 
 from qmoe.kernels.moe import ExpertGroups, add_expert_output, expert_ffn, moe_ffn
-from qmoe.kernels.ops import MLPTopK, dequantize, matmul, set_num_threads
+from qmoe.kernels.ops import MLPTopK, dequantize, exact_products, matmul, set_exact_products, set_num_threads
 from qmoe.kernels.torch_dequant import dequantize_torch
 
 __all__ = [
@@ -50,8 +61,10 @@ __all__ = [
     "add_expert_output",
     "dequantize",
     "dequantize_torch",
+    "exact_products",
     "expert_ffn",
     "matmul",
     "moe_ffn",
+    "set_exact_products",
     "set_num_threads",
 ]

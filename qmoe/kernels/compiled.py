@@ -11,8 +11,13 @@ into a 16-lane accumulator that is reduced once per row -- the same product runs
 is generic LLVM vectors (no x86 intrinsics); LLVM lowers it to AVX-512, AVX2 or NEON
 for the machine numba compiles on.
 
-The activations stay float32 (no int8 quantization of x), so every format's product
-is as exact as a float32 BLAS product of the dequantized weights.
+Two kinds of product: dot_row keeps the activation float32, so every format's product
+is as exact as a float32 BLAS product of the dequantized weights; dot_row_q8 (block
+formats) takes the activation quantized to 8 bits per block, as llama.cpp does, and sums
+integers, which is less work per weight byte ("integer products" below). On the 2-core
+AVX2 (no AVX-512) development machine it raised one core's cold matrix-vector products
+from 4.7 / 11.7 / 3.9 / 5.3 / 3.7 GB/s (Q4_0 / Q8_0 / Q4_K / Q6_K / IQ4_XS) to
+7.3 / 17.2 / 7.6 / 8.6 / 5.8 GB/s.
 
 Numba caches compiled code per source file and does not track what a cached
 function calls in other files, so the IR builders and the kernels that use them live
@@ -23,6 +28,7 @@ file too, or the cache keeps the old code.
 Row loops, one compiled function for every type (a switch on qtype inside), each over
 the raw bytes of one row:
     dot_row(qtype, w, w_off, x, x_off, n) -> float32     sum_i w_row[i] * x.flat[x_off + i]
+    dot_row_q8(qtype, w, w_off, xq, xd, xs, xb, x_off, n) the same on quantize_q8's activation
     dot_row_tile(qtype, w, w_off, x, x_offs, n) -> tuple  the same for TOKEN_TILE offsets,
                                                           decoding each block once
     decode_row(qtype, w, w_off, out, out_off, n)         out.flat[out_off + i] = w_row[i]
@@ -73,7 +79,27 @@ def _load(builder, ptr, ty, offset_bytes: int = 0):
 
 
 def _half_to_f32(builder, ptr):
+    """The fp16 at ptr as float32."""
     return builder.fpext(builder.bitcast(_load(builder, ptr, _i16), ir.HalfType()), _f32)
+
+
+def _half_to_f32_int(builder, ptr):
+    """_half_to_f32 in integer operations and one multiply by 2^112 (the fp16 bits moved into
+    float32's places are the value times 2^-112), exact for subnormals, inf and NaN too.
+    For the scale of a 32-block, converted once per block in the loop: x86 lowers fpext of
+    a scalar half to a vpinsrw into whatever vector register is free, often the accumulator,
+    which chained each block's scale to the previous block's sum (Q4_0 and Q8_0 products ran
+    at half their speed). Where a scale is converted once per 256 elements, fpext is faster."""
+    h = builder.zext(_load(builder, ptr, _i16), _i32)
+
+    def c(v):
+        return ir.Constant(_i32, v)
+
+    mag = builder.shl(builder.and_(h, c(0x7FFF)), c(13))
+    bits = builder.or_(mag, builder.shl(builder.and_(h, c(0x8000)), c(16)))
+    value = builder.fmul(builder.bitcast(bits, _f32), ir.Constant(_f32, 2.0**112))
+    inf_nan = builder.icmp_unsigned("==", builder.and_(h, c(0x7C00)), c(0x7C00))
+    return builder.select(inf_nan, builder.bitcast(builder.or_(bits, c(0x7F800000)), _f32), value)
 
 
 def _bf16_to_f32(builder, bits):  # bits: i16 or <N x i16>; bf16 is the top half of a float32
@@ -82,22 +108,25 @@ def _bf16_to_f32(builder, bits):  # bits: i16 or <N x i16>; bf16 is the top half
     return builder.bitcast(shifted, _f32 if wide is _i32 else ir.VectorType(_f32, bits.type.count))
 
 
-def _splat(builder, value):
-    vec = builder.insert_element(ir.Constant(_vf32, ir.Undefined), value, ir.Constant(_i32, 0))
-    return builder.shuffle_vector(vec, vec, ir.Constant(ir.VectorType(_i32, _LANES), [0] * _LANES))
+def _splat(builder, value, lanes: int = _LANES):
+    vty = ir.VectorType(value.type, lanes)
+    vec = builder.insert_element(ir.Constant(vty, ir.Undefined), value, ir.Constant(_i32, 0))
+    return builder.shuffle_vector(vec, vec, ir.Constant(ir.VectorType(_i32, lanes), [0] * lanes))
 
 
 def _sum_lanes(builder, vec):
-    fnty = ir.FunctionType(_f32, [_f32, _vf32])
-    fn = cgutils.get_or_insert_function(builder.module, fnty, f"llvm.vector.reduce.fadd.v{_LANES}f32")
+    lanes = vec.type.count
+    fnty = ir.FunctionType(_f32, [_f32, vec.type])
+    fn = cgutils.get_or_insert_function(builder.module, fnty, f"llvm.vector.reduce.fadd.v{lanes}f32")
     return builder.call(fn, [ir.Constant(_f32, -0.0), vec], fastmath=_FLAGS)
 
 
 # ----------------------------------------------------------------------------- formats in IR
 # A row is decoded in groups of 32 consecutive elements: group s of a block (s < block / 32)
-# becomes two halves of 16, each integer values q (as float32) with a scale and an offset,
-# weight = q * scale + offset (scale, offset: float32 scalars or None). A 32-block is one
-# group; a 256-element super-block is 8. Field offsets come from qmoe/formats.py's table.
+# becomes two halves of 16, each integer values q with a scale and an offset,
+# weight = q * scale + offset (float32 scalars or None), scale = d * iscale: the block's
+# fp16 d times the half's integer sub-scale (K-quants, IQ4_XS; None elsewhere). A 32-block
+# is one group; a 256-element super-block is 8. Field offsets come from qmoe/formats.py.
 # Decoding computes every scale and weight with the float32 operations, in the order,
 # of gguf-py's dequantize, without fast-math flags, so it is bit-exact; only the products'
 # sums reassociate. Float formats also decode one element at a time for a row tail
@@ -109,9 +138,22 @@ _vi32 = ir.VectorType(_i32, _LANES)
 
 @dataclass(frozen=True)
 class _Half:
-    q: ir.Value  # <16 x float>
-    scale: ir.Value | None = None
-    offset: ir.Value | None = None
+    q: ir.Value  # <16 x i8> signed integer values (block formats) or <16 x float> (float formats)
+    d: ir.Value | None = None  # float32
+    offset: ir.Value | None = None  # float32
+    iscale: ir.Value | None = None  # i32
+    imin: ir.Value | None = None  # i32, K-quants: offset = -(dmin * imin), dmin the block's
+
+    def values(self, builder):
+        """q as <16 x float>."""
+        return builder.sitofp(self.q, _vf32) if isinstance(self.q.type.element, ir.IntType) else self.q
+
+    def scale(self, builder):
+        """d * iscale as float32 (d alone without a sub-scale; None for float formats)."""
+        return self.d if self.iscale is None else builder.fmul(self.d, _i32_to_f32(builder, self.iscale))
+
+    def same_scale(self, other: _Half) -> bool:
+        return self.d is other.d and self.iscale is other.iscale
 
 
 def _c8(value: int) -> ir.Constant:
@@ -136,14 +178,16 @@ def _i32_to_f32(builder, v):
     return builder.sitofp(v, _f32)
 
 
-def _ifloat(builder, v):
-    """<16 x i8> (signed) -> <16 x float>."""
-    return builder.sitofp(v, _vf32)
-
-
 def _kvalues(builder, nibbles):
-    """IQ4's table lookup KVALUES[nibble] on <16 x i8>, as a tree of 15 vector selects
-    (portable: no shuffle-by-variable in LLVM's generic vectors)."""
+    """IQ4's table lookup KVALUES[nibble] on <16 x i8>: one byte shuffle where the target has
+    one (x86's pshufb, every x86-64 CPU with SSSE3, so every AVX2 one; ARM's tbl), else a tree
+    of 15 vector selects (LLVM's generic vectors have no shuffle by a variable index)."""
+    table = ir.Constant(_vi8, list(KVALUES))
+    shuffle = {"x86_64": "llvm.x86.ssse3.pshuf.b.128", "aarch64": "llvm.aarch64.neon.tbl1.v16i8"}
+    name = shuffle.get(builder.module.triple.split("-")[0])
+    if name is not None:
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_vi8, [_vi8, _vi8]), name)
+        return builder.call(fn, [table, nibbles])
     vals = [_c8(k) for k in KVALUES]
     for bit in range(4):
         test = builder.icmp_unsigned("!=", builder.and_(nibbles, _c8(1 << bit)), _c8(0))
@@ -163,8 +207,8 @@ def _qh_bits(builder, p, offset: int):
     return halves
 
 
-def _same(q_lo, q_hi, scale, offset=None):
-    return _Half(q_lo, scale, offset), _Half(q_hi, scale, offset)
+def _same(q_lo, q_hi, d, offset=None, iscale=None, imin=None):
+    return _Half(q_lo, d, offset, iscale, imin), _Half(q_hi, d, offset, iscale, imin)
 
 
 def _format(qtype):
@@ -173,8 +217,8 @@ def _format(qtype):
 
 def _q8_0_group(builder, p, s):
     fmt = _format(Q8_0)
-    d, qs = _half_to_f32(builder, p), fmt.offset("qs")
-    return _same(_ifloat(builder, _bytes16(builder, p, qs)), _ifloat(builder, _bytes16(builder, p, qs + 16)), d)
+    d, qs = _half_to_f32_int(builder, p), fmt.offset("qs")
+    return _same(_bytes16(builder, p, qs), _bytes16(builder, p, qs + 16), d)
 
 
 def _nibbles(builder, p, offset: int):
@@ -185,16 +229,14 @@ def _nibbles(builder, p, offset: int):
 
 def _q4_0_group(builder, p, s):
     lo, hi = _nibbles(builder, p, _format(Q4_0).offset("qs"))
-    return _same(
-        _ifloat(builder, builder.sub(lo, _c8(8))), _ifloat(builder, builder.sub(hi, _c8(8))), _half_to_f32(builder, p)
-    )
+    return _same(builder.sub(lo, _c8(8)), builder.sub(hi, _c8(8)), _half_to_f32_int(builder, p))
 
 
 def _q4_1_group(builder, p, s):
     fmt = _format(Q4_1)
     lo, hi = _nibbles(builder, p, fmt.offset("qs"))
-    m = _half_to_f32(builder, builder.gep(p, [_const(fmt.offset("m"))]))
-    return _same(_ifloat(builder, lo), _ifloat(builder, hi), _half_to_f32(builder, p), m)
+    m = _half_to_f32_int(builder, builder.gep(p, [_const(fmt.offset("m"))]))
+    return _same(lo, hi, _half_to_f32_int(builder, p), m)
 
 
 def _q5_values(builder, p, fmt):
@@ -206,23 +248,19 @@ def _q5_values(builder, p, fmt):
 
 def _q5_0_group(builder, p, s):
     lo, hi = _q5_values(builder, p, _format(Q5_0))
-    return _same(
-        _ifloat(builder, builder.sub(lo, _c8(16))), _ifloat(builder, builder.sub(hi, _c8(16))), _half_to_f32(builder, p)
-    )
+    return _same(builder.sub(lo, _c8(16)), builder.sub(hi, _c8(16)), _half_to_f32_int(builder, p))
 
 
 def _q5_1_group(builder, p, s):
     fmt = _format(Q5_1)
     lo, hi = _q5_values(builder, p, fmt)
-    m = _half_to_f32(builder, builder.gep(p, [_const(fmt.offset("m"))]))
-    return _same(_ifloat(builder, lo), _ifloat(builder, hi), _half_to_f32(builder, p), m)
+    m = _half_to_f32_int(builder, builder.gep(p, [_const(fmt.offset("m"))]))
+    return _same(lo, hi, _half_to_f32_int(builder, p), m)
 
 
 def _iq4_nl_group(builder, p, s):
     lo, hi = _nibbles(builder, p, _format(IQ4_NL).offset("qs"))
-    return _same(
-        _ifloat(builder, _kvalues(builder, lo)), _ifloat(builder, _kvalues(builder, hi)), _half_to_f32(builder, p)
-    )
+    return _same(_kvalues(builder, lo), _kvalues(builder, hi), _half_to_f32_int(builder, p))
 
 
 def _field_half(builder, p, fmt, field: str):
@@ -231,7 +269,7 @@ def _field_half(builder, p, fmt, field: str):
 
 def _q2_k_group(builder, p, s):
     """Group s: bits 2 * (s % 4) of qs[32 * (s // 4) + i]; 16-groups 2s and 2s + 1 with
-    scale d * (sc & 15) and offset -dmin * (sc >> 4), sc = scales[group]."""
+    scale d * (sc & 15) and offset -(dmin * (sc >> 4)), sc = scales[group]."""
     fmt = _format(Q2_K)
     d, dmin = _field_half(builder, p, fmt, "d"), _field_half(builder, p, fmt, "dmin")
     qs = fmt.offset("qs") + 32 * (s // 4)
@@ -239,9 +277,9 @@ def _q2_k_group(builder, p, s):
     for h in range(2):
         q = _bits(builder, _bytes16(builder, p, qs + 16 * h), 2 * (s % 4), 3)
         sc = _byte(builder, p, fmt.offset("scales") + 2 * s + h)
-        dl = builder.fmul(d, _i32_to_f32(builder, builder.and_(sc, ir.Constant(_i32, 15))))
-        ml = builder.fmul(dmin, _i32_to_f32(builder, builder.lshr(sc, ir.Constant(_i32, 4))))
-        halves.append(_Half(_ifloat(builder, q), dl, builder.fneg(ml)))
+        m = builder.lshr(sc, ir.Constant(_i32, 4))
+        ml = builder.fmul(dmin, _i32_to_f32(builder, m))
+        halves.append(_Half(q, d, builder.fneg(ml), builder.and_(sc, ir.Constant(_i32, 15)), m))
     return tuple(halves)
 
 
@@ -251,7 +289,8 @@ def _q3_k_scale(builder, p, offset: int, j: int):
     low = _byte(builder, p, offset + j % 8)
     low = builder.lshr(low, ir.Constant(_i32, 4)) if j >= 8 else builder.and_(low, ir.Constant(_i32, 15))
     high = builder.and_(
-        builder.lshr(_byte(builder, p, offset + 8 + j % 4), ir.Constant(_i32, 2 * (j // 4))), ir.Constant(_i32, 3)
+        builder.lshr(_byte(builder, p, offset + 8 + j % 4), ir.Constant(_i32, 2 * (j // 4))),
+        ir.Constant(_i32, 3),
     )
     return builder.sub(builder.or_(low, builder.shl(high, ir.Constant(_i32, 4))), ir.Constant(_i32, 32))
 
@@ -266,13 +305,13 @@ def _q3_k_group(builder, p, s):
         q = _bits(builder, _bytes16(builder, p, qs + 16 * h), 2 * (s % 4), 3)
         hbit = _bits(builder, _bytes16(builder, p, fmt.offset("hmask") + 16 * h), s, 1)
         q = builder.sub(q, builder.shl(builder.xor(hbit, _c8(1)), _c8(2)))
-        dl = builder.fmul(d, _i32_to_f32(builder, _q3_k_scale(builder, p, fmt.offset("scales"), 2 * s + h)))
-        halves.append(_Half(_ifloat(builder, q), dl))
+        halves.append(_Half(q, d, iscale=_q3_k_scale(builder, p, fmt.offset("scales"), 2 * s + h)))
     return tuple(halves)
 
 
 def _k4_scale_min(builder, p, offset: int, j: int):
     """Q4_K/Q5_K's 6-bit scale and min of group j (of 8), as i32, from 12 packed bytes."""
+
     def byte(k):
         return _byte(builder, p, offset + k)
 
@@ -288,11 +327,10 @@ def _k4_scale_min(builder, p, offset: int, j: int):
 
 
 def _k4_scales(builder, p, fmt, s):
-    """(d * sc, -(dmin * m)) of group s of a Q4_K/Q5_K super-block."""
+    """(d, -(dmin * m), sc, m) of group s of a Q4_K/Q5_K super-block: _same's d, offset, iscale, imin."""
     sc, m = _k4_scale_min(builder, p, fmt.offset("scales"), s)
     d, dmin = _field_half(builder, p, fmt, "d"), _field_half(builder, p, fmt, "dmin")
-    dm = builder.fmul(dmin, _i32_to_f32(builder, m))
-    return builder.fmul(d, _i32_to_f32(builder, sc)), builder.fneg(dm)
+    return d, builder.fneg(builder.fmul(dmin, _i32_to_f32(builder, m))), sc, m
 
 
 def _k4_nibbles(builder, p, fmt, s):
@@ -304,7 +342,7 @@ def _k4_nibbles(builder, p, fmt, s):
 def _q4_k_group(builder, p, s):
     fmt = _format(Q4_K)
     lo, hi = _k4_nibbles(builder, p, fmt, s)
-    return _same(_ifloat(builder, lo), _ifloat(builder, hi), *_k4_scales(builder, p, fmt, s))
+    return _same(lo, hi, *_k4_scales(builder, p, fmt, s))
 
 
 def _q5_k_group(builder, p, s):
@@ -313,7 +351,7 @@ def _q5_k_group(builder, p, s):
     qs = []
     for h, q in enumerate(_k4_nibbles(builder, p, fmt, s)):
         hbit = _bits(builder, _bytes16(builder, p, fmt.offset("qh") + 16 * h), s, 1)
-        qs.append(_ifloat(builder, builder.or_(q, builder.shl(hbit, _c8(4)))))
+        qs.append(builder.or_(q, builder.shl(hbit, _c8(4))))
     return _same(*qs, *_k4_scales(builder, p, fmt, s))
 
 
@@ -325,11 +363,13 @@ def _q6_k_group(builder, p, s):
     d = _field_half(builder, p, fmt, "d")
     halves = []
     for h in range(2):
-        ql = _bits(builder, _bytes16(builder, p, fmt.offset("ql") + 64 * a + 32 * (r % 2) + 16 * h), 4 * (r // 2), 15)
+        ql = _bits(
+            builder, _bytes16(builder, p, fmt.offset("ql") + 64 * a + 32 * (r % 2) + 16 * h), 4 * (r // 2), 15
+        )
         qh = _bits(builder, _bytes16(builder, p, fmt.offset("qh") + 32 * a + 16 * h), 2 * r, 3)
         q = builder.sub(builder.or_(ql, builder.shl(qh, _c8(4))), _c8(32))
         sc = builder.sext(_load(builder, p, _i8, fmt.offset("scales") + 2 * s + h), _i32)
-        halves.append(_Half(_ifloat(builder, q), builder.fmul(d, _i32_to_f32(builder, sc))))
+        halves.append(_Half(q, d, iscale=sc))
     return tuple(halves)
 
 
@@ -343,8 +383,7 @@ def _iq4_xs_group(builder, p, s):
     high = builder.and_(builder.lshr(high, ir.Constant(_i32, 2 * s)), ir.Constant(_i32, 3))
     scale = builder.sub(builder.or_(low, builder.shl(high, ir.Constant(_i32, 4))), ir.Constant(_i32, 32))
     lo, hi = _nibbles(builder, p, fmt.offset("qs") + 16 * s)
-    dl = builder.fmul(_half_to_f32(builder, p), _i32_to_f32(builder, scale))
-    return _same(_ifloat(builder, _kvalues(builder, lo)), _ifloat(builder, _kvalues(builder, hi)), dl)
+    return _same(_kvalues(builder, lo), _kvalues(builder, hi), _half_to_f32(builder, p), iscale=scale)
 
 
 def _f32_group(builder, p, s):
@@ -354,14 +393,18 @@ def _f32_group(builder, p, s):
 def _f16_group(builder, p, s):
     vh = ir.VectorType(ir.HalfType(), _LANES)
     return _same(
-        builder.fpext(_load(builder, p, vh), _vf32), builder.fpext(_load(builder, p, vh, 2 * _LANES), _vf32), None
+        builder.fpext(_load(builder, p, vh), _vf32),
+        builder.fpext(_load(builder, p, vh, 2 * _LANES), _vf32),
+        None,
     )
 
 
 def _bf16_group(builder, p, s):
     vi = ir.VectorType(_i16, _LANES)
     return _same(
-        _bf16_to_f32(builder, _load(builder, p, vi)), _bf16_to_f32(builder, _load(builder, p, vi, 2 * _LANES)), None
+        _bf16_to_f32(builder, _load(builder, p, vi)),
+        _bf16_to_f32(builder, _load(builder, p, vi, 2 * _LANES)),
+        None,
     )
 
 
@@ -372,11 +415,14 @@ class _IRFormat:
     group: Callable  # (builder, block ptr, s) -> (lo, hi) _Half of group s
     elem_bytes: int = 0  # float formats: bytes of one element, for the row tail
     one: Callable | None = None  # float formats: (builder, byte ptr) -> float
+    d_offset: int = 0  # block formats: byte offset of the fp16 d, the halves' common d
+    dmin_offset: int = 0  # K-quants with mins: byte offset of the fp16 dmin
 
 
 def _block_format(qtype, group: Callable) -> _IRFormat:
     fmt = _format(qtype)
-    return _IRFormat(fmt.block, fmt.block_bytes, group)
+    dmin = fmt.offset("dmin") if "dmin" in dict(fmt.fields) else 0
+    return _IRFormat(fmt.block, fmt.block_bytes, group, d_offset=fmt.offset("d"), dmin_offset=dmin)
 
 
 def _float_format(qtype, group: Callable, one: Callable) -> _IRFormat:
@@ -401,7 +447,9 @@ IR_FORMATS = {
     F16: _float_format(F16, _f16_group, _half_to_f32),
     BF16: _float_format(BF16, _bf16_group, lambda b, p: _bf16_to_f32(b, _load(b, p, _i16))),
 }
-assert set(IR_FORMATS) == {int(t) for t in KERNEL_TYPES}, "every kernel type of qmoe/formats.py needs a decoder"
+assert set(IR_FORMATS) == {int(t) for t in KERNEL_TYPES}, (
+    "every kernel type of qmoe/formats.py needs a decoder"
+)
 
 
 # Bytes ahead of the block being decoded that each block asks the cache to fetch. Rows are
@@ -421,42 +469,56 @@ def _prefetch(builder, ptr):
     )  # read, keep, data
 
 
-def _for_each_group(builder, fmt: _IRFormat, wp, n, body) -> None:
-    """Call body(first element index, lo, hi) for every 32-group of the row's whole blocks."""
+def _for_each_block(builder, fmt: _IRFormat, wp, n, body) -> None:
+    """Call body(block pointer, first element index) for every whole block of the row."""
     n_blocks = builder.sdiv(n, _const(fmt.block))
     with cgutils.for_range(builder, n_blocks) as loop:
         bp = builder.gep(wp, [builder.mul(loop.index, _const(fmt.block_bytes))])
         for line in range(0, max(fmt.block_bytes - _LINE // 2, 1), _LINE):
             _prefetch(builder, builder.gep(bp, [_const(_PREFETCH_BYTES + line)]))
-        first = builder.mul(loop.index, _const(fmt.block))
+        body(bp, builder.mul(loop.index, _const(fmt.block)))
+
+
+def _for_each_group(builder, fmt: _IRFormat, wp, n, body) -> None:
+    """Call body(first element index, lo, hi) for every 32-group of the row's whole blocks."""
+
+    def block(bp, first):
         for s in range(fmt.block // _GROUP):
             lo, hi = fmt.group(builder, bp, s)
             body(builder.add(first, _const(_GROUP * s)) if s else first, lo, hi)
 
+    _for_each_block(builder, fmt, wp, n, block)
+
 
 def _weights(builder, half: _Half):
     """A half's weights, q * scale + offset, with the plain (exact) float32 operations."""
-    w = half.q if half.scale is None else builder.fmul(half.q, _splat(builder, half.scale))
+    q = half.values(builder)
+    scale = half.scale(builder)
+    w = q if scale is None else builder.fmul(q, _splat(builder, scale))
     return w if half.offset is None else builder.fadd(w, _splat(builder, half.offset))
 
 
 def _half_dot(builder, half: _Half, x):
     """sum-ready <16 x float> of the half's weights times x, scale and offset applied once."""
-    s = builder.fmul(half.q, x, flags=_FLAGS)
-    if half.scale is not None:
-        s = builder.fmul(_splat(builder, half.scale), s, flags=_FLAGS)
+    s = builder.fmul(half.values(builder), x, flags=_FLAGS)
+    scale = half.scale(builder)
+    if scale is not None:
+        s = builder.fmul(_splat(builder, scale), s, flags=_FLAGS)
     if half.offset is not None:
         s = builder.fadd(s, builder.fmul(_splat(builder, half.offset), x, flags=_FLAGS), flags=_FLAGS)
     return s
 
 
 def _group_dot(builder, lo: _Half, hi: _Half, x_lo, x_hi):
-    if lo.scale is hi.scale and lo.offset is hi.offset:  # one scale and offset: apply each once
+    if lo.same_scale(hi) and lo.offset is hi.offset:  # one scale and offset: apply each once
         s = builder.fadd(
-            builder.fmul(lo.q, x_lo, flags=_FLAGS), builder.fmul(hi.q, x_hi, flags=_FLAGS), flags=_FLAGS
+            builder.fmul(lo.values(builder), x_lo, flags=_FLAGS),
+            builder.fmul(hi.values(builder), x_hi, flags=_FLAGS),
+            flags=_FLAGS,
         )
-        if lo.scale is not None:
-            s = builder.fmul(_splat(builder, lo.scale), s, flags=_FLAGS)
+        scale = lo.scale(builder)
+        if scale is not None:
+            s = builder.fmul(_splat(builder, scale), s, flags=_FLAGS)
         if lo.offset is not None:
             x_sum = builder.fadd(x_lo, x_hi, flags=_FLAGS)
             s = builder.fadd(s, builder.fmul(_splat(builder, lo.offset), x_sum, flags=_FLAGS), flags=_FLAGS)
@@ -469,14 +531,14 @@ def _is_c_array(ty, dtype) -> bool:
     return isinstance(ty, types.Array) and ty.layout == "C" and ty.dtype == dtype
 
 
-def _switch_on_qtype(context, builder, qtype, qtype_type, emit) -> None:
-    """emit(fmt) in the branch of the row's format: one compiled function serves every type.
-    Callers check qtype against the table first, so no other value arrives."""
+def _switch_on_qtype(context, builder, qtype, qtype_type, emit, formats=None) -> None:
+    """emit(fmt) in the branch of the row's format: one compiled function serves every type
+    of `formats` (default IR_FORMATS). Callers check qtype first, so no other value arrives."""
     value = context.cast(builder, qtype, qtype_type, types.int64)
     done = builder.append_basic_block("qtype.done")
     unknown = builder.append_basic_block("qtype.unknown")
     switch = builder.switch(value, unknown)
-    for code, fmt in IR_FORMATS.items():
+    for code, fmt in (IR_FORMATS if formats is None else formats).items():
         case = builder.append_basic_block(f"qtype.{code}")
         switch.add_case(ir.Constant(_i64, code), case)
         builder.position_at_end(case)
@@ -497,7 +559,9 @@ def _make_row_dot(n_tokens: int):
 
     @intrinsic
     def row_dot(typingctx, qtype, w, w_off, x, x_offs, n):
-        if not (isinstance(qtype, types.Integer) and _is_c_array(w, types.uint8) and _is_c_array(x, types.float32)):
+        if not (
+            isinstance(qtype, types.Integer) and _is_c_array(w, types.uint8) and _is_c_array(x, types.float32)
+        ):
             return None
         if n_tokens == 1:
             offs_type, result_type = types.intp, types.float32
@@ -535,7 +599,9 @@ def _make_row_dot(n_tokens: int):
                 if fmt.one is not None:
                     tail = builder.mul(builder.sdiv(n, _const(_GROUP)), _const(_GROUP))
                     with cgutils.for_range(builder, n, start=tail) as loop:
-                        wi = fmt.one(builder, builder.gep(wp, [builder.mul(loop.index, _const(fmt.elem_bytes))]))
+                        wi = fmt.one(
+                            builder, builder.gep(wp, [builder.mul(loop.index, _const(fmt.elem_bytes))])
+                        )
                         for xp, total in zip(xps, totals):
                             xi = builder.load(builder.gep(xp, [loop.index]))
                             builder.store(builder.fadd(builder.load(total), builder.fmul(wi, xi)), total)
@@ -549,10 +615,153 @@ def _make_row_dot(n_tokens: int):
     return row_dot
 
 
+# ----------------------------------------------------------------------------- integer products
+# The q8 row loops multiply a block format's integer values by an activation quantized the way
+# llama.cpp quantizes it for its integer dot products (quantize_q8 below): x[i] ~ dx * xq[i],
+# xq integers in -127..127 with one dx per block of the weight's format (32 elements as Q8_0,
+# 256 as Q8_K for the K-quants and IQ4_XS). A half's 16 products q * xq are summed in int32 two
+# at a time into 8 lanes (the sign-extended multiply and pairwise add that x86 lowers to
+# vpmaddwd, ARM to smull and adds), times the half's integer sub-scale, and summed over the block;
+# the block's sum becomes float once, times d * dx. The K-quants' mins (Q2_K, Q4_K, Q5_K)
+# multiply the integer sums of their halves' xq (xb), summed as integers and scaled once by
+# -dmin * dx; Q4_1's and Q5_1's float offsets multiply their group's xs, as llama.cpp's Q8_1
+# does. The int32 sums cannot overflow: |q * iscale| <= 4064 for every format, so a
+# 256-block sums to at most 256 * 4064 * 127 < 2^31. Float formats have no integer values
+# and are not here (the x86 backend lowers the products to vpmaddwd, ARM's to smull).
+
+_I_LANES = _LANES // 2
+_vf32_i = ir.VectorType(_f32, _I_LANES)
+_vi32_i = ir.VectorType(_i32, _I_LANES)
+_vi16 = ir.VectorType(_i16, _LANES)
+Q8_FORMATS = {code: fmt for code, fmt in IR_FORMATS.items() if fmt.one is None}
+
+
+def _pair_dot(builder, q, xq):
+    """<16 x i8> q . <16 x i16> xq -> <8 x i32>: lane j = q[2j] xq[2j] + q[2j+1] xq[2j+1]."""
+    p = builder.mul(builder.sext(q, _vi32), builder.sext(xq, _vi32))
+    even = builder.shuffle_vector(p, p, ir.Constant(_vi32_i, list(range(0, _LANES, 2))))
+    odd = builder.shuffle_vector(p, p, ir.Constant(_vi32_i, list(range(1, _LANES, 2))))
+    return builder.add(even, odd)
+
+
+def _group_isum(builder, lo: _Half, hi: _Half, xq_lo, xq_hi):
+    """<8 x i32> sum of one 32-group's q * iscale * xq."""
+    p_lo, p_hi = _pair_dot(builder, lo.q, xq_lo), _pair_dot(builder, hi.q, xq_hi)
+    if lo.same_scale(hi):
+        p = builder.add(p_lo, p_hi)
+        return p if lo.iscale is None else builder.mul(p, _splat(builder, lo.iscale, _I_LANES))
+    return builder.add(
+        builder.mul(p_lo, _splat(builder, lo.iscale, _I_LANES)), builder.mul(p_hi, _splat(builder, hi.iscale, _I_LANES))
+    )
+
+
+def _group_imin(builder, lo: _Half, hi: _Half, xb_lo, xb_hi):
+    """K-quants: the group's integer mins times the integer sums of its xq halves (i32)."""
+    if lo.imin is hi.imin:
+        return builder.mul(lo.imin, builder.add(xb_lo, xb_hi))
+    return builder.add(builder.mul(lo.imin, xb_lo), builder.mul(hi.imin, xb_hi))
+
+
+def _group_offset(builder, lo: _Half, hi: _Half, xsp, s: int):
+    """The group's float offset (Q4_1, Q5_1: one per 32-block) times its x sum xs[s], or None."""
+    if lo.offset is None:
+        return None
+    assert lo.offset is hi.offset, "float offsets are per 32-group; the K-quants' mins are integers (imin)"
+    return builder.fmul(lo.offset, builder.load(builder.gep(xsp, [_const(s)])), flags=_FLAGS)
+
+
+def _make_row_dot_q8(n_tokens: int):
+    """row_dot_q8(qtype, w, w_off, xq, xd, xs, xb, x_offs, n): _make_row_dot's product for a
+    block format, on quantize_q8's activation (xq int16, xd and xs float32, xb int32, C arrays
+    indexed flat: element e of x is about xq[e] * xd[e // block]; xs[e // 32] and xb[e // 16]
+    are the offset sum of its 32-group and the sum of its 16 xq)."""
+
+    @intrinsic
+    def row_dot_q8(typingctx, qtype, w, w_off, xq, xd, xs, xb, x_offs, n):
+        arrays = ((w, types.uint8), (xq, types.int16), (xd, types.float32), (xs, types.float32), (xb, types.int32))
+        if not (isinstance(qtype, types.Integer) and all(_is_c_array(a, dt) for a, dt in arrays)):
+            return None
+        if n_tokens == 1:
+            offs_type, result_type = types.intp, types.float32
+        else:
+            offs_type, result_type = (
+                types.UniTuple(types.intp, n_tokens),
+                types.UniTuple(types.float32, n_tokens),
+            )
+        sig = result_type(qtype, w, types.intp, xq, xd, xs, xb, offs_type, types.intp)
+
+        def codegen(context, builder, sig, args):
+            qtype, w, w_off, xq, xd, xs, xb, x_offs, n = args
+
+            def data(i, value):
+                return context.make_array(sig.args[i])(context, builder, value).data
+
+            wp = builder.gep(data(1, w), [w_off])
+            xq0, xd0, xs0, xb0 = data(3, xq), data(4, xd), data(5, xs), data(6, xb)
+            offs = [x_offs] if n_tokens == 1 else [builder.extract_value(x_offs, j) for j in range(n_tokens)]
+            totals = [cgutils.alloca_once_value(builder, ir.Constant(_f32, 0.0)) for _ in offs]
+
+            imins_zero = ir.Constant(_i32, 0)
+
+            def emit(fmt: _IRFormat):
+                accs = [cgutils.alloca_once_value(builder, ir.Constant(_vf32_i, [0.0] * _I_LANES)) for _ in offs]
+                offset_sums = [cgutils.alloca_once_value(builder, ir.Constant(_f32, 0.0)) for _ in offs]
+
+                def block(bp, first):
+                    es = [builder.add(off, first) for off in offs]
+                    xqps = [builder.bitcast(builder.gep(xq0, [e]), _vi16.as_pointer()) for e in es]
+                    xsps = [builder.gep(xs0, [builder.ashr(e, _const(5))]) for e in es]
+                    xbps = [builder.gep(xb0, [builder.ashr(e, _const(4))]) for e in es]
+                    isums, offsets = [ir.Constant(_vi32_i, [0] * _I_LANES)] * len(es), [None] * len(es)
+                    imins = [imins_zero] * len(es)
+                    for s in range(fmt.block // _GROUP):
+                        lo, hi = fmt.group(builder, bp, s)
+                        for j, (xqp, xsp, xbp) in enumerate(zip(xqps, xsps, xbps)):
+                            xq_lo = builder.load(builder.gep(xqp, [_const(2 * s)]), align=2)
+                            xq_hi = builder.load(builder.gep(xqp, [_const(2 * s + 1)]), align=2)
+                            isums[j] = builder.add(isums[j], _group_isum(builder, lo, hi, xq_lo, xq_hi))
+                            if lo.imin is not None:
+                                xb_lo, xb_hi = (builder.load(builder.gep(xbp, [_const(2 * s + h)])) for h in range(2))
+                                imins[j] = builder.add(imins[j], _group_imin(builder, lo, hi, xb_lo, xb_hi))
+                                continue
+                            o = _group_offset(builder, lo, hi, xsp, s)
+                            if o is not None:
+                                offsets[j] = o if offsets[j] is None else builder.fadd(offsets[j], o, flags=_FLAGS)
+                    half = _half_to_f32_int if fmt.block == _GROUP else _half_to_f32
+                    d = half(builder, builder.gep(bp, [_const(fmt.d_offset)]))
+                    for j, (e, isum, acc, offset_sum) in enumerate(zip(es, isums, accs, offset_sums)):
+                        dx = builder.load(builder.gep(xd0, [builder.udiv(e, _const(fmt.block))]))
+                        scale = _splat(builder, builder.fmul(d, dx, flags=_FLAGS), _I_LANES)
+                        v = builder.fmul(builder.sitofp(isum, _vf32_i), scale, flags=_FLAGS)
+                        builder.store(builder.fadd(builder.load(acc), v, flags=_FLAGS), acc)
+                        o = offsets[j]
+                        if imins[j] is not imins_zero:  # -(dmin * dx) * sum of imin * xb
+                            dmin = half(builder, builder.gep(bp, [_const(fmt.dmin_offset)]))
+                            o = builder.fmul(builder.fneg(builder.fmul(dmin, dx, flags=_FLAGS)),
+                                             builder.sitofp(imins[j], _f32), flags=_FLAGS)
+                        if o is not None:
+                            builder.store(builder.fadd(builder.load(offset_sum), o, flags=_FLAGS), offset_sum)
+
+                _for_each_block(builder, fmt, wp, n, block)
+                for acc, offset_sum, total in zip(accs, offset_sums, totals):
+                    s = _sum_lanes(builder, builder.load(acc))
+                    builder.store(builder.fadd(s, builder.load(offset_sum), flags=_FLAGS), total)
+
+            _switch_on_qtype(context, builder, qtype, sig.args[0], emit, Q8_FORMATS)
+            results = [builder.load(total) for total in totals]
+            return results[0] if n_tokens == 1 else context.make_tuple(builder, sig.return_type, results)
+
+        return sig, codegen
+
+    return row_dot_q8
+
+
 @intrinsic
 def decode_row(typingctx, qtype, w, w_off, out, out_off, n):
     """out.flat[out_off + i] = w_row[i] for i < n, bit-exact with gguf-py's dequantize."""
-    if not (isinstance(qtype, types.Integer) and _is_c_array(w, types.uint8) and _is_c_array(out, types.float32)):
+    if not (
+        isinstance(qtype, types.Integer) and _is_c_array(w, types.uint8) and _is_c_array(out, types.float32)
+    ):
         return None
     sig = types.void(qtype, w, types.intp, out, types.intp, types.intp)
 
@@ -590,6 +799,77 @@ OUT_BLOCK = 16  # moe_rows: output rows that share the hidden rows read for them
 # dot_row(qtype, w, w_off, x, x_off, n) -> float32; dot_row_tile: the same for TOKEN_TILE offsets
 dot_row = _make_row_dot(1)
 dot_row_tile = _make_row_dot(TOKEN_TILE)
+dot_row_q8 = _make_row_dot_q8(1)
+dot_row_q8_tile = _make_row_dot_q8(TOKEN_TILE)
+Q8_GROUP = _GROUP  # elements per quantize_q8 offset sum (xs)
+@njit(nogil=True)
+def _to_half(v):
+    """float32 v rounded to the nearest float16 (ties to even), as float32: ggml's fp16 store."""
+    a = abs(v)
+    if a >= np.float32(65520.0):
+        return np.float32(np.inf) if v > 0 else np.float32(-np.inf)
+    if a < np.float32(2.0**-14):  # float16 subnormals: multiples of 2^-24
+        return np.float32(np.rint(np.float64(v) * 2.0**24) * 2.0**-24)
+    ulp = math.ldexp(1.0, math.frexp(np.float64(a))[1] - 11)  # 11 significant bits
+    return np.float32(np.rint(np.float64(v) / ulp) * ulp)
+
+
+@njit(nogil=True)
+def quantize_q8(x, q8, block):
+    """x float32 [T, n] quantized for the integer row loops, when q8 (else empty arrays), as
+    llama.cpp's CPU backend quantizes activations: per `block` elements (32: Q8_0/Q8_1 for
+    the 32-blocks, 256: Q8_K for the K-quants and IQ4_XS) xq = round(x * 127 / max |x|)
+    (ties to even), and the block's d = max |x| / 127 rounded to fp16 (block 32) or
+    1 / (127 / max |x|) (block 256). Returns the row loops' `xa` = (xq int16 [T, n],
+    xd float32 [T, n / block], xs float32 [T, n / 32]: max |x| / 127 times the sum of a
+    32-group's xq, rounded to fp16, Q8_1's s for Q4_1/Q5_1's offsets, xb int32 [T, n / 16]:
+    the sums of 16 xq, Q8_K's bsums for the K-quants' mins). n: a multiple of block."""
+    n_tokens, n = x.shape
+    rows = n_tokens if q8 else 0
+    xq = np.empty((rows, n), np.int16)
+    xd = np.empty((rows, n // block), np.float32)
+    xs = np.empty((rows, n // Q8_GROUP), np.float32)
+    xb = np.empty((rows, n // 16), np.int32)
+    for t in range(rows):
+        for b in range(n // block):
+            amax = np.float32(0.0)
+            for i in range(b * block, (b + 1) * block):
+                amax = max(amax, abs(x[t, i]))
+            d = amax / np.float32(127.0)
+            inv = np.float32(127.0) / amax if amax > 0 else np.float32(0.0)
+            if block == Q8_GROUP:
+                xd[t, b] = _to_half(d)
+            else:
+                xd[t, b] = np.float32(1.0) / inv if amax > 0 else np.float32(0.0)
+            for i in range(b * block, (b + 1) * block):
+                xq[t, i] = np.int16(np.rint(x[t, i] * inv))
+            for g in range(b * block // Q8_GROUP, (b + 1) * block // Q8_GROUP):
+                total = 0
+                for h in range(2):
+                    q_sum = 0
+                    for i in range(Q8_GROUP * g + 16 * h, Q8_GROUP * g + 16 * h + 16):
+                        q_sum += xq[t, i]
+                    xb[t, 2 * g + h] = q_sum
+                    total += q_sum
+                xs[t, g] = _to_half(d * np.float32(total))
+    return xq, xd, xs, xb
+
+
+@njit(nogil=True, inline="always")
+def row_product(qtype, w, w_off, x, xa, q8, x_off, n):
+    """The row's product with the activation row at x_off: integer on xa = quantize_q8(x) (q8)
+    or float32 on x."""
+    if q8:
+        return dot_row_q8(qtype, w, w_off, xa[0], xa[1], xa[2], xa[3], x_off, n)
+    return dot_row(qtype, w, w_off, x, x_off, n)
+
+
+@njit(nogil=True, inline="always")
+def row_product_tile(qtype, w, w_off, x, xa, q8, x_offs, n):
+    """row_product for TOKEN_TILE activation rows."""
+    if q8:
+        return dot_row_q8_tile(qtype, w, w_off, xa[0], xa[1], xa[2], xa[3], x_offs, n)
+    return dot_row_tile(qtype, w, w_off, x, x_offs, n)
 
 
 @njit(nogil=True)
@@ -616,23 +896,27 @@ def silu(a):
 
 
 @njit(parallel=True, nogil=True, cache=True)
-def matmul_rows(qtype, w, row_bytes, x, out):
+def matmul_rows(qtype, w, row_bytes, x, q8, q8_block, out):
     """out[t, r] = w[r] . x[t] for all rows r, in parallel over rows.
 
-    w: flat weight bytes [rows * row_bytes]; x: float32 [T, n]; out: float32 [T, rows].
+    w: flat weight bytes [rows * row_bytes]; x: float32 [T, n]; out: float32 [T, rows];
+    q8: integer products on x quantized by quantize_q8 in blocks of q8_block (the format's
+    block; block formats only), else float32.
     Each row is read from memory once and decoded once per TOKEN_TILE tokens, so this
     is the kernel for few tokens (decode); many tokens go to BLAS.
     """
     n_tokens, n = x.shape
     rows = out.shape[1]
     tokens = np.arange(n_tokens)
+    xa = quantize_q8(x, q8, q8_block)
     for r in prange(rows):
         for t in range(0, n_tokens, TOKEN_TILE):
             m = min(TOKEN_TILE, n_tokens - t)
             if m == 1:
-                out[t, r] = dot_row(qtype, w, r * row_bytes, x, t * n, n)
+                out[t, r] = row_product(qtype, w, r * row_bytes, x, xa, q8, t * n, n)
             else:
-                y = dot_row_tile(qtype, w, r * row_bytes, x, tile_offsets(tokens, t, m, 1, n), n)
+                offs = tile_offsets(tokens, t, m, 1, n)
+                y = row_product_tile(qtype, w, r * row_bytes, x, xa, q8, offs, n)
                 for j in range(m):
                     out[t + j, r] = y[j]
 
@@ -647,12 +931,14 @@ def dequantize_rows(qtype, w, row_bytes, first_row, out):
 
 @njit(parallel=True, nogil=True, cache=True)
 def moe_rows(
-    gate, up, down, qtypes, row_bytes, x, k, pairs, group_starts, group_experts, pair_weights, n_ff, out
+    gate, up, down, qtypes, row_bytes, x, k, pairs, group_starts, group_experts, pair_weights, n_ff, q8, q8_blocks, out
 ):
     """out[t] += sum over pairs p = t * k + j of weight[p] * down_e (silu(gate_e x[t]) * up_e x[t]).
 
     gate, up: flat bytes of [E, n_ff, n_embd] weights; down: of [E, n_embd, n_ff];
-    qtypes, row_bytes: (gate, up, down); x: float32 [T, n_embd]; out: float32 [T, n_embd].
+    qtypes, row_bytes: (gate, up, down); x: float32 [T, n_embd]; out: float32 [T, n_embd];
+    q8: (gate, up, down) each integer products on quantize_q8's activation, or float32;
+    q8_blocks: (x, hidden) quantization blocks (gate's and up's block must be x's).
     The (token, expert) pairs to compute come grouped by expert: group g is expert
     group_experts[g] for pairs[group_starts[g]:group_starts[g + 1]], pair p being token
     p // k. Each weight row is read from memory once per group and decoded once per
@@ -662,6 +948,7 @@ def moe_rows(
     n_tokens, n_embd = x.shape
     n_groups = group_experts.shape[0]
     hidden = np.empty((n_tokens * k, n_ff), np.float32)  # [pair, n_ff]
+    xa = quantize_q8(x, q8[0] or q8[1], q8_blocks[0])
     for i in prange(n_groups * n_ff):
         g = i // n_ff
         r = i - g * n_ff
@@ -671,15 +958,16 @@ def moe_rows(
             m = min(TOKEN_TILE, group_starts[g + 1] - q)
             if m == 1:
                 t_off = pairs[q] // k * n_embd
-                a = dot_row(qtypes[0], gate, off_gate, x, t_off, n_embd)
-                b = dot_row(qtypes[1], up, off_up, x, t_off, n_embd)
+                a = row_product(qtypes[0], gate, off_gate, x, xa, q8[0], t_off, n_embd)
+                b = row_product(qtypes[1], up, off_up, x, xa, q8[1], t_off, n_embd)
                 hidden[pairs[q], r] = silu(a) * b
             else:
                 t_offs = tile_offsets(pairs, q, m, k, n_embd)
-                a4 = dot_row_tile(qtypes[0], gate, off_gate, x, t_offs, n_embd)
-                b4 = dot_row_tile(qtypes[1], up, off_up, x, t_offs, n_embd)
+                a4 = row_product_tile(qtypes[0], gate, off_gate, x, xa, q8[0], t_offs, n_embd)
+                b4 = row_product_tile(qtypes[1], up, off_up, x, xa, q8[1], t_offs, n_embd)
                 for j in range(m):
                     hidden[pairs[q + j], r] = silu(a4[j]) * b4[j]
+    ha = quantize_q8(hidden, q8[2], q8_blocks[1])
     # Output rows in blocks of OUT_BLOCK, so that a tile of hidden rows is read from L1 for a
     # whole block of down rows instead of from L2 or memory for every one of them.
     for cb in prange((n_embd + OUT_BLOCK - 1) // OUT_BLOCK):
@@ -691,12 +979,11 @@ def moe_rows(
                     off_down = (group_experts[g] * n_embd + c) * row_bytes[2]
                     if m == 1:
                         p = pairs[q]
-                        y = dot_row(qtypes[2], down, off_down, hidden, p * n_ff, n_ff)
+                        y = row_product(qtypes[2], down, off_down, hidden, ha, q8[2], p * n_ff, n_ff)
                         out[p // k, c] += pair_weights[p] * y
                     else:
-                        y4 = dot_row_tile(
-                            qtypes[2], down, off_down, hidden, tile_offsets(pairs, q, m, 1, n_ff), n_ff
-                        )
+                        offs = tile_offsets(pairs, q, m, 1, n_ff)
+                        y4 = row_product_tile(qtypes[2], down, off_down, hidden, ha, q8[2], offs, n_ff)
                         for j in range(m):
                             p = pairs[q + j]
                             out[p // k, c] += pair_weights[p] * y4[j]
@@ -706,7 +993,9 @@ def moe_rows(
 def _activate(a, gelu):
     """Exact (erf) GELU when `gelu`, else SiLU."""
     if gelu:
-        return np.float32(0.5) * a * (np.float32(1.0) + np.float32(math.erf(a * np.float32(0.7071067811865476))))
+        return (
+            np.float32(0.5) * a * (np.float32(1.0) + np.float32(math.erf(a * np.float32(0.7071067811865476))))
+        )
     return silu(a)
 
 
@@ -728,4 +1017,3 @@ def mlp_top(q1, w1, rb1, b1, q2, w2, rb2, b2, gelu, x, count, out):
             scores[e] = dot_row(q2, w2, e * rb2, hidden, 0, hidden_size) + b2[e]
         order = np.argsort(-scores, kind="mergesort")
         out[t] = order[:count]
-

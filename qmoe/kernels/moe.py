@@ -23,7 +23,7 @@ import numpy as np
 from qmoe.errors import QmoeError
 from qmoe.kernels import compiled
 from qmoe.kernels.formats import check_qtype, row_bytes, weight_bytes
-from qmoe.kernels.ops import BLAS_MIN_TOKENS, _activations, _run, matmul
+from qmoe.kernels.ops import BLAS_MIN_TOKENS, _activations, _run, matmul, q8_block, q8_products
 
 
 class ExpertGroups:
@@ -87,7 +87,18 @@ def _experts(gate: np.ndarray, up: np.ndarray, down: np.ndarray, qtypes: tuple, 
             "(experts, rows, row length); expected gate = up = [E, n_ff, n_embd], down = [E, n_embd, n_ff]"
         )
     row_nbytes = tuple(row_bytes(q, n) for q, (_, _, n) in zip(qtypes, sizes))
-    return flat, tuple(int(q) for q in qtypes), row_nbytes, e_g, n_embd, n_ff
+    return flat, qtypes, row_nbytes, e_g, n_embd, n_ff
+
+
+def _moe_rows_types(qtypes: tuple, exact: bool | None) -> tuple:
+    """moe_rows' qtypes, q8 and q8_blocks arguments. Gate and up share one quantized x, so up
+    runs in float32 when its block differs from gate's (no llama.cpp mix does that)."""
+    gate, up, down = qtypes
+    q8 = [q8_products(q, exact) for q in qtypes]
+    x_block = q8_block(gate if q8[0] else up)
+    if q8[0] and q8[1] and q8_block(up) != x_block:
+        q8[1] = False
+    return tuple(int(q) for q in qtypes), tuple(q8), (x_block, q8_block(down))
 
 
 def moe_ffn(
@@ -99,6 +110,7 @@ def moe_ffn(
     expert_ids: np.ndarray,
     expert_weights: np.ndarray,
     slabs: np.ndarray | None = None,
+    exact: bool | None = None,
 ) -> np.ndarray:
     """The routed experts' weighted sum for T tokens.
 
@@ -112,6 +124,7 @@ def moe_ffn(
     slabs: int [n_ids], expert id -> its index in the stacked arrays, when these are not
     the model's tensors but slots of a cache (the expert store's tiers); the sums run in
     the order of the expert ids all the same, so the result is bit-identical.
+    exact: float32 activations or integer products, as ops.matmul's `exact`.
     """
     flat, qt, rb, n_expert, n_embd, n_ff = _experts(gate_exps, up_exps, down_exps, qtypes, "moe_ffn")
     n_ids = n_expert
@@ -138,26 +151,28 @@ def moe_ffn(
     n_small = groups.n_compiled
     if n_small:
         slab_bytes = (rb[0] + rb[1]) * n_ff + rb[2] * n_embd
+        qt8, q8, q8_blocks = _moe_rows_types(qt, exact)
         _run(
             compiled.moe_rows, n_small * slab_bytes,
-            *flat, qt, rb, x, groups.k, groups.pairs[: groups.starts[n_small]], groups.starts[: n_small + 1],
-            where[:n_small], weights.reshape(-1), n_ff, out,
+            *flat, qt8, rb, x, groups.k, groups.pairs[: groups.starts[n_small]], groups.starts[: n_small + 1],
+            where[:n_small], weights.reshape(-1), n_ff, q8, q8_blocks, out,
         )  # fmt: skip
     for g in range(n_small, len(groups)):
         e = where[g]
-        y = expert_ffn(gate_exps[e], up_exps[e], down_exps[e], qtypes, x[groups.tokens(g)])
+        y = expert_ffn(gate_exps[e], up_exps[e], down_exps[e], qtypes, x[groups.tokens(g)], exact)
         add_expert_output(out, groups, g, y, weights)
     return out
 
 
 def expert_ffn(
-    gate: np.ndarray, up: np.ndarray, down: np.ndarray, qtypes: tuple, x: np.ndarray
+    gate: np.ndarray, up: np.ndarray, down: np.ndarray, qtypes: tuple, x: np.ndarray, exact: bool | None = None
 ) -> np.ndarray:
     """One expert's SwiGLU for T token rows, from its slabs (stacked[e] views).
 
     gate, up: raw [n_ff, n_embd]; down: raw [n_embd, n_ff]; x: float32 [T, n_embd]
     -> silu(x @ G.T) * (x @ U.T) @ D.T, float32 [T, n_embd]. Fewer than BLAS_MIN_TOKENS
     tokens run moe_ffn's compiled code (one expert, weight 1); more run three BLAS products.
+    exact: as moe_ffn's.
     """
     flat, qt, rb, _, n_embd, n_ff = _experts(gate[None], up[None], down[None], qtypes, "expert_ffn")
     x = _activations(x, n_embd, "expert_ffn")
@@ -166,14 +181,15 @@ def expert_ffn(
         out = np.zeros((n_tokens, n_embd), np.float32)
         if n_tokens:
             pairs = np.arange(n_tokens, dtype=np.int64)  # k = 1: pair p is token p, all of expert 0
+            qt8, q8, q8_blocks = _moe_rows_types(qt, exact)
             _run(
                 compiled.moe_rows, sum(f.nbytes for f in flat),
-                *flat, qt, rb, x, 1, pairs, np.array([0, n_tokens], np.int64), np.zeros(1, np.int64),
-                np.ones(n_tokens, np.float32), n_ff, out,
+                *flat, qt8, rb, x, 1, pairs, np.array([0, n_tokens], np.int64), np.zeros(1, np.int64),
+                np.ones(n_tokens, np.float32), n_ff, q8, q8_blocks, out,
             )  # fmt: skip
         return out
-    g = matmul(gate, qt[0], x)
-    u = matmul(up, qt[1], x)
+    g = matmul(gate, qt[0], x, exact=exact)
+    u = matmul(up, qt[1], x, exact=exact)
     with np.errstate(over="ignore"):  # exp(-g) = inf for very negative g gives silu = -0, as it should
         hidden = g / (1.0 + np.exp(-g)) * u  # silu(g) * u, [T, n_ff]
-    return matmul(down, qt[2], hidden)
+    return matmul(down, qt[2], hidden, exact=exact)

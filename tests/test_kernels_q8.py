@@ -1,0 +1,224 @@
+"""The integer products (exact=False, the default): block formats times an 8-bit activation.
+
+A few-token product of a block format quantizes x per block of the weight's format
+(compiled.quantize_q8: x ~ xq * d, d ~ max |x| / 127, as llama.cpp's Q8_0 / Q8_1 / Q8_K)
+and sums integers. So the result is the float product with x replaced by its quantized
+values x_hat, to float32 rounding; Q4_1's and Q5_1's per-block offsets m multiply Q8_1's
+block sum s (d times the sum of the block's xq, in fp16). That is what is asserted, and
+with it the error the activation's quantization brings: at most about
+sum_i |w_i| * d_i / 2 per output (d_i / 2: rounding to the integer; 32-blocks' d is
+rounded to fp16, which moves x_hat by up to 127 * 2^-12 d more).
+"""
+
+from __future__ import annotations
+
+import re
+
+import llvmlite.binding as llvm
+import numpy as np
+import pytest
+from llvmlite import ir
+
+from qmoe import kernels
+from qmoe.formats import FORMATS
+from qmoe.kernels import compiled, ops
+from tests.test_kernels import BLOCK_TYPES, QT, assert_moe_close, exact, raw_weight, reference_moe, routing
+
+Q8_TYPES = [QT.Q8_0, QT.Q4_0, *BLOCK_TYPES]
+FLOAT_OFFSETS = {QT.Q4_1, QT.Q5_1}  # their offsets m multiply the float sums of x
+
+
+@pytest.fixture(scope="module")
+def rng():
+    return np.random.default_rng(77)
+
+
+def quantized_activation(x: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """(x_hat, d per element): x as the integer products see it."""
+    xq, xd, _, _ = compiled.quantize_q8(x, True, block)
+    d = np.repeat(xd.astype(np.float64), block, axis=1)
+    return xq.astype(np.float64) * d, d
+
+
+def block_offsets(raw: np.ndarray, qtype: QT, n: int) -> np.ndarray:
+    """Q4_1/Q5_1: each block's offset m (float64 [rows, n / 32]); zeros for other types."""
+    rows = raw.shape[0]
+    if qtype not in FLOAT_OFFSETS:
+        return np.zeros((rows, n // 32))
+    fmt = FORMATS[qtype]
+    blocks = raw.reshape(rows, n // fmt.block, fmt.block_bytes)
+    return np.ascontiguousarray(blocks[:, :, fmt.offset("m") : fmt.offset("m") + 2]).view(np.float16)[..., 0]
+
+
+@pytest.mark.parametrize("qtype", Q8_TYPES)
+@pytest.mark.parametrize("n_tokens", [1, 3, 6])
+def test_integer_product_is_the_product_of_the_quantized_activation(qtype, n_tokens, rng):
+    n = 512
+    raw = raw_weight(0.3 * rng.standard_normal((40, n)).astype(np.float32), qtype, rng)
+    w = exact(raw, qtype)
+    m = block_offsets(raw, qtype, n).astype(np.float64)
+    x = (rng.standard_normal((n_tokens, n)) * rng.uniform(0.1, 3, (n_tokens, 1))).astype(np.float32)
+    x_hat, d = quantized_activation(x, FORMATS[qtype].block)
+    s = compiled.quantize_q8(x, True, FORMATS[qtype].block)[2].astype(np.float64)  # Q8_1's block sums
+    got = kernels.matmul(raw, qtype, x, exact=False).astype(np.float64)
+
+    w_scaled = w - np.repeat(m, 32, axis=1)  # the weights without their offsets
+    ref = x_hat @ w_scaled.T + s @ m.T
+    rounding = 1e-5 * (np.abs(x_hat) @ np.abs(w_scaled).T + np.abs(s) @ np.abs(m).T) + 1e-30
+    assert np.all(np.abs(got - ref) <= rounding), (
+        f"{qtype.name}: max error / bound {np.max(np.abs(got - ref) / rounding):.3g}"
+    )
+
+    float_ref = x.astype(np.float64) @ w.T
+    x_err = 0.54 * d  # |x - x_hat|: half a step, and the fp16 rounding of a 32-block's d
+    s_err = x_err.reshape(n_tokens, -1, 32).sum(-1) + 2.0**-11 * np.abs(s)
+    quantization = x_err @ np.abs(w_scaled).T + s_err @ np.abs(m).T + rounding
+    assert np.all(np.abs(got - float_ref) <= quantization)
+    rel = np.linalg.norm(got - float_ref) / np.linalg.norm(float_ref)
+    assert rel < 2e-2, f"{qtype.name}: relative error {rel:.3g}"
+
+
+@pytest.mark.parametrize("qtype", [QT.Q4_0, QT.Q4_K, QT.Q6_K, QT.IQ4_XS])
+def test_token_tiles_equal_single_tokens(qtype, rng):
+    """A tile of TOKEN_TILE activation rows decodes each block once: each row's result is its own."""
+    raw = raw_weight(rng.standard_normal((24, 256)).astype(np.float32), qtype, rng)
+    x = rng.standard_normal((compiled.TOKEN_TILE + 2, 256)).astype(np.float32)
+    together = kernels.matmul(raw, qtype, x, exact=False)
+    one_by_one = np.concatenate(
+        [kernels.matmul(raw, qtype, x[t : t + 1], exact=False) for t in range(len(x))]
+    )
+    assert np.array_equal(together, one_by_one)
+
+
+def test_the_process_setting_and_the_argument(rng):
+    raw = raw_weight(rng.standard_normal((8, 256)).astype(np.float32), QT.Q4_K, rng)
+    x = rng.standard_normal((1, 256)).astype(np.float32)
+    integer, floats = (
+        kernels.matmul(raw, QT.Q4_K, x, exact=False),
+        kernels.matmul(raw, QT.Q4_K, x, exact=True),
+    )
+    assert not np.array_equal(integer, floats)
+    before = kernels.exact_products()
+    try:
+        kernels.set_exact_products(True)
+        assert np.array_equal(kernels.matmul(raw, QT.Q4_K, x), floats)
+        kernels.set_exact_products(False)
+        assert np.array_equal(kernels.matmul(raw, QT.Q4_K, x), integer)
+    finally:
+        kernels.set_exact_products(before)
+    f32 = rng.standard_normal((8, 256)).astype(np.float32)  # float formats have no integer product
+    assert np.array_equal(
+        kernels.matmul(f32, QT.F32, x, exact=False), kernels.matmul(f32, QT.F32, x, exact=True)
+    )
+
+
+N_EXPERT, N_EMBD, N_FF = 16, 256, 512
+
+
+@pytest.mark.parametrize(
+    "qtypes", [(QT.Q4_0,) * 3, (QT.Q4_K, QT.Q4_K, QT.Q6_K), (QT.IQ4_XS, QT.Q5_K, QT.Q5_0)]
+)
+@pytest.mark.parametrize("n_tokens,k", [(1, 8), (5, 2)])
+def test_moe_ffn_on_integer_products(qtypes, n_tokens, k, rng):
+    """Routed experts with integer products: close to the float reference (three chained
+    products, each off by its activation's quantization), and expert_ffn equals moe_ffn's
+    groups. Gate Q4_K / up Q5_K share a quantized x; IQ4_XS gate and Q5_K up as well."""
+    shapes = [(N_EXPERT, N_FF, N_EMBD), (N_EXPERT, N_FF, N_EMBD), (N_EXPERT, N_EMBD, N_FF)]
+    raws = [
+        raw_weight(0.2 * rng.standard_normal(s).astype(np.float32), q, rng) for s, q in zip(shapes, qtypes)
+    ]
+    exacts = [exact(r.reshape(-1, r.shape[-1]), q).reshape(s) for r, q, s in zip(raws, qtypes, shapes)]
+    x = rng.standard_normal((n_tokens, N_EMBD)).astype(np.float32)
+    ids, weights = routing(rng, n_tokens, k)
+    got = kernels.moe_ffn(*raws, qtypes, x, ids, weights, exact=False)
+    ref = reference_moe(exacts, x, ids, weights)
+    rel = np.linalg.norm(got - ref) / np.linalg.norm(ref)
+    assert 0 < rel < 3e-2, f"relative error {rel:.3g}"
+    assert_moe_close(kernels.moe_ffn(*raws, qtypes, x, ids, weights, exact=True), ref)
+    e = int(ids[0, 0])
+    alone = kernels.expert_ffn(raws[0][e], raws[1][e], raws[2][e], qtypes, x[:1], exact=False)
+    one = kernels.moe_ffn(*raws, qtypes, x[:1], np.array([[e]]), np.ones((1, 1), np.float32), exact=False)
+    assert np.array_equal(alone, one)
+
+
+def test_quantize_q8_blocks(rng):
+    x = rng.standard_normal((2, 512)).astype(np.float32)
+    x[1, :32] = 0  # an all-zero block: d = 0, quants 0
+    for block in (32, 256):
+        xq, xd, xs, xb = compiled.quantize_q8(x, True, block)
+        amax = np.abs(x).reshape(2, -1, block).max(-1)
+        assert xq.dtype == np.int16 and np.abs(xq).max() == 127
+        assert np.array_equal(
+            xq, np.rint(x * np.repeat(np.float32(127) / np.maximum(amax, 1e-30), block, axis=1))
+        )
+        want_d = (
+            (amax / np.float32(127)).astype(np.float16)
+            if block == 32
+            else np.float32(1) / (np.float32(127) / amax)
+        )
+        assert np.array_equal(
+            xd, np.where(amax > 0, want_d, 0).astype(np.float32)
+        )  # fp16 d as ggml's Q8_0 stores it
+        sums = xq.reshape(2, -1, 32).sum(-1)
+        np.testing.assert_array_equal(
+            xs, (np.repeat(amax / np.float32(127), block // 32, axis=1) * sums).astype(np.float16)
+        )
+        assert np.array_equal(xb, xq.reshape(2, -1, 16).sum(-1))
+    assert all(a.shape[0] == 0 for a in compiled.quantize_q8(x, False, 32))
+
+
+def _group_products_ir(triple: str) -> str:
+    """Every integer format's group decoding and integer dot, in a module for `triple`."""
+    module = ir.Module(name="q8_groups")
+    module.triple = triple
+    i8p = ir.IntType(8).as_pointer()
+    fnty = ir.FunctionType(ir.VoidType(), [i8p, compiled._vi16.as_pointer(), compiled._vi32_i.as_pointer()])
+    fn = ir.Function(module, fnty, "groups")
+    builder = ir.IRBuilder(fn.append_basic_block())
+    w, xq, out = fn.args
+    acc = ir.Constant(compiled._vi32_i, [0] * compiled._I_LANES)
+    x_lo, x_hi = builder.load(xq), builder.load(builder.gep(xq, [ir.Constant(ir.IntType(64), 1)]))
+    for fmt in compiled.Q8_FORMATS.values():
+        for s in range(fmt.block // compiled._GROUP):
+            lo, hi = fmt.group(builder, w, s)
+            acc = builder.add(acc, compiled._group_isum(builder, lo, hi, x_lo, x_hi))
+    builder.store(acc, out)
+    builder.ret_void()
+    return str(module)
+
+
+@pytest.mark.parametrize(
+    "triple,cpu,wanted",
+    [
+        (
+            "aarch64-unknown-linux-gnu",
+            "generic",
+            ("smull", r"\btbl"),
+        ),  # NEON: widening multiplies, IQ4's lookup
+        ("x86_64-unknown-linux-gnu", "haswell", ("vpmaddwd", "vpshufb")),  # AVX2 without AVX-512
+    ],
+)
+def test_integer_products_lower_for_arm_and_avx2(triple, cpu, wanted):
+    """The integer row loops' IR is generic vectors (and a byte shuffle where the target has
+    one): it compiles for ARM and for an AVX2-only x86 into their integer multiply-adds."""
+    llvm.initialize_all_targets()
+    llvm.initialize_all_asmprinters()
+    module = llvm.parse_assembly(_group_products_ir(triple))
+    module.verify()
+    machine = llvm.Target.from_triple(triple).create_target_machine(cpu=cpu, opt=2)
+    asm = machine.emit_assembly(module)
+    for instruction in wanted:
+        assert re.search(instruction, asm), f"{triple}: no {instruction}"
+    assert "zmm" not in asm
+
+
+def test_blas_products_multiply_the_quantized_activation(rng, monkeypatch):
+    """Many tokens go to dequantize + BLAS, on the activation the integer products see: the
+    same result to float rounding as the row kernels, so batch size does not change a prompt."""
+    raw = raw_weight(rng.standard_normal((8, 256)).astype(np.float32), QT.Q4_K, rng)
+    x = rng.standard_normal((3, 256)).astype(np.float32)
+    rows = kernels.matmul(raw, QT.Q4_K, x, exact=False)
+    monkeypatch.setattr(ops, "BLAS_MIN_TOKENS", 2)
+    blas = kernels.matmul(raw, QT.Q4_K, x, exact=False)
+    np.testing.assert_allclose(blas, rows, rtol=0, atol=1e-5 * np.abs(rows).max())
+    assert not np.allclose(blas, kernels.matmul(raw, QT.Q4_K, x, exact=True), rtol=0, atol=1e-5 * np.abs(rows).max())
