@@ -80,11 +80,11 @@ DEEPSEEK_LLM_SPLIT_REGEXES = (
 
 # `tokenizer.ggml.pre` -> the regexes that split the text, applied one after the other to
 # every piece the previous one left (Hugging Face's Split with behavior "isolated": matches
-# and the text between them both become pieces). "gpt-2" (llama.cpp's name), "gpt2" and
+# and the text between them both become pieces). "gpt2", "gpt-2" (llama.cpp's name) and
 # "olmo" share GPT-2's rules.
 PRE_TOKENIZER_SPLITS: dict[str, tuple[str, ...]] = {
-    "gpt-2": (GPT2_SPLIT_REGEX,),
     "gpt2": (GPT2_SPLIT_REGEX,),
+    "gpt-2": (GPT2_SPLIT_REGEX,),
     "olmo": (GPT2_SPLIT_REGEX,),
     "qwen2": (QWEN2_SPLIT_REGEX,),
     "deepseek-llm": DEEPSEEK_LLM_SPLIT_REGEXES,

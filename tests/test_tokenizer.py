@@ -349,7 +349,7 @@ def test_runtime_refuses_unknown_model_and_pre_tokenizer(tmp_path):
         tmp_path / "p.gguf", tokenizer__ggml__model="gpt2", tokenizer__ggml__pre="llama-bpe", **base
     )
     with pytest.raises(
-        TokenizerError, match="pre-tokenizer 'llama-bpe'.*supported: deepseek-llm, gpt2, olmo, qwen2"
+        TokenizerError, match="pre-tokenizer 'llama-bpe'.*supported: deepseek-llm, gpt-2, gpt2, olmo, qwen2"
     ):
         Tokenizer.from_gguf(f)
 
