@@ -549,6 +549,13 @@ def _switch_on_qtype(context, builder, qtype, qtype_type, emit, formats=None) ->
     builder.position_at_end(done)
 
 
+def _tile_types(n_tokens: int):
+    """Numba types of a row loop's token offsets and result: one token's, or a tile's tuples."""
+    if n_tokens == 1:
+        return types.intp, types.float32
+    return types.UniTuple(types.intp, n_tokens), types.UniTuple(types.float32, n_tokens)
+
+
 def _make_row_dot(n_tokens: int):
     """row_dot(qtype, w, w_off, x, x_offs, n): the row's dot product with n_tokens activation rows.
 
@@ -563,13 +570,7 @@ def _make_row_dot(n_tokens: int):
             isinstance(qtype, types.Integer) and _is_c_array(w, types.uint8) and _is_c_array(x, types.float32)
         ):
             return None
-        if n_tokens == 1:
-            offs_type, result_type = types.intp, types.float32
-        else:
-            offs_type, result_type = (
-                types.UniTuple(types.intp, n_tokens),
-                types.UniTuple(types.float32, n_tokens),
-            )
+        offs_type, result_type = _tile_types(n_tokens)
         sig = result_type(qtype, w, types.intp, x, offs_type, types.intp)
 
         def codegen(context, builder, sig, args):
@@ -681,13 +682,7 @@ def _make_row_dot_q8(n_tokens: int):
         arrays = ((w, types.uint8), (xq, types.int16), (xd, types.float32), (xs, types.float32), (xb, types.int32))
         if not (isinstance(qtype, types.Integer) and all(_is_c_array(a, dt) for a, dt in arrays)):
             return None
-        if n_tokens == 1:
-            offs_type, result_type = types.intp, types.float32
-        else:
-            offs_type, result_type = (
-                types.UniTuple(types.intp, n_tokens),
-                types.UniTuple(types.float32, n_tokens),
-            )
+        offs_type, result_type = _tile_types(n_tokens)
         sig = result_type(qtype, w, types.intp, xq, xd, xs, xb, offs_type, types.intp)
 
         def codegen(context, builder, sig, args):
