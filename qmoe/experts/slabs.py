@@ -288,19 +288,19 @@ class SlabReader:
         if self.drop_cache:
             os.posix_fadvise(self.fd, offset, nbytes, os.POSIX_FADV_DONTNEED)
 
-    def _read_exact(self, fd: int, buf: memoryview, offset: int) -> None:
-        """Fill `buf` from `offset`; with O_DIRECT the file's last block may come back short, which is
-        fine once the bytes asked for are in (the caller asks only for bytes of the file)."""
-        got, nbytes = 0, len(buf)
-        while got < nbytes:
+    def _read_exact(self, fd: int, buf: memoryview, offset: int, need: int | None = None) -> None:
+        """Read into `buf` from `offset` until its first `need` bytes (all of it by default) are in.
+        With O_DIRECT the file's last block may come back short, which is fine once those are in."""
+        got, need = 0, len(buf) if need is None else need
+        while got < need:
             try:
                 n = os.preadv(fd, [buf[got:]], offset + got)
             except OSError as e:
                 if fd == self.direct_fd:
                     raise  # _read_part decides about EINVAL
-                raise QmoeError(f"{self.path}: reading {nbytes} bytes at {offset} failed ({e.strerror})") from e
+                raise QmoeError(f"{self.path}: reading {need} bytes at {offset} failed ({e.strerror})") from e
             if n == 0:
-                raise GGUFFormatError(f"{self.path}: the file ends before the expert bytes at {offset}+{nbytes}")
+                raise GGUFFormatError(f"{self.path}: the file ends before the expert bytes at {offset}+{need}")
             got += n
 
     def _read_direct(self, offset: int, nbytes: int, flat: np.ndarray) -> None:
@@ -325,12 +325,7 @@ class SlabReader:
         `need` must arrive (the file's last block may be short)."""
         view = memoryview(buffer)[:length]
         try:
-            got = 0
-            while got < need:
-                n = os.preadv(self.direct_fd, [view[got:]], start + got)
-                if n == 0:
-                    raise GGUFFormatError(f"{self.path}: the file ends before the expert bytes at {start}+{need}")
-                got += n
+            self._read_exact(self.direct_fd, view, start, need)
         finally:
             view.release()
 
