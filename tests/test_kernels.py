@@ -398,3 +398,17 @@ def test_dequantize_torch_is_bit_exact(qtype, rng):
     ref = exact(raw, qtype).astype(np.float32)
     assert got.dtype == np.float32
     np.testing.assert_array_equal(got.view(np.uint32), ref.view(np.uint32))
+
+
+def test_expert_groups_know_whether_a_token_repeats_an_expert(rng):
+    """add_expert_output's one indexed add is only for groups of distinct tokens."""
+    ids, _ = routing(rng, 6, 3)  # token 2 picks expert 5 twice
+    assert not kernels.ExpertGroups(ids).distinct
+    top_k = np.stack([rng.choice(N_EXPERT, size=3, replace=False) for _ in range(6)])
+    assert kernels.ExpertGroups(top_k).distinct
+    out = np.zeros((6, 2), np.float32)
+    groups = kernels.ExpertGroups(ids)
+    weights = np.ones((6, 3), np.float32)
+    for g in range(len(groups)):
+        kernels.add_expert_output(out, groups, g, np.ones((len(groups.tokens(g)), 2), np.float32), weights)
+    assert np.array_equal(out, np.full((6, 2), 3.0, np.float32))  # the repeat counted twice

@@ -21,6 +21,7 @@ from qmoe.cli import main
 from qmoe.errors import QmoeError
 from qmoe.experts import attach as attach_module
 from qmoe.experts.budget import (
+    MARGIN_SHARE,
     MIN_MARGIN_BYTES,
     RUNTIME_OVERHEAD_BYTES,
     RunSizes,
@@ -119,14 +120,14 @@ def test_auto_budget_keeps_a_model_that_fits_in_the_map():
     assert choose_ram_budget(sizes(400 * GiB), mem_available=None).budget is None  # not Linux: as before
 
 
-@pytest.mark.parametrize("mem_gib", [2, 3, 8, 15.5, 16, 23, 36])
+@pytest.mark.parametrize("mem_gib", [2, 3, 8, 15.5, 16, 23, 34])
 def test_auto_budget_never_takes_more_than_is_left(mem_gib):
     mem = int(mem_gib * GiB)
     s = sizes(32 * GiB)
     choice = choose_ram_budget(s, mem)
     assert choice.budget is not None and choice.budget % s.slab_bytes == 0
     assert choice.budget >= s.slab_bytes * s.slabs_per_token
-    margin = max(MIN_MARGIN_BYTES, mem // 8)
+    margin = max(MIN_MARGIN_BYTES, mem // MARGIN_SHARE)
     assert choice.budget + s.rest_of_run + margin <= mem
     assert choice.budget + s.rest_of_run + margin + s.slab_bytes > mem  # and uses what is there
     assert f"{format_bytes(choice.budget)} RAM pool" in choice.message and "O_DIRECT" in choice.message
@@ -148,7 +149,7 @@ def test_auto_is_the_default_and_sizes_a_pool_when_the_experts_do_not_fit(tiny_g
     assert "--ram-budget auto" not in capsys.readouterr().err
     # MemAvailable that leaves room for half the experts (a margin of 256 MiB: below 2 GiB in all).
     fake = run.rest_of_run + MIN_MARGIN_BYTES + run.expert_bytes // 2
-    assert fake // 8 <= MIN_MARGIN_BYTES
+    assert fake // MARGIN_SHARE <= MIN_MARGIN_BYTES
     monkeypatch.setattr(attach_module, "mem_available", lambda: fake)
     with qmoe.load(path) as m:
         assert m.store is not None and m.store.reader is not None

@@ -17,7 +17,10 @@ swapping) less what the rest of the run needs:
     runtime overhead    the interpreter, torch, numba and its kernels: the fixed overhead
                         tests/test_memory.py measures (354-369 MiB on these machines, one
                         slab included), rounded up
-    a margin            an eighth of MemAvailable, at least 256 MiB: other processes grow too
+    a margin            a sixteenth of MemAvailable, at least 256 MiB: other processes grow too.
+                        An eighth kept 2.8 GiB idle on a 23.5 GiB machine while the 48-layer bench
+                        used 1.7 GiB besides its pool; every GiB of pool is a GiB less read per
+                        few tokens, so the margin is no larger than it must be
 
 The pool is anonymous memory, so it is the one part of the run that the kernel could kill
 the process for; every other part is file-backed or small. The pool is therefore never
@@ -42,7 +45,7 @@ from qmoe.models.base import HParams
 MEASURED_OVERHEAD_BYTES = 370 * 2**20  # tests/test_memory.py's fixed overhead: 354-369 MiB here
 RUNTIME_OVERHEAD_BYTES = 512 * 2**20  # what auto leaves for it: the measured figure, rounded up
 MIN_MARGIN_BYTES = 256 * 2**20
-MARGIN_SHARE = 8  # keep MemAvailable / 8 free besides
+MARGIN_SHARE = 16  # keep MemAvailable / 16 free besides
 MEMINFO = Path("/proc/meminfo")
 
 

@@ -826,28 +826,50 @@ def quantize_q8(x, q8, block):
     xs = np.empty((rows, n // Q8_GROUP), np.float32)
     xb = np.empty((rows, n // 16), np.int32)
     for t in range(rows):
-        for b in range(n // block):
-            amax = np.float32(0.0)
-            for i in range(b * block, (b + 1) * block):
-                amax = max(amax, abs(x[t, i]))
-            d = amax / np.float32(127.0)
-            inv = np.float32(127.0) / amax if amax > 0 else np.float32(0.0)
-            if block == Q8_GROUP:
-                xd[t, b] = _to_half(d)
-            else:
-                xd[t, b] = np.float32(1.0) / inv if amax > 0 else np.float32(0.0)
-            for i in range(b * block, (b + 1) * block):
-                xq[t, i] = np.int16(np.rint(x[t, i] * inv))
-            for g in range(b * block // Q8_GROUP, (b + 1) * block // Q8_GROUP):
-                total = 0
-                for h in range(2):
-                    q_sum = 0
-                    for i in range(Q8_GROUP * g + 16 * h, Q8_GROUP * g + 16 * h + 16):
-                        q_sum += xq[t, i]
-                    xb[t, 2 * g + h] = q_sum
-                    total += q_sum
-                xs[t, g] = _to_half(d * np.float32(total))
+        _quantize_q8_row(x, t, block, xq, xd, xs, xb)
     return xq, xd, xs, xb
+
+
+@njit(nogil=True)
+def _quantize_q8_row(x, t, block, xq, xd, xs, xb):
+    """quantize_q8 of row t of x into row t of xq, xd, xs and xb."""
+    n = x.shape[1]
+    for b in range(n // block):
+        amax = np.float32(0.0)
+        for i in range(b * block, (b + 1) * block):
+            amax = max(amax, abs(x[t, i]))
+        d = amax / np.float32(127.0)
+        inv = np.float32(127.0) / amax if amax > 0 else np.float32(0.0)
+        if block == Q8_GROUP:
+            xd[t, b] = _to_half(d)
+        else:
+            xd[t, b] = np.float32(1.0) / inv if amax > 0 else np.float32(0.0)
+        for i in range(b * block, (b + 1) * block):
+            xq[t, i] = np.int16(np.rint(x[t, i] * inv))
+        for g in range(b * block // Q8_GROUP, (b + 1) * block // Q8_GROUP):
+            total = 0
+            for h in range(2):
+                q_sum = 0
+                for i in range(Q8_GROUP * g + 16 * h, Q8_GROUP * g + 16 * h + 16):
+                    q_sum += xq[t, i]
+                xb[t, 2 * g + h] = q_sum
+                total += q_sum
+            xs[t, g] = _to_half(d * np.float32(total))
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def quantized_rows(x, block, out):
+    """out[t, i] = xq[t, i] * xd[t, i // block] of quantize_q8(x, True, block), in parallel over
+    tokens: the activation the integer products see, as float32, for BLAS products of many tokens."""
+    n_tokens, n = x.shape
+    xq = np.empty((n_tokens, n), np.int16)
+    xd = np.empty((n_tokens, n // block), np.float32)
+    xs = np.empty((n_tokens, n // Q8_GROUP), np.float32)
+    xb = np.empty((n_tokens, n // 16), np.int32)
+    for t in prange(n_tokens):
+        _quantize_q8_row(x, t, block, xq, xd, xs, xb)
+        for i in range(n):
+            out[t, i] = np.float32(xq[t, i]) * xd[t, i // block]
 
 
 @njit(nogil=True, inline="always")

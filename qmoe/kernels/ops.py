@@ -147,10 +147,9 @@ def quantized_activation(x: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarr
     """x as the integer products see it for a `qtype` weight (xq * d per block), float32:
     BLAS products of many tokens multiply this, so that a prompt gives the same result to
     float rounding whether it is computed in one batch or in chunks of few tokens."""
-    block = q8_block(qtype)
-    xq, xd, _, _ = compiled.quantize_q8(x, True, block)
-    n_tokens, n = x.shape
-    return (xq.reshape(n_tokens, n // block, block) * xd[:, :, None]).reshape(n_tokens, n).astype(np.float32)
+    out = np.empty(x.shape, np.float32)
+    compiled.quantized_rows(x, q8_block(qtype), out)
+    return out
 
 
 def _matmul_blas_tiles(
