@@ -12,7 +12,10 @@ rounded to fp16, which moves x_hat by up to 127 * 2^-12 d more).
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 
 import llvmlite.binding as llvm
 import numpy as np
@@ -147,7 +150,7 @@ def test_quantize_q8_blocks(rng):
     for block in (32, 256):
         xq, xd, xs, xb = compiled.quantize_q8(x, True, block)
         amax = np.abs(x).reshape(2, -1, block).max(-1)
-        assert xq.dtype == np.int16 and np.abs(xq).max() == 127
+        assert xq.dtype == np.int8 and np.abs(xq).max() == 127
         assert np.array_equal(
             xq, np.rint(x * np.repeat(np.float32(127) / np.maximum(amax, 1e-30), block, axis=1))
         )
@@ -167,21 +170,32 @@ def test_quantize_q8_blocks(rng):
     assert all(a.shape[0] == 0 for a in compiled.quantize_q8(x, False, 32))
 
 
-def _group_products_ir(triple: str) -> str:
-    """Every integer format's group decoding and integer dot, in a module for `triple`."""
+def _group_products_ir(triple: str, avx2: bool) -> str:
+    """Every integer format's group decoding and integer dot, in a module for `triple`, as the
+    row loops build them (byte products for unsigned formats, and for all of them on AVX2)."""
     module = ir.Module(name="q8_groups")
     module.triple = triple
     i8p = ir.IntType(8).as_pointer()
-    fnty = ir.FunctionType(ir.VoidType(), [i8p, compiled._vi16.as_pointer(), compiled._vi32_i.as_pointer()])
+    i32 = ir.IntType(32)
+    fnty = ir.FunctionType(ir.VoidType(), [i8p, compiled._vi8_group.as_pointer(), compiled._vi32_i.as_pointer()])
     fn = ir.Function(module, fnty, "groups")
     builder = ir.IRBuilder(fn.append_basic_block())
     w, xq, out = fn.args
     acc = ir.Constant(compiled._vi32_i, [0] * compiled._I_LANES)
-    x_lo, x_hi = builder.load(xq), builder.load(builder.gep(xq, [ir.Constant(ir.IntType(64), 1)]))
+    x_group = builder.load(xq)
+    halves = builder.bitcast(xq, compiled._vi8.as_pointer())
+    x_lo, x_hi = builder.load(halves), builder.load(builder.gep(halves, [ir.Constant(ir.IntType(64), 1)]))
+    xb_lo, xb_hi = ir.Constant(i32, 3), ir.Constant(i32, 5)
     for fmt in compiled.Q8_FORMATS.values():
         for s in range(fmt.block // compiled._GROUP):
             lo, hi = fmt.group(builder, w, s)
-            acc = builder.add(acc, compiled._group_isum(builder, lo, hi, x_lo, x_hi))
+            if lo.ushift is not None or avx2:
+                isum, offset = compiled._group_isum_bytes(builder, lo, hi, x_group, xb_lo, xb_hi, avx2)
+                if offset is not None:
+                    isum = builder.insert_element(isum, offset, ir.Constant(i32, 0))
+            else:
+                isum = compiled._group_isum(builder, lo, hi, x_lo, x_hi)
+            acc = builder.add(acc, isum)
     builder.store(acc, out)
     builder.ret_void()
     return str(module)
@@ -193,17 +207,19 @@ def _group_products_ir(triple: str) -> str:
         (
             "aarch64-unknown-linux-gnu",
             "generic",
-            ("smull", r"\btbl"),
+            ("smull", "ushll", r"\btbl"),
         ),  # NEON: widening multiplies, IQ4's lookup
-        ("x86_64-unknown-linux-gnu", "haswell", ("vpmaddwd", "vpshufb")),  # AVX2 without AVX-512
+        # AVX2 without AVX-512: byte products, their sub-scales, IQ4's lookup, the signed formats' signs
+        ("x86_64-unknown-linux-gnu", "haswell", ("vpmaddubsw", "vpmaddwd", "vpshufb", "vpsignb")),
     ],
 )
 def test_integer_products_lower_for_arm_and_avx2(triple, cpu, wanted):
-    """The integer row loops' IR is generic vectors (and a byte shuffle where the target has
-    one): it compiles for ARM and for an AVX2-only x86 into their integer multiply-adds."""
+    """The integer row loops' IR is generic vectors on ARM (and a byte shuffle where the target
+    has one), with AVX2's byte products called by name on x86: it compiles for ARM and for an
+    AVX2-only x86 into their integer multiply-adds."""
     llvm.initialize_all_targets()
     llvm.initialize_all_asmprinters()
-    module = llvm.parse_assembly(_group_products_ir(triple))
+    module = llvm.parse_assembly(_group_products_ir(triple, avx2=triple.startswith("x86_64")))
     module.verify()
     machine = llvm.Target.from_triple(triple).create_target_machine(cpu=cpu, opt=2)
     asm = machine.emit_assembly(module)
@@ -222,3 +238,15 @@ def test_blas_products_multiply_the_quantized_activation(rng, monkeypatch):
     blas = kernels.matmul(raw, QT.Q4_K, x, exact=False)
     np.testing.assert_allclose(blas, rows, rtol=0, atol=1e-5 * np.abs(rows).max())
     assert not np.allclose(blas, kernels.matmul(raw, QT.Q4_K, x, exact=True), rtol=0, atol=1e-5 * np.abs(rows).max())
+
+
+def test_integer_products_without_avx2_are_right_too(tmp_path):
+    """The byte products' generic form (ARM's, and any x86 without AVX2) computes the same: the
+    products test above, compiled for Ivy Bridge (AVX and F16C, no AVX2) in a fresh process."""
+    env = dict(os.environ, NUMBA_CPU_NAME="ivybridge", NUMBA_CACHE_DIR=str(tmp_path),
+               NUMBA_CPU_FEATURES="+sse2,+ssse3,+sse4.1,+sse4.2,+popcnt,+avx,+f16c")
+    test = f"{__file__}::test_integer_product_is_the_product_of_the_quantized_activation"
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test],
+                          env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert " passed" in done.stdout and "failed" not in done.stdout

@@ -43,6 +43,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numba
 import numpy as np
 from gguf import GGMLQuantizationType
 from llvmlite import ir
@@ -134,6 +135,7 @@ def _sum_lanes(builder, vec):
 
 _vi8 = ir.VectorType(_i8, _LANES)
 _vi32 = ir.VectorType(_i32, _LANES)
+_vi32_group = ir.VectorType(_i32, _GROUP)
 
 
 @dataclass(frozen=True)
@@ -143,6 +145,7 @@ class _Half:
     offset: ir.Value | None = None  # float32
     iscale: ir.Value | None = None  # i32
     imin: ir.Value | None = None  # i32, K-quants: offset = -(dmin * imin), dmin the block's
+    ushift: int | None = None  # q + ushift is in 0..127 (None: q is signed): the integer products' bytes
 
     def values(self, builder):
         """q as <16 x float>."""
@@ -207,8 +210,8 @@ def _qh_bits(builder, p, offset: int):
     return halves
 
 
-def _same(q_lo, q_hi, d, offset=None, iscale=None, imin=None):
-    return _Half(q_lo, d, offset, iscale, imin), _Half(q_hi, d, offset, iscale, imin)
+def _same(q_lo, q_hi, d, offset=None, iscale=None, imin=None, ushift=None):
+    return _Half(q_lo, d, offset, iscale, imin, ushift), _Half(q_hi, d, offset, iscale, imin, ushift)
 
 
 def _format(qtype):
@@ -229,14 +232,14 @@ def _nibbles(builder, p, offset: int):
 
 def _q4_0_group(builder, p, s):
     lo, hi = _nibbles(builder, p, _format(Q4_0).offset("qs"))
-    return _same(builder.sub(lo, _c8(8)), builder.sub(hi, _c8(8)), _half_to_f32_int(builder, p))
+    return _same(builder.sub(lo, _c8(8)), builder.sub(hi, _c8(8)), _half_to_f32_int(builder, p), ushift=8)
 
 
 def _q4_1_group(builder, p, s):
     fmt = _format(Q4_1)
     lo, hi = _nibbles(builder, p, fmt.offset("qs"))
     m = _half_to_f32_int(builder, builder.gep(p, [_const(fmt.offset("m"))]))
-    return _same(lo, hi, _half_to_f32_int(builder, p), m)
+    return _same(lo, hi, _half_to_f32_int(builder, p), m, ushift=0)
 
 
 def _q5_values(builder, p, fmt):
@@ -248,14 +251,14 @@ def _q5_values(builder, p, fmt):
 
 def _q5_0_group(builder, p, s):
     lo, hi = _q5_values(builder, p, _format(Q5_0))
-    return _same(builder.sub(lo, _c8(16)), builder.sub(hi, _c8(16)), _half_to_f32_int(builder, p))
+    return _same(builder.sub(lo, _c8(16)), builder.sub(hi, _c8(16)), _half_to_f32_int(builder, p), ushift=16)
 
 
 def _q5_1_group(builder, p, s):
     fmt = _format(Q5_1)
     lo, hi = _q5_values(builder, p, fmt)
     m = _half_to_f32_int(builder, builder.gep(p, [_const(fmt.offset("m"))]))
-    return _same(lo, hi, _half_to_f32_int(builder, p), m)
+    return _same(lo, hi, _half_to_f32_int(builder, p), m, ushift=0)
 
 
 def _iq4_nl_group(builder, p, s):
@@ -279,7 +282,7 @@ def _q2_k_group(builder, p, s):
         sc = _byte(builder, p, fmt.offset("scales") + 2 * s + h)
         m = builder.lshr(sc, ir.Constant(_i32, 4))
         ml = builder.fmul(dmin, _i32_to_f32(builder, m))
-        halves.append(_Half(q, d, builder.fneg(ml), builder.and_(sc, ir.Constant(_i32, 15)), m))
+        halves.append(_Half(q, d, builder.fneg(ml), builder.and_(sc, ir.Constant(_i32, 15)), m, ushift=0))
     return tuple(halves)
 
 
@@ -305,7 +308,7 @@ def _q3_k_group(builder, p, s):
         q = _bits(builder, _bytes16(builder, p, qs + 16 * h), 2 * (s % 4), 3)
         hbit = _bits(builder, _bytes16(builder, p, fmt.offset("hmask") + 16 * h), s, 1)
         q = builder.sub(q, builder.shl(builder.xor(hbit, _c8(1)), _c8(2)))
-        halves.append(_Half(q, d, iscale=_q3_k_scale(builder, p, fmt.offset("scales"), 2 * s + h)))
+        halves.append(_Half(q, d, iscale=_q3_k_scale(builder, p, fmt.offset("scales"), 2 * s + h), ushift=4))
     return tuple(halves)
 
 
@@ -342,7 +345,7 @@ def _k4_nibbles(builder, p, fmt, s):
 def _q4_k_group(builder, p, s):
     fmt = _format(Q4_K)
     lo, hi = _k4_nibbles(builder, p, fmt, s)
-    return _same(lo, hi, *_k4_scales(builder, p, fmt, s))
+    return _same(lo, hi, *_k4_scales(builder, p, fmt, s), ushift=0)
 
 
 def _q5_k_group(builder, p, s):
@@ -352,7 +355,7 @@ def _q5_k_group(builder, p, s):
     for h, q in enumerate(_k4_nibbles(builder, p, fmt, s)):
         hbit = _bits(builder, _bytes16(builder, p, fmt.offset("qh") + 16 * h), s, 1)
         qs.append(builder.or_(q, builder.shl(hbit, _c8(4))))
-    return _same(*qs, *_k4_scales(builder, p, fmt, s))
+    return _same(*qs, *_k4_scales(builder, p, fmt, s), ushift=0)
 
 
 def _q6_k_group(builder, p, s):
@@ -369,7 +372,7 @@ def _q6_k_group(builder, p, s):
         qh = _bits(builder, _bytes16(builder, p, fmt.offset("qh") + 32 * a + 16 * h), 2 * r, 3)
         q = builder.sub(builder.or_(ql, builder.shl(qh, _c8(4))), _c8(32))
         sc = builder.sext(_load(builder, p, _i8, fmt.offset("scales") + 2 * s + h), _i32)
-        halves.append(_Half(q, d, iscale=sc))
+        halves.append(_Half(q, d, iscale=sc, ushift=32))
     return tuple(halves)
 
 
@@ -620,33 +623,109 @@ def _make_row_dot(n_tokens: int):
 # The q8 row loops multiply a block format's integer values by an activation quantized the way
 # llama.cpp quantizes it for its integer dot products (quantize_q8 below): x[i] ~ dx * xq[i],
 # xq integers in -127..127 with one dx per block of the weight's format (32 elements as Q8_0,
-# 256 as Q8_K for the K-quants and IQ4_XS). A half's 16 products q * xq are summed in int32 two
-# at a time into 8 lanes (the sign-extended multiply and pairwise add that x86 lowers to
-# vpmaddwd, ARM to smull and adds), times the half's integer sub-scale, and summed over the block;
-# the block's sum becomes float once, times d * dx. The K-quants' mins (Q2_K, Q4_K, Q5_K)
-# multiply the integer sums of their halves' xq (xb), summed as integers and scaled once by
-# -dmin * dx; Q4_1's and Q5_1's float offsets multiply their group's xs, as llama.cpp's Q8_1
-# does. The int32 sums cannot overflow: |q * iscale| <= 4064 for every format, so a
-# 256-block sums to at most 256 * 4064 * 127 < 2^31. Float formats have no integer values
-# and are not here (the x86 backend lowers the products to vpmaddwd, ARM's to smull).
+# 256 as Q8_K for the K-quants and IQ4_XS), xq int8. Formats whose values are q = u - ushift
+# with u in 0..127 (all but Q8_0 and the IQ4s) multiply the bytes u by xq as llama.cpp does on
+# AVX2: adjacent products summed in pairs into 16 int16 lanes (vpmaddubsw: one instruction for
+# a 32-group; the pair sums stay below 2 * 127 * 127, so its saturation never acts), then those
+# times the halves' sub-scales summed in pairs into 8 int32 lanes (vpmaddwd); the offset
+# -ushift * iscale * (sum of the half's xq) comes from xb as an integer. Signed formats
+# sign-extend q and xq and sum their products in pairs (vpmaddwd), times the sub-scale. ARM
+# lowers both to widening multiplies (smull/umull) and adds. The block's integer sum becomes
+# float once, times d * dx. The K-quants' mins (Q2_K, Q4_K, Q5_K) multiply the integer sums of
+# their halves' xq (xb), summed as integers and scaled once by -dmin * dx; Q4_1's and Q5_1's
+# float offsets multiply their group's xs, as llama.cpp's Q8_1 does. The int32 sums cannot
+# overflow: |u * iscale| <= 63 * 128 for every format, so a 256-block sums to at most
+# 256 * 8064 * 127 < 2^31. Float formats have no integer values and are not here.
 
 _I_LANES = _LANES // 2
 _vf32_i = ir.VectorType(_f32, _I_LANES)
 _vi32_i = ir.VectorType(_i32, _I_LANES)
 _vi16 = ir.VectorType(_i16, _LANES)
+_vi8_group = ir.VectorType(_i8, _GROUP)
 Q8_FORMATS = {code: fmt for code, fmt in IR_FORMATS.items() if fmt.one is None}
 
 
 def _pair_dot(builder, q, xq):
-    """<16 x i8> q . <16 x i16> xq -> <8 x i32>: lane j = q[2j] xq[2j] + q[2j+1] xq[2j+1]."""
+    """<16 x i8 or i16> q . <16 x i8 or i16> xq -> <8 x i32>: lane j = q[2j] xq[2j] + q[2j+1] xq[2j+1]."""
     p = builder.mul(builder.sext(q, _vi32), builder.sext(xq, _vi32))
     even = builder.shuffle_vector(p, p, ir.Constant(_vi32_i, list(range(0, _LANES, 2))))
     odd = builder.shuffle_vector(p, p, ir.Constant(_vi32_i, list(range(1, _LANES, 2))))
     return builder.add(even, odd)
 
 
+def _avx2(context, builder) -> bool:
+    """Whether this code is compiled for an x86 CPU with AVX2: numba's target, the host unless
+    NUMBA_CPU_FEATURES names other features (the bench's --isa avx2 does)."""
+    if not builder.module.triple.startswith("x86_64"):
+        return False
+    features = numba.config.CPU_FEATURES
+    if features is None:
+        features = context.codegen()._get_host_cpu_features()
+    return "+avx2" in features.split(",")
+
+
+def _ubyte_pairs(builder, u, xq, avx2: bool):
+    """<32 x i8> u (unsigned, 0..128) . <32 x i8> xq -> <16 x i16>: lane j = u[2j] xq[2j] + u[2j+1] xq[2j+1].
+
+    On AVX2 that is one vpmaddubsw, called by name: written as generic vectors, LLVM proves
+    from the masks that made u that no sum needs the instruction's saturation and rewrites the
+    products into 16-bit multiplies and shuffles, three times the work. Elsewhere (ARM: widening
+    multiplies and pairwise adds) the generic form; the sums never exceed 2 * 128 * 127."""
+    if avx2:
+        return _x86_call(builder, "llvm.x86.avx2.pmadd.ub.sw", _vi16, u, xq)
+
+    def part(v, first):
+        return builder.shuffle_vector(v, v, ir.Constant(_vi32, list(range(first, _GROUP, 2))))
+
+    return builder.trunc(builder.add(
+        builder.mul(builder.zext(part(u, 0), _vi32), builder.sext(part(xq, 0), _vi32)),
+        builder.mul(builder.zext(part(u, 1), _vi32), builder.sext(part(xq, 1), _vi32)),
+    ), _vi16)
+
+
+def _x86_call(builder, name: str, ret, *args):
+    fnty = ir.FunctionType(ret, [a.type for a in args])
+    return builder.call(cgutils.get_or_insert_function(builder.module, fnty, name), list(args))
+
+
+def _group_isum_bytes(builder, lo: _Half, hi: _Half, xq_group, xb_lo, xb_hi, avx2: bool):
+    """(<8 x i32>, i32 or None): one 32-group's q * iscale * xq in lanes through _ubyte_pairs,
+    and the offset -ushift * (iscale_lo * xb_lo + iscale_hi * xb_hi) (None when ushift is 0).
+
+    Bytes u = q + ushift for the unsigned formats; signed ones (Q8_0, the IQ4s) only on AVX2,
+    as llama.cpp does: u = |q| and xq with q's sign (vpabsb, vpsignb), the same products."""
+    whole = ir.Constant(_vi32_group, list(range(_GROUP)))
+    if lo.ushift is None:
+        q = builder.shuffle_vector(lo.q, hi.q, whole)
+        abs_fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(_vi8_group, [_vi8_group, ir.IntType(1)]), "llvm.abs.v32i8")
+        u = builder.call(abs_fn, [q, ir.Constant(ir.IntType(1), 0)])
+        xq_group = _x86_call(builder, "llvm.x86.avx2.psign.b", _vi8_group, xq_group, q)
+    else:
+        shift = _c8(lo.ushift)
+        u = builder.shuffle_vector(builder.add(lo.q, shift), builder.add(hi.q, shift), whole)
+    pairs = _ubyte_pairs(builder, u, xq_group, avx2)  # lanes 0-7: the low half's, 8-15: the high half's
+    if lo.iscale is None:
+        scales = ir.Constant(_vi16, [1] * _LANES)
+    else:
+        scales = _splat(builder, builder.trunc(lo.iscale, _i16), _LANES)
+        if not lo.same_scale(hi):
+            high = _splat(builder, builder.trunc(hi.iscale, _i16), _LANES)
+            scales = builder.shuffle_vector(scales, high, ir.Constant(
+                _vi32, list(range(_I_LANES)) + list(range(_LANES + _I_LANES, 2 * _LANES))))
+    isum = _pair_dot(builder, pairs, scales)
+    if not lo.ushift:  # None (signed) or 0
+        return isum, None
+    if lo.iscale is None or lo.same_scale(hi):
+        xsum = builder.add(xb_lo, xb_hi)
+        offset = xsum if lo.iscale is None else builder.mul(lo.iscale, xsum)
+    else:
+        offset = builder.add(builder.mul(lo.iscale, xb_lo), builder.mul(hi.iscale, xb_hi))
+    return isum, builder.mul(offset, ir.Constant(_i32, -lo.ushift))
+
+
 def _group_isum(builder, lo: _Half, hi: _Half, xq_lo, xq_hi):
-    """<8 x i32> sum of one 32-group's q * iscale * xq."""
+    """<8 x i32> sum of one 32-group's q * iscale * xq (signed q)."""
     p_lo, p_hi = _pair_dot(builder, lo.q, xq_lo), _pair_dot(builder, hi.q, xq_hi)
     if lo.same_scale(hi):
         p = builder.add(p_lo, p_hi)
@@ -673,13 +752,13 @@ def _group_offset(builder, lo: _Half, hi: _Half, xsp, s: int):
 
 def _make_row_dot_q8(n_tokens: int):
     """row_dot_q8(qtype, w, w_off, xq, xd, xs, xb, x_offs, n): _make_row_dot's product for a
-    block format, on quantize_q8's activation (xq int16, xd and xs float32, xb int32, C arrays
+    block format, on quantize_q8's activation (xq int8, xd and xs float32, xb int32, C arrays
     indexed flat: element e of x is about xq[e] * xd[e // block]; xs[e // 32] and xb[e // 16]
     are the offset sum of its 32-group and the sum of its 16 xq)."""
 
     @intrinsic
     def row_dot_q8(typingctx, qtype, w, w_off, xq, xd, xs, xb, x_offs, n):
-        arrays = ((w, types.uint8), (xq, types.int16), (xd, types.float32), (xs, types.float32), (xb, types.int32))
+        arrays = ((w, types.uint8), (xq, types.int8), (xd, types.float32), (xs, types.float32), (xb, types.int32))
         if not (isinstance(qtype, types.Integer) and all(_is_c_array(a, dt) for a, dt in arrays)):
             return None
         offs_type, result_type = _tile_types(n_tokens)
@@ -697,6 +776,7 @@ def _make_row_dot_q8(n_tokens: int):
             totals = [cgutils.alloca_once_value(builder, ir.Constant(_f32, 0.0)) for _ in offs]
 
             imins_zero = ir.Constant(_i32, 0)
+            avx2 = _avx2(context, builder)
 
             def emit(fmt: _IRFormat):
                 accs = [cgutils.alloca_once_value(builder, ir.Constant(_vf32_i, [0.0] * _I_LANES)) for _ in offs]
@@ -704,19 +784,27 @@ def _make_row_dot_q8(n_tokens: int):
 
                 def block(bp, first):
                     es = [builder.add(off, first) for off in offs]
-                    xqps = [builder.bitcast(builder.gep(xq0, [e]), _vi16.as_pointer()) for e in es]
+                    xqps = [builder.bitcast(builder.gep(xq0, [e]), _vi8.as_pointer()) for e in es]
                     xsps = [builder.gep(xs0, [builder.ashr(e, _const(5))]) for e in es]
                     xbps = [builder.gep(xb0, [builder.ashr(e, _const(4))]) for e in es]
                     isums, offsets = [ir.Constant(_vi32_i, [0] * _I_LANES)] * len(es), [None] * len(es)
-                    imins = [imins_zero] * len(es)
+                    imins, ioffsets = [imins_zero] * len(es), [imins_zero] * len(es)
                     for s in range(fmt.block // _GROUP):
                         lo, hi = fmt.group(builder, bp, s)
                         for j, (xqp, xsp, xbp) in enumerate(zip(xqps, xsps, xbps)):
-                            xq_lo = builder.load(builder.gep(xqp, [_const(2 * s)]), align=2)
-                            xq_hi = builder.load(builder.gep(xqp, [_const(2 * s + 1)]), align=2)
-                            isums[j] = builder.add(isums[j], _group_isum(builder, lo, hi, xq_lo, xq_hi))
+                            xb_lo, xb_hi = (builder.load(builder.gep(xbp, [_const(2 * s + h)])) for h in range(2))
+                            if lo.ushift is not None or avx2:
+                                group = builder.bitcast(builder.gep(xqp, [_const(2 * s)]), _vi8_group.as_pointer())
+                                isum, ioffset = _group_isum_bytes(
+                                    builder, lo, hi, builder.load(group, align=1), xb_lo, xb_hi, avx2)
+                                if ioffset is not None:
+                                    ioffsets[j] = builder.add(ioffsets[j], ioffset)
+                            else:
+                                xq_lo = builder.load(builder.gep(xqp, [_const(2 * s)]), align=1)
+                                xq_hi = builder.load(builder.gep(xqp, [_const(2 * s + 1)]), align=1)
+                                isum = _group_isum(builder, lo, hi, xq_lo, xq_hi)
+                            isums[j] = builder.add(isums[j], isum)
                             if lo.imin is not None:
-                                xb_lo, xb_hi = (builder.load(builder.gep(xbp, [_const(2 * s + h)])) for h in range(2))
                                 imins[j] = builder.add(imins[j], _group_imin(builder, lo, hi, xb_lo, xb_hi))
                                 continue
                             o = _group_offset(builder, lo, hi, xsp, s)
@@ -725,6 +813,9 @@ def _make_row_dot_q8(n_tokens: int):
                     half = _half_to_f32_int if fmt.block == _GROUP else _half_to_f32
                     d = half(builder, builder.gep(bp, [_const(fmt.d_offset)]))
                     for j, (e, isum, acc, offset_sum) in enumerate(zip(es, isums, accs, offset_sums)):
+                        if ioffsets[j] is not imins_zero:  # the unsigned bytes' offsets, into lane 0
+                            first = builder.add(builder.extract_element(isum, ir.Constant(_i32, 0)), ioffsets[j])
+                            isum = builder.insert_element(isum, first, ir.Constant(_i32, 0))
                         dx = builder.load(builder.gep(xd0, [builder.udiv(e, _const(fmt.block))]))
                         scale = _splat(builder, builder.fmul(d, dx, flags=_FLAGS), _I_LANES)
                         v = builder.fmul(builder.sitofp(isum, _vf32_i), scale, flags=_FLAGS)
@@ -815,13 +906,13 @@ def quantize_q8(x, q8, block):
     llama.cpp's CPU backend quantizes activations: per `block` elements (32: Q8_0/Q8_1 for
     the 32-blocks, 256: Q8_K for the K-quants and IQ4_XS) xq = round(x * 127 / max |x|)
     (ties to even), and the block's d = max |x| / 127 rounded to fp16 (block 32) or
-    1 / (127 / max |x|) (block 256). Returns the row loops' `xa` = (xq int16 [T, n],
+    1 / (127 / max |x|) (block 256). Returns the row loops' `xa` = (xq int8 [T, n],
     xd float32 [T, n / block], xs float32 [T, n / 32]: max |x| / 127 times the sum of a
     32-group's xq, rounded to fp16, Q8_1's s for Q4_1/Q5_1's offsets, xb int32 [T, n / 16]:
     the sums of 16 xq, Q8_K's bsums for the K-quants' mins). n: a multiple of block."""
     n_tokens, n = x.shape
     rows = n_tokens if q8 else 0
-    xq = np.empty((rows, n), np.int16)
+    xq = np.empty((rows, n), np.int8)
     xd = np.empty((rows, n // block), np.float32)
     xs = np.empty((rows, n // Q8_GROUP), np.float32)
     xb = np.empty((rows, n // 16), np.int32)
@@ -845,7 +936,7 @@ def _quantize_q8_row(x, t, block, xq, xd, xs, xb):
         else:
             xd[t, b] = np.float32(1.0) / inv if amax > 0 else np.float32(0.0)
         for i in range(b * block, (b + 1) * block):
-            xq[t, i] = np.int16(np.rint(x[t, i] * inv))
+            xq[t, i] = np.int8(np.rint(x[t, i] * inv))
         for g in range(b * block // Q8_GROUP, (b + 1) * block // Q8_GROUP):
             total = 0
             for h in range(2):
@@ -862,7 +953,7 @@ def quantized_rows(x, block, out):
     """out[t, i] = xq[t, i] * xd[t, i // block] of quantize_q8(x, True, block), in parallel over
     tokens: the activation the integer products see, as float32, for BLAS products of many tokens."""
     n_tokens, n = x.shape
-    xq = np.empty((n_tokens, n), np.int16)
+    xq = np.empty((n_tokens, n), np.int8)
     xd = np.empty((n_tokens, n // block), np.float32)
     xs = np.empty((n_tokens, n // Q8_GROUP), np.float32)
     xb = np.empty((n_tokens, n // 16), np.int32)
