@@ -12,15 +12,17 @@ for each thread count measures, in this one run:
     (every non-expert tensor, one embedding row, and k expert slabs per layer);
   - the machine's read bandwidth (numpy sum over 1 GiB, 1 thread: an upper bound
     for one core's streaming reads).
-Prints a table and writes JSON. Medians of repeated steps; ratios are within
-this run, so a busy machine slows both sides alike.
+Prints a table and writes JSON. The engines take turns, --rounds times each (a fresh
+process per round), so that a slow spell of a shared machine falls on both: the figure
+per engine is the median of all its steps, and the ratio is the median of the rounds'
+ratios (each qmoe round against the llama.cpp round after it).
 
 --isa avx2 measures an AVX2-only CPU (the laptop class) on any x86 machine: qmoe's
-numba code is compiled for Haswell (NUMBA_CPU_NAME=haswell), and llama.cpp must be a
+numba code is compiled for Haswell (NUMBA_CPU_NAME=haswell and Haswell's NUMBA_CPU_FEATURES), and llama.cpp must be a
 build without AVX-512 (-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_AVX512=OFF); the script
 refuses a llama.cpp that reports AVX-512. On a machine without AVX-512, native is avx2.
 
-    python bench/decode.py [--layers 8] [--steps 32] [--mix q4_k_m] [--isa avx2] [--json out/decode.json]
+    python bench/decode.py [--layers 8] [--steps 32] [--rounds 3] [--mix q4_k_m] [--isa avx2] [--json out/decode.json]
 """
 
 from __future__ import annotations
@@ -39,7 +41,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.bench_model import MIXES, make_bench_gguf  # noqa: E402
 
-ISA_ENV = {"native": {}, "avx2": {"NUMBA_CPU_NAME": "haswell"}}  # what the qmoe child is given
+# What the qmoe child is given. The CPU name alone would keep the host's features (AVX-512 on a
+# machine that has it), so the features are Haswell's, listed.
+HASWELL_FEATURES = ("+sse2,+sse3,+ssse3,+sse4.1,+sse4.2,+popcnt,+avx,+avx2,+fma,+f16c,+bmi,+bmi2,+lzcnt,"
+                    "+movbe,+cx16,+xsave,-avx512f")
+ISA_ENV = {"native": {}, "avx2": {"NUMBA_CPU_NAME": "haswell", "NUMBA_CPU_FEATURES": HASWELL_FEATURES}}
 
 PROMPT = "def main(args):\n    return"
 
@@ -132,7 +138,8 @@ def run_in_child(engine: str, path: Path, threads: int, steps: int, isa: str = "
 def main() -> None:
     parser = argparse.ArgumentParser(description="qmoe vs llama.cpp decode speed on Qwen3-30B-A3B shapes.")
     parser.add_argument("--layers", type=int, default=8, help="blocks in the bench model (48 = the real depth)")
-    parser.add_argument("--steps", type=int, default=32, help="decode steps measured per run")
+    parser.add_argument("--steps", type=int, default=32, help="decode steps measured per round")
+    parser.add_argument("--rounds", type=int, default=3, help="turns each engine takes, alternating")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--model-dir", default="/tmp/qmoe-bench", help="where the bench GGUF is kept")
     parser.add_argument("--json", default="bench/results/decode.json")
@@ -157,13 +164,19 @@ def main() -> None:
     for threads in args.threads:
         row = {"threads": threads}
         engines = ["qmoe"] + (["llama_cpp"] if have_llama else [])
+        rounds = {engine: [] for engine in engines}  # step times of each round
+        for _ in range(args.rounds):
+            for engine in engines:
+                rounds[engine].append(run_in_child(engine, path, threads, args.steps, args.isa))
         for engine in engines:
-            times = run_in_child(engine, path, threads, args.steps, args.isa)
-            median = float(np.median(times))
+            median = float(np.median(np.concatenate(rounds[engine])))
             row[engine] = {"median_step_ms": median * 1e3, "tokens_per_s": 1 / median,
-                           "weight_gbs": nbytes / median / 1e9}
+                           "weight_gbs": nbytes / median / 1e9,
+                           "round_median_ms": [float(np.median(r)) * 1e3 for r in rounds[engine]]}
         if have_llama:
-            row["ratio_qmoe_over_llama_cpp"] = row["qmoe"]["tokens_per_s"] / row["llama_cpp"]["tokens_per_s"]
+            ratios = [np.median(b) / np.median(a) for a, b in zip(rounds["qmoe"], rounds["llama_cpp"])]
+            row["round_ratios"] = [float(r) for r in ratios]
+            row["ratio_qmoe_over_llama_cpp"] = float(np.median(ratios))
         result["runs"].append(row)
 
     print(f"model {path.name} (mix {args.mix}, isa {args.isa}): {nbytes / 1e6:.1f} MB of weights per token; "
@@ -176,7 +189,8 @@ def main() -> None:
                 print(f"{row['threads']:>7} {engine:>10} {r['tokens_per_s']:8.2f} {r['median_step_ms']:8.1f} "
                       f"{r['weight_gbs']:6.2f}")
         if "ratio_qmoe_over_llama_cpp" in row:
-            print(f"{row['threads']:>7} {'qmoe/llama.cpp':>10} {row['ratio_qmoe_over_llama_cpp']:.2f}x")
+            rounds = " ".join(f"{r:.2f}" for r in row["round_ratios"])
+            print(f"{row['threads']:>7} {'qmoe/llama.cpp':>10} {row['ratio_qmoe_over_llama_cpp']:.2f}x (rounds: {rounds})")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(result, indent=2))
     print(f"wrote {args.json}")

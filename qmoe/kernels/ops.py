@@ -220,5 +220,5 @@ def dequantize(w: np.ndarray, qtype: GGMLQuantizationType | int) -> np.ndarray:
     lead = w.shape[:-1]
     out = np.empty((int(np.prod(lead)), n), np.float32)
     if out.size:
-        compiled.dequantize_rows(int(qtype), wb, row_bytes(qtype, n), 0, out)
+        _run(compiled.dequantize_rows, wb.nbytes, int(qtype), wb, row_bytes(qtype, n), 0, out)
     return out.reshape(*lead, n)

@@ -155,10 +155,11 @@ class Embedding:
 
     def __init__(self, weight: Tensor, device: torch.device):
         self.weight = weight
+        self.rows = np.asarray(weight.data)  # a plain view: indexing a np.memmap costs more than the row
         self.device = device
 
     def __call__(self, tokens: np.ndarray) -> torch.Tensor:  # [T] -> [T, n_embd]
-        rows = np.asarray(self.weight.data[tokens])
+        rows = self.rows[tokens]
         return torch.from_numpy(kernels.dequantize(rows, self.weight.qtype)).to(self.device)
 
 
@@ -166,11 +167,17 @@ class Embedding:
 
 
 class RMSNorm:
+    """On the CPU one compiled call (kernels.rms_norm: a decode step's torch ops cost more to
+    launch than to run), elsewhere torch."""
+
     def __init__(self, weight: Tensor, eps: float, device: torch.device):
         self.weight = to_torch(weight, device)
+        self.weight_np = self.weight.numpy() if device.type == "cpu" else None
         self.eps = eps
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight_np is not None:
+            return torch.from_numpy(kernels.rms_norm(x.numpy(), self.weight_np, self.eps))
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
 
 
@@ -238,9 +245,13 @@ class Rope:
         self.sin = torch.from_numpy((np.sin(angles) * magnitude).astype(np.float32)).to(device)
         self.dim = dim
         self.style = style
+        self.cpu = device.type == "cpu"  # one compiled call there (kernels.rope), as RMSNorm
 
     def __call__(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """x: [T, H, head_dim] -> same shape, the first `dim` features rotated."""
+        if self.cpu:
+            return torch.from_numpy(kernels.rope(x.numpy(), positions.numpy(), self.cos.numpy(), self.sin.numpy(),
+                                                 self.dim, self.style == "neox"))
         cos = self.cos[positions][:, None, :]  # [T, 1, dim/2]
         sin = self.sin[positions][:, None, :]
         rot, rest = x[..., : self.dim], x[..., self.dim:]

@@ -1,0 +1,69 @@
+"""RMS norm and rotary embedding on the CPU, each one compiled call.
+
+A decode step of one token runs a few norms and two rotations per layer on vectors of a few
+thousand floats. In torch each is 5-10 ops, and on the 2-core development machines a torch
+op costs 9-14 us to launch whatever its size: 72 us an RMS norm and 110 us a rotation, about
+0.5 ms a layer, 25 ms a token of a 48-layer model. Compiled, one call costs a few us. The
+models use these for every CPU tensor, prefill included, so that a prompt's tokens are
+normed and rotated by the same arithmetic whether they come one at a time or in a batch.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from qmoe.errors import QmoeError
+
+
+@njit(nogil=True, cache=True)
+def _rms_norm(x, weight, eps, out):
+    rows, n = x.shape
+    for r in range(rows):
+        total = 0.0  # float64: the mean of squares of thousands of float32 values
+        for i in range(n):
+            total += np.float64(x[r, i]) * x[r, i]
+        inv = np.float32(1.0 / np.sqrt(total / n + eps))
+        for i in range(n):
+            out[r, i] = x[r, i] * inv * weight[i]
+
+
+def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    """x / sqrt(mean(x^2) + eps) * weight over the last axis: x float32 [..., n], weight [n]."""
+    n = weight.shape[0]
+    if x.shape[-1] != n:
+        raise QmoeError(f"rms_norm: activations [..., {n}] expected, got shape {list(x.shape)}")
+    rows = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, n)
+    out = np.empty_like(rows)
+    _rms_norm(rows, np.ascontiguousarray(weight, dtype=np.float32), float(eps), out)
+    return out.reshape(x.shape)
+
+
+@njit(nogil=True, cache=True)
+def _rope(x, positions, cos, sin, dim, neox, out):
+    tokens, heads, head_dim = x.shape
+    half = dim // 2
+    for t in range(tokens):
+        c, s = cos[positions[t]], sin[positions[t]]
+        for h in range(heads):
+            for i in range(half):
+                a_at, b_at = (i, i + half) if neox else (2 * i, 2 * i + 1)
+                a, b = x[t, h, a_at], x[t, h, b_at]
+                out[t, h, a_at] = a * c[i] - b * s[i]
+                out[t, h, b_at] = b * c[i] + a * s[i]
+            for i in range(dim, head_dim):
+                out[t, h, i] = x[t, h, i]
+
+
+def rope(x: np.ndarray, positions: np.ndarray, cos: np.ndarray, sin: np.ndarray, dim: int, neox: bool
+         ) -> np.ndarray:
+    """x float32 [T, H, head_dim] with its first `dim` features of every head rotated by the
+    angles of `positions` [T]: cos/sin float32 [n_ctx, dim / 2]. neox: pairs (i, i + dim / 2),
+    else adjacent pairs (2i, 2i + 1)."""
+    if x.ndim != 3 or x.shape[2] < dim or cos.shape[1] * 2 != dim or len(positions) != x.shape[0]:
+        raise QmoeError(f"rope: x [T, H, >= {dim}] and {x.shape[0]} positions expected, got x {list(x.shape)} "
+                        f"and {len(positions)} positions")
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    out = np.empty_like(x)
+    _rope(x, np.ascontiguousarray(positions, dtype=np.int64), cos, sin, dim, neox, out)
+    return out
