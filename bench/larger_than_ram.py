@@ -276,7 +276,6 @@ def plan_forecast(path: Path, budget: int | None, threads: int) -> dict:
     measured = probe(file, shape)
     f = forecast(shape, measured, budget)
     return {"budget": budget, "probe_s": measured.seconds, "read_bps": measured.read_bps,
-            "prefill_read_bps": measured.prefill_read_bps,
             "decode_tok_s": f.decode_tok_s, "decode_bound_tok_s": f.decode_bound_tok_s,
             "first_token_s": {str(n): t for n, t in f.first_token_s.items()}, "peak_rss": f.peak_rss,
             "read_per_token": f.read_per_token}

@@ -5,9 +5,6 @@ loaded) and a probe of this machine of a few seconds (`probe`):
 
     read_bps        O_DIRECT slab reads as the store makes them (OffloadOptions.io_depth
                     in flight, straight into pool slots), at random places in this very file
-    prefill_read_bps  the same over one layer's experts in order, as layer-major prefill
-                    reads them ahead: nearby reads, which virtual drives serve faster (the
-                    48-layer bench: 1.16 GB/s against 0.84 at random places)
     expert_s        one expert on one token, from one call over a token's k experts in RAM
                     (a decode step's), and per token in a prefill batch: the kernels' speed
                     on this model's types
@@ -23,8 +20,7 @@ makes a hit about as likely as h / all slabs, so each token misses
     decode, none        compute + misses * slab / read_bps    (a miss stalls the layer)
     decode, bound       max(compute, misses * slab / read_bps) (what a perfect prefetch reaches)
     first token (T)     layer-major prefill: each expert a prompt uses read once,
-                        E * (1 - (1 - k/E)^T) per layer at prefill_read_bps, beside T tokens'
-                        batched compute
+                        E * (1 - (1 - k/E)^T) per layer, beside T tokens' batched compute
                         (overlapped when the pool holds two layers: the next layer is read
                         ahead, else one after the other)
     peak RSS            the pool + the rest of the run (budget.py) with the overhead
@@ -79,7 +75,6 @@ class Probe:
     """This machine on this model (module docstring)."""
 
     read_bps: float
-    prefill_read_bps: float
     expert_s: float
     expert_batched_s: float  # per token, in a batch of PREFILL_BATCH
     dense_bps: float
@@ -125,7 +120,7 @@ def forecast(shape: ModelShape, probe: Probe, budget: int | None) -> Forecast:
     first = {}
     for n in PROMPTS:
         used = shape.n_expert * (1 - (1 - k / shape.n_expert) ** n)
-        reads = layers * used * s.slab_bytes / probe.prefill_read_bps
+        reads = layers * used * s.slab_bytes / probe.read_bps
         work = n * (k * layers * probe.expert_batched_s + shape.dense_bytes / probe.dense_batched_bps)
         overlapped = slots >= 2 * shape.n_expert
         first[n] = max(reads, work) if overlapped else reads + work
@@ -149,31 +144,23 @@ def probe(file: GGUFFile, shape: ModelShape, seed: int = 0) -> Probe:
     reader = SlabReader(file.path, direct=True, depth=depth)
     stop = time.perf_counter() + PROBE_READS_S
 
-    def read_slabs(worker: int, in_order: bool) -> int:
-        """One transfer worker's reads into its own slot: the bytes it read. At random places,
-        or (in_order) one layer's experts in turn, the workers taking every depth-th."""
+    def read_slabs(worker: int) -> int:
+        """One transfer worker's reads into its own slot: the bytes it read."""
         rng, done = np.random.default_rng(seed + worker), 0
         for n in range(PROBE_READS // depth):
             if n >= 2 and time.perf_counter() > stop:
                 break
-            if in_order:
-                layer, expert = layers[len(layers) // 2], (worker + n * depth) % slabs.n_expert
-            else:
-                layer, expert = layers[rng.integers(len(layers))], int(rng.integers(slabs.n_expert))
-            reader.read(slabs.ranges(layer, expert), pool.views(worker, slabs.layouts[layer]))
+            layer = layers[rng.integers(len(layers))]
+            reader.read(slabs.ranges(layer, int(rng.integers(slabs.n_expert))),
+                        pool.views(worker, slabs.layouts[layer]))
             done += slabs.layouts[layer].nbytes
         return done
 
-    def bandwidth(in_order: bool) -> float:
+    try:
         t0 = time.perf_counter()
         with ThreadPoolExecutor(depth) as workers:
-            bytes_read = sum(workers.map(lambda w: read_slabs(w, in_order), range(depth)))
-        return bytes_read / (time.perf_counter() - t0)
-
-    try:
-        read_bps = bandwidth(in_order=False)
-        stop = time.perf_counter() + PROBE_READS_S
-        prefill_read_bps = bandwidth(in_order=True)
+            bytes_read = sum(workers.map(read_slabs, range(depth)))
+        read_bps = bytes_read / (time.perf_counter() - t0)
     finally:
         reader.close()
     rng = np.random.default_rng(seed)
@@ -194,7 +181,7 @@ def probe(file: GGUFFile, shape: ModelShape, seed: int = 0) -> Probe:
     w = np.ascontiguousarray(dense.data)  # in RAM, as a warm run has it
     dense_s = _timed(lambda: kernels.matmul(w, dense.qtype, x1))
     dense_batched_s = _timed(lambda: kernels.matmul(w, dense.qtype, xb))
-    return Probe(read_bps, prefill_read_bps, expert_s, expert_batched_s, dense.nbytes / dense_s,
+    return Probe(read_bps, expert_s, expert_batched_s, dense.nbytes / dense_s,
                  PREFILL_BATCH * dense.nbytes / dense_batched_s, time.perf_counter() - start)
 
 
@@ -228,8 +215,7 @@ def format_table(shape: ModelShape, probe_result: Probe, forecasts: list[Forecas
         f"experts {format_bytes(s.expert_bytes)} ({shape.n_slabs} slabs of {format_bytes(s.slab_bytes)}), "
         f"the rest of the run {format_bytes(s.rest_of_run)}",
         f"probe ({probe_result.seconds:.1f} s): drive {probe_result.read_bps / 1e9:.2f} GB/s (O_DIRECT, "
-        f"{OffloadOptions.io_depth} slabs in flight; {probe_result.prefill_read_bps / 1e9:.2f} over a layer in order), "
-        f"one expert {probe_result.expert_s * 1e3:.2f} ms a token, non-expert weights "
+        f"{OffloadOptions.io_depth} slabs in flight), one expert {probe_result.expert_s * 1e3:.2f} ms a token, non-expert weights "
         f"{probe_result.dense_bps / 1e9:.1f} GB/s",
         "",
         "| RAM budget | pool | hit rate | read/token | decode tok/s (none) | best prefetch | "
