@@ -190,8 +190,11 @@ def _pre_tokenizer_name(path: Path, tokenizer_json: dict, model_type: str | None
     family = FAMILY_PRE_TOKENIZER.get(model_type or "")
     names = [name for name, splits in PRE_TOKENIZER_SPLITS.items() if splits == declared]
     if names:
-        # "gpt2" and "olmo" share their rules; the family picks the name llama.cpp uses.
-        return family if family in names else names[0]
+        # "gpt2", "gpt-2" and "olmo" share their rules; the family picks the name llama.cpp
+        # uses, and without one it is llama.cpp's "gpt-2" (its loader refuses "gpt2").
+        if family in names:
+            return family
+        return "gpt-2" if "gpt-2" in names else names[0]
     if family is not None:
         logger.warning(
             "%s: pre-tokenizer %s not recognized; using %r, the rules of model type %r",

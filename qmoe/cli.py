@@ -453,7 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     plan = sub.add_parser("plan", help="forecast what fits and how fast it runs at each RAM budget",
                           description="Forecast decode tok/s, time to first token and peak RSS at each RAM "
-                          "budget, from the model's shapes and a probe of this machine of a few seconds "
+                          "budget, from the model's shapes and a probe of this machine of at most about 12 seconds "
                           "(drive bandwidth with O_DIRECT, kernel speed). Nothing is loaded.")
     plan.add_argument("model", help="path to the .gguf model")
     plan.add_argument("--ram", nargs="+", metavar="SIZE",

@@ -18,6 +18,7 @@ import threading
 import numba
 import numpy as np
 import pytest
+import torch
 from gguf import GGMLQuantizationType
 from gguf.quants import dequantize as gguf_dequantize
 from gguf.quants import quantize
@@ -412,3 +413,50 @@ def test_expert_groups_know_whether_a_token_repeats_an_expert(rng):
     for g in range(len(groups)):
         kernels.add_expert_output(out, groups, g, np.ones((len(groups.tokens(g)), 2), np.float32), weights)
     assert np.array_equal(out, np.full((6, 2), 3.0, np.float32))  # the repeat counted twice
+
+
+# ----------------------------------------------------------------------------- pointwise (norms, rope, router)
+
+
+def test_rms_norm_is_torchs(rng):
+    x = rng.standard_normal((5, 3, 64)).astype(np.float32) * 3
+    w = rng.standard_normal(64).astype(np.float32)
+    xt = torch.from_numpy(x)
+    ref = (xt * torch.rsqrt(xt.pow(2).mean(-1, keepdim=True) + 1e-6) * torch.from_numpy(w)).numpy()
+    got = kernels.rms_norm(x, w, 1e-6)
+    assert got.shape == x.shape and got.dtype == np.float32
+    np.testing.assert_allclose(got, ref, rtol=2e-6, atol=1e-6)
+    with pytest.raises(QmoeError, match="rms_norm"):
+        kernels.rms_norm(x, w[:32], 1e-6)
+
+
+@pytest.mark.parametrize("neox", [True, False])
+@pytest.mark.parametrize("dim", [16, 32])  # a part of the head, or all of it
+def test_rope_is_the_rotation_of_pairs(rng, neox, dim):
+    x = rng.standard_normal((4, 3, 32)).astype(np.float32)
+    angles = rng.uniform(0, 6, (10, dim // 2))
+    cos, sin = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+    positions = np.array([9, 0, 3, 3])
+    got = kernels.rope(x, positions, cos, sin, dim, neox)
+    half = dim // 2
+    a_at = np.arange(half) if neox else 2 * np.arange(half)
+    b_at = a_at + half if neox else a_at + 1
+    c, s = cos[positions][:, None, :], sin[positions][:, None, :]
+    a, b = x[..., a_at], x[..., b_at]
+    np.testing.assert_allclose(got[..., a_at], a * c - b * s, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(got[..., b_at], b * c + a * s, rtol=1e-6, atol=1e-6)
+    assert np.array_equal(got[..., dim:], x[..., dim:])
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_softmax_topk_is_torchs(rng, normalize):
+    logits = rng.standard_normal((7, 64)).astype(np.float32) * 2
+    ids, weights = kernels.softmax_topk(logits, 6, normalize, scale=2.5)
+    probs = torch.softmax(torch.from_numpy(logits), dim=-1)
+    ref_w, ref_ids = torch.topk(probs, 6, dim=-1)
+    if normalize:
+        ref_w = ref_w / ref_w.sum(-1, keepdim=True)
+    assert np.array_equal(ids, ref_ids.numpy()) and ids.dtype == np.int64
+    np.testing.assert_allclose(weights, (ref_w * 2.5).numpy(), rtol=1e-5)
+    tied, _ = kernels.softmax_topk(np.zeros((1, 8), np.float32), 3, True)
+    assert tied.tolist() == [[0, 1, 2]]  # equal logits: the lower indices first

@@ -226,7 +226,7 @@ def test_vocabulary_model_and_rules(converted):
         assert f.get("tokenizer.ggml.merges", None) is None
         return
     assert f.get("tokenizer.ggml.model") == "gpt2"
-    assert f.get("tokenizer.ggml.pre") == kind
+    assert f.get("tokenizer.ggml.pre") == {"gpt2": "gpt-2"}.get(kind, kind)  # llama.cpp's name for GPT-2's rules
     merges = json.loads((converted.hf_dir / "tokenizer.json").read_text())["model"]["merges"]
     assert f.get("tokenizer.ggml.merges") == [m if isinstance(m, str) else " ".join(m) for m in merges]
     assert f.get(NORMALIZER_KEY, None) == ("NFC" if kind in ("qwen2", "olmo") else None)
@@ -276,7 +276,7 @@ _UNKNOWN_SPLIT = {
 
 def test_gpt2_rules_are_named_by_family(tmp_path):
     make_bpe_tokenizer(tmp_path / "hf", "olmo")
-    assert _pre_written(tmp_path / "hf", tmp_path) == "gpt2"  # no config.json
+    assert _pre_written(tmp_path / "hf", tmp_path) == "gpt-2"  # no config.json: llama.cpp's name
     (tmp_path / "hf" / "config.json").write_text(json.dumps({"model_type": "olmoe"}))
     assert _pre_written(tmp_path / "hf", tmp_path) == "olmo"
 

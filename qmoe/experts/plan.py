@@ -1,7 +1,7 @@
 """`qmoe plan model.gguf --ram 8G 16G`: what fits, and how fast it will run, before running it.
 
 The forecast is arithmetic over the model's shapes (read from the GGUF header, nothing
-loaded) and a probe of this machine of a few seconds (`probe`):
+loaded) and a probe of this machine of at most about 12 seconds (`probe`):
 
     read_bps        O_DIRECT slab reads as the store makes them (OffloadOptions.io_depth
                     in flight, straight into pool slots), at random places in this very file
@@ -48,8 +48,11 @@ from qmoe.experts.tiers import RamPool
 from qmoe.gguf_file import GGUFFile
 from qmoe.models.base import HParams
 
-PROBE_READS_S = 3.0  # at most this long reading slabs, and at most PROBE_READS slabs
-PROBE_READS = 96
+# At most this long reading slabs, and at most PROBE_READS of them. A virtual drive's rate
+# wanders by +-40 % from one second to the next: 96 slabs (0.8 s of the 48-layer bench file)
+# forecast its decode 19 % low in one run and 51 % low in another; 8 s averages more of it.
+PROBE_READS_S = 8.0
+PROBE_READS = 2048
 PROBE_KERNEL_S = 0.5  # each kernel timed for about this long
 PREFILL_BATCH = 64  # tokens of the batched measurements
 PROMPTS = (8, 512)  # time-to-first-token forecasts

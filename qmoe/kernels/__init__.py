@@ -12,13 +12,13 @@ Q6_K, IQ4_XS (qmoe/formats.py's table says how each is laid out).
                                         moe_ffn's grouping of tokens by expert and its weighted
                                         sum, for callers that compute the experts one at a time
     MLPTopK(fc1, t1, b1, fc2, t2, b2, activation)(x, count)   top outputs of a 2-layer net, serially
-    rms_norm(x, weight, eps), rope(x, positions, cos, sin, dim, neox)
-                                        a CPU model's norms and rotations, one compiled call each
+    rms_norm(x, weight, eps), rope(x, positions, cos, sin, dim, neox), softmax_topk(logits, k, ...)
+                                        a CPU model's norms, rotations and router, one call each
     set_num_threads(n)
 
 ops.py holds the products and dequantization, moe.py the routed-experts reduction (its
 order of summation, fixed once), compiled.py everything numba compiles for them, pointwise.py
-the norm and the rotation, formats.py the weight formats.
+the norm, the rotation and the router, formats.py the weight formats.
 
 Weights are the raw views of qmoe.gguf_file (F32 float32 [rows, n], F16 float16,
 BF16 uint16, block types uint8 [rows, row_bytes] in ggml's block layout) or the same
@@ -55,7 +55,7 @@ whose threads follow torch.set_num_threads (ops.py says why torch and not numpy)
 
 from qmoe.kernels.moe import ExpertGroups, add_expert_output, expert_ffn, moe_ffn
 from qmoe.kernels.ops import MLPTopK, dequantize, exact_products, matmul, set_exact_products, set_num_threads
-from qmoe.kernels.pointwise import rms_norm, rope
+from qmoe.kernels.pointwise import rms_norm, rope, softmax_topk
 from qmoe.kernels.torch_dequant import dequantize_torch
 
 __all__ = [
@@ -72,4 +72,5 @@ __all__ = [
     "rope",
     "set_exact_products",
     "set_num_threads",
+    "softmax_topk",
 ]

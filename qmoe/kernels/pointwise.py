@@ -1,9 +1,10 @@
-"""RMS norm and rotary embedding on the CPU, each one compiled call.
+"""RMS norm, rotary embedding and the common router on the CPU, each one compiled call.
 
 A decode step of one token runs a few norms and two rotations per layer on vectors of a few
 thousand floats. In torch each is 5-10 ops, and on the 2-core development machines a torch
 op costs 9-14 us to launch whatever its size: 72 us an RMS norm and 110 us a rotation, about
-0.5 ms a layer, 25 ms a token of a 48-layer model. Compiled, one call costs a few us. The
+0.5 ms a layer, 25 ms a token of a 48-layer model (the router's softmax and top-k another
+75 us). Compiled, one call costs a few us. The
 models use these for every CPU tensor, prefill included, so that a prompt's tokens are
 normed and rotated by the same arithmetic whether they come one at a time or in a batch.
 """
@@ -67,3 +68,45 @@ def rope(x: np.ndarray, positions: np.ndarray, cos: np.ndarray, sin: np.ndarray,
     out = np.empty_like(x)
     _rope(x, np.ascontiguousarray(positions, dtype=np.int64), cos, sin, dim, neox, out)
     return out
+
+
+@njit(nogil=True, cache=True)
+def _softmax_topk(logits, k, normalize, scale, ids, weights):
+    tokens, n = logits.shape
+    probs = np.empty(n, np.float32)
+    taken = np.empty(n, np.bool_)
+    for t in range(tokens):
+        top = logits[t, 0]
+        for e in range(n):
+            top = max(top, logits[t, e])
+        total = np.float32(0.0)
+        for e in range(n):
+            probs[e] = np.exp(logits[t, e] - top)
+            total += probs[e]
+        taken[:] = False
+        chosen = np.float32(0.0)
+        for j in range(k):  # k is small (2-8): k passes beat a sort of all n
+            best = -1
+            for e in range(n):
+                if not taken[e] and (best < 0 or probs[e] > probs[best]):  # ties: the lower index
+                    best = e
+            taken[best] = True
+            ids[t, j] = best
+            weights[t, j] = probs[best] / total
+            chosen += weights[t, j]
+        for j in range(k):
+            w = weights[t, j] / chosen if normalize else weights[t, j]
+            weights[t, j] = w * np.float32(scale)
+
+
+def softmax_topk(logits: np.ndarray, k: int, normalize: bool, scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """Softmax over the last axis of logits float32 [T, n], the k largest, best first (ties: the
+    lower index): (ids int64 [T, k], weights float32 [T, k]), the weights renormalized to sum
+    to 1 when `normalize`, then times `scale`."""
+    logits = np.ascontiguousarray(logits, dtype=np.float32)
+    if logits.ndim != 2 or not 1 <= k <= logits.shape[1]:
+        raise QmoeError(f"softmax_topk: logits [T, n >= {k}] expected, got shape {list(logits.shape)}")
+    ids = np.empty((logits.shape[0], k), np.int64)
+    weights = np.empty((logits.shape[0], k), np.float32)
+    _softmax_topk(logits, k, normalize, float(scale), ids, weights)
+    return ids, weights

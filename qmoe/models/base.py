@@ -425,7 +425,11 @@ def softmax_topk(logits: torch.Tensor, k: int, normalize: bool, scale: float = 1
     Returns (expert ids [T, k] int64, weights [T, k] float32). `normalize`
     rescales the k weights to sum to 1 (Qwen3 norm_topk_prob, Mixtral);
     `scale` multiplies them (DeepSeek's routed_scaling_factor).
+    On the CPU one compiled call (kernels.softmax_topk), as the norms.
     """
+    if logits.device.type == "cpu":
+        ids, weights = kernels.softmax_topk(logits.float().numpy(), k, normalize, scale)
+        return torch.from_numpy(ids), torch.from_numpy(weights)
     probs = torch.softmax(logits.float(), dim=-1)
     weights, ids = torch.topk(probs, k, dim=-1)
     if normalize:
