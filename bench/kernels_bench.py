@@ -30,7 +30,7 @@ from gguf import GGMLQuantizationType
 
 from bench.bench_model import random_blocks
 from qmoe import kernels
-from qmoe.kernels import compiled, ops
+from qmoe.kernels import ops
 from qmoe.kernels.formats import row_bytes, weight_bytes
 
 QT = GGMLQuantizationType
@@ -138,7 +138,7 @@ def bench_tokens(qtype: QT, args, rng) -> list[dict]:
         out = np.empty((n_tokens, 2048), np.float32)
 
         def rows_kernel(i, x=x, out=out):
-            compiled.matmul_rows(int(qtype), wb, rb, x, ops.q8_products(qtype, None), ops.q8_block(qtype), out)
+            ops._matmul_rows([(qtype, wb, rb)], x, ops.q8_products(qtype, None), ops.q8_block(qtype), [out])
 
         def blas_tiles(i, x=x, out=out):
             ops._matmul_blas_tiles(wb, qtype, 2048, n, x, out)

@@ -460,3 +460,17 @@ def test_softmax_topk_is_torchs(rng, normalize):
     np.testing.assert_allclose(weights, (ref_w * 2.5).numpy(), rtol=1e-5)
     tied, _ = kernels.softmax_topk(np.zeros((1, 8), np.float32), 3, True)
     assert tied.tolist() == [[0, 1, 2]]  # equal logits: the lower indices first
+
+
+@pytest.mark.parametrize("n_tokens", [1, 5, ops.BLAS_MIN_TOKENS])
+def test_matmul_many_is_each_matmul(rng, n_tokens):
+    """Weights of one form share a compiled call (up to MATMUL_WEIGHTS, the rest in the next);
+    others, and many tokens, go one by one: every result is matmul's, bit for bit."""
+    qtypes = [QT.Q4_K, QT.Q6_K, QT.Q8_0, QT.F32, QT.Q4_K, QT.Q5_K, QT.Q2_K]
+    rows = [48, 16, 32, 8, 24, 16, 40]
+    weights = [(raw_weight(0.2 * rng.standard_normal((r, 256)).astype(np.float32), q, rng), q)
+               for r, q in zip(rows, qtypes)]
+    x = rng.standard_normal((n_tokens, 256)).astype(np.float32)
+    got = kernels.matmul_many(weights, x)
+    for (w, q), y in zip(weights, got):
+        assert np.array_equal(y, kernels.matmul(w, q, x)), q.name

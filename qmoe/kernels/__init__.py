@@ -4,6 +4,7 @@ Types: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, IQ4_NL, Q2_K, Q3_K, Q4_K, Q
 Q6_K, IQ4_XS (qmoe/formats.py's table says how each is laid out).
 
     matmul(w, qtype, x, out=None)       x [T, n] @ W.T -> [T, rows]
+    matmul_many([(w, qtype), ...], x)   the same for several weights, few tokens in one call
     dequantize(w, qtype)                raw [..., row] -> float32 [..., n]
     dequantize_torch(raw, qtype, n)     the same in torch ops, on any device (the CUDA tier)
     expert_ffn(gate, up, down, qtypes, x)                     one expert's SwiGLU on T tokens
@@ -54,7 +55,15 @@ whose threads follow torch.set_num_threads (ops.py says why torch and not numpy)
 """
 
 from qmoe.kernels.moe import ExpertGroups, add_expert_output, expert_ffn, moe_ffn
-from qmoe.kernels.ops import MLPTopK, dequantize, exact_products, matmul, set_exact_products, set_num_threads
+from qmoe.kernels.ops import (
+    MLPTopK,
+    dequantize,
+    exact_products,
+    matmul,
+    matmul_many,
+    set_exact_products,
+    set_num_threads,
+)
 from qmoe.kernels.pointwise import rms_norm, rope, softmax_topk
 from qmoe.kernels.torch_dequant import dequantize_torch
 
@@ -67,6 +76,7 @@ __all__ = [
     "exact_products",
     "expert_ffn",
     "matmul",
+    "matmul_many",
     "moe_ffn",
     "rms_norm",
     "rope",

@@ -1007,30 +1007,39 @@ def silu(a):
 # ----------------------------------------------------------------------------- kernels
 
 
-@njit(parallel=True, nogil=True, cache=True)
-def matmul_rows(qtype, w, row_bytes, x, q8, q8_block, out):
-    """out[t, r] = w[r] . x[t] for all rows r, in parallel over rows.
+MATMUL_WEIGHTS = 3  # matmul_rows' weights per call: a layer's q, k and v projections
 
-    w: flat weight bytes [rows * row_bytes]; x: float32 [T, n]; out: float32 [T, rows];
-    q8: integer products on x quantized by quantize_q8 in blocks of q8_block (the format's
-    block; block formats only), else float32.
-    Each row is read from memory once and decoded once per TOKEN_TILE tokens, so this
-    is the kernel for few tokens (decode); many tokens go to BLAS.
+
+@njit(parallel=True, nogil=True, cache=True)
+def matmul_rows(qtypes, ws, row_bytes, x, q8, q8_block, outs):
+    """outs[j][t, r] = ws[j][r] . x[t] for the MATMUL_WEIGHTS weights j and all their rows r,
+    in parallel over all those rows.
+
+    ws: flat weight bytes [rows_j * row_bytes[j]] of weights that multiply the same x (one
+    call for a layer's q, k and v: one quantization of x, one wake of the threads, and the
+    small k and v shared out among them); an unused weight is empty, with an out of 0 rows.
+    x: float32 [T, n]; outs[j]: float32 [T, rows_j]; q8: integer products on x quantized by
+    quantize_q8 in blocks of q8_block (the formats' block, the same for all; block formats
+    only), else float32. Each row is read from memory once and decoded once per TOKEN_TILE
+    tokens, so this is the kernel for few tokens (decode); many tokens go to BLAS.
     """
     n_tokens, n = x.shape
-    rows = out.shape[1]
     tokens = np.arange(n_tokens)
     xa = quantize_q8(x, q8, q8_block)
-    for r in prange(rows):
+    rows0, rows1 = outs[0].shape[1], outs[1].shape[1]
+    for i in prange(rows0 + rows1 + outs[2].shape[1]):
+        j = 0 if i < rows0 else (1 if i < rows0 + rows1 else 2)
+        r = i - (0 if j == 0 else (rows0 if j == 1 else rows0 + rows1))
+        qtype, w, out, w_off = qtypes[j], ws[j], outs[j], r * row_bytes[j]
         for t in range(0, n_tokens, TOKEN_TILE):
             m = min(TOKEN_TILE, n_tokens - t)
             if m == 1:
-                out[t, r] = row_product(qtype, w, r * row_bytes, x, xa, q8, t * n, n)
+                out[t, r] = row_product(qtype, w, w_off, x, xa, q8, t * n, n)
             else:
                 offs = tile_offsets(tokens, t, m, 1, n)
-                y = row_product_tile(qtype, w, r * row_bytes, x, xa, q8, offs, n)
-                for j in range(m):
-                    out[t + j, r] = y[j]
+                y = row_product_tile(qtype, w, w_off, x, xa, q8, offs, n)
+                for k in range(m):
+                    out[t + k, r] = y[k]
 
 
 @njit(parallel=True, nogil=True, cache=True)

@@ -132,7 +132,7 @@ def matmul(
         return out
     q8 = q8_products(qtype, exact)
     if x.shape[0] < BLAS_MIN_TOKENS:
-        _run(compiled.matmul_rows, wb.nbytes, int(qtype), wb, row_bytes(qtype, n), x, q8, q8_block(qtype), out)
+        _matmul_rows([(qtype, wb, row_bytes(qtype, n))], x, q8, q8_block(qtype), [out])
     elif qtype == QT.F32:
         with warnings.catch_warnings():  # torch warns on read-only (memory-mapped) arrays; we only read them
             warnings.simplefilter("ignore", UserWarning)
@@ -141,6 +141,51 @@ def matmul(
     else:
         _matmul_blas_tiles(wb, qtype, rows, n, quantized_activation(x, qtype) if q8 else x, out)
     return out
+
+
+def matmul_many(weights: list[tuple[np.ndarray, GGMLQuantizationType | int]], x: np.ndarray,
+                exact: bool | None = None) -> list[np.ndarray]:
+    """[matmul(w, qtype, x) for each (w, qtype)], each product as matmul computes it.
+
+    For few tokens, weights whose products take the same form (integer products on the same
+    activation blocks, or float32) run together, up to MATMUL_WEIGHTS in one compiled call:
+    a layer's q, k and v projections quantize x once and wake the threads once, and the
+    small k and v, each below PARALLEL_MIN_BYTES alone, are shared out with q's rows."""
+    x = np.asarray(x)
+    if len(weights) < 2 or x.ndim != 2 or x.shape[0] >= BLAS_MIN_TOKENS:
+        return [matmul(w, qtype, x, exact=exact) for w, qtype in weights]
+    outs: list[np.ndarray | None] = [None] * len(weights)
+    together: dict[tuple, list[int]] = {}  # (q8, block, row length) -> positions
+    parts = []
+    for i, (w, qtype) in enumerate(weights):
+        qtype = check_qtype(qtype)
+        if w.ndim != 2:
+            raise QmoeError(f"matmul: weight must be [rows, row], got shape {list(w.shape)}")
+        wb, n = weight_bytes(w, qtype, "matmul weight")
+        parts.append((qtype, wb, row_bytes(qtype, n)))
+        q8 = q8_products(qtype, exact)
+        together.setdefault((q8, q8_block(qtype) if q8 else 1, n), []).append(i)  # 1: no blocks
+    for (q8, block, n), positions in together.items():
+        xs = _activations(x, n, "matmul")
+        for first in range(0, len(positions), compiled.MATMUL_WEIGHTS):
+            chunk = positions[first:first + compiled.MATMUL_WEIGHTS]
+            for i in chunk:
+                outs[i] = np.empty((x.shape[0], weights[i][0].shape[0]), np.float32)
+            if x.shape[0]:
+                _matmul_rows([parts[i] for i in chunk], xs, q8, block, [outs[i] for i in chunk])
+    return outs
+
+
+def _matmul_rows(parts: list[tuple], x: np.ndarray, q8: bool, block: int, outs: list[np.ndarray]) -> None:
+    """compiled.matmul_rows over up to MATMUL_WEIGHTS (qtype, flat bytes, row bytes) parts, the
+    rest of its weights empty: one compiled specialization serves every count."""
+    pad = compiled.MATMUL_WEIGHTS - len(parts)
+    unused = parts[0][1][:0]  # empty, of the others' array type (weight_bytes' read-only views)
+    qtypes = tuple(int(p[0]) for p in parts) + (int(parts[0][0]),) * pad
+    ws = tuple(p[1] for p in parts) + (unused,) * pad
+    rbs = tuple(p[2] for p in parts) + (0,) * pad
+    outs_all = tuple(outs) + (np.empty((x.shape[0], 0), np.float32),) * pad
+    _run(compiled.matmul_rows, sum(p[1].nbytes for p in parts), qtypes, ws, rbs, x, q8, block, outs_all)
 
 
 def quantized_activation(x: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:

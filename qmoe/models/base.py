@@ -138,12 +138,19 @@ class Linear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:  # [T, in] -> [T, out]
         if self.w_gpu is not None:
-            y = F.linear(x.to(self.w_gpu.dtype), self.w_gpu).float()
-        else:
-            y = torch.from_numpy(kernels.matmul(self.weight.data, self.weight.qtype, _np(x)))
-        if self.bias is not None:
-            y = y + self.bias
-        return y
+            return self.add_bias(F.linear(x.to(self.w_gpu.dtype), self.w_gpu).float())
+        return self.add_bias(torch.from_numpy(kernels.matmul(self.weight.data, self.weight.qtype, _np(x))))
+
+    def add_bias(self, y: torch.Tensor) -> torch.Tensor:
+        return y if self.bias is None else y + self.bias
+
+
+def linears(x: torch.Tensor, *layers: Linear) -> list[torch.Tensor]:
+    """[layer(x) for each layer]; on the CPU their products run together (kernels.matmul_many)."""
+    if any(layer.w_gpu is not None for layer in layers):
+        return [layer(x) for layer in layers]
+    ys = kernels.matmul_many([(layer.weight.data, layer.weight.qtype) for layer in layers], _np(x))
+    return [layer.add_bias(torch.from_numpy(y)) for layer, y in zip(layers, ys)]
 
 
 def _np(x: torch.Tensor) -> np.ndarray:
@@ -376,7 +383,7 @@ class Attention(CachedAttention):
 
     def project(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, ...]:
         hp, T = self.hp, x.shape[0]
-        q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        q, k, v = linears(x, self.wq, self.wk, self.wv)
         if self.clamp:
             q, k, v = (t.clamp(-self.clamp, self.clamp) for t in (q, k, v))
         if self.qk_norm == "full":

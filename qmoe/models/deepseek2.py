@@ -35,6 +35,7 @@ from qmoe.models.base import (
     Transformer,
     assemble,
     causal_attention,
+    linears,
     make_rope,
     rms_norms,
     softmax_topk,
@@ -89,10 +90,11 @@ class MLAttention(CachedAttention):
 
     def project(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, ...]:
         d, T = self.d, x.shape[0]
-        q = self.wq_b(self.q_a_norm(self.wq_a(x))) if d.q_lora else self.wq(x)
+        q, kv = linears(x, self.wq_a if d.q_lora else self.wq, self.wkv_a)  # kv: [T, kv_lora + rope]
+        if d.q_lora:
+            q = self.wq_b(self.q_a_norm(q))
         q = q.view(T, d.n_head, d.nope + d.rope)
         q_nope, q_pe = q[..., : d.nope], self.rope(q[..., d.nope:], positions)
-        kv = self.wkv_a(x)  # [T, kv_lora + rope]
         c = self.kv_a_norm(kv[:, : d.kv_lora])
         k_pe = self.rope(kv[:, None, d.kv_lora:], positions)[:, 0]  # [T, rope]
         return q_nope, q_pe, c, k_pe
