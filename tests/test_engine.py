@@ -215,10 +215,13 @@ def test_ctrl_c_during_generation_exits_cleanly(store):
     from pathlib import Path
 
     root = Path(__file__).resolve().parent.parent
+    # A shell's background job ignores SIGINT, and a child inherits that: give it the default,
+    # as a terminal's foreground process has, whatever started the tests.
     run = subprocess.Popen(
         [sys.executable, "-m", "qmoe.cli", "run", "models/tiny-qwen3moe.gguf", "-p", "def main(", "-n", "2000",
          "--temp", "0.8", "--seed", "1", "-t", "1", *store],
         cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )  # fmt: skip
     first = run.stdout.read(12)  # the prompt and the first generated tokens: it is generating
     run.send_signal(signal.SIGINT)
