@@ -916,13 +916,17 @@ def quantize_q8(x, q8, block):
     the sums of 16 xq, Q8_K's bsums for the K-quants' mins). n: a multiple of block."""
     n_tokens, n = x.shape
     rows = n_tokens if q8 else 0
-    xq = np.empty((rows, n), np.int8)
-    xd = np.empty((rows, n // block), np.float32)
-    xs = np.empty((rows, n // Q8_GROUP), np.float32)
-    xb = np.empty((rows, n // 16), np.int32)
+    xq, xd, xs, xb = _q8_arrays(rows, n, block)
     for t in range(rows):
         _quantize_q8_row(x, t, block, xq, xd, xs, xb)
     return xq, xd, xs, xb
+
+
+@njit(nogil=True)
+def _q8_arrays(rows, n, block):
+    """quantize_q8's (xq, xd, xs, xb) for `rows` rows of n elements, uninitialized."""
+    return (np.empty((rows, n), np.int8), np.empty((rows, n // block), np.float32),
+            np.empty((rows, n // Q8_GROUP), np.float32), np.empty((rows, n // 16), np.int32))
 
 
 @njit(nogil=True)
@@ -957,10 +961,7 @@ def quantized_rows(x, block, out):
     """out[t, i] = xq[t, i] * xd[t, i // block] of quantize_q8(x, True, block), in parallel over
     tokens: the activation the integer products see, as float32, for BLAS products of many tokens."""
     n_tokens, n = x.shape
-    xq = np.empty((n_tokens, n), np.int8)
-    xd = np.empty((n_tokens, n // block), np.float32)
-    xs = np.empty((n_tokens, n // Q8_GROUP), np.float32)
-    xb = np.empty((n_tokens, n // 16), np.int32)
+    xq, xd, xs, xb = _q8_arrays(n_tokens, n, block)
     for t in prange(n_tokens):
         _quantize_q8_row(x, t, block, xq, xd, xs, xb)
         for i in range(n):
