@@ -39,6 +39,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench import user_environment  # noqa: E402
 from bench.bench_model import MIXES, make_bench_gguf  # noqa: E402
 
 # What the qmoe child is given. The CPU name alone would keep the host's features (AVX-512 on a
@@ -128,7 +129,7 @@ def run_in_child(engine: str, path: Path, threads: int, steps: int, isa: str = "
     code = (f"import json, sys; sys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r});"
             f"from bench.decode import step_times_{engine} as f;"
             f"print(json.dumps(f(__import__('pathlib').Path({str(path)!r}), {threads}, {steps})))")
-    env = dict(os.environ, **(ISA_ENV[isa] if engine == "qmoe" else {}))
+    env = user_environment(**(ISA_ENV[isa] if engine == "qmoe" else {}))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     if out.returncode != 0:
         raise RuntimeError(f"{engine} at {threads} threads failed:\n{out.stderr[-2000:]}")

@@ -46,6 +46,7 @@ from gguf import GGMLQuantizationType
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
+from bench import user_environment  # noqa: E402
 from bench.random_moe import MoEShape, expert_bytes, nbytes, tensor_plan, write_random_moe  # noqa: E402
 
 QT = GGMLQuantizationType
@@ -213,7 +214,7 @@ def in_child(engine: str, path: Path, threads: int, prompt_len: int, decode: int
     code = (f"import json, sys; sys.path.insert(0, {str(REPO_ROOT)!r}); from bench.larger_than_ram import "
             "run_engine; print('RESULT ' + json.dumps(run_engine(*json.loads(sys.argv[1]))))")
     arg = json.dumps([engine, str(path), threads, prompt_len, decode, str(predictors) if predictors else None])
-    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
+    env = user_environment()
     print(f"  {engine}: {prompt_len}-token prompt" + (f", {decode} decode steps" if decode else "")
           + f" (MemAvailable {available / 2**30:.1f} GiB)", flush=True)
     out = subprocess.run([sys.executable, "-c", code, arg], capture_output=True, text=True, env=env)

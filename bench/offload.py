@@ -85,19 +85,16 @@ import tempfile
 import time
 from pathlib import Path
 
-# OpenMP threads that spin-wait between parallel regions fight every other thread (the model's, the
-# prefetch worker, the transfer thread, other processes) for the cores: passive waiting made decode
-# 13x faster here (47 vs 3.6 tokens/s on the a3b model). qmoe sets this when it is imported first;
-# here torch loads before qmoe, so set it before anything loads.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-import torch  # noqa: E402
-from gguf import GGMLQuantizationType  # noqa: E402
-
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-import qmoe  # noqa: E402
+# First: importing qmoe sets how long OpenMP's idle threads spin (qmoe/__init__.py), which
+# must happen before torch loads its OpenMP runtime. Threads that spin for long fight the
+# prefetch worker and the transfer thread for the cores (made decode 13x slower here).
+import qmoe  # noqa: E402, I001
+
+import torch  # noqa: E402
+from gguf import GGMLQuantizationType  # noqa: E402
 from bench.random_moe import MoEShape, write_random_moe  # noqa: E402
 from qmoe import kernels as qmoe_kernels  # noqa: E402
 from qmoe.cli import main as qmoe_main  # noqa: E402

@@ -10,10 +10,21 @@ GGUF reader or the error classes (the converter, `qmoe info`) start fast.
 
 import os
 
-# numba's and torch's OpenMP threads take turns on the same cores many times per
-# token; spinning while they wait (the OpenMP default) stalls the other runtime's
-# threads on small machines. Set before either runtime loads, unless the user chose.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# How long OpenMP's idle threads spin before they sleep. numba's and torch's OpenMP threads
+# take turns on the same cores, beside the store's transfer and predictor threads, and a
+# decode step runs a few parallel loops per layer with well under a millisecond between
+# them. Sleeping at once (OMP_WAIT_POLICY=PASSIVE) makes every loop wait for a sleeping
+# thread to wake: 30-130 us a loop on the 2-core development VM, against 13 us for a
+# thread still spinning. Spinning for long (libgomp's default, about 11 ms there, or
+# ACTIVE: forever) takes the core from those other threads when they need it. So: about
+# 1.5 ms, GOMP_SPINCOUNT for GNU libgomp (Linux) and KMP_BLOCKTIME (ms) for LLVM's and
+# Intel's runtimes. Set before either runtime loads, unless the user chose.
+# OPENMP_DEFAULTS is what was set here, so that benchmarks can give other engines the
+# user's own environment.
+OPENMP_DEFAULTS: dict[str, str] = {}
+if not any(name in os.environ for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")):
+    OPENMP_DEFAULTS = {"GOMP_SPINCOUNT": "30000", "KMP_BLOCKTIME": "2"}
+    os.environ.update(OPENMP_DEFAULTS)
 
 from qmoe.errors import QmoeError  # noqa: E402
 

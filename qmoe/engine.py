@@ -222,8 +222,8 @@ class Model:
             return torch.cat(outs) if all_logits else outs[-1]
         outs = []
         for n, chunk in enumerate(chunks):
-            # One token's torch ops take microseconds, and with more threads each first wakes
-            # OpenMP's sleeping workers (qmoe/__init__.py: OMP_WAIT_POLICY=PASSIVE), ~90 us an op:
+            # One token's torch ops take microseconds, and with more threads each may first wake
+            # OpenMP's workers, which sleep once idle for a moment (qmoe/__init__.py), ~90 us an op:
             # a decode step runs torch on one thread (tiny model at 2 threads: 7.6 -> 5.0 ms a
             # token; A3B shapes unchanged), a batch on all of them (A3B shapes, 512-token
             # prefill: 2.6 s on two, 3.2 s on one). The kernels keep their own threads.

@@ -19,7 +19,7 @@ The BLAS products go through torch, not numpy: OpenBLAS's threads spin after eac
 call and numba's OpenMP threads spin after each parallel loop, and alternating the two
 on a 2-core machine made a 256-token prefill of the tiny model take 3 s instead of
 0.08 s. torch's threads follow torch.set_num_threads (the CLI's -t) and, like numba's,
-wait passively under OMP_WAIT_POLICY=PASSIVE, which qmoe sets unless the user has.
+spin only briefly before they sleep (qmoe/__init__.py sets how long, unless the user has).
 """
 
 from __future__ import annotations
