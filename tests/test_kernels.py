@@ -475,28 +475,6 @@ def test_softmax_topk_is_torchs(rng, normalize):
     assert tied.tolist() == [[0, 1, 2]]  # equal logits: the lower indices first
 
 
-# (heads, K/V heads, d, d_v, cached, length): grouped queries, one K/V head for all with d_v < d
-# (DeepSeek's latent attention), and a long cache that takes the parallel path.
-ATTENTION_SHAPES = [(8, 2, 64, 64, 9, 7), (4, 1, 72, 64, 5, 5), (16, 4, 64, 64, 1100, 1090)]
-
-
-@pytest.mark.parametrize("heads, kv_heads, d, d_v, cached, length", ATTENTION_SHAPES)
-def test_attend_one_is_torchs_attention(rng, heads, kv_heads, d, d_v, cached, length):
-    """One query over the first `length` positions of whole K/V caches (what follows is not read)."""
-    q = rng.standard_normal((heads, d)).astype(np.float32)
-    k = rng.standard_normal((kv_heads, cached, d)).astype(np.float32)
-    v = rng.standard_normal((kv_heads, cached + 3, d_v)).astype(np.float32)  # caches may differ in length
-    k[:, length:], v[:, length:] = np.nan, np.nan
-    got = kernels.attend_one(q, k, v, length, 0.125)
-    ref = torch.nn.functional.scaled_dot_product_attention(
-        torch.from_numpy(q)[:, None], torch.from_numpy(k[:, :length]), torch.from_numpy(v[:, :length]),
-        scale=0.125, enable_gqa=True)[:, 0]
-    assert got.shape == (heads, d_v) and got.dtype == np.float32
-    np.testing.assert_allclose(got, ref.numpy(), rtol=1e-5, atol=1e-5)
-    with pytest.raises(QmoeError, match="attend_one"):
-        kernels.attend_one(q, k, v, cached + 1, 0.125)
-
-
 @pytest.mark.parametrize("n_tokens", [1, 5, ops.BLAS_MIN_TOKENS])
 def test_matmul_many_is_each_matmul(rng, n_tokens):
     """Weights of one form share a compiled call (up to MATMUL_WEIGHTS, the rest in the next);

@@ -13,15 +13,13 @@ Q6_K, IQ4_XS (qmoe/formats.py's table says how each is laid out).
                                         moe_ffn's grouping of tokens by expert and its weighted
                                         sum, for callers that compute the experts one at a time
     MLPTopK(fc1, t1, b1, fc2, t2, b2, activation)(x, count)   top outputs of a 2-layer net, serially
-    rms_norm(x, weight, eps), rope(x, positions, cos, sin, dim, neox), softmax_topk(logits, k, ...),
-    attend_one(q, k_cache, v_cache, length, scale)
-                                        a CPU model's norms, rotations, router and one token's
-                                        attention, one call each
+    rms_norm(x, weight, eps), rope(x, positions, cos, sin, dim, neox), softmax_topk(logits, k, ...)
+                                        a CPU model's norms, rotations and router, one call each
     set_num_threads(n)
 
 ops.py holds the products and dequantization, moe.py the routed-experts reduction (its
 order of summation, fixed once), compiled.py everything numba compiles for them, pointwise.py
-the norm, the rotation, the router and one query's attention, formats.py the weight formats.
+the norm, the rotation and the router, formats.py the weight formats.
 
 Weights are the raw views of qmoe.gguf_file (F32 float32 [rows, n], F16 float16,
 BF16 uint16, block types uint8 [rows, row_bytes] in ggml's block layout) or the same
@@ -66,14 +64,13 @@ from qmoe.kernels.ops import (
     set_exact_products,
     set_num_threads,
 )
-from qmoe.kernels.pointwise import attend_one, rms_norm, rope, softmax_topk
+from qmoe.kernels.pointwise import rms_norm, rope, softmax_topk
 from qmoe.kernels.torch_dequant import dequantize_torch
 
 __all__ = [
     "ExpertGroups",
     "MLPTopK",
     "add_expert_output",
-    "attend_one",
     "dequantize",
     "dequantize_torch",
     "exact_products",

@@ -1,5 +1,4 @@
-"""RMS norm, rotary embedding, the common router and one query's attention on the CPU, each
-one compiled call.
+"""RMS norm, rotary embedding and the common router on the CPU, each one compiled call.
 
 A decode step of one token runs a few norms and two rotations per layer on vectors of a few
 thousand floats. In torch each is 5-10 ops, and on the 2-core development machines a torch
@@ -13,10 +12,9 @@ normed and rotated by the same arithmetic whether they come one at a time or in 
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from qmoe.errors import QmoeError
-from qmoe.kernels.ops import PARALLEL_MIN_BYTES
 
 
 @njit(nogil=True, cache=True)
@@ -112,63 +110,3 @@ def softmax_topk(logits: np.ndarray, k: int, normalize: bool, scale: float = 1.0
     weights = np.empty((logits.shape[0], k), np.float32)
     _softmax_topk(logits, k, normalize, float(scale), ids, weights)
     return ids, weights
-
-
-@njit(nogil=True, fastmath={"reassoc", "contract", "nsz"})  # sums in any order: 1.7x faster here
-def _attend_head(qh, kg, vg, length, scale, scores, oh):
-    """One query head qh [d] over K/V rows kg [>= length, d], vg [>= length, d_v] into oh [d_v]."""
-    top = np.float32(-np.inf)
-    for s in range(length):
-        ks = kg[s]
-        total = np.float32(0.0)
-        for i in range(qh.shape[0]):
-            total += qh[i] * ks[i]
-        scores[s] = total * scale
-        top = max(top, scores[s])
-    total = np.float32(0.0)
-    for s in range(length):
-        scores[s] = np.exp(scores[s] - top)
-        total += scores[s]
-    oh[:] = 0.0
-    inv = np.float32(1.0) / total
-    for s in range(length):
-        w = scores[s] * inv
-        vs = vg[s]
-        for i in range(vs.shape[0]):
-            oh[i] += w * vs[i]
-
-
-@njit(nogil=True, cache=True)
-def _attend_one(q, k, v, length, scale, out):
-    group = q.shape[0] // k.shape[0]
-    scores = np.empty(length, np.float32)
-    for h in range(q.shape[0]):
-        _attend_head(q[h], k[h // group], v[h // group], length, scale, scores, out[h])
-
-
-@njit(parallel=True, nogil=True, cache=True)
-def _attend_one_parallel(q, k, v, length, scale, out):
-    group = q.shape[0] // k.shape[0]
-    for h in prange(q.shape[0]):
-        _attend_head(q[h], k[h // group], v[h // group], length, scale, np.empty(length, np.float32), out[h])
-
-
-def attend_one(q: np.ndarray, k: np.ndarray, v: np.ndarray, length: int, scale: float) -> np.ndarray:
-    """One new token's attention over the first `length` cached positions: q float32 [H, d],
-    k [H_kv, >= length, d], v [H_kv, >= length, d_v] (the whole caches: only their first
-    `length` positions are read), H a multiple of H_kv, query head h reading K/V head
-    h // (H / H_kv) -> float32 [H, d_v].
-
-    torch's CPU ops for one query cost 80 us a layer at a short context (4 ops of 20 us each
-    to launch) and its SDPA 12.7 ms at 1,500 tokens; this is one call, in parallel over the
-    heads once the caches it reads reach ops.PARALLEL_MIN_BYTES (below, waking the other
-    threads would cost more than they save)."""
-    if (q.ndim != 2 or k.ndim != 3 or v.ndim != 3 or k.shape[2] != q.shape[1] or k.shape[0] != v.shape[0]
-            or q.shape[0] % k.shape[0] or not 1 <= length <= min(k.shape[1], v.shape[1])):
-        raise QmoeError(f"attend_one: q [H, d], k [H_kv, >= {length}, d], v [H_kv, >= {length}, d_v] expected, "
-                        f"got {list(q.shape)}, {list(k.shape)}, {list(v.shape)}")
-    q, k, v = (np.ascontiguousarray(a, dtype=np.float32) for a in (q, k, v))
-    out = np.empty((q.shape[0], v.shape[2]), np.float32)
-    parallel = length * k.shape[0] * (k.shape[2] + v.shape[2]) * 4 >= PARALLEL_MIN_BYTES  # K and V read
-    (_attend_one_parallel if parallel else _attend_one)(q, k, v, int(length), np.float32(scale), out)
-    return out

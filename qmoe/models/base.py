@@ -278,19 +278,21 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_past: 
                      scale: float) -> torch.Tensor:
     """Scaled dot-product attention of T new queries over n_past + T keys.
 
-    q: [H, T, d], k: [H_kv, >= S, d], v: [H_kv, >= S, d_v] (whole caches: only their first
-    S = n_past + T positions are read); H a multiple of H_kv (grouped-query attention).
-    Returns [T, H * d_v].
+    q: [H, T, d], k: [H_kv, S, d], v: [H_kv, S, d_v] with S = n_past + T; H a
+    multiple of H_kv (grouped-query attention). Returns [T, H * d_v].
     """
     T = q.shape[1]
-    S = n_past + T
     if T == 1 and q.device.type == "cpu":
-        # One new token (decode) attends to everything before it, in one compiled call: torch's
-        # CPU SDPA is slow for a single query (12.7 ms at 1,500 cached tokens with 32 query / 4
-        # KV heads) and even four plain torch ops cost 80 us a layer to launch.
-        return torch.from_numpy(kernels.attend_one(q[:, 0].numpy(), k.numpy(), v.numpy(), S, scale)).reshape(1, -1)
-    mask = None if T == 1 else torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=n_past)
-    out = F.scaled_dot_product_attention(q, k[:, :S], v[:, :S], attn_mask=mask, scale=scale,
+        # One new token (decode) attends to everything before it. torch's CPU SDPA is slow for a
+        # single query: 12.7 ms against 0.65 ms for these two products at 1,500 cached tokens with
+        # 32 query / 4 KV heads, the time growing with the context. The heads that share a K/V head
+        # are one product with it: query head h reads K/V head h // (H / H_kv), as in SDPA's GQA.
+        h, d = q.shape[0], q.shape[2]
+        h_kv = k.shape[0]
+        scores = (q.reshape(h_kv, h // h_kv, d) @ k.transpose(1, 2)) * scale  # [H_kv, H / H_kv, S]
+        return (torch.softmax(scores, dim=-1) @ v).reshape(1, -1)  # [1, H * d_v]
+    mask = None if T == 1 else torch.ones(T, k.shape[1], dtype=torch.bool, device=q.device).tril(diagonal=n_past)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
                                          enable_gqa=k.shape[0] != q.shape[0])  # [H, T, d_v]
     return out.transpose(0, 1).reshape(T, -1)
 
@@ -403,7 +405,8 @@ class Attention(CachedAttention):
         n_past = cache.n_past
         k_cache[:, n_past:n_past + T] = k.transpose(0, 1)
         v_cache[:, n_past:n_past + T] = v.transpose(0, 1)
-        return causal_attention(q.transpose(0, 1), k_cache, v_cache, n_past, self.scale)
+        return causal_attention(q.transpose(0, 1), k_cache[:, :n_past + T], v_cache[:, :n_past + T],
+                                n_past, self.scale)
 
 
 # ----------------------------------------------------------------------------- feed-forward
