@@ -17,7 +17,11 @@ makes a hit about as likely as h / all slabs, so each token misses
 (1 - h/all) * k * MoE layers slabs. Then
 
     compute per token   k * MoE layers * expert_s + non-expert weights / dense_bps
-    decode, none        compute + misses * slab / read_bps    (a miss stalls the layer)
+    decode, none        non-expert weights / dense_bps + per MoE layer the longer of its hits'
+                        compute and its misses' reads, plus one expert's compute: a layer
+                        computes its hits while its misses are read, then each miss as it
+                        arrives (compute.py); attention cannot overlap them, as nothing
+                        is read before the router has chosen
     decode, bound       max(compute, misses * slab / read_bps) (what a perfect prefetch reaches)
     first token (T)     layer-major prefill: each expert a prompt uses read once,
                         E * (1 - (1 - k/E)^T) per layer, beside T tokens' batched compute
@@ -117,9 +121,13 @@ def forecast(shape: ModelShape, probe: Probe, budget: int | None) -> Forecast:
     if slots < 1:
         raise QmoeError(f"a RAM budget of {format_bytes(budget)} holds no expert slab ({format_bytes(s.slab_bytes)})")
     hit = slots / shape.n_slabs
-    read_per_token = round((1 - hit) * k * layers) * s.slab_bytes
-    compute = k * layers * probe.expert_s + shape.dense_bytes / probe.dense_bps
+    misses = (1 - hit) * k  # a layer's, on average
+    read_per_token = round(misses * layers) * s.slab_bytes
+    dense_s = shape.dense_bytes / probe.dense_bps
+    compute = k * layers * probe.expert_s + dense_s
     read_s = read_per_token / probe.read_bps
+    layer_s = max((k - misses) * probe.expert_s, misses * s.slab_bytes / probe.read_bps) + min(misses, 1) * probe.expert_s
+    none_s = dense_s + layers * layer_s
     first = {}
     for n in PROMPTS:
         used = shape.n_expert * (1 - (1 - k / shape.n_expert) ** n)
@@ -131,7 +139,7 @@ def forecast(shape: ModelShape, probe: Probe, budget: int | None) -> Forecast:
     pool = 0 if mapped else slots * s.slab_bytes
     rss = s.other_weights_bytes + s.kv_cache_bytes + s.activation_bytes + MEASURED_OVERHEAD_BYTES
     rss += s.expert_bytes if mapped else pool  # the map's pages count in RSS as they are touched
-    return Forecast(None if mapped else budget, pool, hit, read_per_token, 1 / (compute + read_s),
+    return Forecast(None if mapped else budget, pool, hit, read_per_token, 1 / none_s,
                     1 / max(compute, read_s), first, rss)
 
 
