@@ -21,7 +21,12 @@ AVX2 (no AVX-512) development machine it raised one core's cold matrix-vector pr
 from 4.7 / 11.7 / 3.9 / 5.3 / 3.7 GB/s (Q4_0 / Q8_0 / Q4_K / Q6_K / IQ4_XS) to
 7.3 / 17.2 / 7.6 / 8.6 / 5.8 GB/s; multiplying bytes as llama.cpp does (vpmaddubsw) instead
 of 16-bit values (vpmaddwd alone) then made them 1.05 / 1.09 / 1.42 / 1.48 / 1.23x faster
-(on weights in cache, the two versions interleaved in one process).
+(on weights in cache, the two versions interleaved in one process). With the bytes' products
+down to about 12 vector instructions per 64 weights, a Q4_K super-block's other ~100 were
+scalar work on its sub-scales and mins, decoded and multiplied group by group; decoding them
+four at a time in 32-bit words, summing the mins' products in one vector multiply per block
+(block_imin) and shuffling the sub-scales out of one vector (iscale_lanes) made Q4_K products
+1.28-1.39x faster again (Q6_K 1.02-1.05x), same measurement.
 
 Numba caches compiled code per source file and does not track what a cached
 function calls in other files, so the IR builders and the kernels that use them live
@@ -150,6 +155,9 @@ class _Half:
     iscale: ir.Value | None = None  # i32
     imin: ir.Value | None = None  # i32, K-quants: offset = -(dmin * imin), dmin the block's
     ushift: int | None = None  # q + ushift is in 0..127 (None: q is signed): the integer products' bytes
+    # <16 x i16>, where a format has its sub-scales in a vector: the group's iscale lane by lane
+    # (8 lanes of the low half's, 8 of the high half's), what the integer products multiply by
+    iscale_lanes: ir.Value | None = None
 
     def values(self, builder):
         """q as <16 x float>."""
@@ -214,8 +222,15 @@ def _qh_bits(builder, p, offset: int):
     return halves
 
 
-def _same(q_lo, q_hi, d, offset=None, iscale=None, imin=None, ushift=None):
-    return _Half(q_lo, d, offset, iscale, imin, ushift), _Half(q_hi, d, offset, iscale, imin, ushift)
+def _same(q_lo, q_hi, d, offset=None, iscale=None, imin=None, ushift=None, iscale_lanes=None):
+    return (_Half(q_lo, d, offset, iscale, imin, ushift, iscale_lanes),
+            _Half(q_hi, d, offset, iscale, imin, ushift, iscale_lanes))
+
+
+def _lanes_of(builder, vec, lo: int, hi: int):
+    """<16 x i16> of 8 lanes vec[lo], 8 lanes vec[hi] (vec: i16 lanes): a group's sub-scales for
+    the integer products, one shuffle of a vector loaded once per block."""
+    return builder.shuffle_vector(vec, vec, ir.Constant(_vi32, [lo] * _I_LANES + [hi] * _I_LANES))
 
 
 def _format(qtype):
@@ -316,21 +331,64 @@ def _q3_k_group(builder, p, s):
     return tuple(halves)
 
 
-def _k4_scale_min(builder, p, offset: int, j: int):
-    """Q4_K/Q5_K's 6-bit scale and min of group j (of 8), as i32, from 12 packed bytes."""
-
-    def byte(k):
-        return _byte(builder, p, offset + k)
+def _k4_words(builder, p, offset: int):
+    """Q4_K/Q5_K's 12 packed bytes of 6-bit scales and mins -> (scales 0-3, scales 4-7, mins 0-3,
+    mins 4-7), each an i32 of four bytes (byte i of a word is bits 8i: little-endian, as GGUF).
+    Groups j < 4 keep their scale and min in the low 6 bits of bytes j and j + 4; groups j >= 4
+    the low 4 bits in byte j + 4 (scale) or its high nibble (min), the top 2 in bits 6-7 of
+    bytes j - 4 and j. Word operations decode four groups at once, and every group of a
+    super-block asks for the same words, which LLVM computes once per block."""
+    w0, w1, w2 = (_load(builder, p, _i32, offset + 4 * i) for i in range(3))
 
     def c(v):
         return ir.Constant(_i32, v)
 
-    if j < 4:
-        return builder.and_(byte(j), c(63)), builder.and_(byte(j + 4), c(63))
-    top = builder.lshr(byte(j - 4), c(6))
-    sc = builder.or_(builder.and_(byte(j + 4), c(15)), builder.shl(top, c(4)))
-    m = builder.or_(builder.lshr(byte(j + 4), c(4)), builder.shl(builder.lshr(byte(j), c(6)), c(4)))
-    return sc, m
+    def top2(w):  # bits 6-7 of each byte, moved to bits 4-5
+        return builder.shl(builder.and_(builder.lshr(w, c(6)), c(0x03030303)), c(4))
+
+    low6 = c(0x3F3F3F3F)
+    scales_hi = builder.or_(builder.and_(w2, c(0x0F0F0F0F)), top2(w0))
+    mins_hi = builder.or_(builder.and_(builder.lshr(w2, c(4)), c(0x0F0F0F0F)), top2(w1))
+    return builder.and_(w0, low6), scales_hi, builder.and_(w1, low6), mins_hi
+
+
+def _k4_scale_min(builder, p, offset: int, j: int):
+    """Q4_K/Q5_K's 6-bit scale and min of group j (of 8), as i32 (_k4_words)."""
+    words = _k4_words(builder, p, offset)
+
+    def byte(w):
+        return builder.and_(builder.lshr(w, ir.Constant(_i32, 8 * (j % 4))), ir.Constant(_i32, 255))
+
+    return byte(words[j // 4]), byte(words[2 + j // 4])
+
+
+def _k4_block_imin(builder, p, fmt, xbp):
+    """A Q4_K/Q5_K super-block's sum over groups j of min_j * (xb[2j] + xb[2j + 1]) as i32, in
+    vector operations: the per-group scalar sums cost as much as the group's byte products."""
+    words = _k4_words(builder, p, fmt.offset("scales"))
+    pair = ir.VectorType(_i32, 2)
+    mins = builder.insert_element(ir.Constant(pair, ir.Undefined), words[2], ir.Constant(_i32, 0))
+    mins = builder.insert_element(mins, words[3], ir.Constant(_i32, 1))
+    mins = builder.zext(builder.bitcast(mins, ir.VectorType(_i8, 8)), _vi32_i)
+    xb = builder.load(builder.bitcast(xbp, ir.VectorType(_i32, _LANES).as_pointer()), align=4)
+    sums = builder.add(*(builder.shuffle_vector(xb, xb, ir.Constant(_vi32_i, list(range(h, _LANES, 2))))
+                         for h in range(2)))
+    return _reduce_add(builder, builder.mul(mins, sums))
+
+
+def _q6_k_block_ioffset(builder, p, fmt, xbp):
+    """A Q6_K super-block's -32 * sum over its 16-groups h of scales[h] * xb[h] (the unsigned
+    bytes' offset, _group_isum_bytes), in vector operations."""
+    scales = builder.sext(_bytes16(builder, p, fmt.offset("scales")), ir.VectorType(_i32, _LANES))
+    xb = builder.load(builder.bitcast(xbp, ir.VectorType(_i32, _LANES).as_pointer()), align=4)
+    return builder.mul(_reduce_add(builder, builder.mul(scales, xb)), ir.Constant(_i32, -32))
+
+
+def _reduce_add(builder, vec):
+    """The sum of an integer vector's lanes."""
+    fnty = ir.FunctionType(vec.type.element, [vec.type])
+    name = f"llvm.vector.reduce.add.v{vec.type.count}i{vec.type.element.width}"
+    return builder.call(cgutils.get_or_insert_function(builder.module, fnty, name), [vec])
 
 
 def _k4_scales(builder, p, fmt, s):
@@ -346,10 +404,20 @@ def _k4_nibbles(builder, p, fmt, s):
     return [_bits(builder, _bytes16(builder, p, qs + 16 * h), 4 * (s % 2), 15) for h in range(2)]
 
 
+def _k4_scale_lanes(builder, p, fmt, s):
+    """Group s's scale in the 16 lanes of _Half.iscale_lanes, from the block's 8 scales as a vector."""
+    words = _k4_words(builder, p, fmt.offset("scales"))
+    pair = ir.VectorType(_i32, 2)
+    scales = builder.insert_element(ir.Constant(pair, ir.Undefined), words[0], ir.Constant(_i32, 0))
+    scales = builder.insert_element(scales, words[1], ir.Constant(_i32, 1))
+    scales = builder.zext(builder.bitcast(scales, ir.VectorType(_i8, 8)), ir.VectorType(_i16, 8))
+    return _lanes_of(builder, scales, s, s)
+
+
 def _q4_k_group(builder, p, s):
     fmt = _format(Q4_K)
     lo, hi = _k4_nibbles(builder, p, fmt, s)
-    return _same(lo, hi, *_k4_scales(builder, p, fmt, s), ushift=0)
+    return _same(lo, hi, *_k4_scales(builder, p, fmt, s), ushift=0, iscale_lanes=_k4_scale_lanes(builder, p, fmt, s))
 
 
 def _q5_k_group(builder, p, s):
@@ -359,7 +427,7 @@ def _q5_k_group(builder, p, s):
     for h, q in enumerate(_k4_nibbles(builder, p, fmt, s)):
         hbit = _bits(builder, _bytes16(builder, p, fmt.offset("qh") + 16 * h), s, 1)
         qs.append(builder.or_(q, builder.shl(hbit, _c8(4))))
-    return _same(*qs, *_k4_scales(builder, p, fmt, s), ushift=0)
+    return _same(*qs, *_k4_scales(builder, p, fmt, s), ushift=0, iscale_lanes=_k4_scale_lanes(builder, p, fmt, s))
 
 
 def _q6_k_group(builder, p, s):
@@ -368,6 +436,7 @@ def _q6_k_group(builder, p, s):
     fmt = _format(Q6_K)
     a, r = s // 4, s % 4
     d = _field_half(builder, p, fmt, "d")
+    lanes = _lanes_of(builder, builder.sext(_bytes16(builder, p, fmt.offset("scales")), _vi16), 2 * s, 2 * s + 1)
     halves = []
     for h in range(2):
         ql = _bits(
@@ -376,7 +445,7 @@ def _q6_k_group(builder, p, s):
         qh = _bits(builder, _bytes16(builder, p, fmt.offset("qh") + 32 * a + 16 * h), 2 * r, 3)
         q = builder.sub(builder.or_(ql, builder.shl(qh, _c8(4))), _c8(32))
         sc = builder.sext(_load(builder, p, _i8, fmt.offset("scales") + 2 * s + h), _i32)
-        halves.append(_Half(q, d, iscale=sc, ushift=32))
+        halves.append(_Half(q, d, iscale=sc, ushift=32, iscale_lanes=lanes))
     return tuple(halves)
 
 
@@ -424,12 +493,23 @@ class _IRFormat:
     one: Callable | None = None  # float formats: (builder, byte ptr) -> float
     d_offset: int = 0  # block formats: byte offset of the fp16 d, the halves' common d
     dmin_offset: int = 0  # K-quants with mins: byte offset of the fp16 dmin
+    # Integer products, where a format has them: the whole block's sum of imin * xb, or of its
+    # unsigned bytes' offset, in one go, (builder, block ptr, xb ptr of the block) -> i32,
+    # instead of group by group.
+    block_imin: Callable | None = None
+    block_ioffset: Callable | None = None
 
 
-def _block_format(qtype, group: Callable) -> _IRFormat:
+def _block_format(qtype, group: Callable, block_imin: Callable | None = None,
+                  block_ioffset: Callable | None = None) -> _IRFormat:
     fmt = _format(qtype)
     dmin = fmt.offset("dmin") if "dmin" in dict(fmt.fields) else 0
-    return _IRFormat(fmt.block, fmt.block_bytes, group, d_offset=fmt.offset("d"), dmin_offset=dmin)
+
+    def bound(hook):
+        return None if hook is None else (lambda builder, bp, xbp: hook(builder, bp, fmt, xbp))
+
+    return _IRFormat(fmt.block, fmt.block_bytes, group, d_offset=fmt.offset("d"), dmin_offset=dmin,
+                     block_imin=bound(block_imin), block_ioffset=bound(block_ioffset))
 
 
 def _float_format(qtype, group: Callable, one: Callable) -> _IRFormat:
@@ -446,9 +526,9 @@ IR_FORMATS = {
     IQ4_NL: _block_format(IQ4_NL, _iq4_nl_group),
     Q2_K: _block_format(Q2_K, _q2_k_group),
     Q3_K: _block_format(Q3_K, _q3_k_group),
-    Q4_K: _block_format(Q4_K, _q4_k_group),
-    Q5_K: _block_format(Q5_K, _q5_k_group),
-    Q6_K: _block_format(Q6_K, _q6_k_group),
+    Q4_K: _block_format(Q4_K, _q4_k_group, block_imin=_k4_block_imin),
+    Q5_K: _block_format(Q5_K, _q5_k_group, block_imin=_k4_block_imin),
+    Q6_K: _block_format(Q6_K, _q6_k_group, block_ioffset=_q6_k_block_ioffset),
     IQ4_XS: _block_format(IQ4_XS, _iq4_xs_group),
     F32: _float_format(F32, _f32_group, lambda b, p: _load(b, p, _f32)),
     F16: _float_format(F16, _f16_group, _half_to_f32),
@@ -636,7 +716,8 @@ def _make_row_dot(n_tokens: int):
 # sign-extend q and xq and sum their products in pairs (vpmaddwd), times the sub-scale. ARM
 # lowers both to widening multiplies (smull/umull) and adds. The block's integer sum becomes
 # float once, times d * dx. The K-quants' mins (Q2_K, Q4_K, Q5_K) multiply the integer sums of
-# their halves' xq (xb), summed as integers and scaled once by -dmin * dx; Q4_1's and Q5_1's
+# their halves' xq (xb), summed as integers (for Q4_K/Q5_K in one vector multiply per block,
+# _IRFormat.block_imin; Q6_K's offset likewise, block_ioffset) and scaled once by -dmin * dx; Q4_1's and Q5_1's
 # float offsets multiply their group's xs, as llama.cpp's Q8_1 does. The int32 sums cannot
 # overflow: |u * iscale| <= 63 * 128 for every format, so a 256-block sums to at most
 # 256 * 8064 * 127 < 2^31. Float formats have no integer values and are not here.
@@ -709,7 +790,9 @@ def _group_isum_bytes(builder, lo: _Half, hi: _Half, xq_group, xb_lo, xb_hi, avx
         shift = _c8(lo.ushift)
         u = builder.shuffle_vector(builder.add(lo.q, shift), builder.add(hi.q, shift), whole)
     pairs = _ubyte_pairs(builder, u, xq_group, avx2)  # lanes 0-7: the low half's, 8-15: the high half's
-    if lo.iscale is None:
+    if lo.iscale_lanes is not None:
+        scales = lo.iscale_lanes
+    elif lo.iscale is None:
         scales = ir.Constant(_vi16, [1] * _LANES)
     else:
         scales = _splat(builder, builder.trunc(lo.iscale, _i16), _LANES)
@@ -801,7 +884,7 @@ def _make_row_dot_q8(n_tokens: int):
                                 group = builder.bitcast(builder.gep(xqp, [_const(2 * s)]), _vi8_group.as_pointer())
                                 isum, ioffset = _group_isum_bytes(
                                     builder, lo, hi, builder.load(group, align=1), xb_lo, xb_hi, avx2)
-                                if ioffset is not None:
+                                if ioffset is not None and fmt.block_ioffset is None:
                                     ioffsets[j] = builder.add(ioffsets[j], ioffset)
                             else:
                                 xq_lo = builder.load(builder.gep(xqp, [_const(2 * s)]), align=1)
@@ -809,11 +892,16 @@ def _make_row_dot_q8(n_tokens: int):
                                 isum = _group_isum(builder, lo, hi, xq_lo, xq_hi)
                             isums[j] = builder.add(isums[j], isum)
                             if lo.imin is not None:
-                                imins[j] = builder.add(imins[j], _group_imin(builder, lo, hi, xb_lo, xb_hi))
+                                if fmt.block_imin is None:
+                                    imins[j] = builder.add(imins[j], _group_imin(builder, lo, hi, xb_lo, xb_hi))
                                 continue
                             o = _group_offset(builder, lo, hi, xsp, s)
                             if o is not None:
                                 offsets[j] = o if offsets[j] is None else builder.fadd(offsets[j], o, flags=_FLAGS)
+                    if fmt.block_imin is not None:
+                        imins = [fmt.block_imin(builder, bp, xbp) for xbp in xbps]
+                    if fmt.block_ioffset is not None:  # a format with unsigned bytes: always their path
+                        ioffsets = [fmt.block_ioffset(builder, bp, xbp) for xbp in xbps]
                     half = _half_to_f32_int if fmt.block == _GROUP else _half_to_f32
                     d = half(builder, builder.gep(bp, [_const(fmt.d_offset)]))
                     for j, (e, isum, acc, offset_sum) in enumerate(zip(es, isums, accs, offset_sums)):
