@@ -362,14 +362,18 @@ def _k4_scale_min(builder, p, offset: int, j: int):
     return byte(words[j // 4]), byte(words[2 + j // 4])
 
 
+def _word_bytes(builder, first, second):
+    """Two i32 words of four bytes (_k4_words) as one <8 x i8>: the first word's bytes, then the second's."""
+    pair = ir.VectorType(_i32, 2)
+    words = builder.insert_element(ir.Constant(pair, ir.Undefined), first, ir.Constant(_i32, 0))
+    return builder.bitcast(builder.insert_element(words, second, ir.Constant(_i32, 1)), ir.VectorType(_i8, 8))
+
+
 def _k4_block_imin(builder, p, fmt, xbp):
     """A Q4_K/Q5_K super-block's sum over groups j of min_j * (xb[2j] + xb[2j + 1]) as i32, in
     vector operations: the per-group scalar sums cost as much as the group's byte products."""
     words = _k4_words(builder, p, fmt.offset("scales"))
-    pair = ir.VectorType(_i32, 2)
-    mins = builder.insert_element(ir.Constant(pair, ir.Undefined), words[2], ir.Constant(_i32, 0))
-    mins = builder.insert_element(mins, words[3], ir.Constant(_i32, 1))
-    mins = builder.zext(builder.bitcast(mins, ir.VectorType(_i8, 8)), _vi32_i)
+    mins = builder.zext(_word_bytes(builder, words[2], words[3]), _vi32_i)
     xb = builder.load(builder.bitcast(xbp, ir.VectorType(_i32, _LANES).as_pointer()), align=4)
     sums = builder.add(*(builder.shuffle_vector(xb, xb, ir.Constant(_vi32_i, list(range(h, _LANES, 2))))
                          for h in range(2)))
@@ -407,11 +411,7 @@ def _k4_nibbles(builder, p, fmt, s):
 def _k4_scale_lanes(builder, p, fmt, s):
     """Group s's scale in the 16 lanes of _Half.iscale_lanes, from the block's 8 scales as a vector."""
     words = _k4_words(builder, p, fmt.offset("scales"))
-    pair = ir.VectorType(_i32, 2)
-    scales = builder.insert_element(ir.Constant(pair, ir.Undefined), words[0], ir.Constant(_i32, 0))
-    scales = builder.insert_element(scales, words[1], ir.Constant(_i32, 1))
-    scales = builder.zext(builder.bitcast(scales, ir.VectorType(_i8, 8)), ir.VectorType(_i16, 8))
-    return _lanes_of(builder, scales, s, s)
+    return _lanes_of(builder, builder.zext(_word_bytes(builder, words[0], words[1]), ir.VectorType(_i16, 8)), s, s)
 
 
 def _q4_k_group(builder, p, s):
@@ -716,11 +716,11 @@ def _make_row_dot(n_tokens: int):
 # sign-extend q and xq and sum their products in pairs (vpmaddwd), times the sub-scale. ARM
 # lowers both to widening multiplies (smull/umull) and adds. The block's integer sum becomes
 # float once, times d * dx. The K-quants' mins (Q2_K, Q4_K, Q5_K) multiply the integer sums of
-# their halves' xq (xb), summed as integers (for Q4_K/Q5_K in one vector multiply per block,
-# _IRFormat.block_imin; Q6_K's offset likewise, block_ioffset) and scaled once by -dmin * dx; Q4_1's and Q5_1's
-# float offsets multiply their group's xs, as llama.cpp's Q8_1 does. The int32 sums cannot
-# overflow: |u * iscale| <= 63 * 128 for every format, so a 256-block sums to at most
-# 256 * 8064 * 127 < 2^31. Float formats have no integer values and are not here.
+# their halves' xq (xb), summed as integers (Q4_K/Q5_K: one vector multiply per block,
+# _IRFormat.block_imin; Q6_K's unsigned-byte offset too, block_ioffset) and scaled once by
+# -dmin * dx; Q4_1's and Q5_1's float offsets multiply their group's xs, as llama.cpp's Q8_1
+# does. The int32 sums cannot overflow: |u * iscale| <= 63 * 128 for every format, so a
+# 256-block sums to at most 256 * 8064 * 127 < 2^31. Float formats have no integer values and are not here.
 
 _I_LANES = _LANES // 2
 _vf32_i = ir.VectorType(_f32, _I_LANES)
