@@ -755,12 +755,13 @@ def _x86_has(context, builder, feature: str) -> bool:
 
 
 def _half_to_f32_f16c(builder, ptr):
-    """_half_to_f32 as vmovd + vcvtph2ps, in inline assembly, for a 32-block's scale in the
+    """_half_to_f32 as vmovd + vcvtph2ps, in inline assembly, for a block's scales in the
     integer products' loop. vmovd from a general register writes the whole vector register,
     so nothing chains the conversion to an earlier value (the trouble with fpext, see
     _half_to_f32_int), and it is 3 instructions where _half_to_f32_int takes about 12 and a
     branch: Q8_0's products 1.28-1.39x faster, Q4_1's 1.25x, IQ4_NL's 1.18x (one core, in L2;
-    with the signed form of _group_isum_bytes, cold Q4_0 1.27-1.40x). LLVM cannot see into the assembly, which
+    with the signed form of _group_isum_bytes, cold Q4_0 1.27-1.40x; the K-quants' and
+    IQ4_XS's 1.00-1.04x, where fpext chained d to the accumulator's register). LLVM cannot see into the assembly, which
     is the point. NaN payloads may differ from gguf-py's (vcvtph2ps quiets a signaling NaN),
     so decoding keeps the exact conversions."""
     h = builder.zext(_load(builder, ptr, _i16), _i32)
@@ -888,7 +889,7 @@ def _make_row_dot_q8(n_tokens: int):
 
             imins_zero = ir.Constant(_i32, 0)
             avx2 = _x86_has(context, builder, "avx2")
-            block_half = _half_to_f32_f16c if _x86_has(context, builder, "f16c") else _half_to_f32_int
+            f16c = _x86_has(context, builder, "f16c")
 
             def emit(fmt: _IRFormat):
                 accs = [cgutils.alloca_once_value(builder, ir.Constant(_vf32_i, [0.0] * _I_LANES)) for _ in offs]
@@ -927,7 +928,10 @@ def _make_row_dot_q8(n_tokens: int):
                         imins = [fmt.block_imin(builder, bp, xbp) for xbp in xbps]
                     if fmt.block_ioffset is not None:  # a format with unsigned bytes: always their path
                         ioffsets = [fmt.block_ioffset(builder, bp, xbp) for xbp in xbps]
-                    half = block_half if fmt.block == _GROUP else _half_to_f32
+                    if f16c:
+                        half = _half_to_f32_f16c
+                    else:
+                        half = _half_to_f32_int if fmt.block == _GROUP else _half_to_f32
                     d = half(builder, builder.gep(bp, [_const(fmt.d_offset)]))
                     for j, (e, isum, acc, offset_sum) in enumerate(zip(es, isums, accs, offset_sums)):
                         if ioffsets[j] is not imins_zero:  # the unsigned bytes' offsets, into lane 0
