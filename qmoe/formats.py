@@ -31,6 +31,7 @@ there anyway).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
@@ -51,7 +52,7 @@ class Format:
     raw_dtype: np.dtype  # dtype of qmoe.gguf_file's raw view: the element type, or uint8 blocks
     kernels: bool = True  # qmoe's kernels compute with it (False: stored and readable only)
 
-    @property
+    @cached_property  # read on every kernel call's checks: worked out once
     def block_bytes(self) -> int:
         return sum(size for _, size in self.fields)
 

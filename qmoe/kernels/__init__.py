@@ -15,11 +15,13 @@ Q6_K, IQ4_XS (qmoe/formats.py's table says how each is laid out).
     MLPTopK(fc1, t1, b1, fc2, t2, b2, activation)(x, count)   top outputs of a 2-layer net, serially
     rms_norm(x, weight, eps), rope(x, positions, cos, sin, dim, neox), softmax_topk(logits, k, ...)
                                         a CPU model's norms, rotations and router, one call each
+    one_query_attention(q, k, v, scale) a decode step's attention over a token-major KV cache
     set_num_threads(n)
 
 ops.py holds the products and dequantization, moe.py the routed-experts reduction (its
 order of summation, fixed once), compiled.py everything numba compiles for them, pointwise.py
-the norm, the rotation and the router, formats.py the weight formats.
+the norm, the rotation and the router, attention.py a decode step's attention, formats.py the
+weight formats.
 
 Weights are the raw views of qmoe.gguf_file (F32 float32 [rows, n], F16 float16,
 BF16 uint16, block types uint8 [rows, row_bytes] in ggml's block layout) or the same
@@ -54,6 +56,7 @@ worker can run beside them; concurrent calls from several threads need numba's
 whose threads follow torch.set_num_threads (ops.py says why torch and not numpy).
 """
 
+from qmoe.kernels.attention import one_query_attention
 from qmoe.kernels.moe import ExpertGroups, add_expert_output, expert_ffn, moe_ffn
 from qmoe.kernels.ops import (
     MLPTopK,
@@ -78,6 +81,7 @@ __all__ = [
     "matmul",
     "matmul_many",
     "moe_ffn",
+    "one_query_attention",
     "rms_norm",
     "rope",
     "set_exact_products",

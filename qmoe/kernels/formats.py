@@ -13,11 +13,15 @@ from gguf import GGMLQuantizationType
 from qmoe.errors import QmoeError
 from qmoe.formats import FORMATS, KERNEL_TYPES, QT, row_bytes, supported_names
 
+_KERNEL_SET = frozenset(KERNEL_TYPES)
+
 __all__ = ["FORMATS", "KERNEL_TYPES", "QT", "check_qtype", "row_bytes", "weight_bytes"]
 
 
 def check_qtype(qtype: GGMLQuantizationType | int) -> GGMLQuantizationType:
     """`qtype` as a member of FORMATS, or an error that lists the supported types."""
+    if qtype in _KERNEL_SET:  # the usual case, a member already, without the enum lookup
+        return qtype if isinstance(qtype, QT) else QT(int(qtype))
     try:
         qtype = QT(int(qtype))
     except ValueError:
