@@ -428,7 +428,7 @@ def test_one_tokens_expert_groups_are_the_general_ones(rng, monkeypatch):
             got, want = np.asarray(getattr(fast, field)), np.asarray(getattr(general, field))
             assert got.dtype == want.dtype and np.array_equal(got, want), (ids, field)
 
-# ----------------------------------------------------------------------------- pointwise (norms, rope, router)
+# ----------------------------------------------------------------------------- pointwise (norms, rope, router, attention)
 
 
 def test_rms_norm_is_torchs(rng):
@@ -473,6 +473,20 @@ def test_softmax_topk_is_torchs(rng, normalize):
     np.testing.assert_allclose(weights, (ref_w * 2.5).numpy(), rtol=1e-5)
     tied, _ = kernels.softmax_topk(np.zeros((1, 8), np.float32), 3, True)
     assert tied.tolist() == [[0, 1, 2]]  # equal logits: the lower indices first
+
+
+@pytest.mark.parametrize("heads, heads_kv, n_keys", [(8, 2, 1), (32, 4, 37), (4, 1, 300)])
+def test_one_query_attention_is_torchs(rng, heads, heads_kv, n_keys):
+    """The decode step's compiled attention over token-major keys/values equals torch's SDPA (GQA)."""
+    q = rng.standard_normal((heads, 64), dtype=np.float32)
+    k = rng.standard_normal((n_keys, heads_kv, 64), dtype=np.float32)
+    v = rng.standard_normal((n_keys, heads_kv, 48), dtype=np.float32)
+    want = torch.nn.functional.scaled_dot_product_attention(
+        torch.from_numpy(q)[:, None], torch.from_numpy(k).transpose(0, 1), torch.from_numpy(v).transpose(0, 1),
+        scale=0.125, enable_gqa=True)[:, 0]
+    np.testing.assert_allclose(kernels.one_query_attention(q, k, v, 0.125), want.numpy(), rtol=1e-5, atol=1e-5)
+    with pytest.raises(QmoeError, match="one_query_attention"):
+        kernels.one_query_attention(q, k[..., :32], v, 0.125)  # keys of another width than the queries
 
 
 @pytest.mark.parametrize("n_tokens", [1, 5, ops.BLAS_MIN_TOKENS])
