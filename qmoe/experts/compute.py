@@ -91,7 +91,7 @@ class StoreExperts:
         for e, entry in claims.ready:
             slots[e] = entry.slot
         try:
-            return kernels.moe_ffn(*tier.parts, tier.layout.qtypes, x, ids, weights, slabs=slots)
+            return kernels.stacked_moe_ffn(tier.stacked, x, ids, weights, slabs=slots)
         finally:
             for _, entry in claims.ready:
                 self.store.release(tier, entry)

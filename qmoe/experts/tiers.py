@@ -81,6 +81,7 @@ class RamPool:
         self.layout = layout
         self.slab_bytes = layout.nbytes
         self.parts = host_slots(n_slots, layout.raw_shapes, align, residue)
+        self.stacked = kernels.StackedExperts.of(*self.parts, layout.qtypes, "the RAM pool's slots")
         self.cache = SlotCache(n_slots)
 
     @property
@@ -98,6 +99,7 @@ class RamPool:
         """Give the slots' memory back now (the store is closed), not whenever the collector
         finds the model: a closed model may sit in a reference cycle while its caller goes on."""
         self.parts = []
+        self.stacked = None
 
 
 def dense_expert_ffn(
@@ -126,8 +128,10 @@ class FastTier:
         self.dense = dense
         self.dtype = self.slot_dtype(layout, device, dense)
         self.slab_bytes = self.slot_bytes(layout, device, dense)
+        self.stacked = None  # quantized slots checked once for the kernels (not dense)
         if not dense:
             self.parts = host_slots(n_slots, layout.raw_shapes)
+            self.stacked = kernels.StackedExperts.of(*self.parts, layout.qtypes, "the fast tier's slots")
         else:
             self.parts = [
                 torch.empty((n_slots, *shape), dtype=self.dtype, device=device) for shape in layout.dense_shapes
@@ -173,6 +177,7 @@ class FastTier:
     def release(self) -> None:
         """Give the slots' memory (GPU memory and the pinned staging buffer, on CUDA) back now."""
         self.parts = []
+        self.stacked = None
         self.staging = self.raw = None
 
     def upload(self, slot: int, raw: tuple[np.ndarray, np.ndarray, np.ndarray], layout: SlabLayout) -> None:

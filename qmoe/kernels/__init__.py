@@ -9,6 +9,8 @@ Q6_K, IQ4_XS (qmoe/formats.py's table says how each is laid out).
     dequantize_torch(raw, qtype, n)     the same in torch ops, on any device (the CUDA tier)
     expert_ffn(gate, up, down, qtypes, x)                     one expert's SwiGLU on T tokens
     moe_ffn(gate_exps, up_exps, down_exps, qtypes, x, ids, weights)   routed sum over top-k experts
+    stacked_moe_ffn(StackedExperts.of(gate_exps, up_exps, down_exps, qtypes), x, ids, weights)
+                                        the same with the weights checked once, for every step
     ExpertGroups(ids), add_expert_output(out, groups, g, y, weights)
                                         moe_ffn's grouping of tokens by expert and its weighted
                                         sum, for callers that compute the experts one at a time
@@ -16,6 +18,8 @@ Q6_K, IQ4_XS (qmoe/formats.py's table says how each is laid out).
     rms_norm(x, weight, eps), rope(x, positions, cos, sin, dim, neox), softmax_topk(logits, k, ...)
                                         a CPU model's norms, rotations and router, one call each
     one_query_attention(q, k, v, scale) a decode step's attention over a token-major KV cache
+    decode_attention(q, k, v, norms, rope, caches, ...)   q/k norms, rope, cache write and that
+                                        attention, one call for models.base.Attention's decode
     set_num_threads(n)
 
 ops.py holds the products and dequantization, moe.py the routed-experts reduction (its
@@ -56,8 +60,15 @@ worker can run beside them; concurrent calls from several threads need numba's
 whose threads follow torch.set_num_threads (ops.py says why torch and not numpy).
 """
 
-from qmoe.kernels.attention import one_query_attention
-from qmoe.kernels.moe import ExpertGroups, add_expert_output, expert_ffn, moe_ffn
+from qmoe.kernels.attention import NORM_FULL, NORM_HEAD, NORM_NONE, decode_attention, one_query_attention
+from qmoe.kernels.moe import (
+    ExpertGroups,
+    StackedExperts,
+    add_expert_output,
+    expert_ffn,
+    moe_ffn,
+    stacked_moe_ffn,
+)
 from qmoe.kernels.ops import (
     MLPTopK,
     dequantize,
@@ -71,9 +82,14 @@ from qmoe.kernels.pointwise import rms_norm, rope, softmax_topk
 from qmoe.kernels.torch_dequant import dequantize_torch
 
 __all__ = [
+    "NORM_FULL",
+    "NORM_HEAD",
+    "NORM_NONE",
     "ExpertGroups",
     "MLPTopK",
+    "StackedExperts",
     "add_expert_output",
+    "decode_attention",
     "dequantize",
     "dequantize_torch",
     "exact_products",
@@ -87,4 +103,5 @@ __all__ = [
     "set_exact_products",
     "set_num_threads",
     "softmax_topk",
+    "stacked_moe_ffn",
 ]

@@ -20,6 +20,9 @@ import numpy as np
 from numba import njit, prange
 
 from qmoe.errors import QmoeError
+from qmoe.kernels.pointwise import _rms_norm, _rope
+
+NORM_NONE, NORM_HEAD, NORM_FULL = 0, 1, 2  # decode_attention's q/k norms: none, per head, over all heads
 
 
 @njit(parallel=True, nogil=True, fastmath=True, cache=True)
@@ -59,4 +62,55 @@ def one_query_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: floa
                         f"of H_kv expected, got {list(q.shape)}, {list(k.shape)}, {list(v.shape)}")
     out = np.empty((q.shape[0], v.shape[2]), np.float32)
     _one_query_attention(*(np.ascontiguousarray(a, dtype=np.float32) for a in (q, k, v)), np.float32(scale), out)
+    return out
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def _decode_attention(q, k, v, q_norm, k_norm, norm, eps, clamp, cos, sin, position, rope_dim, neox,
+                      k_cache, v_cache, scale, out):
+    if clamp > 0:
+        for a in (q, k, v):
+            for i in range(a.shape[0]):
+                for j in range(a.shape[1]):
+                    a[i, j] = min(max(a[i, j], -clamp), clamp)
+    qn, kn = q.copy(), k.copy()
+    if norm == NORM_HEAD:
+        _rms_norm(q, q_norm, eps, qn)
+        _rms_norm(k, k_norm, eps, kn)
+    elif norm == NORM_FULL:
+        _rms_norm(q.reshape(1, q.size), q_norm, eps, qn.reshape(1, q.size))
+        _rms_norm(k.reshape(1, k.size), k_norm, eps, kn.reshape(1, k.size))
+    positions = np.full(1, position, np.int64)
+    qr = np.empty((1, q.shape[0], q.shape[1]), np.float32)
+    _rope(qn.reshape(1, q.shape[0], q.shape[1]), positions, cos, sin, rope_dim, neox, qr)
+    _rope(kn.reshape(1, k.shape[0], k.shape[1]), positions, cos, sin, rope_dim, neox, k_cache[position:position + 1])
+    v_cache[position] = v
+    _one_query_attention(qr[0], k_cache[:position + 1], v_cache[:position + 1], scale, out)
+
+
+def decode_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_norm: np.ndarray, k_norm: np.ndarray,
+                     norm: int, eps: float, clamp: float, cos: np.ndarray, sin: np.ndarray, position: int,
+                     rope_dim: int, neox: bool, k_cache: np.ndarray, v_cache: np.ndarray, scale: float) -> np.ndarray:
+    """One new token's attention from its projections, in one compiled call: the decode step of
+    models.base.Attention on the CPU, as its torch ops do it, in their order.
+
+    q [H, d], k [H_kv, d], v [H_kv, d_v] float32 (clamped in place to +-clamp when clamp > 0);
+    norm NORM_HEAD: RMS norms q_norm / k_norm [d] of each head, NORM_FULL: over all heads
+    ([H * d], [H_kv * d]), NORM_NONE: none (the norms empty); rope over the first rope_dim
+    features of every head at `position` (tables cos, sin [n_ctx, rope_dim / 2], neox pairs or
+    adjacent); the rotated key and the value go into row `position` of the token-major caches
+    [n_ctx, H_kv, d] and [n_ctx, H_kv, d_v], over whose rows 0..position the query attends.
+    Returns [H, d_v].
+    """
+    n_ctx = k_cache.shape[0]
+    if not (q.ndim == k.ndim == v.ndim == 2 and k_cache.shape[1:] == k.shape and v_cache.shape[1:] == v.shape
+            and v_cache.shape[0] == n_ctx and 0 <= position < n_ctx and q.shape[1] == k.shape[1]
+            and q.shape[0] % k.shape[0] == 0 and k_cache.flags.c_contiguous and v_cache.flags.c_contiguous):
+        raise QmoeError(f"decode_attention: q [H, d], k [H_kv, d], v [H_kv, d_v] and C-contiguous caches "
+                        f"[n_ctx, H_kv, d], [n_ctx, H_kv, d_v] with position < n_ctx expected, got q {list(q.shape)}, "
+                        f"k {list(k.shape)}, v {list(v.shape)}, caches {list(k_cache.shape)}, {list(v_cache.shape)}, "
+                        f"position {position}")
+    out = np.empty((q.shape[0], v.shape[1]), np.float32)
+    _decode_attention(q, k, v, q_norm, k_norm, norm, float(eps), np.float32(clamp), cos, sin, position,
+                      rope_dim, neox, k_cache, v_cache, np.float32(scale), out)
     return out

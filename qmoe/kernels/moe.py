@@ -8,6 +8,7 @@ Float sums depend on their order, so the order is fixed here, once, for every ca
     add_expert_output(...) out[t] += weight * y for one group's tokens
     moe_ffn                every group at once: the small groups in one compiled call that
                            adds them in group order, then each BLAS group in turn
+    stacked_moe_ffn        the same on a StackedExperts, weights checked once for every call
     expert_ffn             one expert's SwiGLU on its tokens (weight 1)
 
 A caller that computes the groups itself, one expert at a time from wherever its slab
@@ -17,6 +18,8 @@ adds `weight * y` into the output exactly as `add_expert_output` does.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -127,6 +130,34 @@ def _moe_rows_types(qtypes: tuple, exact: bool | None) -> tuple:
     return tuple(int(q) for q in qtypes), tuple(q8), (x_block, q8_block(down))
 
 
+@dataclass(frozen=True)
+class StackedExperts:
+    """A layer's stacked expert weights (raw [E, rows, row] gate, up, down), checked once.
+
+    moe_ffn checks its weights and works out their row sizes on every call, some forty Python
+    calls; a caller that computes with the same tensors step after step (a model's layer, an
+    expert store's slots) makes this once and calls stacked_moe_ffn, which skips them. In a
+    decode step every Python call after a weight product runs slowly (on the development VM a
+    trivial one took 20 us instead of 0.4 after 8 ms of work), so this is worth it there.
+    """
+
+    gate: np.ndarray
+    up: np.ndarray
+    down: np.ndarray
+    qtypes: tuple
+    flat: tuple  # the three as flat read-only bytes (weight_bytes)
+    row_bytes: tuple
+    n_expert: int
+    n_embd: int
+    n_ff: int
+
+    @classmethod
+    def of(cls, gate: np.ndarray, up: np.ndarray, down: np.ndarray, qtypes: tuple,
+           what: str = "moe_ffn") -> StackedExperts:
+        flat, qt, rb, n_expert, n_embd, n_ff = _experts(gate, up, down, qtypes, what)
+        return cls(gate, up, down, qt, tuple(flat), rb, n_expert, n_embd, n_ff)
+
+
 def moe_ffn(
     gate_exps: np.ndarray,
     up_exps: np.ndarray,
@@ -152,7 +183,15 @@ def moe_ffn(
     the order of the expert ids all the same, so the result is bit-identical.
     exact: float32 activations or integer products, as ops.matmul's `exact`.
     """
-    flat, qt, rb, n_expert, n_embd, n_ff = _experts(gate_exps, up_exps, down_exps, qtypes, "moe_ffn")
+    experts = StackedExperts.of(gate_exps, up_exps, down_exps, qtypes)
+    return stacked_moe_ffn(experts, x, expert_ids, expert_weights, slabs, exact)
+
+
+def stacked_moe_ffn(experts: StackedExperts, x: np.ndarray, expert_ids: np.ndarray, expert_weights: np.ndarray,
+                    slabs: np.ndarray | None = None, exact: bool | None = None) -> np.ndarray:
+    """moe_ffn on weights checked once (StackedExperts)."""
+    flat, qt, rb, n_expert, n_embd, n_ff = (experts.flat, experts.qtypes, experts.row_bytes, experts.n_expert,
+                                            experts.n_embd, experts.n_ff)
     n_ids = n_expert
     if slabs is not None:
         slabs = np.asarray(slabs, dtype=np.int64)
@@ -185,7 +224,7 @@ def moe_ffn(
         )  # fmt: skip
     for g in range(n_small, len(groups)):
         e = where[g]
-        y = expert_ffn(gate_exps[e], up_exps[e], down_exps[e], qtypes, x[groups.tokens(g)], exact)
+        y = expert_ffn(experts.gate[e], experts.up[e], experts.down[e], qt, x[groups.tokens(g)], exact)
         add_expert_output(out, groups, g, y, weights)
     return out
 

@@ -153,6 +153,9 @@ def linears(x: torch.Tensor, *layers: Linear) -> list[torch.Tensor]:
     return [layer.add_bias(torch.from_numpy(y)) for layer, y in zip(layers, ys)]
 
 
+_NO_WEIGHT = np.empty(0, np.float32)  # a kernel's norm weight where there is no norm
+
+
 def _np(x: torch.Tensor) -> np.ndarray:
     return np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)
 
@@ -253,12 +256,17 @@ class Rope:
         self.dim = dim
         self.style = style
         self.cpu = device.type == "cpu"  # one compiled call there (kernels.rope), as RMSNorm
+        self.tables = (self.cos.numpy(), self.sin.numpy()) if self.cpu else None  # what the kernels read
+
+    def for_position(self, last: int) -> Rope:
+        """The rotation of a pass whose last token is at `last`: this one (Phi's LongRope picks one of two)."""
+        return self
 
     def __call__(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """x: [T, H, head_dim] -> same shape, the first `dim` features rotated."""
         if self.cpu:
-            return torch.from_numpy(kernels.rope(x.numpy(), positions.numpy(), self.cos.numpy(), self.sin.numpy(),
-                                                 self.dim, self.style == "neox"))
+            return torch.from_numpy(kernels.rope(x.numpy(), positions.numpy(), *self.tables, self.dim,
+                                                 self.style == "neox"))
         cos = self.cos[positions][:, None, :]  # [T, 1, dim/2]
         sin = self.sin[positions][:, None, :]
         rot, rest = x[..., : self.dim], x[..., self.dim:]
@@ -391,13 +399,44 @@ class Attention(CachedAttention):
             q, k = self.q_norm(q), self.k_norm(k)
         return self.rope(q, positions), self.rope(k, positions), v
 
-    def attend(self, parts: tuple[torch.Tensor, ...], cache: KVCache) -> torch.Tensor:
-        hp, (q, k, v) = self.hp, parts
-        T = q.shape[0]
-        k_cache, v_cache = cache.buffers(self.layer, lambda: (  # token-major: see causal_attention
-            torch.zeros(cache.n_ctx, hp.n_head_kv, hp.head_dim, device=q.device),
-            torch.zeros(cache.n_ctx, hp.n_head_kv, hp.head_dim_v, device=q.device),
+    def __call__(self, x: torch.Tensor, cache: KVCache, positions: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] == 1 and self.device.type == "cpu":
+            return self.wo(self._decode(x, cache))
+        return super().__call__(x, cache, positions)
+
+    def _decode(self, x: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """One token's project + attend on the CPU as one compiled call after the q, k, v products
+        (kernels.decode_attention, the same operations in the same order): a decode step's dozen
+        small torch and numba calls each ran slowly after the weight products had run (the first
+        call of each kind after a few milliseconds of other work took 30-190 us on the
+        development VM instead of 2-8), 0.6 ms a layer for what the one call does in 0.1-0.2."""
+        hp = self.hp
+        q, k, v = (t.numpy() for t in linears(x, self.wq, self.wk, self.wv))
+        k_cache, v_cache = self._caches(cache)
+        if self.qk_norm is None:
+            norm, q_norm, k_norm = kernels.NORM_NONE, _NO_WEIGHT, _NO_WEIGHT
+        else:
+            norm = kernels.NORM_HEAD if self.qk_norm == "head" else kernels.NORM_FULL
+            q_norm, k_norm = self.q_norm.weight_np, self.k_norm.weight_np
+        rope = self.rope.for_position(cache.n_past)
+        out = kernels.decode_attention(
+            q.reshape(hp.n_head, hp.head_dim), k.reshape(hp.n_head_kv, hp.head_dim),
+            v.reshape(hp.n_head_kv, hp.head_dim_v), q_norm, k_norm, norm, hp.norm_eps, self.clamp or 0.0,
+            *rope.tables, cache.n_past, rope.dim, rope.style == "neox", k_cache.numpy(), v_cache.numpy(),
+            self.scale)
+        return torch.from_numpy(out.reshape(1, -1))
+
+    def _caches(self, cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
+        hp = self.hp
+        return cache.buffers(self.layer, lambda: (  # token-major: see causal_attention
+            torch.zeros(cache.n_ctx, hp.n_head_kv, hp.head_dim, device=self.device),
+            torch.zeros(cache.n_ctx, hp.n_head_kv, hp.head_dim_v, device=self.device),
         ))
+
+    def attend(self, parts: tuple[torch.Tensor, ...], cache: KVCache) -> torch.Tensor:
+        q, k, v = parts
+        T = q.shape[0]
+        k_cache, v_cache = self._caches(cache)
         n_past = cache.n_past
         k_cache[n_past:n_past + T] = k
         v_cache[n_past:n_past + T] = v
@@ -457,18 +496,19 @@ class MmapExperts:
     """Experts computed by the numba kernels straight from the memory-mapped file."""
 
     def __init__(self, f: GGUFFile, hp: HParams, layers: list[int]):
-        self.tensors = {}
+        self.tensors = {}  # layer -> its gate, up, down Tensors (the store reads their place in the file)
+        self.stacked = {}  # layer -> the same checked once for the kernels
         for i in layers:
             p = f"blk.{i}."
             gate = f.tensor(p + "ffn_gate_exps.weight", (hp.n_expert, hp.n_ff_exp, hp.n_embd))
             up = f.tensor(p + "ffn_up_exps.weight", (hp.n_expert, hp.n_ff_exp, hp.n_embd))
             down = f.tensor(p + "ffn_down_exps.weight", (hp.n_expert, hp.n_embd, hp.n_ff_exp))
             self.tensors[i] = (gate, up, down)
+            self.stacked[i] = kernels.StackedExperts.of(gate.data, up.data, down.data,
+                                                        (gate.qtype, up.qtype, down.qtype), f"block {i}'s experts")
 
     def __call__(self, layer: int, x: np.ndarray, ids: np.ndarray, weights: np.ndarray) -> np.ndarray:
-        gate, up, down = self.tensors[layer]
-        return kernels.moe_ffn(gate.data, up.data, down.data, (gate.qtype, up.qtype, down.qtype),
-                               x, ids, weights)
+        return kernels.stacked_moe_ffn(self.stacked[layer], x, ids, weights)
 
     def over_segments(self, layer: int, xs: list[np.ndarray], ids: list[np.ndarray],
                       weights: list[np.ndarray]) -> list[np.ndarray]:

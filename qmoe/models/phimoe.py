@@ -77,8 +77,11 @@ class LongRope:
             self.ropes[which] = Rope(hp.rope_dim, 1.0 / (factors * base), magnitude, n_ctx, "neox", device)
 
     def __call__(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        which = "long" if int(positions[-1]) + 1 > self.original else "short"
-        return self.ropes[which](x, positions)
+        return self.for_position(int(positions[-1]))(x, positions)
+
+    def for_position(self, last: int) -> Rope:
+        """The set of a pass whose last token is at position `last`."""
+        return self.ropes["long" if last + 1 > self.original else "short"]
 
 
 def build(f: GGUFFile, device: torch.device, n_ctx: int) -> Transformer:
