@@ -19,14 +19,22 @@ adds `weight * y` into the output exactly as `add_expert_output` does.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from qmoe.errors import QmoeError
 from qmoe.kernels import compiled
 from qmoe.kernels.formats import check_qtype, row_bytes, weight_bytes
-from qmoe.kernels.ops import BLAS_MIN_TOKENS, _activations, _run, matmul, q8_block, q8_products
+from qmoe.kernels.ops import (
+    BLAS_MIN_TOKENS,
+    _activations,
+    _run,
+    exact_products,
+    matmul,
+    q8_block,
+    q8_products,
+)
 
 
 class ExpertGroups:
@@ -150,6 +158,14 @@ class StackedExperts:
     n_expert: int
     n_embd: int
     n_ff: int
+    kernel_types: dict = field(default_factory=dict, compare=False)  # exact -> _moe_rows_types' answer
+
+    def types(self, exact: bool | None) -> tuple:
+        """_moe_rows_types(qtypes, exact), worked out once per setting of exact."""
+        key = exact_products() if exact is None else exact
+        if key not in self.kernel_types:
+            self.kernel_types[key] = _moe_rows_types(self.qtypes, key)
+        return self.kernel_types[key]
 
     @classmethod
     def of(cls, gate: np.ndarray, up: np.ndarray, down: np.ndarray, qtypes: tuple,
@@ -216,7 +232,7 @@ def stacked_moe_ffn(experts: StackedExperts, x: np.ndarray, expert_ids: np.ndarr
     n_small = groups.n_compiled
     if n_small:
         slab_bytes = (rb[0] + rb[1]) * n_ff + rb[2] * n_embd
-        qt8, q8, q8_blocks = _moe_rows_types(qt, exact)
+        qt8, q8, q8_blocks = experts.types(exact)
         _run(
             compiled.moe_rows, n_small * slab_bytes,
             *flat, qt8, rb, x, groups.k, groups.pairs[: groups.starts[n_small]], groups.starts[: n_small + 1],

@@ -533,6 +533,8 @@ class MoE:
                  device: torch.device, shared: SwiGLU | None = None):
         self.layer = layer
         self.router = to_torch(f.tensor(f"blk.{layer}.ffn_gate_inp.weight", (hp.n_expert, hp.n_embd)), device)
+        self.router_t = self.router.T  # [n_embd, n_expert]: the view made once, not once per token
+        self.cpu = device.type == "cpu"
         self.route = route
         self.experts = experts
         self.shared = shared
@@ -543,11 +545,13 @@ class MoE:
 
     def choose(self, x: torch.Tensor, observer: Observer | None) -> tuple[np.ndarray, np.ndarray]:
         """The routing of x [T, n_embd]: expert ids int32 [T, k] and their weights float32 [T, k]."""
-        logits = x @ self.router.T  # [T, n_expert]
+        logits = x @ self.router_t  # [T, n_expert]
         ids, weights = self.route(logits)
         if observer is not None:
             observer.routed(self.layer, x, logits, ids)
-        return ids.cpu().numpy().astype(np.int32), np.ascontiguousarray(weights.cpu().numpy(), dtype=np.float32)
+        if not self.cpu:
+            ids, weights = ids.cpu(), weights.cpu()
+        return ids.numpy().astype(np.int32), np.ascontiguousarray(weights.numpy(), dtype=np.float32)
 
     def over_segments(self, xs: list[torch.Tensor], choices: list[tuple[np.ndarray, np.ndarray]]
                       ) -> list[torch.Tensor]:
@@ -557,7 +561,9 @@ class MoE:
         return [self._finish(x, out) for x, out in zip(xs, outs)]
 
     def _finish(self, x: torch.Tensor, out: np.ndarray) -> torch.Tensor:
-        y = torch.from_numpy(out).to(x.device)
+        y = torch.from_numpy(out)
+        if not self.cpu:
+            y = y.to(x.device)
         if self.shared is not None:
             y = y + self.shared(x)
         return y
