@@ -5,6 +5,7 @@ Q6_K, IQ4_XS (qmoe/formats.py's table says how each is laid out).
 
     matmul(w, qtype, x, out=None)       x [T, n] @ W.T -> [T, rows]
     matmul_many([(w, qtype), ...], x)   the same for several weights, few tokens in one call
+    matmul_matrix(Matrix.of(w, qtype), x)   matmul with the weight checked once, for every step
     dequantize(w, qtype)                raw [..., row] -> float32 [..., n]
     dequantize_torch(raw, qtype, n)     the same in torch ops, on any device (the CUDA tier)
     expert_ffn(gate, up, down, qtypes, x)                     one expert's SwiGLU on T tokens
@@ -70,11 +71,13 @@ from qmoe.kernels.moe import (
     stacked_moe_ffn,
 )
 from qmoe.kernels.ops import (
+    Matrix,
     MLPTopK,
     dequantize,
     exact_products,
     matmul,
     matmul_many,
+    matmul_matrix,
     set_exact_products,
     set_num_threads,
 )
@@ -87,6 +90,7 @@ __all__ = [
     "NORM_NONE",
     "ExpertGroups",
     "MLPTopK",
+    "Matrix",
     "StackedExperts",
     "add_expert_output",
     "decode_attention",
@@ -96,6 +100,7 @@ __all__ = [
     "expert_ffn",
     "matmul",
     "matmul_many",
+    "matmul_matrix",
     "moe_ffn",
     "one_query_attention",
     "rms_norm",

@@ -25,6 +25,7 @@ spin only briefly before they sleep (qmoe/__init__.py sets how long, unless the 
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 
 import numba
 import numpy as np
@@ -110,6 +111,31 @@ def q8_block(qtype: GGMLQuantizationType) -> int:
     return FORMATS[qtype].block
 
 
+@dataclass(frozen=True)
+class Matrix:
+    """A raw weight [rows, row] of type qtype, checked once for the products.
+
+    matmul checks its weight and works out its row sizes on every call; a caller that
+    multiplies by the same weight every step (a model's Linear) makes this once and calls
+    matmul_matrix, or passes it to matmul_many. In a decode step each Python call after a
+    weight product runs slowly (see moe.StackedExperts), so the checks are worth skipping there.
+    """
+
+    qtype: GGMLQuantizationType
+    flat: np.ndarray  # the bytes as weight_bytes gives them (flat, read-only)
+    rows: int
+    n: int  # row length, in elements
+    row_bytes: int
+
+    @classmethod
+    def of(cls, w: np.ndarray, qtype: GGMLQuantizationType | int, what: str = "matmul weight") -> Matrix:
+        qtype = check_qtype(qtype)
+        if w.ndim != 2:
+            raise QmoeError(f"{what}: must be [rows, row], got shape {list(w.shape)}")
+        wb, n = weight_bytes(w, qtype, what)
+        return cls(qtype, wb, w.shape[0], n, row_bytes(qtype, n))
+
+
 def matmul(
     w: np.ndarray,
     qtype: GGMLQuantizationType | int,
@@ -121,71 +147,68 @@ def matmul(
 
     exact: float32 activations for every product (True), or integer products on x quantized
     to 8 bits for few tokens of a block format (False); None: set_exact_products' setting."""
-    qtype = check_qtype(qtype)
-    if w.ndim != 2:
-        raise QmoeError(f"matmul: weight must be [rows, row], got shape {list(w.shape)}")
-    wb, n = weight_bytes(w, qtype, "matmul weight")
-    rows = w.shape[0]
-    x = _activations(x, n, "matmul")
-    out = _output(out, (x.shape[0], rows))
-    if x.shape[0] == 0 or rows == 0:
+    return matmul_matrix(Matrix.of(w, qtype), x, out, exact)
+
+
+def matmul_matrix(m: Matrix, x: np.ndarray, out: np.ndarray | None = None, exact: bool | None = None
+                  ) -> np.ndarray:
+    """matmul on a weight checked once (Matrix)."""
+    x = _activations(x, m.n, "matmul")
+    out = _output(out, (x.shape[0], m.rows))
+    if x.shape[0] == 0 or m.rows == 0:
         return out
-    q8 = q8_products(qtype, exact)
+    q8 = q8_products(m.qtype, exact)
     if x.shape[0] < BLAS_MIN_TOKENS:
-        _matmul_rows([(qtype, wb, row_bytes(qtype, n))], x, q8, q8_block(qtype), [out])
-    elif qtype == QT.F32:
+        _matmul_rows([m], x, q8, q8_block(m.qtype), [out])
+    elif m.qtype == QT.F32:
         with warnings.catch_warnings():  # torch warns on read-only (memory-mapped) arrays; we only read them
             warnings.simplefilter("ignore", UserWarning)
-            w_t = torch.from_numpy(wb.view(np.float32).reshape(rows, n))
+            w_t = torch.from_numpy(m.flat.view(np.float32).reshape(m.rows, m.n))
         torch.matmul(torch.from_numpy(x), w_t.T, out=torch.from_numpy(out))
     else:
-        _matmul_blas_tiles(wb, qtype, rows, n, quantized_activation(x, qtype) if q8 else x, out)
+        _matmul_blas_tiles(m.flat, m.qtype, m.rows, m.n, quantized_activation(x, m.qtype) if q8 else x, out)
     return out
 
 
-def matmul_many(weights: list[tuple[np.ndarray, GGMLQuantizationType | int]], x: np.ndarray,
+def matmul_many(weights: list[tuple[np.ndarray, GGMLQuantizationType | int] | Matrix], x: np.ndarray,
                 exact: bool | None = None) -> list[np.ndarray]:
-    """[matmul(w, qtype, x) for each (w, qtype)], each product as matmul computes it.
+    """[matmul(w, qtype, x) for each (w, qtype)] (or Matrix), each product as matmul computes it.
 
     For few tokens, weights whose products take the same form (integer products on the same
     activation blocks, or float32) run together, up to MATMUL_WEIGHTS in one compiled call:
     a layer's q, k and v projections quantize x once and wake the threads once, and the
     small k and v, each below PARALLEL_MIN_BYTES alone, are shared out with q's rows."""
+    matrices = [w if isinstance(w, Matrix) else Matrix.of(*w) for w in weights]
     x = np.asarray(x)
-    if len(weights) < 2 or x.ndim != 2 or x.shape[0] >= BLAS_MIN_TOKENS:
-        return [matmul(w, qtype, x, exact=exact) for w, qtype in weights]
-    outs: list[np.ndarray | None] = [None] * len(weights)
+    if len(matrices) < 2 or x.ndim != 2 or x.shape[0] >= BLAS_MIN_TOKENS:
+        return [matmul_matrix(m, x, exact=exact) for m in matrices]
+    outs: list[np.ndarray | None] = [None] * len(matrices)
     together: dict[tuple, list[int]] = {}  # (q8, block, row length) -> positions
-    parts = []
-    for i, (w, qtype) in enumerate(weights):
-        qtype = check_qtype(qtype)
-        if w.ndim != 2:
-            raise QmoeError(f"matmul: weight must be [rows, row], got shape {list(w.shape)}")
-        wb, n = weight_bytes(w, qtype, "matmul weight")
-        parts.append((qtype, wb, row_bytes(qtype, n)))
-        q8 = q8_products(qtype, exact)
-        together.setdefault((q8, q8_block(qtype) if q8 else 1, n), []).append(i)  # 1: no blocks
+    for i, m in enumerate(matrices):
+        q8 = q8_products(m.qtype, exact)
+        together.setdefault((q8, q8_block(m.qtype) if q8 else 1, m.n), []).append(i)  # 1: no blocks
     for (q8, block, n), positions in together.items():
         xs = _activations(x, n, "matmul")
         for first in range(0, len(positions), compiled.MATMUL_WEIGHTS):
             chunk = positions[first:first + compiled.MATMUL_WEIGHTS]
             for i in chunk:
-                outs[i] = np.empty((x.shape[0], weights[i][0].shape[0]), np.float32)
+                outs[i] = np.empty((x.shape[0], matrices[i].rows), np.float32)
             if x.shape[0]:
-                _matmul_rows([parts[i] for i in chunk], xs, q8, block, [outs[i] for i in chunk])
+                _matmul_rows([matrices[i] for i in chunk], xs, q8, block, [outs[i] for i in chunk])
     return outs
 
 
-def _matmul_rows(parts: list[tuple], x: np.ndarray, q8: bool, block: int, outs: list[np.ndarray]) -> None:
-    """compiled.matmul_rows over up to MATMUL_WEIGHTS (qtype, flat bytes, row bytes) parts, the
-    rest of its weights empty: one compiled specialization serves every count."""
+def _matmul_rows(parts: list[Matrix], x: np.ndarray, q8: bool, block: int, outs: list[np.ndarray]) -> None:
+    """compiled.matmul_rows over up to MATMUL_WEIGHTS weights, the rest of its weights empty: one
+    compiled specialization serves every count."""
     pad = compiled.MATMUL_WEIGHTS - len(parts)
-    unused = parts[0][1][:0]  # empty, of the others' array type (weight_bytes' read-only views)
-    qtypes = tuple(int(p[0]) for p in parts) + (int(parts[0][0]),) * pad
-    ws = tuple(p[1] for p in parts) + (unused,) * pad
-    rbs = tuple(p[2] for p in parts) + (0,) * pad
-    outs_all = tuple(outs) + (np.empty((x.shape[0], 0), np.float32),) * pad
-    _run(compiled.matmul_rows, sum(p[1].nbytes for p in parts), qtypes, ws, rbs, x, q8, block, outs_all)
+    first = parts[0]
+    unused = first.flat[:0]  # empty, of the others' array type (weight_bytes' read-only views)
+    qtypes = tuple([int(p.qtype) for p in parts] + [int(first.qtype)] * pad)
+    ws = tuple([p.flat for p in parts] + [unused] * pad)
+    rbs = tuple([p.row_bytes for p in parts] + [0] * pad)
+    outs_all = tuple(outs + [np.empty((x.shape[0], 0), np.float32)] * pad)
+    _run(compiled.matmul_rows, sum([p.flat.nbytes for p in parts]), qtypes, ws, rbs, x, q8, block, outs_all)
 
 
 def quantized_activation(x: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:

@@ -132,6 +132,7 @@ class Linear:
         self.device = device
         self.bias = to_torch(bias, device) if bias is not None else None
         self.w_gpu = None
+        self.matrix = kernels.Matrix.of(weight.data, weight.qtype, weight.name) if device.type == "cpu" else None
         if device.type == "cuda":
             dtype = torch.float32 if weight.qtype == GGMLQuantizationType.F32 else torch.float16
             self.w_gpu = to_torch(weight, device).to(dtype)
@@ -139,7 +140,7 @@ class Linear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:  # [T, in] -> [T, out]
         if self.w_gpu is not None:
             return self.add_bias(F.linear(x.to(self.w_gpu.dtype), self.w_gpu).float())
-        return self.add_bias(torch.from_numpy(kernels.matmul(self.weight.data, self.weight.qtype, _np(x))))
+        return self.add_bias(torch.from_numpy(kernels.matmul_matrix(self.matrix, _np(x))))
 
     def add_bias(self, y: torch.Tensor) -> torch.Tensor:
         return y if self.bias is None else y + self.bias
@@ -149,7 +150,7 @@ def linears(x: torch.Tensor, *layers: Linear) -> list[torch.Tensor]:
     """[layer(x) for each layer]; on the CPU their products run together (kernels.matmul_many)."""
     if any(layer.w_gpu is not None for layer in layers):
         return [layer(x) for layer in layers]
-    ys = kernels.matmul_many([(layer.weight.data, layer.weight.qtype) for layer in layers], _np(x))
+    ys = kernels.matmul_many([layer.matrix for layer in layers], _np(x))
     return [layer.add_bias(torch.from_numpy(y)) for layer, y in zip(layers, ys)]
 
 
@@ -544,14 +545,15 @@ class MoE:
         return self._finish(x, self.experts(self.layer, _np(x), ids, weights))
 
     def choose(self, x: torch.Tensor, observer: Observer | None) -> tuple[np.ndarray, np.ndarray]:
-        """The routing of x [T, n_embd]: expert ids int32 [T, k] and their weights float32 [T, k]."""
+        """The routing of x [T, n_embd]: expert ids int64 [T, k] (the kernels' type) and their weights
+        float32 [T, k]."""
         logits = x @ self.router_t  # [T, n_expert]
         ids, weights = self.route(logits)
         if observer is not None:
             observer.routed(self.layer, x, logits, ids)
         if not self.cpu:
             ids, weights = ids.cpu(), weights.cpu()
-        return ids.numpy().astype(np.int32), np.ascontiguousarray(weights.numpy(), dtype=np.float32)
+        return np.ascontiguousarray(ids.numpy(), dtype=np.int64), np.ascontiguousarray(weights.numpy(), dtype=np.float32)
 
     def over_segments(self, xs: list[torch.Tensor], choices: list[tuple[np.ndarray, np.ndarray]]
                       ) -> list[torch.Tensor]:
