@@ -477,16 +477,35 @@ def test_softmax_topk_is_torchs(rng, normalize):
 
 @pytest.mark.parametrize("heads, heads_kv, n_keys", [(8, 2, 1), (32, 4, 37), (4, 1, 300)])
 def test_one_query_attention_is_torchs(rng, heads, heads_kv, n_keys):
-    """The decode step's compiled attention over token-major keys/values equals torch's SDPA (GQA)."""
+    """The decode step's compiled attention over the first n_keys positions of a cache buffer
+    equals torch's SDPA (GQA) over those positions."""
     q = rng.standard_normal((heads, 64), dtype=np.float32)
-    k = rng.standard_normal((n_keys, heads_kv, 64), dtype=np.float32)
-    v = rng.standard_normal((n_keys, heads_kv, 48), dtype=np.float32)
+    k = rng.standard_normal((heads_kv, n_keys + 5, 64), dtype=np.float32)
+    v = rng.standard_normal((heads_kv, n_keys + 5, 48), dtype=np.float32)
     want = torch.nn.functional.scaled_dot_product_attention(
-        torch.from_numpy(q)[:, None], torch.from_numpy(k).transpose(0, 1), torch.from_numpy(v).transpose(0, 1),
+        torch.from_numpy(q)[:, None], torch.from_numpy(k)[:, :n_keys], torch.from_numpy(v)[:, :n_keys],
         scale=0.125, enable_gqa=True)[:, 0]
-    np.testing.assert_allclose(kernels.one_query_attention(q, k, v, 0.125), want.numpy(), rtol=1e-5, atol=1e-5)
+    got = kernels.one_query_attention(q, k, v, n_keys, 0.125)
+    np.testing.assert_allclose(got, want.numpy(), rtol=1e-5, atol=1e-5)
     with pytest.raises(QmoeError, match="one_query_attention"):
-        kernels.one_query_attention(q, k[..., :32], v, 0.125)  # keys of another width than the queries
+        kernels.one_query_attention(q, k[..., :32], v, n_keys, 0.125)  # keys of another width than the queries
+    with pytest.raises(QmoeError, match="one_query_attention"):
+        kernels.one_query_attention(q, k, v, n_keys + 6, 0.125)  # more keys than the buffer holds
+
+
+def test_decode_attention_takes_both_paths(rng, monkeypatch):
+    """causal_attention's one-token CPU path: the compiled kernel up to ONE_QUERY_MAX_KEYS cached
+    tokens and torch's grouped products beyond agree with SDPA, both reading the cache buffers."""
+    from qmoe.models.base import causal_attention
+
+    q = torch.from_numpy(rng.standard_normal((8, 1, 32), dtype=np.float32))
+    k = torch.from_numpy(rng.standard_normal((2, 50, 32), dtype=np.float32))
+    v = torch.from_numpy(rng.standard_normal((2, 50, 16), dtype=np.float32))
+    want = torch.nn.functional.scaled_dot_product_attention(q, k[:, :40], v[:, :40], scale=0.2, enable_gqa=True)
+    for max_keys in (40, 39):
+        monkeypatch.setattr(kernels, "ONE_QUERY_MAX_KEYS", max_keys)
+        got = causal_attention(q, k, v, 39, 0.2)
+        np.testing.assert_allclose(got.numpy(), want.transpose(0, 1).reshape(1, -1).numpy(), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("n_tokens", [1, 5, ops.BLAS_MIN_TOKENS])

@@ -102,8 +102,12 @@ def test_quantized_logits_close_to_transformers(kind, outtype, expert_type, min_
 
 
 @pytest.mark.parametrize("kind", TINY_KINDS)
-def test_incremental_decode_equals_full_pass(kind, tiny_gguf):
-    """Prefill in small batches + one token at a time gives the logits of one full pass."""
+@pytest.mark.parametrize("compiled_attention_keys", [None, 0])
+def test_incremental_decode_equals_full_pass(kind, compiled_attention_keys, tiny_gguf, monkeypatch):
+    """Prefill in small batches + one token at a time gives the logits of one full pass, with a
+    decode step's attention compiled (short contexts) or torch's (0: as past ONE_QUERY_MAX_KEYS)."""
+    if compiled_attention_keys is not None:
+        monkeypatch.setattr(qmoe.kernels, "ONE_QUERY_MAX_KEYS", compiled_attention_keys)
     m = qmoe.load(tiny_gguf(kind, "f32"), n_batch=5)
     ids = prompt_ids(m.n_vocab)
     full = m.logits(ids)

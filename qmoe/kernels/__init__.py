@@ -18,9 +18,10 @@ Q6_K, IQ4_XS (qmoe/formats.py's table says how each is laid out).
     MLPTopK(fc1, t1, b1, fc2, t2, b2, activation)(x, count)   top outputs of a 2-layer net, serially
     rms_norm(x, weight, eps), rope(x, positions, cos, sin, dim, neox), softmax_topk(logits, k, ...)
                                         a CPU model's norms, rotations and router, one call each
-    one_query_attention(q, k, v, scale) a decode step's attention over a token-major KV cache
-    decode_attention(q, k, v, norms, rope, caches, ...)   q/k norms, rope, cache write and that
-                                        attention, one call for models.base.Attention's decode
+    one_query_attention(q, k, v, n_keys, scale)   a decode step's attention over a KV cache
+    decode_qkv(q, k, v, norms, rope, caches, ...)   a decode step's q/k norms, rotation and cache
+                                        write, one call for models.base.Attention
+    decode_attention(..., scale)        decode_qkv and one_query_attention in one call
     set_num_threads(n)
 
 ops.py holds the products and dequantization, moe.py the routed-experts reduction (its
@@ -61,7 +62,15 @@ worker can run beside them; concurrent calls from several threads need numba's
 whose threads follow torch.set_num_threads (ops.py says why torch and not numpy).
 """
 
-from qmoe.kernels.attention import NORM_FULL, NORM_HEAD, NORM_NONE, decode_attention, one_query_attention
+from qmoe.kernels.attention import (
+    NORM_FULL,
+    NORM_HEAD,
+    NORM_NONE,
+    ONE_QUERY_MAX_KEYS,
+    decode_attention,
+    decode_qkv,
+    one_query_attention,
+)
 from qmoe.kernels.moe import (
     ExpertGroups,
     StackedExperts,
@@ -88,12 +97,14 @@ __all__ = [
     "NORM_FULL",
     "NORM_HEAD",
     "NORM_NONE",
+    "ONE_QUERY_MAX_KEYS",
     "ExpertGroups",
     "MLPTopK",
     "Matrix",
     "StackedExperts",
     "add_expert_output",
     "decode_attention",
+    "decode_qkv",
     "dequantize",
     "dequantize_torch",
     "exact_products",

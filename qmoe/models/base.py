@@ -287,18 +287,29 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_past: 
                      scale: float) -> torch.Tensor:
     """Scaled dot-product attention of T new queries over n_past + T keys.
 
-    q: [H, T, d], k: [S, H_kv, d], v: [S, H_kv, d_v] with S = n_past + T (token-major, the
-    caches' layout); H a multiple of H_kv (grouped-query attention). Returns [T, H * d_v].
+    q: [H, T, d], k: [H_kv, >= S, d], v: [H_kv, >= S, d_v], of which the first S = n_past + T
+    positions are attended (a layer's whole cache buffers can be passed); H a multiple of H_kv
+    (grouped-query attention). Returns [T, H * d_v].
     """
     T = q.shape[1]
+    S = n_past + T
     if T == 1 and q.device.type == "cpu":
-        # One new token (decode) attends to everything before it: one compiled call, where
-        # torch's ops cost more to launch than to run (kernels/attention.py has the figures).
-        return torch.from_numpy(kernels.one_query_attention(q[:, 0].numpy(), k.numpy(), v.numpy(), scale)
-                                ).reshape(1, -1)
-    mask = None if T == 1 else torch.ones(T, k.shape[0], dtype=torch.bool, device=q.device).tril(diagonal=n_past)
-    out = F.scaled_dot_product_attention(q, k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, scale=scale,
-                                         enable_gqa=k.shape[1] != q.shape[0])  # [H, T, d_v]
+        # One new token (decode) attends to everything before it. Up to a few hundred cached
+        # tokens one compiled call, where torch's ops cost more to launch than to run; beyond,
+        # torch's grouped products (kernels/attention.py has the figures). Either beats torch's
+        # CPU SDPA for a single query: 12.7 ms against 0.65 ms for these two products at 1,500
+        # cached tokens with 32 query / 4 KV heads. The heads that share a K/V head are one product
+        # with it: query head h reads K/V head h // (H / H_kv), as in SDPA's GQA.
+        if S <= kernels.ONE_QUERY_MAX_KEYS and k.is_contiguous() and v.is_contiguous():
+            return torch.from_numpy(kernels.one_query_attention(q[:, 0].numpy(), k.numpy(), v.numpy(), S, scale)
+                                    ).reshape(1, -1)
+        h, d = q.shape[0], q.shape[2]
+        h_kv = k.shape[0]
+        scores = (q.reshape(h_kv, h // h_kv, d) @ k[:, :S].transpose(1, 2)) * scale  # [H_kv, H / H_kv, S]
+        return (torch.softmax(scores, dim=-1) @ v[:, :S]).reshape(1, -1)  # [1, H * d_v]
+    mask = None if T == 1 else torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=n_past)
+    out = F.scaled_dot_product_attention(q, k[:, :S], v[:, :S], attn_mask=mask, scale=scale,
+                                         enable_gqa=k.shape[0] != q.shape[0])  # [H, T, d_v]
     return out.transpose(0, 1).reshape(T, -1)
 
 
@@ -406,11 +417,13 @@ class Attention(CachedAttention):
         return super().__call__(x, cache, positions)
 
     def _decode(self, x: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """One token's project + attend on the CPU as one compiled call after the q, k, v products
-        (kernels.decode_attention, the same operations in the same order): a decode step's dozen
-        small torch and numba calls each ran slowly after the weight products had run (the first
-        call of each kind after a few milliseconds of other work took 30-190 us on the
-        development VM instead of 2-8), 0.6 ms a layer for what the one call does in 0.1-0.2."""
+        """One token's project + attend on the CPU: after the q, k, v products, one compiled call
+        for the norms, the rotation and the cache write (kernels.decode_qkv, the same operations in
+        the same order), then the attention, in the same call while the context is short. A decode
+        step's small torch and numba calls each ran slowly after the weight products had run (the
+        first call of each kind after a few milliseconds of other work took 30-190 us on the
+        development VM instead of 2-8): one call took the time between a layer's q/k/v and
+        output products from 0.6 to 0.3 ms."""
         hp = self.hp
         q, k, v = (t.numpy() for t in linears(x, self.wq, self.wk, self.wv))
         k_cache, v_cache = self._caches(cache)
@@ -420,18 +433,19 @@ class Attention(CachedAttention):
             norm = kernels.NORM_HEAD if self.qk_norm == "head" else kernels.NORM_FULL
             q_norm, k_norm = self.q_norm.weight_np, self.k_norm.weight_np
         rope = self.rope.for_position(cache.n_past)
-        out = kernels.decode_attention(
-            q.reshape(hp.n_head, hp.head_dim), k.reshape(hp.n_head_kv, hp.head_dim),
-            v.reshape(hp.n_head_kv, hp.head_dim_v), q_norm, k_norm, norm, hp.norm_eps, self.clamp or 0.0,
-            *rope.tables, cache.n_past, rope.dim, rope.style == "neox", k_cache.numpy(), v_cache.numpy(),
-            self.scale)
-        return torch.from_numpy(out.reshape(1, -1))
+        args = (q.reshape(hp.n_head, hp.head_dim), k.reshape(hp.n_head_kv, hp.head_dim),
+                v.reshape(hp.n_head_kv, hp.head_dim_v), q_norm, k_norm, norm, hp.norm_eps, self.clamp or 0.0,
+                *rope.tables, cache.n_past, rope.dim, rope.style == "neox", k_cache.numpy(), v_cache.numpy())
+        if cache.n_past < kernels.ONE_QUERY_MAX_KEYS:  # the attention too, in the same call (causal_attention's)
+            return torch.from_numpy(kernels.decode_attention(*args, self.scale).reshape(1, -1))
+        q = kernels.decode_qkv(*args)
+        return causal_attention(torch.from_numpy(q)[:, None], k_cache, v_cache, cache.n_past, self.scale)
 
     def _caches(self, cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
         hp = self.hp
-        return cache.buffers(self.layer, lambda: (  # token-major: see causal_attention
-            torch.zeros(cache.n_ctx, hp.n_head_kv, hp.head_dim, device=self.device),
-            torch.zeros(cache.n_ctx, hp.n_head_kv, hp.head_dim_v, device=self.device),
+        return cache.buffers(self.layer, lambda: (
+            torch.zeros(hp.n_head_kv, cache.n_ctx, hp.head_dim, device=self.device),
+            torch.zeros(hp.n_head_kv, cache.n_ctx, hp.head_dim_v, device=self.device),
         ))
 
     def attend(self, parts: tuple[torch.Tensor, ...], cache: KVCache) -> torch.Tensor:
@@ -439,9 +453,9 @@ class Attention(CachedAttention):
         T = q.shape[0]
         k_cache, v_cache = self._caches(cache)
         n_past = cache.n_past
-        k_cache[n_past:n_past + T] = k
-        v_cache[n_past:n_past + T] = v
-        return causal_attention(q.transpose(0, 1), k_cache[:n_past + T], v_cache[:n_past + T], n_past, self.scale)
+        k_cache[:, n_past:n_past + T] = k.transpose(0, 1)
+        v_cache[:, n_past:n_past + T] = v.transpose(0, 1)
+        return causal_attention(q.transpose(0, 1), k_cache, v_cache, n_past, self.scale)
 
 
 # ----------------------------------------------------------------------------- feed-forward

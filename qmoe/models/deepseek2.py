@@ -112,8 +112,8 @@ class MLAttention(CachedAttention):
 
         q_lat = torch.einsum("thn,hln->htl", q_nope, self.k_b)  # [H, T, kv_lora]
         query = torch.cat((q_lat, q_pe.transpose(0, 1)), dim=-1)  # [H, T, kv_lora + rope]
-        key = torch.cat((c_cache[:S], pe_cache[:S]), dim=-1)[:, None]  # [S, 1, kv_lora + rope]
-        o_lat = causal_attention(query, key, c_cache[:S, None], n_past, self.scale)  # [T, H * kv_lora]
+        key = torch.cat((c_cache[:S], pe_cache[:S]), dim=-1)[None]  # [1, S, kv_lora + rope]
+        o_lat = causal_attention(query, key, c_cache[None, :S], n_past, self.scale)  # [T, H * kv_lora]
         o = torch.einsum("thl,hvl->thv", o_lat.view(T, d.n_head, d.kv_lora), self.v_b)  # [T, H, v]
         return o.reshape(T, d.n_head * d.v)
 
