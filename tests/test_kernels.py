@@ -475,6 +475,18 @@ def test_softmax_topk_is_torchs(rng, normalize):
     assert tied.tolist() == [[0, 1, 2]]  # equal logits: the lower indices first
 
 
+def test_route_softmax_topk_is_the_product_then_softmax_topk(rng):
+    x = rng.standard_normal((3, 96), dtype=np.float32)
+    router = rng.standard_normal((40, 96), dtype=np.float32)
+    logits, ids, weights = kernels.route_softmax_topk(x, router, 4, True, 1.5)
+    np.testing.assert_allclose(logits, x @ router.T, rtol=1e-5, atol=1e-4)
+    want_ids, want_weights = kernels.softmax_topk(logits, 4, True, 1.5)
+    assert np.array_equal(ids, want_ids)
+    np.testing.assert_array_equal(weights, want_weights)
+    with pytest.raises(QmoeError, match="route_softmax_topk"):
+        kernels.route_softmax_topk(x, router[:, :32], 4, True)
+
+
 @pytest.mark.parametrize("heads, heads_kv, n_keys", [(8, 2, 1), (32, 4, 37), (4, 1, 300)])
 def test_one_query_attention_is_torchs(rng, heads, heads_kv, n_keys):
     """The decode step's compiled attention over the first n_keys positions of a cache buffer

@@ -18,6 +18,7 @@ Q6_K, IQ4_XS (qmoe/formats.py's table says how each is laid out).
     MLPTopK(fc1, t1, b1, fc2, t2, b2, activation)(x, count)   top outputs of a 2-layer net, serially
     rms_norm(x, weight, eps), rope(x, positions, cos, sin, dim, neox), softmax_topk(logits, k, ...)
                                         a CPU model's norms, rotations and router, one call each
+    route_softmax_topk(x, router, k, ...)   the router's product and softmax_topk in one call
     one_query_attention(q, k, v, n_keys, scale)   a decode step's attention over a KV cache
     decode_qkv(q, k, v, norms, rope, caches, ...)   a decode step's q/k norms, rotation and cache
                                         write, one call for models.base.Attention
@@ -90,7 +91,7 @@ from qmoe.kernels.ops import (
     set_exact_products,
     set_num_threads,
 )
-from qmoe.kernels.pointwise import rms_norm, rope, softmax_topk
+from qmoe.kernels.pointwise import rms_norm, rope, route_softmax_topk, softmax_topk
 from qmoe.kernels.torch_dequant import dequantize_torch
 
 __all__ = [
@@ -116,6 +117,7 @@ __all__ = [
     "one_query_attention",
     "rms_norm",
     "rope",
+    "route_softmax_topk",
     "set_exact_products",
     "set_num_threads",
     "softmax_topk",

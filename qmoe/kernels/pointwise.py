@@ -110,3 +110,36 @@ def softmax_topk(logits: np.ndarray, k: int, normalize: bool, scale: float = 1.0
     weights = np.empty((logits.shape[0], k), np.float32)
     _softmax_topk(logits, k, normalize, float(scale), ids, weights)
     return ids, weights
+
+
+@njit(nogil=True, fastmath=True, cache=True)
+def _router_logits(x, router, logits):
+    for t in range(x.shape[0]):
+        for e in range(router.shape[0]):
+            acc = np.float32(0.0)
+            for i in range(x.shape[1]):
+                acc += x[t, i] * router[e, i]
+            logits[t, e] = acc
+
+
+@njit(nogil=True, cache=True)
+def _route_softmax_topk(x, router, k, normalize, scale, logits, ids, weights):
+    _router_logits(x, router, logits)
+    _softmax_topk(logits, k, normalize, scale, ids, weights)
+
+
+def route_softmax_topk(x: np.ndarray, router: np.ndarray, k: int, normalize: bool, scale: float = 1.0
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The router's logits x @ router.T (x float32 [T, n], router float32 [E, n]) and their
+    softmax_topk, in one compiled call: (logits [T, E], ids int64 [T, k], weights float32 [T, k]).
+    For a decode step, whose router product and top-k were two torch calls and a numba one."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.ndim != 2 or router.ndim != 2 or router.shape[1] != x.shape[1] or not 1 <= k <= router.shape[0]:
+        raise QmoeError(f"route_softmax_topk: x [T, n], router [E >= {k}, n] expected, got {list(x.shape)} "
+                        f"and {list(router.shape)}")
+    logits = np.empty((x.shape[0], router.shape[0]), np.float32)
+    ids = np.empty((x.shape[0], k), np.int64)
+    weights = np.empty((x.shape[0], k), np.float32)
+    _route_softmax_topk(x, np.ascontiguousarray(router, dtype=np.float32), k, normalize, float(scale), logits, ids,
+                        weights)
+    return logits, ids, weights

@@ -13,11 +13,11 @@ from qmoe.models.base import (
     HParams,
     MmapExperts,
     MoE,
+    SoftmaxRouter,
     Transformer,
     assemble,
     make_rope,
     rms_norms,
-    softmax_topk,
 )
 
 ARCH = "llama"
@@ -28,8 +28,7 @@ def build(f: GGUFFile, device: torch.device, n_ctx: int) -> Transformer:
     rope = make_rope(hp, n_ctx, "norm", device)
     experts = MmapExperts(f, hp, list(range(hp.n_layer)))
 
-    def route(logits: torch.Tensor):
-        return softmax_topk(logits, hp.n_expert_used, normalize=True)
+    route = SoftmaxRouter(hp.n_expert_used, normalize=True)
 
     return assemble(
         f, hp, device, rms_norms(f, hp, device),

@@ -12,11 +12,11 @@ from qmoe.models.base import (
     HParams,
     MmapExperts,
     MoE,
+    SoftmaxRouter,
     Transformer,
     assemble,
     make_rope,
     rms_norms,
-    softmax_topk,
 )
 
 ARCH = "olmoe"
@@ -29,8 +29,7 @@ def build(f: GGUFFile, device: torch.device, n_ctx: int) -> Transformer:
     normalize = bool(f.arch_get("expert_weights_norm", False))
     clamp = f.arch_get("attention.clamp_kqv", None)
 
-    def route(logits: torch.Tensor):
-        return softmax_topk(logits, hp.n_expert_used, normalize)
+    route = SoftmaxRouter(hp.n_expert_used, normalize)
 
     return assemble(
         f, hp, device, rms_norms(f, hp, device),

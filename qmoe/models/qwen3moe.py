@@ -12,11 +12,11 @@ from qmoe.models.base import (
     HParams,
     MmapExperts,
     MoE,
+    SoftmaxRouter,
     Transformer,
     assemble,
     make_rope,
     rms_norms,
-    softmax_topk,
 )
 
 ARCH = "qwen3moe"
@@ -28,8 +28,7 @@ def build(f: GGUFFile, device: torch.device, n_ctx: int) -> Transformer:
     experts = MmapExperts(f, hp, list(range(hp.n_layer)))
     normalize = bool(f.arch_get("expert_weights_norm", True))
 
-    def route(logits: torch.Tensor):
-        return softmax_topk(logits, hp.n_expert_used, normalize)
+    route = SoftmaxRouter(hp.n_expert_used, normalize)
 
     return assemble(
         f, hp, device, rms_norms(f, hp, device),
