@@ -101,7 +101,7 @@ def _decode_qkv(q, k, v, q_norm, k_norm, norm, eps, clamp, cos, sin, position, r
     v_cache[:, position] = v
 
 
-@njit(parallel=True, nogil=True, cache=True)
+@njit(nogil=True, cache=True)  # the attention it calls runs its own parallel loop
 def _decode_attention(q, k, v, q_norm, k_norm, norm, eps, clamp, cos, sin, position, rope_dim, neox, k_cache,
                       v_cache, scale, out):
     q_out = np.empty_like(q)
