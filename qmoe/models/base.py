@@ -131,6 +131,7 @@ class Linear:
         self.weight = weight
         self.device = device
         self.bias = to_torch(bias, device) if bias is not None else None
+        self.bias_np = self.bias.numpy() if self.bias is not None and device.type == "cpu" else None
         self.w_gpu = None
         self.matrix = kernels.Matrix.of(weight.data, weight.qtype, weight.name) if device.type == "cpu" else None
         if device.type == "cuda":
@@ -150,8 +151,13 @@ def linears(x: torch.Tensor, *layers: Linear) -> list[torch.Tensor]:
     """[layer(x) for each layer]; on the CPU their products run together (kernels.matmul_many)."""
     if any(layer.w_gpu is not None for layer in layers):
         return [layer(x) for layer in layers]
+    return [torch.from_numpy(y) for y in cpu_linears(x, *layers)]
+
+
+def cpu_linears(x: torch.Tensor, *layers: Linear) -> list[np.ndarray]:
+    """linears on the CPU, as numpy arrays: for callers that go on in compiled code."""
     ys = kernels.matmul_many([layer.matrix for layer in layers], _np(x))
-    return [layer.add_bias(torch.from_numpy(y)) for layer, y in zip(layers, ys)]
+    return [y if layer.bias_np is None else y + layer.bias_np for layer, y in zip(layers, ys)]
 
 
 _NO_WEIGHT = np.empty(0, np.float32)  # a kernel's norm weight where there is no norm
@@ -425,7 +431,7 @@ class Attention(CachedAttention):
         development VM instead of 2-8): one call took the time between a layer's q/k/v and
         output products from 0.6 to 0.3 ms."""
         hp = self.hp
-        q, k, v = (t.numpy() for t in linears(x, self.wq, self.wk, self.wv))
+        q, k, v = cpu_linears(x, self.wq, self.wk, self.wv)
         k_cache, v_cache = self._caches(cache)
         if self.qk_norm is None:
             norm, q_norm, k_norm = kernels.NORM_NONE, _NO_WEIGHT, _NO_WEIGHT
