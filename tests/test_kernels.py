@@ -520,6 +520,35 @@ def test_decode_attention_takes_both_paths(rng, monkeypatch):
         np.testing.assert_allclose(got.numpy(), want.transpose(0, 1).reshape(1, -1).numpy(), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("qtypes", [(QT.Q4_K, QT.Q4_K, QT.Q6_K, QT.Q4_K), (QT.Q8_0,) * 4, (QT.F16, QT.F16, QT.F16, QT.Q5_0)])
+@pytest.mark.parametrize("exact_products", [False, True])
+def test_attention_products_are_the_parts_in_turn(rng, qtypes, exact_products):
+    """One token's attention in one call (AttentionProducts: the q, k, v products, decode_attention,
+    the output product) gives the parts' result and the same caches, bit for bit; q, k, v of
+    different activation blocks do not fit it."""
+    n_embd, n_head, n_head_kv, d, position = 256, 4, 2, 64, 5
+    shapes = [(n_head * d, n_embd), (n_head_kv * d, n_embd), (n_head_kv * d, n_embd), (n_embd, n_head * d)]
+    ms = [kernels.Matrix.of(raw_weight(0.1 * rng.standard_normal(s).astype(np.float32), q, rng), q)
+          for s, q in zip(shapes, qtypes)]
+    x = rng.standard_normal((1, n_embd)).astype(np.float32)
+    cos, sin = (rng.standard_normal((16, d // 2)).astype(np.float32) for _ in range(2))
+    caches = [rng.standard_normal((n_head_kv, 16, d)).astype(np.float32) for _ in range(2)]
+    q_norm, k_norm = (rng.uniform(0.5, 1.5, d).astype(np.float32) for _ in range(2))
+    args = (q_norm, k_norm, kernels.NORM_HEAD, 1e-6, 0.0, cos, sin, position, d, True)
+    products = kernels.AttentionProducts(*ms)
+    assert products.fits(exact_products)
+    mine = [c.copy() for c in caches]
+    got = products(x, n_head, *args, *mine, 0.125, exact=exact_products)
+    q, k, v = kernels.matmul_many(ms[:3], x, exact=exact_products)
+    heads = kernels.decode_attention(q.reshape(n_head, d), k.reshape(n_head_kv, d), v.reshape(n_head_kv, d),
+                                     *args, *caches, 0.125)
+    assert np.array_equal(got, kernels.matmul_matrix(ms[3], heads.reshape(1, -1), exact=exact_products))
+    assert all(np.array_equal(a, b) for a, b in zip(mine, caches))
+    if not exact_products:
+        mixed = kernels.AttentionProducts(ms[0], ms[1], kernels.Matrix.of(
+            raw_weight(rng.standard_normal(shapes[2]).astype(np.float32), QT.Q8_0, rng), QT.Q8_0), ms[3])
+        assert qtypes[0] == QT.Q8_0 or not mixed.fits(exact_products)  # 256- and 32-blocks of x
+
 @pytest.mark.parametrize("n_tokens", [1, 5, ops.BLAS_MIN_TOKENS])
 def test_matmul_many_is_each_matmul(rng, n_tokens):
     """Weights of one form share a compiled call (up to MATMUL_WEIGHTS, the rest in the next);

@@ -23,6 +23,7 @@ import pytest
 from llvmlite import ir
 
 from qmoe import kernels
+from qmoe.errors import QmoeError
 from qmoe.formats import FORMATS
 from qmoe.kernels import compiled, ops
 from tests.test_kernels import BLOCK_TYPES, QT, assert_moe_close, exact, raw_weight, reference_moe, routing
@@ -143,6 +144,26 @@ def test_moe_ffn_on_integer_products(qtypes, n_tokens, k, rng):
     one = kernels.moe_ffn(*raws, qtypes, x[:1], np.array([[e]]), np.ones((1, 1), np.float32), exact=False)
     assert np.array_equal(alone, one)
 
+
+
+@pytest.mark.parametrize("qtypes", [(QT.Q4_0,) * 3, (QT.Q4_K, QT.Q4_K, QT.Q6_K), (QT.Q8_0,) * 3])
+@pytest.mark.parametrize("exact_products", [False, True])
+def test_route_moe_one_is_the_router_then_the_experts(qtypes, exact_products, rng):
+    """A decode step's router and experts in one call give what route_softmax_topk and then
+    stacked_moe_ffn give, bit for bit (k = 1 too: one group)."""
+    shapes = [(N_EXPERT, N_FF, N_EMBD), (N_EXPERT, N_FF, N_EMBD), (N_EXPERT, N_EMBD, N_FF)]
+    raws = [raw_weight(0.2 * rng.standard_normal(s).astype(np.float32), q, rng) for s, q in zip(shapes, qtypes)]
+    stacked = kernels.StackedExperts.of(*raws, qtypes)
+    router = rng.standard_normal((N_EXPERT, N_EMBD)).astype(np.float32)
+    x = rng.standard_normal((1, N_EMBD)).astype(np.float32)
+    for k, normalize, scale in ((4, True, 1.0), (1, False, 2.5)):
+        logits, ids, weights, out = kernels.route_moe_one(stacked, x, router, k, normalize, scale, exact_products)
+        want = kernels.route_softmax_topk(x, router, k, normalize, scale)
+        for got_part, want_part in zip((logits, ids, weights), want):
+            assert np.array_equal(got_part, want_part)
+        assert np.array_equal(out, kernels.stacked_moe_ffn(stacked, x, ids, weights, exact=exact_products))
+    with pytest.raises(QmoeError, match="route_moe_one"):
+        kernels.route_moe_one(stacked, x, router[:, :128], 2, True)
 
 def test_quantize_q8_blocks(rng):
     x = rng.standard_normal((2, 512)).astype(np.float32)

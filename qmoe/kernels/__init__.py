@@ -18,11 +18,16 @@ Q6_K, IQ4_XS (qmoe/formats.py's table says how each is laid out).
     MLPTopK(fc1, t1, b1, fc2, t2, b2, activation)(x, count)   top outputs of a 2-layer net, serially
     rms_norm(x, weight, eps), rope(x, positions, cos, sin, dim, neox), softmax_topk(logits, k, ...)
                                         a CPU model's norms, rotations and router, one call each
+    add_rms_norm(h, delta, weight, eps)   a residual add and the RMS norm after it, one call
     route_softmax_topk(x, router, k, ...)   the router's product and softmax_topk in one call
+    route_moe_one(StackedExperts, x, router, k, ...)   route_softmax_topk and stacked_moe_ffn
+                                        for one token, one call
     one_query_attention(q, k, v, n_keys, scale)   a decode step's attention over a KV cache
     decode_qkv(q, k, v, norms, rope, caches, ...)   a decode step's q/k norms, rotation and cache
                                         write, one call for models.base.Attention
     decode_attention(..., scale)        decode_qkv and one_query_attention in one call
+    AttentionProducts(wq, wk, wv, wo)(x, ...)   decode_attention with the q, k, v and output
+                                        products around it, one call for one token
     set_num_threads(n)
 
 ops.py holds the products and dequantization, moe.py the routed-experts reduction (its
@@ -78,9 +83,11 @@ from qmoe.kernels.moe import (
     add_expert_output,
     expert_ffn,
     moe_ffn,
+    route_moe_one,
     stacked_moe_ffn,
 )
 from qmoe.kernels.ops import (
+    AttentionProducts,
     Matrix,
     MLPTopK,
     dequantize,
@@ -91,10 +98,11 @@ from qmoe.kernels.ops import (
     set_exact_products,
     set_num_threads,
 )
-from qmoe.kernels.pointwise import rms_norm, rope, route_softmax_topk, softmax_topk
+from qmoe.kernels.pointwise import add_rms_norm, rms_norm, rope, route_softmax_topk, softmax_topk
 from qmoe.kernels.torch_dequant import dequantize_torch
 
 __all__ = [
+    "AttentionProducts",
     "NORM_FULL",
     "NORM_HEAD",
     "NORM_NONE",
@@ -104,6 +112,7 @@ __all__ = [
     "Matrix",
     "StackedExperts",
     "add_expert_output",
+    "add_rms_norm",
     "decode_attention",
     "decode_qkv",
     "dequantize",
@@ -117,6 +126,7 @@ __all__ = [
     "one_query_attention",
     "rms_norm",
     "rope",
+    "route_moe_one",
     "route_softmax_topk",
     "set_exact_products",
     "set_num_threads",

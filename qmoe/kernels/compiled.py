@@ -64,6 +64,8 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from qmoe.formats import FORMATS, KERNEL_TYPES, KVALUES
+from qmoe.kernels.attention import _decode_attention
+from qmoe.kernels.pointwise import _route_softmax_topk
 
 binding.initialize_native_asmparser()  # for _half_to_f32_f16c's inline assembly; numba leaves it out
 
@@ -1227,6 +1229,51 @@ def moe_rows(
                             p = pairs[q + j]
                             out[p // k, c] += pair_weights[p] * y4[j]
 
+
+
+@njit(nogil=True, cache=True)  # moe_rows runs its own parallel loops
+def route_moe_one(x, router, k, normalize, scale, gate, up, down, qtypes, row_bytes, n_ff, q8, q8_blocks, logits, ids,
+                  weights, out):
+    """One token's softmax router and routed experts in one call: pointwise's router product and
+    top-k into logits [1, E], ids [1, k], weights [1, k], then moe_rows into out [1, n_embd] over
+    the k groups of one pair each, by ascending expert (moe.ExpertGroups' order for one token of
+    distinct experts, which a top-k always is).
+
+    A decode step's router, grouping and experts were three calls with a dozen numpy calls
+    between them, each slow to start after a weight product (moe.StackedExperts): one call
+    makes the time between a layer's attention and its experts shorter by about a third of
+    a millisecond on the development VM. The arithmetic is the separate calls', bit for bit.
+    """
+    _route_softmax_topk(x, router, k, normalize, scale, logits, ids, weights)
+    pairs = np.argsort(ids[0], kind="mergesort")  # pair j of token 0 is choice j
+    experts = ids[0][pairs]
+    starts = np.arange(k + 1)
+    moe_rows(gate, up, down, qtypes, row_bytes, x, k, pairs, starts, experts, weights[0], n_ff, q8, q8_blocks, out)
+
+
+@njit(nogil=True, cache=True)  # matmul_rows and the attention run their own parallel loops
+def attention_one(qkv_types, qkv, qkv_row_bytes, x, q8, q8_block, o_type, o, o_row_bytes, o_q8, o_block, n_head,
+                  q_norm, k_norm, norm, eps, clamp, cos, sin, position, rope_dim, neox, k_cache, v_cache, scale, out):
+    """One token's attention from its normed input x [1, n_embd] to the output projection's
+    out [1, n_embd], in one call: matmul_rows for the q, k and v products (qkv: their flat
+    weights, which share x's quantization), attention.decode_attention's norms, rotation, cache
+    write and attention over cache positions 0..position, and matmul_rows for the output
+    product on the heads' outputs (o, quantized in blocks of o_block when o_q8).
+
+    These were four calls with Python between them (models.base.Attention's _decode), each slow
+    to start after a weight product; the arithmetic is theirs, bit for bit."""
+    n_head_kv, _, d = k_cache.shape
+    d_v = v_cache.shape[2]
+    q = np.empty((1, n_head * d), np.float32)
+    k = np.empty((1, n_head_kv * d), np.float32)
+    v = np.empty((1, n_head_kv * d_v), np.float32)
+    matmul_rows(qkv_types, qkv, qkv_row_bytes, x, q8, q8_block, (q, k, v))
+    heads = np.empty((n_head, d_v), np.float32)
+    _decode_attention(q.reshape(n_head, d), k.reshape(n_head_kv, d), v.reshape(n_head_kv, d_v), q_norm, k_norm, norm,
+                      eps, clamp, cos, sin, position, rope_dim, neox, k_cache, v_cache, scale, heads)
+    none = np.empty((1, 0), np.float32)
+    matmul_rows((o_type, o_type, o_type), (o, o[:0], o[:0]), (o_row_bytes, 0, 0), heads.reshape(1, n_head * d_v),
+                o_q8, o_block, (out, none, none))
 
 @njit(nogil=True)
 def _activate(a, gelu):

@@ -9,6 +9,7 @@ Float sums depend on their order, so the order is fixed here, once, for every ca
     moe_ffn                every group at once: the small groups in one compiled call that
                            adds them in group order, then each BLAS group in turn
     stacked_moe_ffn        the same on a StackedExperts, weights checked once for every call
+    route_moe_one          a decode step's softmax router and stacked_moe_ffn in one call
     expert_ffn             one expert's SwiGLU on its tokens (weight 1)
 
 A caller that computes the groups itself, one expert at a time from wherever its slab
@@ -170,6 +171,11 @@ class StackedExperts:
             self.kernel_types[key] = _moe_rows_types(self.qtypes, key)
         return self.kernel_types[key]
 
+    @property
+    def expert_bytes(self) -> int:
+        """One expert's bytes: its gate, up and down rows."""
+        return (self.row_bytes[0] + self.row_bytes[1]) * self.n_ff + self.row_bytes[2] * self.n_embd
+
     @classmethod
     def of(cls, gate: np.ndarray, up: np.ndarray, down: np.ndarray, qtypes: tuple,
            what: str = "moe_ffn") -> StackedExperts:
@@ -234,10 +240,9 @@ def stacked_moe_ffn(experts: StackedExperts, x: np.ndarray, expert_ids: np.ndarr
     where = groups.experts if slabs is None else slabs[groups.experts]  # each group's weights
     n_small = groups.n_compiled
     if n_small:
-        slab_bytes = (rb[0] + rb[1]) * n_ff + rb[2] * n_embd
         qt8, q8, q8_blocks = experts.types(exact)
         _run(
-            compiled.moe_rows, n_small * slab_bytes,
+            compiled.moe_rows, n_small * experts.expert_bytes,
             *flat, qt8, rb, x, groups.k, groups.pairs[: groups.starts[n_small]], groups.starts[: n_small + 1],
             where[:n_small], weights.reshape(-1), n_ff, q8, q8_blocks, out,
         )  # fmt: skip
@@ -247,6 +252,27 @@ def stacked_moe_ffn(experts: StackedExperts, x: np.ndarray, expert_ids: np.ndarr
         add_expert_output(out, groups, g, y, weights)
     return out
 
+
+
+def route_moe_one(experts: StackedExperts, x: np.ndarray, router: np.ndarray, k: int, normalize: bool,
+                  scale: float = 1.0, exact: bool | None = None
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """One token's softmax router and routed experts in one compiled call (compiled.route_moe_one):
+    route_softmax_topk(x, router, k, normalize, scale), then stacked_moe_ffn on its choice.
+    x float32 [1, n_embd], router float32 [n_expert, n_embd] -> (logits [1, E], ids int64 [1, k],
+    weights [1, k], out [1, n_embd]), each equal to what the two calls give."""
+    if x.shape != (1, experts.n_embd) or router.shape != (experts.n_expert, experts.n_embd) \
+            or not 1 <= k <= experts.n_expert:
+        raise QmoeError(f"route_moe_one: x [1, {experts.n_embd}], router [{experts.n_expert}, {experts.n_embd}] "
+                        f"and 1 <= k <= {experts.n_expert} expected, got {list(x.shape)}, {list(router.shape)}, {k}")
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    logits = np.empty((1, experts.n_expert), np.float32)
+    ids, weights = np.empty((1, k), np.int64), np.empty((1, k), np.float32)
+    out = np.zeros((1, experts.n_embd), np.float32)
+    qt8, q8, q8_blocks = experts.types(exact)
+    _run(compiled.route_moe_one, k * experts.expert_bytes, x, router, k, normalize, np.float32(scale),
+         *experts.flat, qt8, experts.row_bytes, experts.n_ff, q8, q8_blocks, logits, ids, weights, out)
+    return logits, ids, weights, out
 
 def expert_ffn(
     gate: np.ndarray, up: np.ndarray, down: np.ndarray, qtypes: tuple, x: np.ndarray, exact: bool | None = None

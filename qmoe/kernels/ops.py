@@ -211,6 +211,52 @@ def _matmul_rows(parts: list[Matrix], x: np.ndarray, q8: bool, block: int, outs:
     _run(compiled.matmul_rows, sum([p.flat.nbytes for p in parts]), qtypes, ws, rbs, x, q8, block, outs_all)
 
 
+
+class AttentionProducts:
+    """A layer's q, k, v and output weights, for one token's whole attention in one compiled call.
+
+    compiled.attention_one runs the q, k and v products (as matmul_many would: one quantization
+    of x, one parallel loop), attention.decode_attention and the output product together: in a
+    decode step each of those was a call of its own, with Python between them, and every call
+    after a weight product starts slowly (moe.StackedExperts). It needs q, k and v to take the
+    same form of product (`fits`: integer products on the same activation blocks, or float32),
+    which every llama.cpp mix gives them; otherwise the model calls the parts in turn.
+    """
+
+    def __init__(self, wq: Matrix, wk: Matrix, wv: Matrix, wo: Matrix):
+        self.qkv, self.wo = (wq, wk, wv), wo
+        self.weight_bytes = sum(m.flat.nbytes for m in (wq, wk, wv, wo))
+        self._forms: dict[bool, tuple | None] = {}  # exact -> the kernel's product arguments, or None
+
+    def _form(self, exact: bool | None) -> tuple | None:
+        key = _exact_products if exact is None else exact
+        if key not in self._forms:
+            q8s = [q8_products(m.qtype, key) for m in self.qkv]
+            blocks = {q8_block(m.qtype) if q8 else 1 for m, q8 in zip(self.qkv, q8s)}
+            o_q8 = q8_products(self.wo.qtype, key)
+            self._forms[key] = None if len(set(q8s)) > 1 or len(blocks) > 1 else (
+                tuple(int(m.qtype) for m in self.qkv), tuple(m.flat for m in self.qkv),
+                tuple(m.row_bytes for m in self.qkv), q8s[0], blocks.pop(),
+                int(self.wo.qtype), self.wo.flat, self.wo.row_bytes, o_q8, q8_block(self.wo.qtype) if o_q8 else 1)
+        return self._forms[key]
+
+    def fits(self, exact: bool | None = None) -> bool:
+        return self._form(exact) is not None
+
+    def __call__(self, x: np.ndarray, n_head: int, q_norm: np.ndarray, k_norm: np.ndarray, norm: int, eps: float,
+                 clamp: float, cos: np.ndarray, sin: np.ndarray, position: int, rope_dim: int, neox: bool,
+                 k_cache: np.ndarray, v_cache: np.ndarray, scale: float, exact: bool | None = None) -> np.ndarray:
+        """One token's attention output [1, n_embd] from its normed x [1, n_embd]: the products
+        around attention.decode_attention(q, k, v, q_norm, ..., scale), whose arguments these are,
+        the key and value written into the caches at `position`. Only when `fits`."""
+        form = self._form(exact)
+        if form is None or x.shape != (1, self.qkv[0].n):
+            raise QmoeError(f"AttentionProducts: x [1, {self.qkv[0].n}] and q, k, v of one product form expected")
+        out = np.empty((1, self.wo.rows), np.float32)
+        _run(compiled.attention_one, self.weight_bytes, *form[:3], x, *form[3:], n_head, q_norm, k_norm, norm,
+             float(eps), np.float32(clamp), cos, sin, position, rope_dim, neox, k_cache, v_cache, np.float32(scale), out)
+        return out
+
 def quantized_activation(x: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
     """x as the integer products see it for a `qtype` weight (xq * d per block), float32:
     BLAS products of many tokens multiply this, so that a prompt gives the same result to

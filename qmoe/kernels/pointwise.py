@@ -1,4 +1,5 @@
-"""RMS norm, rotary embedding and the common router on the CPU, each one compiled call.
+"""RMS norm (with the residual add before it), rotary embedding and the common router on the CPU, each
+one compiled call.
 
 A decode step of one token runs a few norms and two rotations per layer on vectors of a few
 thousand floats. In torch each is 5-10 ops, and on the 2-core development machines a torch
@@ -39,6 +40,28 @@ def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     _rms_norm(rows, np.ascontiguousarray(weight, dtype=np.float32), float(eps), out)
     return out.reshape(x.shape)
 
+
+
+@njit(nogil=True, cache=True)
+def _add_rms_norm(h, delta, weight, eps, h_out, out):
+    rows, n = h.shape
+    for r in range(rows):
+        for i in range(n):
+            h_out[r, i] = h[r, i] + delta[r, i]
+    _rms_norm(h_out, weight, eps, out)
+
+
+def add_rms_norm(h: np.ndarray, delta: np.ndarray, weight: np.ndarray, eps: float) -> tuple[np.ndarray, np.ndarray]:
+    """(h + delta, rms_norm(h + delta, weight, eps)) for float32 [T, n]: a residual add and the norm
+    after it in one call, where a decode step made a torch add and a norm call, each slow to
+    start after a weight product."""
+    if h.ndim != 2 or delta.shape != h.shape or weight.shape != (h.shape[1],):
+        raise QmoeError(f"add_rms_norm: h and delta [T, n] and weight [n] expected, got {list(h.shape)}, "
+                        f"{list(delta.shape)}, {list(weight.shape)}")
+    h_out, out = np.empty(h.shape, np.float32), np.empty(h.shape, np.float32)
+    _add_rms_norm(np.ascontiguousarray(h, dtype=np.float32), np.ascontiguousarray(delta, dtype=np.float32),
+                  weight, float(eps), h_out, out)
+    return h_out, out
 
 @njit(nogil=True, cache=True)
 def _rope(x, positions, cos, sin, dim, neox, out):

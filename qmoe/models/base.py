@@ -198,6 +198,18 @@ class RMSNorm:
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
 
 
+def add_then_norm(h: torch.Tensor, delta: torch.Tensor, norm: Callable[[torch.Tensor], torch.Tensor]
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h + delta, norm(h + delta)): a residual add and the norm after it, for an RMS norm on the
+    CPU in one compiled call (kernels.add_rms_norm; a torch add and a norm call in a decode step
+    each started slowly after a weight product), the same sums either way."""
+    if isinstance(norm, RMSNorm) and norm.weight_np is not None:
+        h, x = kernels.add_rms_norm(h.numpy(), delta.numpy(), norm.weight_np, norm.eps)
+        return torch.from_numpy(h), torch.from_numpy(x)
+    h = h + delta
+    return h, norm(h)
+
+
 class LayerNorm:
     """LayerNorm with weight and bias (Phi-MoE)."""
 
@@ -402,6 +414,9 @@ class Attention(CachedAttention):
                                   hp.norm_eps, device)
         self.clamp = clamp
         self.scale = 1.0 / math.sqrt(hp.head_dim)
+        # one token's attention as one compiled call, products included (kernels.AttentionProducts)
+        self.products = None if device.type != "cpu" or biases else kernels.AttentionProducts(
+            self.wq.matrix, self.wk.matrix, self.wv.matrix, self.wo.matrix)
 
     def project(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, ...]:
         hp, T = self.hp, x.shape[0]
@@ -419,19 +434,20 @@ class Attention(CachedAttention):
 
     def __call__(self, x: torch.Tensor, cache: KVCache, positions: torch.Tensor) -> torch.Tensor:
         if x.shape[0] == 1 and self.device.type == "cpu":
-            return self.wo(self._decode(x, cache))
+            return self._decode(x, cache)
         return super().__call__(x, cache, positions)
 
     def _decode(self, x: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """One token's project + attend on the CPU: after the q, k, v products, one compiled call
+        """One token's attention on the CPU, output product included: after the q, k, v products, one compiled call
         for the norms, the rotation and the cache write (kernels.decode_qkv, the same operations in
         the same order), then the attention, in the same call while the context is short. A decode
         step's small torch and numba calls each ran slowly after the weight products had run (the
         first call of each kind after a few milliseconds of other work took 30-190 us on the
         development VM instead of 2-8): one call took the time between a layer's q/k/v and
-        output products from 0.6 to 0.3 ms."""
+        output products from 0.6 to 0.3 ms. While the context is short (the compiled attention's) and
+        the layer has no biases, the products go into the same call too (kernels.AttentionProducts):
+        the attention's 0.3 ms between kernels became 0.1."""
         hp = self.hp
-        q, k, v = cpu_linears(x, self.wq, self.wk, self.wv)
         k_cache, v_cache = self._caches(cache)
         if self.qk_norm is None:
             norm, q_norm, k_norm = kernels.NORM_NONE, _NO_WEIGHT, _NO_WEIGHT
@@ -439,13 +455,18 @@ class Attention(CachedAttention):
             norm = kernels.NORM_HEAD if self.qk_norm == "head" else kernels.NORM_FULL
             q_norm, k_norm = self.q_norm.weight_np, self.k_norm.weight_np
         rope = self.rope.for_position(cache.n_past)
-        args = (q.reshape(hp.n_head, hp.head_dim), k.reshape(hp.n_head_kv, hp.head_dim),
-                v.reshape(hp.n_head_kv, hp.head_dim_v), q_norm, k_norm, norm, hp.norm_eps, self.clamp or 0.0,
-                *rope.tables, cache.n_past, rope.dim, rope.style == "neox", k_cache.numpy(), v_cache.numpy())
-        if cache.n_past < kernels.ONE_QUERY_MAX_KEYS:  # the attention too, in the same call (causal_attention's)
-            return torch.from_numpy(kernels.decode_attention(*args, self.scale).reshape(1, -1))
-        q = kernels.decode_qkv(*args)
-        return causal_attention(torch.from_numpy(q)[:, None], k_cache, v_cache, cache.n_past, self.scale)
+        norm_rope = (q_norm, k_norm, norm, hp.norm_eps, self.clamp or 0.0, *rope.tables, cache.n_past, rope.dim,
+                     rope.style == "neox", k_cache.numpy(), v_cache.numpy())
+        short = cache.n_past < kernels.ONE_QUERY_MAX_KEYS
+        if short and self.products is not None and self.products.fits():
+            return torch.from_numpy(self.products(x.detach().numpy(), hp.n_head, *norm_rope, self.scale))
+        q, k, v = cpu_linears(x, self.wq, self.wk, self.wv)
+        qkv = (q.reshape(hp.n_head, hp.head_dim), k.reshape(hp.n_head_kv, hp.head_dim),
+               v.reshape(hp.n_head_kv, hp.head_dim_v))
+        if short:  # the attention in the same call as the norms (causal_attention's)
+            return self.wo(torch.from_numpy(kernels.decode_attention(*qkv, *norm_rope, self.scale).reshape(1, -1)))
+        q = kernels.decode_qkv(*qkv, *norm_rope)
+        return self.wo(causal_attention(torch.from_numpy(q)[:, None], k_cache, v_cache, cache.n_past, self.scale))
 
     def _caches(self, cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
         hp = self.hp
@@ -576,8 +597,24 @@ class MoE:
         self.shared = shared
 
     def __call__(self, x: torch.Tensor, observer: Observer | None) -> torch.Tensor:
+        stacked = self._one_call(x)
+        if stacked is not None:  # a decode step on the mapped file: router and experts in one compiled call
+            r = self.route
+            logits, ids, _, out = kernels.route_moe_one(stacked, x.detach().numpy(), self.router_np, r.k, r.normalize, r.scale)
+            if observer is not None:
+                observer.routed(self.layer, x, torch.from_numpy(logits), torch.from_numpy(ids))
+            return self._finish(x, out)
         ids, weights = self.choose(x, observer)
         return self._finish(x, self.experts(self.layer, _np(x), ids, weights))
+
+    def _one_call(self, x: torch.Tensor) -> kernels.StackedExperts | None:
+        """The layer's stacked experts when one token's routing and experts can run as one
+        compiled call (kernels.route_moe_one): a softmax router, on the CPU, with the experts
+        read from the mapped file (an expert store brings them in between the two)."""
+        if self.cpu and x.shape[0] == 1 and isinstance(self.route, SoftmaxRouter) \
+                and isinstance(self.experts, MmapExperts):
+            return self.experts.stacked[self.layer]
+        return None
 
     def choose(self, x: torch.Tensor, observer: Observer | None) -> tuple[np.ndarray, np.ndarray]:
         """The routing of x [T, n_embd]: expert ids int64 [T, k] (the kernels' type) and their weights
@@ -674,15 +711,18 @@ class Transformer:
                 observer: Observer | None) -> torch.Tensor:
         """The residual stream [T, n_embd] after every block; `attend(block.attn, x)` runs attention."""
         h = self.embed(np.asarray(tokens))  # [T, n_embd]
+        x = self.blocks[0].attn_norm(h)
         for i, block in enumerate(self.blocks):
-            x = block.attn_norm(h)
             if observer is not None and block.routed:
                 observer.pre_attention(i, x)
-            h = h + attend(block.attn, x)
+            h, y = add_then_norm(h, attend(block.attn, x), block.ffn_norm)
             if observer is not None:
                 observer.attended(i, h)
-            y = block.ffn_norm(h)
-            h = h + block.ffn(y, observer)
+            ffn_out = block.ffn(y, observer)
+            if i + 1 < len(self.blocks):  # the residual add with the next block's first norm
+                h, x = add_then_norm(h, ffn_out, self.blocks[i + 1].attn_norm)
+            else:
+                h = h + ffn_out
         return h
 
     def forward_layer_major(self, segments: list[tuple[np.ndarray, KVCache]], observer: Observer | None = None,
