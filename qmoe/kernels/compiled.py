@@ -31,7 +31,8 @@ spent half their instructions converting each block's fp16 scale; converting it 
 vcvtph2ps (_half_to_f32_f16c) and giving Q4_0 and Q5_0 the signed bytes' form made Q4_0's
 cold products 1.27-1.40x faster and Q8_0's 1.08-1.10x. Adding Q6_K's offset to the integer
 sums' lanes instead of reducing it to a number first (_q6_k_block_ioffset) made its cold
-products 1.14x (one core) and 1.16x (two) faster.
+products 1.14x (one core) and 1.16x (two) faster; Q4_K's and Q5_K's mins the same way
+(_k4_block_imin), 1.05-1.08x.
 
 Numba caches compiled code per source file and does not track what a cached
 function calls in other files, so the IR builders and the kernels that use them live
@@ -379,14 +380,15 @@ def _word_bytes(builder, first, second):
 
 
 def _k4_block_imin(builder, p, fmt, xbp):
-    """A Q4_K/Q5_K super-block's sum over groups j of min_j * (xb[2j] + xb[2j + 1]) as i32, in
-    vector operations: the per-group scalar sums cost as much as the group's byte products."""
+    """A Q4_K/Q5_K super-block's min_j * (xb[2j] + xb[2j + 1]) for its groups j, as <8 x i32>
+    lanes that the row loop scales and adds to its float sums' lanes: per-group scalar sums cost
+    as much as the group's byte products, and a reduction to one number a dozen instructions."""
     words = _k4_words(builder, p, fmt.offset("scales"))
     mins = builder.zext(_word_bytes(builder, words[2], words[3]), _vi32_i)
     xb = builder.load(builder.bitcast(xbp, ir.VectorType(_i32, _LANES).as_pointer()), align=4)
     sums = builder.add(*(builder.shuffle_vector(xb, xb, ir.Constant(_vi32_i, list(range(h, _LANES, 2))))
                          for h in range(2)))
-    return _reduce_add(builder, builder.mul(mins, sums))
+    return builder.mul(mins, sums)
 
 
 def _q6_k_block_ioffset(builder, p, fmt, xbp):
@@ -400,13 +402,6 @@ def _q6_k_block_ioffset(builder, p, fmt, xbp):
     halves = [builder.shuffle_vector(products, products, ir.Constant(_vi32_i, list(range(h, h + _I_LANES))))
               for h in (0, _I_LANES)]
     return builder.mul(builder.add(*halves), ir.Constant(_vi32_i, [-32] * _I_LANES))
-
-
-def _reduce_add(builder, vec):
-    """The sum of an integer vector's lanes."""
-    fnty = ir.FunctionType(vec.type.element, [vec.type])
-    name = f"llvm.vector.reduce.add.v{vec.type.count}i{vec.type.element.width}"
-    return builder.call(cgutils.get_or_insert_function(builder.module, fnty, name), [vec])
 
 
 def _k4_scales(builder, p, fmt, s):
@@ -507,9 +502,10 @@ class _IRFormat:
     one: Callable | None = None  # float formats: (builder, byte ptr) -> float
     d_offset: int = 0  # block formats: byte offset of the fp16 d, the halves' common d
     dmin_offset: int = 0  # K-quants with mins: byte offset of the fp16 dmin
-    # Integer products, where a format has them: the whole block's sum of imin * xb, or of its
-    # unsigned bytes' offset, in one go, (builder, block ptr, xb ptr of the block) -> i32,
-    # instead of group by group.
+    # Integer products, where a format has them: the whole block's imin * xb, or its unsigned
+    # bytes' offset, in one go, (builder, block ptr, xb ptr of the block) -> <8 x i32> lanes
+    # that the loop adds lane by lane (the mins scaled by -dmin * dx, the offset into the
+    # integer sums), instead of group by group.
     block_imin: Callable | None = None
     block_ioffset: Callable | None = None
 
@@ -730,8 +726,9 @@ def _make_row_dot(n_tokens: int):
 # sign-extend q and xq and sum their products in pairs (vpmaddwd), times the sub-scale. ARM
 # lowers both to widening multiplies (smull/umull) and adds. The block's integer sum becomes
 # float once, times d * dx. The K-quants' mins (Q2_K, Q4_K, Q5_K) multiply the integer sums of
-# their halves' xq (xb), summed as integers (Q4_K/Q5_K: one vector multiply per block,
-# _IRFormat.block_imin; Q6_K's unsigned-byte offset too, block_ioffset) and scaled once by
+# their halves' xq (xb), summed as integers (Q4_K/Q5_K: one vector multiply per block whose
+# lanes are scaled and added to the float sums' lanes, _IRFormat.block_imin; Q6_K's
+# unsigned-byte offset likewise, into the integer sums' lanes, block_ioffset) and scaled by
 # -dmin * dx; Q4_1's and Q5_1's float offsets multiply their group's xs, as llama.cpp's Q8_1
 # does. The int32 sums cannot overflow: |u * iscale| <= 63 * 128 for every format, so a
 # 256-block sums to at most 256 * 8064 * 127 < 2^31. Float formats have no integer values and are not here.
@@ -951,12 +948,17 @@ def _make_row_dot_q8(n_tokens: int):
                         dx = builder.load(builder.gep(xd0, [builder.udiv(e, _const(fmt.block))]))
                         scale = _splat(builder, builder.fmul(d, dx, flags=_FLAGS), _I_LANES)
                         v = builder.fmul(builder.sitofp(isum, _vf32_i), scale, flags=_FLAGS)
-                        builder.store(builder.fadd(builder.load(acc), v, flags=_FLAGS), acc)
                         o = offsets[j]
-                        if imins[j] is not imins_zero:  # -(dmin * dx) * sum of imin * xb
+                        if isinstance(imins[j].type, ir.VectorType):  # block_imin's lanes, times -(dmin * dx)
+                            dmin = half(builder, builder.gep(bp, [_const(fmt.dmin_offset)]))
+                            mscale = _splat(builder, builder.fneg(builder.fmul(dmin, dx, flags=_FLAGS)), _I_LANES)
+                            v = builder.fadd(v, builder.fmul(builder.sitofp(imins[j], _vf32_i), mscale, flags=_FLAGS),
+                                             flags=_FLAGS)
+                        elif imins[j] is not imins_zero:  # -(dmin * dx) * sum of imin * xb
                             dmin = half(builder, builder.gep(bp, [_const(fmt.dmin_offset)]))
                             o = builder.fmul(builder.fneg(builder.fmul(dmin, dx, flags=_FLAGS)),
                                              builder.sitofp(imins[j], _f32), flags=_FLAGS)
+                        builder.store(builder.fadd(builder.load(acc), v, flags=_FLAGS), acc)
                         if o is not None:
                             builder.store(builder.fadd(builder.load(offset_sum), o, flags=_FLAGS), offset_sum)
 
