@@ -32,7 +32,8 @@ vcvtph2ps (_half_to_f32_f16c) and giving Q4_0 and Q5_0 the signed bytes' form ma
 cold products 1.27-1.40x faster and Q8_0's 1.08-1.10x. Adding Q6_K's offset to the integer
 sums' lanes instead of reducing it to a number first (_q6_k_block_ioffset) made its cold
 products 1.14x (one core) and 1.16x (two) faster; Q4_K's and Q5_K's mins the same way
-(_k4_block_imin), 1.05-1.08x.
+(_k4_block_imin), 1.05-1.08x; IQ4_XS's 8 scales decoded as one vector per block instead of
+group by group (_iq4_xs_scales), 1.08-1.09x.
 
 Numba caches compiled code per source file and does not track what a cached
 function calls in other files, so the IR builders and the kernels that use them live
@@ -468,7 +469,26 @@ def _iq4_xs_group(builder, p, s):
     high = builder.and_(builder.lshr(high, ir.Constant(_i32, 2 * s)), ir.Constant(_i32, 3))
     scale = builder.sub(builder.or_(low, builder.shl(high, ir.Constant(_i32, 4))), ir.Constant(_i32, 32))
     lo, hi = _nibbles(builder, p, fmt.offset("qs") + 16 * s)
-    return _same(_kvalues(builder, lo), _kvalues(builder, hi), _half_to_f32(builder, p), iscale=scale)
+    return _same(_kvalues(builder, lo), _kvalues(builder, hi), _half_to_f32(builder, p), iscale=scale,
+                 iscale_lanes=_lanes_of(builder, _iq4_xs_scales(builder, p, fmt), s, s))
+
+
+def _iq4_xs_scales(builder, p, fmt):
+    """An IQ4_XS super-block's 8 scales (6 bits - 32) as <8 x i16>, in vector operations: nibble j
+    of the scales_l word is bits 4j, the high 2 bits of scale j bits 2j of scales_h. Decoded one
+    group at a time they were ~9 scalar instructions a group, as many as its byte products; every
+    group asks for the same vector, which LLVM computes once per block."""
+    lanes = ir.VectorType(_i32, _I_LANES)
+
+    def shifted(word, step, mask):
+        v = _splat(builder, word, _I_LANES)
+        return builder.and_(builder.lshr(v, ir.Constant(lanes, [step * j for j in range(_I_LANES)])),
+                            ir.Constant(lanes, [mask] * _I_LANES))
+
+    low = shifted(_load(builder, p, _i32, fmt.offset("scales_l")), 4, 15)
+    high = shifted(builder.zext(_load(builder, p, _i16, fmt.offset("scales_h")), _i32), 2, 3)
+    scales = builder.or_(low, builder.shl(high, ir.Constant(lanes, [4] * _I_LANES)))
+    return builder.trunc(builder.sub(scales, ir.Constant(lanes, [32] * _I_LANES)), ir.VectorType(_i16, _I_LANES))
 
 
 def _f32_group(builder, p, s):
