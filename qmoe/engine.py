@@ -123,7 +123,17 @@ class Model:
         if offload is not None:
             self.offload = attach(self.net, self.file, offload, self.device, self.n_ctx, self.n_batch,
                                   say=lambda line: print(f"qmoe: {line}", file=sys.stderr))
+        if self.device.type == "cpu" and self.store is None:
+            self._warm_up()
         self.timings = Timings(load_s=time.perf_counter() - start)
+
+    def _warm_up(self) -> None:
+        """One decode step of token 0 on a throwaway one-token cache, as llama.cpp warms up at load:
+        numba loads a decode step's compiled calls from its cache the first time each is called,
+        about 0.3 s for the fused attention and experts calls (models.base), which would otherwise
+        fall in the first token's time. Not with an expert store: its reads and statistics belong
+        to the run."""
+        self.eval([0], KVCache(1))
 
     # -- expert offloading (qmoe/experts/)
 
