@@ -39,7 +39,9 @@ Numba caches compiled code per source file and does not track what a cached
 function calls in other files, so the IR builders and the kernels that use them live
 here together: editing either invalidates the cache of both. The field offsets come
 from qmoe/formats.py; ggml fixes them, but whoever edits one there must touch this
-file too, or the cache keeps the old code.
+file too, or the cache keeps the old code. The same holds for the two functions of other files
+that the decode step's fused calls (route_moe_one, attention_one) compile into themselves:
+pointwise._route_softmax_topk and attention._decode_attention.
 
 Row loops, one compiled function for every type (a switch on qtype inside), each over
 the raw bytes of one row:
