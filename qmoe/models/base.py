@@ -683,7 +683,11 @@ class Transformer:
                 all_logits: bool = False) -> torch.Tensor:
         """Run T tokens at positions n_past.. and return logits [T or 1, n_vocab]."""
         T = len(tokens)
-        positions = torch.arange(cache.n_past, cache.n_past + T, device=self.device)
+        # numpy's arange made into a tensor, not torch.arange: right after a step's weight products a
+        # torch op costs ~100 us (its code is out of cache) and from_numpy runs in the step anyway
+        positions = torch.from_numpy(np.arange(cache.n_past, cache.n_past + T, dtype=np.int64))
+        if self.device.type != "cpu":
+            positions = positions.to(self.device)
         h = self._blocks(tokens, lambda attn, x: attn(x, cache, positions), observer)
         cache.n_past += T
         if not all_logits:
