@@ -394,26 +394,28 @@ def _word_bytes(builder, first, second):
 def _k4_block_imin(builder, p, fmt, xbp):
     """A Q4_K/Q5_K super-block's min_j * (xb[2j] + xb[2j + 1]) for its groups j, as <8 x i32>
     lanes that the row loop scales and adds to its float sums' lanes: per-group scalar sums cost
-    as much as the group's byte products, and a reduction to one number a dozen instructions."""
+    as much as the group's byte products, and a reduction to one number a dozen instructions.
+    Each min goes to two 16-bit lanes, so that one pairwise multiply-add of the 16 int16 sums
+    (vpmaddwd) gives the eight products."""
     words = _k4_words(builder, p, fmt.offset("scales"))
-    mins = builder.zext(_word_bytes(builder, words[2], words[3]), _vi32_i)
-    xb = builder.load(builder.bitcast(xbp, ir.VectorType(_i32, _LANES).as_pointer()), align=4)
-    sums = builder.add(*(builder.shuffle_vector(xb, xb, ir.Constant(_vi32_i, list(range(h, _LANES, 2))))
-                         for h in range(2)))
-    return builder.mul(mins, sums)
+    mins = builder.zext(_word_bytes(builder, words[2], words[3]), ir.VectorType(_i16, _I_LANES))
+    pairs = builder.shuffle_vector(mins, mins, ir.Constant(_vi32, [j // 2 for j in range(_LANES)]))
+    return _pair_dot(builder, pairs, _xb_lanes(builder, xbp))
+
+
+def _xb_lanes(builder, xbp):
+    """A super-block's 16 sums of 16 xq (quantize_q8's xb, int16) as one <16 x i16>."""
+    return builder.load(builder.bitcast(xbp, _vi16.as_pointer()), align=2)
 
 
 def _q6_k_block_ioffset(builder, p, fmt, xbp):
     """A Q6_K super-block's -32 * scales[h] * xb[h] over its 16-groups h (the unsigned bytes'
     offset, _group_isum_bytes) as <8 x i32> lanes to add to the block's integer sums, which are
     summed over lanes in the end anyway: reduced to one number and put into a lane it took a
-    dozen more instructions a block."""
-    scales = builder.sext(_bytes16(builder, p, fmt.offset("scales")), ir.VectorType(_i32, _LANES))
-    xb = builder.load(builder.bitcast(xbp, ir.VectorType(_i32, _LANES).as_pointer()), align=4)
-    products = builder.mul(scales, xb)
-    halves = [builder.shuffle_vector(products, products, ir.Constant(_vi32_i, list(range(h, h + _I_LANES))))
-              for h in (0, _I_LANES)]
-    return builder.mul(builder.add(*halves), ir.Constant(_vi32_i, [-32] * _I_LANES))
+    dozen more instructions a block. The int8 scales times the int16 sums in pairs are one
+    vpmaddwd on AVX2 (two widenings and two 32-bit multiplies with int32 sums)."""
+    scales = builder.sext(_bytes16(builder, p, fmt.offset("scales")), _vi16)
+    return builder.mul(_pair_dot(builder, scales, _xb_lanes(builder, xbp)), ir.Constant(_vi32_i, [-32] * _I_LANES))
 
 
 def _k4_scales(builder, p, fmt, s):
@@ -901,13 +903,13 @@ def _group_offset(builder, lo: _Half, hi: _Half, xsp, s: int):
 
 def _make_row_dot_q8(n_tokens: int):
     """row_dot_q8(qtype, w, w_off, xq, xd, xs, xb, x_offs, n): _make_row_dot's product for a
-    block format, on quantize_q8's activation (xq int8, xd and xs float32, xb int32, C arrays
+    block format, on quantize_q8's activation (xq int8, xd and xs float32, xb int16, C arrays
     indexed flat: element e of x is about xq[e] * xd[e // block]; xs[e // 32] and xb[e // 16]
     are the offset sum of its 32-group and the sum of its 16 xq)."""
 
     @intrinsic
     def row_dot_q8(typingctx, qtype, w, w_off, xq, xd, xs, xb, x_offs, n):
-        arrays = ((w, types.uint8), (xq, types.int8), (xd, types.float32), (xs, types.float32), (xb, types.int32))
+        arrays = ((w, types.uint8), (xq, types.int8), (xd, types.float32), (xs, types.float32), (xb, types.int16))
         if not (isinstance(qtype, types.Integer) and all(_is_c_array(a, dt) for a, dt in arrays)):
             return None
         offs_type, result_type = _tile_types(n_tokens)
@@ -942,7 +944,8 @@ def _make_row_dot_q8(n_tokens: int):
                     for s in range(fmt.block // _GROUP):
                         lo, hi = fmt.group(builder, bp, s)
                         for j, (xqp, xsp, xbp) in enumerate(zip(xqps, xsps, xbps)):
-                            xb_lo, xb_hi = (builder.load(builder.gep(xbp, [_const(2 * s + h)])) for h in range(2))
+                            xb_lo, xb_hi = (builder.sext(builder.load(builder.gep(xbp, [_const(2 * s + h)])), _i32)
+                                            for h in range(2))
                             if lo.ushift is not None or avx2:
                                 group = builder.bitcast(builder.gep(xqp, [_const(2 * s)]), _vi8_group.as_pointer())
                                 isum, ioffset = _group_isum_bytes(
@@ -1077,7 +1080,7 @@ def quantize_q8(x, q8, block):
     (ties to even), and the block's d = max |x| / 127 rounded to fp16 (block 32) or
     1 / (127 / max |x|) (block 256). Returns the row loops' `xa` = (xq int8 [T, n],
     xd float32 [T, n / block], xs float32 [T, n / 32]: max |x| / 127 times the sum of a
-    32-group's xq, rounded to fp16, Q8_1's s for Q4_1/Q5_1's offsets, xb int32 [T, n / 16]:
+    32-group's xq, rounded to fp16, Q8_1's s for Q4_1/Q5_1's offsets, xb int16 [T, n / 16]:
     the sums of 16 xq, Q8_K's bsums for the K-quants' mins). n: a multiple of block."""
     n_tokens, n = x.shape
     rows = n_tokens if q8 else 0
@@ -1091,7 +1094,7 @@ def quantize_q8(x, q8, block):
 def _q8_arrays(rows, n, block):
     """quantize_q8's (xq, xd, xs, xb) for `rows` rows of n elements, uninitialized."""
     return (np.empty((rows, n), np.int8), np.empty((rows, n // block), np.float32),
-            np.empty((rows, n // Q8_GROUP), np.float32), np.empty((rows, n // 16), np.int32))
+            np.empty((rows, n // Q8_GROUP), np.float32), np.empty((rows, n // 16), np.int16))
 
 
 @njit(nogil=True)
