@@ -759,9 +759,10 @@ def _make_row_dot(n_tokens: int):
 # sign-extend q and xq and sum their products in pairs (vpmaddwd), times the sub-scale. ARM
 # lowers both to widening multiplies (smull/umull) and adds. The block's integer sum becomes
 # float once, times d * dx. The K-quants' mins (Q2_K, Q4_K, Q5_K) multiply the integer sums of
-# their halves' xq (xb), summed as integers (Q4_K/Q5_K: one vector multiply per block whose
-# lanes are scaled and added to the float sums' lanes, _IRFormat.block_imin; Q6_K's
-# unsigned-byte offset likewise, into the integer sums' lanes, block_ioffset) and scaled by
+# their halves' xq (xb, int16: a 16-sum is at most 16 * 127), summed as integers (Q4_K/Q5_K:
+# one pairwise multiply-add per block whose lanes are scaled and added to the float sums'
+# lanes, _IRFormat.block_imin; Q6_K's unsigned-byte offset likewise, into the integer sums'
+# lanes, block_ioffset) and scaled by
 # -dmin * dx; Q4_1's and Q5_1's float offsets multiply their group's xs, as llama.cpp's Q8_1
 # does. The int32 sums cannot overflow: |u * iscale| <= 63 * 128 for every format, so a
 # 256-block sums to at most 256 * 8064 * 127 < 2^31. Float formats have no integer values and are not here.
