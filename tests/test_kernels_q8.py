@@ -146,6 +146,23 @@ def test_moe_ffn_on_integer_products(qtypes, n_tokens, k, rng):
 
 
 
+@pytest.mark.parametrize("qtypes", [(QT.Q8_0,) * 3, (QT.Q4_K, QT.Q4_K, QT.Q6_K)])
+@pytest.mark.parametrize("exact", [False, True])
+def test_stacked_expert_ffns_is_expert_ffn_for_each(qtypes, exact, rng):
+    """Several experts of a stack, each on its own rows (one expert twice, rows from 0 to past
+    BLAS_MIN_TOKENS), in one call: each output equals expert_ffn's on that slab, bit for bit."""
+    shapes = [(N_EXPERT, N_FF, N_EMBD), (N_EXPERT, N_FF, N_EMBD), (N_EXPERT, N_EMBD, N_FF)]
+    raws = [raw_weight(0.2 * rng.standard_normal(s).astype(np.float32), q, rng) for s, q in zip(shapes, qtypes)]
+    stacked = kernels.StackedExperts.of(*raws, qtypes)
+    slots = [3, 0, 3, 11, 7, N_EXPERT - 1]
+    counts = [1, 5, 4, 0, ops.BLAS_MIN_TOKENS + 2, 9]
+    xs = [rng.standard_normal((n, N_EMBD)).astype(np.float32) for n in counts]
+    got = kernels.stacked_expert_ffns(stacked, slots, xs, exact=exact)
+    for s, x, y in zip(slots, xs, got):
+        want = kernels.expert_ffn(raws[0][s], raws[1][s], raws[2][s], qtypes, x, exact=exact)
+        assert y.shape == (len(x), N_EMBD) and np.array_equal(y, want)
+
+
 @pytest.mark.parametrize("qtypes", [(QT.Q4_0,) * 3, (QT.Q4_K, QT.Q4_K, QT.Q6_K), (QT.Q8_0,) * 3])
 @pytest.mark.parametrize("exact_products", [False, True])
 def test_route_moe_one_is_the_router_then_the_experts(qtypes, exact_products, rng):

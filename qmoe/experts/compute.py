@@ -5,11 +5,13 @@ from a slab on its way there (late: wait for it), or, on a miss, as `on_miss` sa
 "wait" asked the store for the slab and waits; "cpu" (fast tier only) computes it
 with the kernels from the quantized slab in the RAM pool, or in the mapped file when
 there is no pool. Hits are computed first, so that their compute overlaps the
-transfers of the rest, then the others as they arrive.
+transfers of the rest, then the others as they arrive: each time the one waited for
+comes, with every other that has come by then, in one kernel call.
 
 Results do not depend on the tiers: the tokens are grouped and the experts' outputs
 summed by the kernels' own `ExpertGroups` and `add_expert_output`, in moe_ffn's
-order, and every expert on the kernel path is computed by `kernels.expert_ffn`, so
+order, and every expert on the kernel path is computed as `kernels.expert_ffn` computes
+it (`stacked_expert_ffns` for several at once), so
 the layer's output is bit-identical to the model without a store; so is it with the
 CPU's simulated fast tier, which holds quantized slabs for the same kernels. When
 every expert is ready in a tier of quantized slabs laid out as this layer's, the layer
@@ -100,17 +102,26 @@ class StoreExperts:
         self, layer: int, tier: Tier, claims: LayerClaims, inputs: dict[int, list[np.ndarray]]
     ) -> dict[int, list[np.ndarray]]:
         """Each claimed expert's outputs [n, n_embd] on its inputs [n, n_embd] (one per segment):
-        hits first, then the rest as they arrive."""
+        the hits first, together, then the rest as they arrive, each with those arrived beside it."""
         outputs = {}
         unused = claims.handles()
         try:
-            for e, entry in claims.ready:
-                unused.remove(entry)
-                outputs[e] = self._compute_in(tier, entry, inputs[e])
-            for e, handle in claims.waiting:
-                entry = self.store.wait(handle, layer)
+            if claims.ready:
+                for _, entry in claims.ready:
+                    unused.remove(entry)
+                outputs |= self._compute_in(tier, layer, claims.ready, inputs)
+            waiting = list(claims.waiting)
+            while waiting:
+                e, handle = waiting.pop(0)
+                arrived = [(e, self.store.wait(handle, layer))]
                 unused.remove(handle)
-                outputs[e] = self._compute_in(tier, entry, inputs[e])
+                for e, handle in list(waiting):
+                    entry = self.store.arrived(handle)
+                    if entry is not None:
+                        waiting.remove((e, handle))
+                        unused.remove(handle)
+                        arrived.append((e, entry))
+                outputs |= self._compute_in(tier, layer, arrived, inputs)
             for e in claims.on_cpu:
                 outputs[e] = self._compute_on_cpu(layer, e, inputs[e])
         except BaseException:  # an error or Ctrl-C: do not leave slabs pinned for good
@@ -118,15 +129,26 @@ class StoreExperts:
             raise
         return outputs
 
-    def _compute_in(self, tier: Tier, entry: Entry, xs: list[np.ndarray]) -> list[np.ndarray]:
-        """Compute from an entry pinned for us, then release it."""
-        layout = self.layouts[entry.key[0]]
+    def _compute_in(self, tier: Tier, layer: int, entries: list[tuple[int, Entry]],
+                    inputs: dict[int, list[np.ndarray]]) -> dict[int, list[np.ndarray]]:
+        """Compute the experts of entries pinned for us ((expert, entry) of `layer`), then release them.
+
+        In a tier of quantized slots laid out as this layer's, all of them in one
+        stacked_expert_ffns call: equal to one call per expert, and a layer-major prefill's
+        layer computes a hundred experts on a few tokens each."""
+        layout = self.layouts[layer]
         try:
+            if tier.stacked is not None and layout == tier.layout:
+                slots = [entry.slot for e, entry in entries for _ in inputs[e]]
+                ys = iter(kernels.stacked_expert_ffns(tier.stacked, slots, [x for e, _ in entries for x in inputs[e]]))
+                return {e: [next(ys) for _ in inputs[e]] for e, _ in entries}
             if tier is self.store.fast:
-                return [tier.compute(entry.slot, x, layout) for x in xs]
-            return [kernels.expert_ffn(*tier.views(entry.slot, layout), layout.qtypes, x) for x in xs]
+                return {e: [tier.compute(entry.slot, x, layout) for x in inputs[e]] for e, entry in entries}
+            return {e: [kernels.expert_ffn(*tier.views(entry.slot, layout), layout.qtypes, x) for x in inputs[e]]
+                    for e, entry in entries}
         finally:
-            self.store.release(tier, entry)
+            for _, entry in entries:
+                self.store.release(tier, entry)
 
     def _compute_on_cpu(self, layer: int, expert: int, xs: list[np.ndarray]) -> list[np.ndarray]:
         """A fast-tier miss computed by the kernels from the quantized slab: pool (read if absent) or file."""
@@ -139,4 +161,4 @@ class StoreExperts:
         except BaseException:
             self.store.unclaim([handle])
             raise
-        return self._compute_in(pool, entry, xs)
+        return self._compute_in(pool, layer, [(expert, entry)], {expert: xs})[expert]

@@ -275,6 +275,13 @@ class ExpertStore:
                     raise QmoeError("the expert store was closed while a layer waited for an expert")
                 self.arrivals.wait()
 
+    def arrived(self, handle: Entry | Job) -> Entry | None:
+        """What we claimed, pinned for us, if it is ready now (wait without waiting), else None."""
+        with self.lock:
+            self.raise_if_failed()
+            entry = handle.delivered if isinstance(handle, Job) else handle
+            return entry if entry is not None and entry.ready else None
+
     def release(self, tier: Tier, entry: Entry) -> None:
         """The caller is done computing from `entry`: unpin it, and mark it recently used."""
         with self.lock:

@@ -9,6 +9,8 @@ Q6_K, IQ4_XS (qmoe/formats.py's table says how each is laid out).
     dequantize(w, qtype)                raw [..., row] -> float32 [..., n]
     dequantize_torch(raw, qtype, n)     the same in torch ops, on any device (the CUDA tier)
     expert_ffn(gate, up, down, qtypes, x)                     one expert's SwiGLU on T tokens
+    stacked_expert_ffns(StackedExperts, slots, xs)   expert_ffn of several experts of a stack,
+                                        each on its own rows, the few-token ones in one call
     moe_ffn(gate_exps, up_exps, down_exps, qtypes, x, ids, weights)   routed sum over top-k experts
     stacked_moe_ffn(StackedExperts.of(gate_exps, up_exps, down_exps, qtypes), x, ids, weights)
                                         the same with the weights checked once, for every step
@@ -84,6 +86,7 @@ from qmoe.kernels.moe import (
     expert_ffn,
     moe_ffn,
     route_moe_one,
+    stacked_expert_ffns,
     stacked_moe_ffn,
 )
 from qmoe.kernels.ops import (
@@ -131,5 +134,6 @@ __all__ = [
     "set_exact_products",
     "set_num_threads",
     "softmax_topk",
+    "stacked_expert_ffns",
     "stacked_moe_ffn",
 ]

@@ -274,6 +274,41 @@ def route_moe_one(experts: StackedExperts, x: np.ndarray, router: np.ndarray, k:
          *experts.flat, qt8, experts.row_bytes, experts.n_ff, q8, q8_blocks, logits, ids, weights, out)
     return logits, ids, weights, out
 
+def stacked_expert_ffns(experts: StackedExperts, slots: list[int], xs: list[np.ndarray],
+                        exact: bool | None = None) -> list[np.ndarray]:
+    """expert_ffn of expert `slots[i]` of the stack on token rows xs[i], for every i, bit for bit.
+
+    The ones with fewer than BLAS_MIN_TOKENS rows run in one compiled call, as moe_ffn's
+    small groups do, with k = 1 and weight 1 (so each group's output is y itself, as
+    expert_ffn's): a store's layer computes many experts on a few tokens each, and one
+    call per expert cost a layer-major prefill a fifth more time than the model without a
+    store (A3B shapes, 16 tokens an expert; the calls' own time, fresh output arrays and
+    waking the threads once per expert). The others run through expert_ffn's BLAS path."""
+    outs: list[np.ndarray | None] = [None] * len(xs)
+    small = []
+    for i, (s, x) in enumerate(zip(slots, xs)):
+        x = _activations(x, experts.n_embd, "stacked_expert_ffns")
+        if len(x) < BLAS_MIN_TOKENS:
+            small.append((i, s, x))
+        else:
+            outs[i] = expert_ffn(experts.gate[s], experts.up[s], experts.down[s], experts.qtypes, x, exact)
+    if small:
+        x = np.concatenate([x for _, _, x in small])
+        starts = np.concatenate(([0], np.cumsum([len(x) for _, _, x in small]))).astype(np.int64)
+        y = np.zeros_like(x)
+        if len(x):
+            qt8, q8, q8_blocks = experts.types(exact)
+            _run(
+                compiled.moe_rows, len(small) * experts.expert_bytes,
+                *experts.flat, qt8, experts.row_bytes, x, 1, np.arange(len(x), dtype=np.int64), starts,
+                np.array([s for _, s, _ in small], np.int64), np.ones(len(x), np.float32), experts.n_ff, q8,
+                q8_blocks, y,
+            )  # fmt: skip
+        for (i, _, _), a, b in zip(small, starts[:-1], starts[1:]):
+            outs[i] = y[a:b]
+    return outs
+
+
 def expert_ffn(
     gate: np.ndarray, up: np.ndarray, down: np.ndarray, qtypes: tuple, x: np.ndarray, exact: bool | None = None
 ) -> np.ndarray:
