@@ -208,9 +208,10 @@ def test_quantize_q8_blocks(rng):
     assert all(a.shape[0] == 0 for a in compiled.quantize_q8(x, False, 32))
 
 
-def _group_products_ir(triple: str, avx2: bool) -> str:
+def _group_products_ir(triple: str, avx2: bool, vnni: bool) -> str:
     """Every integer format's group decoding and integer dot, in a module for `triple`, as the
-    row loops build them (byte products for unsigned formats, and for all of them on AVX2)."""
+    row loops build them (byte products for unsigned formats, and for all of them on AVX2;
+    VNNI's dot instruction where a group has no sub-scales)."""
     module = ir.Module(name="q8_groups")
     module.triple = triple
     i8p = ir.IntType(8).as_pointer()
@@ -228,12 +229,11 @@ def _group_products_ir(triple: str, avx2: bool) -> str:
         for s in range(fmt.block // compiled._GROUP):
             lo, hi = fmt.group(builder, w, s)
             if lo.ushift is not None or avx2:
-                isum, offset = compiled._group_isum_bytes(builder, lo, hi, x_group, xb_lo, xb_hi, avx2)
+                acc, offset = compiled._group_isum_bytes(builder, lo, hi, x_group, xb_lo, xb_hi, avx2, vnni, acc)
                 if offset is not None:
-                    isum = builder.insert_element(isum, offset, ir.Constant(i32, 0))
+                    acc = builder.insert_element(acc, offset, ir.Constant(i32, 0))
             else:
-                isum = compiled._group_isum(builder, lo, hi, x_lo, x_hi)
-            acc = builder.add(acc, isum)
+                acc = builder.add(acc, compiled._group_isum(builder, lo, hi, x_lo, x_hi))
     builder.store(acc, out)
     builder.ret_void()
     return str(module)
@@ -249,15 +249,17 @@ def _group_products_ir(triple: str, avx2: bool) -> str:
         ),  # NEON: widening multiplies, IQ4's lookup
         # AVX2 without AVX-512: byte products, their sub-scales, IQ4's lookup, the signed formats' signs
         ("x86_64-unknown-linux-gnu", "haswell", ("vpmaddubsw", "vpmaddwd", "vpshufb", "vpsignb")),
+        # AVX-VNNI (a laptop's Alder Lake): the dot instruction, the byte products for the sub-scales
+        ("x86_64-unknown-linux-gnu", "alderlake", ("vpdpbusd", "vpmaddubsw", "vpsignb")),
     ],
 )
 def test_integer_products_lower_for_arm_and_avx2(triple, cpu, wanted):
     """The integer row loops' IR is generic vectors on ARM (and a byte shuffle where the target
-    has one), with AVX2's byte products called by name on x86: it compiles for ARM and for an
-    AVX2-only x86 into their integer multiply-adds."""
+    has one), with AVX2's byte products (and VNNI's dot) called by name on x86: it compiles for
+    ARM, for an AVX2-only x86 and for one with AVX-VNNI into their integer multiply-adds."""
     llvm.initialize_all_targets()
     llvm.initialize_all_asmprinters()
-    module = llvm.parse_assembly(_group_products_ir(triple, avx2=triple.startswith("x86_64")))
+    module = llvm.parse_assembly(_group_products_ir(triple, avx2=triple.startswith("x86_64"), vnni=cpu == "alderlake"))
     module.verify()
     machine = llvm.Target.from_triple(triple).create_target_machine(cpu=cpu, opt=2)
     asm = machine.emit_assembly(module)
