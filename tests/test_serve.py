@@ -382,13 +382,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_sigterm_ends_in_flight_streams_cleanly(model_path):
+def test_sigterm_ends_in_flight_streams_cleanly(tiny_gguf):
     """The real `qmoe serve`: SIGTERM lets a short request finish, ends a long stream with an
-    error event and [DONE] after the grace, and exits 0 without a traceback."""
+    error event and [DONE] after the grace, and exits 0 without a traceback. The long one asks
+    for 4000 tokens of the tiny Phi-MoE (4096 positions; greedy, this prompt never reaches its
+    end of text): 500 of the Qwen3-MoE's 512 fitted in the grace on a fast machine."""
+    model_path = tiny_gguf("phimoe", "q8_0")
     port = _free_port()
     env = os.environ | {"PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, "-m", "qmoe.cli", "serve", str(model_path), "--port", str(port),
-                             "--parallel", "2", "--shutdown-grace", "0.5", "-t", "1", "--ctx", "512"],
+                             "--parallel", "2", "--shutdown-grace", "0.5", "-t", "1", "--ctx", "4096"],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         def up() -> bool:
@@ -400,8 +403,8 @@ def test_sigterm_ends_in_flight_streams_cleanly(model_path):
 
         _wait_for(up, "qmoe serve did not come up", 120)
         server = type("S", (), {"port": port})
-        long = _open_stream(server, {"prompt": "def main(", "max_tokens": 500, "stop": "@@@@"})
-        # 5 tokens take milliseconds, 500 take seconds even on a fast machine: the grace (0.5 s)
+        long = _open_stream(server, {"prompt": "hello world", "max_tokens": 4000, "stop": "@@@@"})
+        # 5 tokens take milliseconds, 4000 take seconds even on a fast machine: the grace (0.5 s)
         # lets the first finish and cuts the second
         short = _open_stream(server, {"prompt": "x", "max_tokens": 5, "temperature": 0.8, "seed": 3})
         assert long.readline().startswith(b"data: ")
