@@ -426,7 +426,8 @@ def test_simulated_link_slows_transfers_beside_compute(q4_path):
     with qmoe.load(q4_path, offload=OffloadOptions(ram_budget="25%", prefetch="cross-layer", link=link)) as m:
         list(m.stream(prompt(m.n_vocab, 6), 4))
         s = m.offload_stats()
-    assert s["simulated_link_s"] > 0 and s["transfer_s"] >= s["simulated_link_s"]
+    # the sleeps are summed over the transfer workers, transfer_s is wall time with any running
+    assert s["simulated_link_s"] > 0 and s["transfer_s"] * OffloadOptions.io_depth >= s["simulated_link_s"]
     assert s["tiers"]["link"]["gbps"] == 0.05
 
 

@@ -115,12 +115,12 @@ class StoreExperts:
                 e, handle = waiting.pop(0)
                 arrived = [(e, self.store.wait(handle, layer))]
                 unused.remove(handle)
-                for e, handle in list(waiting):
-                    entry = self.store.arrived(handle)
+                for other, other_handle in list(waiting):
+                    entry = self.store.arrived(other_handle)
                     if entry is not None:
-                        waiting.remove((e, handle))
-                        unused.remove(handle)
-                        arrived.append((e, entry))
+                        waiting.remove((other, other_handle))
+                        unused.remove(other_handle)
+                        arrived.append((other, entry))
                 outputs |= self._compute_in(tier, layer, arrived, inputs)
             for e in claims.on_cpu:
                 outputs[e] = self._compute_on_cpu(layer, e, inputs[e])

@@ -57,7 +57,7 @@ class StoreStats:
     bytes_into: dict[str, int] = field(default_factory=lambda: {"ram": 0, "fast": 0})
     transfers: int = 0
     transfer_s: float = 0.0  # wall time with any transfer running
-    simulated_s: float = 0.0  # of which spent sleeping for the simulated link
+    simulated_s: float = 0.0  # the workers' sleeps for the simulated link, summed (several at once: can exceed transfer_s)
     prefetch_requested: int = 0  # experts named by predictions in time to be useful
     prefetch_loaded: int = 0  # of those, transfers actually made
     prefetch_dropped: int = 0  # dropped unstarted: the layer had run, or no slot could be freed
