@@ -31,7 +31,6 @@ from gguf import GGMLQuantizationType
 from bench.bench_model import random_blocks
 from qmoe import kernels
 from qmoe.kernels import ops
-from qmoe.kernels.formats import row_bytes, weight_bytes
 
 QT = GGMLQuantizationType
 MATVEC_SHAPES = [(2048, 2048), (768, 2048), (2048, 768), (4096, 2048)]
@@ -130,15 +129,15 @@ def bench_moe(qtype: QT, args, rng) -> dict:
 def bench_tokens(qtype: QT, args, rng) -> list[dict]:
     """matmul of 2048x2048 with T tokens by both paths, to place BLAS_MIN_TOKENS."""
     w = random_raw(qtype, (2048, 2048), rng)
-    wb, n = weight_bytes(w, qtype, "bench")
-    rb = row_bytes(qtype, n)
+    matrix = ops.Matrix.of(w, qtype, "bench")
+    wb, n = matrix.flat, matrix.n
     results = []
     for n_tokens in (1, 2, 4, 8, 16, 64):
         x = rng.standard_normal((n_tokens, n), dtype=np.float32)
         out = np.empty((n_tokens, 2048), np.float32)
 
         def rows_kernel(i, x=x, out=out):
-            ops._matmul_rows([(qtype, wb, rb)], x, ops.q8_products(qtype, None), ops.q8_block(qtype), [out])
+            ops._matmul_rows([matrix], x, ops.q8_products(qtype, None), ops.q8_block(qtype), [out])
 
         def blas_tiles(i, x=x, out=out):
             ops._matmul_blas_tiles(wb, qtype, 2048, n, x, out)
