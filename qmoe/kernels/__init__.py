@@ -100,6 +100,8 @@ from qmoe.kernels.ops import (
     matmul_matrix,
     set_exact_products,
     set_num_threads,
+    set_tile_lanes,
+    tile_lanes,
 )
 from qmoe.kernels.pointwise import add_rms_norm, rms_norm, rope, route_softmax_topk, softmax_topk
 from qmoe.kernels.torch_dequant import dequantize_torch
@@ -132,6 +134,8 @@ __all__ = [
     "route_moe_one",
     "route_softmax_topk",
     "set_exact_products",
+    "set_tile_lanes",
+    "tile_lanes",
     "set_num_threads",
     "softmax_topk",
     "stacked_expert_ffns",

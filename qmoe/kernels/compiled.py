@@ -783,15 +783,15 @@ def _pair_dot(builder, q, xq):
     return builder.add(even, odd)
 
 
-def _x86_has(context, builder, feature: str) -> bool:
-    """Whether this code is compiled for an x86 CPU with `feature` ("avx2", "f16c"): numba's
-    target, the host unless NUMBA_CPU_FEATURES names other features (the bench's --isa avx2 does)."""
-    if not builder.module.triple.startswith("x86_64"):
-        return False
-    features = numba.config.CPU_FEATURES
-    if features is None:
-        features = context.codegen()._get_host_cpu_features()
-    return f"+{feature}" in features.split(",")
+def _cpu_features() -> list[str]:
+    """numba's target features ("+avx2", ...): the host's, unless NUMBA_CPU_FEATURES names others
+    (the bench's --isa avx2 does)."""
+    return (numba.config.CPU_FEATURES or numba.core.codegen.get_host_cpu_features()).split(",")
+
+
+def _x86_has(builder, feature: str) -> bool:
+    """Whether this code is compiled for an x86 CPU with `feature` ("avx2", "f16c")."""
+    return builder.module.triple.startswith("x86_64") and f"+{feature}" in _cpu_features()
 
 
 def _half_to_f32_f16c(builder, ptr):
@@ -936,10 +936,10 @@ def _make_row_dot_q8(n_tokens: int):
             totals = [cgutils.alloca_once_value(builder, ir.Constant(_f32, 0.0)) for _ in offs]
 
             imins_zero = ir.Constant(_i32, 0)
-            avx2 = _x86_has(context, builder, "avx2")
-            vnni = avx2 and (_x86_has(context, builder, "avxvnni") or (
-                _x86_has(context, builder, "avx512vnni") and _x86_has(context, builder, "avx512vl")))
-            f16c = _x86_has(context, builder, "f16c")
+            avx2 = _x86_has(builder, "avx2")
+            vnni = avx2 and (_x86_has(builder, "avxvnni") or (
+                _x86_has(builder, "avx512vnni") and _x86_has(builder, "avx512vl")))
+            f16c = _x86_has(builder, "f16c")
 
             def emit(fmt: _IRFormat):
                 accs = [cgutils.alloca_once_value(builder, ir.Constant(_vf32_i, [0.0] * _I_LANES)) for _ in offs]
@@ -1018,6 +1018,132 @@ def _make_row_dot_q8(n_tokens: int):
         return sig, codegen
 
     return row_dot_q8
+
+
+# ----------------------------------------------------------------------------- Q8_0 tiles (VNNI)
+# A prompt's experts see tens of tokens each, and there the row loops above are bound by
+# their vector instructions: per token and 32-block a sign fix, a multiply-add, a conversion,
+# a scale and an accumulate for 32 products (A3B Q8_0 experts, 32 tokens each: 61 GMAC/s on
+# two AVX-512 cores, BLAS float32 reaches 186). A tile turns that around, as VNNI GEMMs do:
+# the vector lanes are tokens. Each 4 weights of a row are broadcast to every lane and
+# vpdpbusd adds their products with 4 bytes of each lane's token, so a 32-block is 8
+# instructions for `lanes` tokens' 32 products, and the block's scale is applied once per
+# lane vector. vpdpbusd multiplies unsigned by signed bytes: the tile holds each token's
+# xq + 128 (tile_activations), and its last lane is a token of 128s, whose sum is 128 times
+# the weights' sum -- exactly what the other lanes must take off. So a tile computes
+# `lanes - 1` tokens, and every lane does the same operations in the same order: a token's
+# result does not depend on the tile it is in, or on its neighbours.
+
+TILE_ROWS = 4  # weight rows per tile call: each chunk of the tile's activation serves them all
+_TILE_CHUNK = 4  # bytes of one token that one vpdpbusd lane multiplies
+_TILE_CHAINS = 2
+
+
+def _tile_lanes_here() -> int:
+    """Lanes of the tiles this machine runs natively: 16 with AVX-512 VNNI, 8 with AVX-VNNI
+    (or VNNI on 256-bit vectors), 0 without VNNI (x86 before it, ARM): there the row loops
+    stay faster than the tiles' generic lowering."""
+    if not binding.get_process_triple().startswith("x86_64"):
+        return 0
+    features = _cpu_features()
+    if "+avx512vnni" in features and "+avx512bw" in features:
+        return 16
+    return 8 if "+avxvnni" in features or ("+avx512vnni" in features and "+avx512vl" in features) else 0
+
+
+TILE_LANES = _tile_lanes_here()
+
+
+def _tile_vnni(builder, lanes: int) -> bool:
+    """Whether the target has vpdpbusd on vectors of `lanes` i32."""
+    if lanes == 16:
+        return _x86_has(builder, "avx512vnni")
+    return _x86_has(builder, "avxvnni") or (_x86_has(builder, "avx512vnni") and _x86_has(builder, "avx512vl"))
+
+
+def _dot_bytes(builder, acc, u, s, lanes: int, vnni: bool):
+    """acc + for each i32 lane the sum of its 4 (unsigned u byte) * (signed s byte) products:
+    vpdpbusd (vnni), else the same integers in generic vector code."""
+    vi32 = ir.VectorType(_i32, lanes)
+    if vnni:
+        return _x86_call(builder, f"llvm.x86.avx512.vpdpbusd.{32 * lanes}", vi32, acc, u, s)
+    n = _TILE_CHUNK * lanes
+    vb, wide = ir.VectorType(_i8, n), ir.VectorType(_i32, n)
+    p = builder.mul(builder.zext(builder.bitcast(u, vb), wide), builder.sext(builder.bitcast(s, vb), wide))
+    for i in range(_TILE_CHUNK):
+        acc = builder.add(acc, builder.shuffle_vector(p, p, ir.Constant(vi32, list(range(i, n, _TILE_CHUNK)))))
+    return acc
+
+
+def _make_tile_dot_q8_0(lanes: int):
+    """tile_dot(w, w_offs, xt, xt_off, xdt, xdt_off, n, out, out_off): out[out_off + r * lanes + j]
+    = Q8_0 row r (at byte w_offs[r] of w, n weights) . lane j's token of the tile at xt_off
+    (tile_activations' layout: block b, chunk c, lane j, byte i at xt_off + ((b * 8 + c) * lanes + j) * 4
+    + i; its scales at xdt[xdt_off + b * lanes + j]), for the TILE_ROWS rows. The last lane's
+    result is 0."""
+    vi32, vf32 = ir.VectorType(_i32, lanes), ir.VectorType(_f32, lanes)
+    chunks = _GROUP // _TILE_CHUNK
+    fmt = _format(Q8_0)
+
+    @intrinsic
+    def tile_dot(typingctx, w, w_offs, xt, xt_off, xdt, xdt_off, n, out, out_off):
+        if not (_is_c_array(w, types.uint8) and _is_c_array(xt, types.uint8) and _is_c_array(xdt, types.float32)
+                and _is_c_array(out, types.float32)):
+            return None
+        sig = types.void(w, types.UniTuple(types.intp, TILE_ROWS), xt, types.intp, xdt, types.intp, types.intp, out,
+                         types.intp)
+
+        def codegen(context, builder, sig, args):
+            w, w_offs, xt, xt_off, xdt, xdt_off, n, out, out_off = args
+
+            def data(i, value):
+                return context.make_array(sig.args[i])(context, builder, value).data
+
+            wp, xtp, xdp, op = data(0, w), data(2, xt), data(4, xdt), data(7, out)
+            rows = [builder.gep(wp, [builder.extract_value(w_offs, r)]) for r in range(TILE_ROWS)]
+            xtp, xdp = builder.gep(xtp, [xt_off]), builder.gep(xdp, [xdt_off])
+            accs = [cgutils.alloca_once_value(builder, ir.Constant(vf32, [0.0] * lanes)) for _ in rows]
+            last = ir.Constant(vi32, [lanes - 1] * lanes)
+            half = _half_to_f32_f16c if _x86_has(builder, "f16c") else _half_to_f32_int
+            vnni = _tile_vnni(builder, lanes)
+            with cgutils.for_range(builder, builder.sdiv(n, _const(_GROUP))) as loop:
+                b = loop.index
+                bps = [builder.gep(row, [builder.mul(b, _const(fmt.block_bytes))]) for row in rows]
+                for bp in bps:
+                    _prefetch(builder, builder.gep(bp, [_const(_PREFETCH_BYTES)]))
+                block = builder.gep(xtp, [builder.mul(b, _const(_GROUP * lanes))])
+                # two sums a row (even and odd chunks): vpdpbusd's latency is 5 cycles, and one
+                # chain of 8 a row left the core waiting on it
+                sums = [[ir.Constant(vi32, [0] * lanes)] * len(rows) for _ in range(_TILE_CHAINS)]
+                for c in range(chunks):
+                    xc = _load(builder, block, vi32, c * _TILE_CHUNK * lanes)
+                    for r, bp in enumerate(bps):
+                        weights4 = _splat(builder, _load(builder, bp, _i32, fmt.offset("qs") + _TILE_CHUNK * c), lanes)
+                        chain = sums[c % _TILE_CHAINS]
+                        chain[r] = _dot_bytes(builder, chain[r], xc, weights4, lanes, vnni)
+                isums = sums[0]
+                for chain in sums[1:]:
+                    isums = [builder.add(a, b) for a, b in zip(isums, chain)]
+                dx = _load(builder, builder.gep(xdp, [builder.mul(b, _const(lanes))]), vf32)
+                for bp, isum, acc in zip(bps, isums, accs):
+                    correction = builder.shuffle_vector(isum, isum, last)  # 128 times the weights' sum
+                    products = builder.sitofp(builder.sub(isum, correction), vf32)
+                    scale = builder.fmul(_splat(builder, half(builder, bp), lanes), dx)
+                    builder.store(builder.fadd(builder.load(acc), builder.fmul(products, scale, flags=_FLAGS),
+                                               flags=_FLAGS), acc)
+            first = builder.gep(op, [out_off])
+            for r, acc in enumerate(accs):
+                _store = builder.bitcast(builder.gep(first, [_const(r * lanes)]), vf32.as_pointer())
+                builder.store(builder.load(acc), _store, align=4)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return tile_dot
+
+
+_tile_dot_q8_0 = {lanes: _make_tile_dot_q8_0(lanes) for lanes in (8, 16)}
+tile_dot_q8_0_8, tile_dot_q8_0_16 = _tile_dot_q8_0[8], _tile_dot_q8_0[16]
 
 
 @intrinsic
@@ -1100,6 +1226,20 @@ def quantize_q8(x, q8, block):
     return xq, xd, xs, xb
 
 
+QUANTIZE_PARALLEL_ROWS = 32  # fewer rows (a decode step's) quantize in less time than a parallel loop wakes
+
+
+@njit(parallel=True, nogil=True)
+def quantize_q8_rows(x, q8, block):
+    """quantize_q8 in parallel over tokens: a prompt's activations (a serial pass over 1024
+    A3B rows and their hidden rows took 8 ms of a 42 ms experts' call)."""
+    rows = x.shape[0] if q8 else 0
+    xq, xd, xs, xb = _q8_arrays(rows, x.shape[1], block)
+    for t in prange(rows):
+        _quantize_q8_row(x, t, block, xq, xd, xs, xb)
+    return xq, xd, xs, xb
+
+
 @njit(nogil=True)
 def _q8_arrays(rows, n, block):
     """quantize_q8's (xq, xd, xs, xb) for `rows` rows of n elements, uninitialized."""
@@ -1144,6 +1284,70 @@ def quantized_rows(x, block, out):
         _quantize_q8_row(x, t, block, xq, xd, xs, xb)
         for i in range(n):
             out[t, i] = np.float32(xq[t, i]) * xd[t, i // block]
+
+
+TILE_MIN_PAIRS = 4  # a group of fewer pairs stays in the row loops: a tile costs its lanes' work whatever it holds
+
+
+@njit(nogil=True)
+def group_tiles(group_starts, lanes):
+    """tile_first [groups + 1]: group g's tiles are tile_first[g]..tile_first[g + 1] - 1, each
+    of lanes - 1 of its pairs in order; groups of fewer than TILE_MIN_PAIRS pairs (and all, when
+    lanes is 0) have none."""
+    n_groups = group_starts.shape[0] - 1
+    first = np.zeros(n_groups + 1, np.int64)
+    for g in range(n_groups):
+        count = group_starts[g + 1] - group_starts[g]
+        tiles = (count + lanes - 2) // (lanes - 1) if lanes and count >= TILE_MIN_PAIRS else 0
+        first[g + 1] = first[g] + tiles
+    return first
+
+
+@njit(parallel=True, nogil=True)
+def tile_activations(xa, pairs, group_starts, tile_first, divisor, lanes):
+    """(xt uint8 [tiles, n * lanes], xdt float32 [tiles, n / 32 * lanes]): every group's tiles in
+    the layout of _make_tile_dot_q8_0, from quantize_q8's xa (block 32) of the rows
+    pairs[q] // divisor. Lanes without a token, and the last, hold 128 (xq = 0) with scale 0."""
+    xq, xd = xa[0], xa[1]
+    n = xq.shape[1]
+    n_tiles = tile_first[-1]
+    xt = np.full((n_tiles, n * lanes), 128, np.uint8)
+    xdt = np.zeros((n_tiles, n // Q8_GROUP * lanes), np.float32)
+    for tile in prange(n_tiles):
+        q0, m = tile_pairs(group_starts, tile_first, tile, lanes)
+        for j in range(m):
+            row = pairs[q0 + j] // divisor
+            for b in range(n // Q8_GROUP):
+                xdt[tile, b * lanes + j] = xd[row, b]
+            for e in range(n):
+                xt[tile, ((e // _TILE_CHUNK) * lanes + j) * _TILE_CHUNK + e % _TILE_CHUNK] = xq[row, e] + 128
+    return xt, xdt
+
+
+@njit(nogil=True, inline="always")
+def tile_pairs(group_starts, tile_first, tile, lanes):
+    """(first pair, number of pairs) of tile `tile` (group_tiles' numbering)."""
+    g = np.searchsorted(tile_first, tile, side="right") - 1
+    q0 = group_starts[g] + (tile - tile_first[g]) * (lanes - 1)
+    return q0, min(lanes - 1, group_starts[g + 1] - q0)
+
+
+@njit(nogil=True, inline="always")
+def tile_product(lanes, w, w_offs, xt, tile, xdt, n, out, out_off):
+    """_make_tile_dot_q8_0's product of TILE_ROWS rows with tile `tile` of tile_activations' arrays."""
+    if lanes == 16:
+        tile_dot_q8_0_16(w, w_offs, xt, tile * n * 16, xdt, tile * (n // Q8_GROUP) * 16, n, out, out_off)
+    else:
+        tile_dot_q8_0_8(w, w_offs, xt, tile * n * 8, xdt, tile * (n // Q8_GROUP) * 8, n, out, out_off)
+
+
+@njit(nogil=True, inline="always")
+def tile_rows(base, first, limit, stride):
+    """Byte offsets base + (first + i) * stride of a tile call's TILE_ROWS rows; rows at or past
+    `limit` repeat the last one (computed again, not stored)."""
+    last = limit - 1
+    return (base + first * stride, base + min(first + 1, last) * stride, base + min(first + 2, last) * stride,
+            base + min(first + 3, last) * stride)
 
 
 @njit(nogil=True, inline="always")
@@ -1231,7 +1435,8 @@ def dequantize_rows(qtype, w, row_bytes, first_row, out):
 
 @njit(parallel=True, nogil=True, cache=True)
 def moe_rows(
-    gate, up, down, qtypes, row_bytes, x, k, pairs, group_starts, group_experts, pair_weights, n_ff, q8, q8_blocks, out
+    gate, up, down, qtypes, row_bytes, x, k, pairs, group_starts, group_experts, pair_weights, n_ff, q8, q8_blocks,
+    tile_lanes, out
 ):
     """out[t] += sum over pairs p = t * k + j of weight[p] * down_e (silu(gate_e x[t]) * up_e x[t]).
 
@@ -1244,13 +1449,41 @@ def moe_rows(
     p // k. Each weight row is read from memory once per group and decoded once per
     TOKEN_TILE of its pairs. Two parallel passes: the hidden rows of every pair, then
     every output row summed over the pairs of its token.
+    tile_lanes (8 or 16; 0: never): integer Q8_0 products of groups of TILE_MIN_PAIRS pairs
+    or more go through tiles of that many lanes (_make_tile_dot_q8_0) instead of the row loops.
     """
     n_tokens, n_embd = x.shape
     n_groups = group_experts.shape[0]
     hidden = np.empty((n_tokens * k, n_ff), np.float32)  # [pair, n_ff]
-    xa = quantize_q8(x, q8[0] or q8[1], q8_blocks[0])
+    if n_tokens < QUANTIZE_PARALLEL_ROWS:
+        xa = quantize_q8(x, q8[0] or q8[1], q8_blocks[0])
+    else:
+        xa = quantize_q8_rows(x, q8[0] or q8[1], q8_blocks[0])
+    tiled_in = q8[0] and q8[1] and qtypes[0] == Q8_0 and qtypes[1] == Q8_0
+    tiled_out = q8[2] and qtypes[2] == Q8_0
+    tile_first = group_tiles(group_starts, tile_lanes if tiled_in or tiled_out else 0)
+    lanes = max(tile_lanes, 1)
+    if tiled_in and tile_first[-1]:
+        xt, xdt = tile_activations(xa, pairs, group_starts, tile_first, k, tile_lanes)
+        tiled = np.nonzero(tile_first[1:] > tile_first[:-1])[0]
+        row_blocks = (n_ff + TILE_ROWS - 1) // TILE_ROWS
+        # one task: TILE_ROWS gate and up rows (in L1) times each of the group's tiles (in L2)
+        for i in prange(len(tiled) * row_blocks):
+            g, r0 = tiled[i // row_blocks], (i % row_blocks) * TILE_ROWS
+            rows_gate = tile_rows(group_experts[g] * n_ff * row_bytes[0], r0, n_ff, row_bytes[0])
+            rows_up = tile_rows(group_experts[g] * n_ff * row_bytes[1], r0, n_ff, row_bytes[1])
+            y = np.empty(2 * TILE_ROWS * lanes, np.float32)
+            for tile in range(tile_first[g], tile_first[g + 1]):
+                q0, m = tile_pairs(group_starts, tile_first, tile, tile_lanes)
+                tile_product(tile_lanes, gate, rows_gate, xt, tile, xdt, n_embd, y, 0)
+                tile_product(tile_lanes, up, rows_up, xt, tile, xdt, n_embd, y, TILE_ROWS * lanes)
+                for r in range(min(TILE_ROWS, n_ff - r0)):
+                    for j in range(m):
+                        hidden[pairs[q0 + j], r0 + r] = silu(y[r * lanes + j]) * y[(TILE_ROWS + r) * lanes + j]
     for i in prange(n_groups * n_ff):
         g = i // n_ff
+        if tiled_in and tile_first[g + 1] > tile_first[g]:
+            continue
         r = i - g * n_ff
         e = group_experts[g]
         off_gate, off_up = (e * n_ff + r) * row_bytes[0], (e * n_ff + r) * row_bytes[1]
@@ -1267,27 +1500,48 @@ def moe_rows(
                 b4 = row_product_tile(qtypes[1], up, off_up, x, xa, q8[1], t_offs, n_embd)
                 for j in range(m):
                     hidden[pairs[q + j], r] = silu(a4[j]) * b4[j]
-    ha = quantize_q8(hidden, q8[2], q8_blocks[1])
+    if n_tokens * k < QUANTIZE_PARALLEL_ROWS:
+        ha = quantize_q8(hidden, q8[2], q8_blocks[1])
+    else:
+        ha = quantize_q8_rows(hidden, q8[2], q8_blocks[1])
+    if tiled_out and tile_first[-1]:
+        ht, hdt = tile_activations(ha, pairs, group_starts, tile_first, 1, tile_lanes)
+    else:
+        ht, hdt = np.empty((0, 0), np.uint8), np.empty((0, 0), np.float32)
     # Output rows in blocks of OUT_BLOCK, so that a tile of hidden rows is read from L1 for a
     # whole block of down rows instead of from L2 or memory for every one of them.
     for cb in prange((n_embd + OUT_BLOCK - 1) // OUT_BLOCK):
         c_end = min(n_embd, (cb + 1) * OUT_BLOCK)
+        y = np.empty(TILE_ROWS * lanes, np.float32)
+        tokens, weights = np.empty(lanes, np.int64), np.empty(lanes, np.float32)  # a tile's lanes
         for g in range(n_groups):
+            base = group_experts[g] * n_embd * row_bytes[2]
+            if tiled_out and tile_first[g + 1] > tile_first[g]:
+                for tile in range(tile_first[g], tile_first[g + 1]):
+                    q0, m = tile_pairs(group_starts, tile_first, tile, tile_lanes)
+                    for j in range(m):
+                        tokens[j], weights[j] = pairs[q0 + j] // k, pair_weights[pairs[q0 + j]]
+                    for c0 in range(cb * OUT_BLOCK, c_end, TILE_ROWS):
+                        tile_product(tile_lanes, down, tile_rows(base, c0, c_end, row_bytes[2]), ht, tile, hdt, n_ff,
+                                     y, 0)
+                        for c in range(min(TILE_ROWS, c_end - c0)):
+                            for j in range(m):
+                                out[tokens[j], c0 + c] += weights[j] * y[c * lanes + j]
+                continue
             for q in range(group_starts[g], group_starts[g + 1], TOKEN_TILE):
                 m = min(TOKEN_TILE, group_starts[g + 1] - q)
                 for c in range(cb * OUT_BLOCK, c_end):
-                    off_down = (group_experts[g] * n_embd + c) * row_bytes[2]
+                    off_down = base + c * row_bytes[2]
                     if m == 1:
                         p = pairs[q]
-                        y = row_product(qtypes[2], down, off_down, hidden, ha, q8[2], p * n_ff, n_ff)
-                        out[p // k, c] += pair_weights[p] * y
+                        y1 = row_product(qtypes[2], down, off_down, hidden, ha, q8[2], p * n_ff, n_ff)
+                        out[p // k, c] += pair_weights[p] * y1
                     else:
                         offs = tile_offsets(pairs, q, m, 1, n_ff)
                         y4 = row_product_tile(qtypes[2], down, off_down, hidden, ha, q8[2], offs, n_ff)
                         for j in range(m):
                             p = pairs[q + j]
                             out[p // k, c] += pair_weights[p] * y4[j]
-
 
 
 @njit(nogil=True, cache=True)  # moe_rows runs its own parallel loops
@@ -1307,7 +1561,7 @@ def route_moe_one(x, router, k, normalize, scale, gate, up, down, qtypes, row_by
     pairs = np.argsort(ids[0], kind="mergesort")  # pair j of token 0 is choice j
     experts = ids[0][pairs]
     starts = np.arange(k + 1)
-    moe_rows(gate, up, down, qtypes, row_bytes, x, k, pairs, starts, experts, weights[0], n_ff, q8, q8_blocks, out)
+    moe_rows(gate, up, down, qtypes, row_bytes, x, k, pairs, starts, experts, weights[0], n_ff, q8, q8_blocks, 0, out)
 
 
 @njit(nogil=True, cache=True)  # matmul_rows and the attention run their own parallel loops

@@ -35,6 +35,7 @@ from qmoe.kernels.ops import (
     matmul,
     q8_block,
     q8_products,
+    tile_lanes,
 )
 
 
@@ -142,6 +143,15 @@ def _moe_rows_types(qtypes: tuple, exact: bool | None) -> tuple:
     return tuple(int(q) for q in qtypes), tuple(q8), (x_block, q8_block(down))
 
 
+def _blas_min_tokens(qtypes: tuple, exact: bool | None) -> int:
+    """Tokens from which one expert's products go to BLAS: BLAS_MIN_TOKENS, or never when
+    compiled.moe_rows computes all three products in tiles (integer Q8_0 products, tile_lanes
+    set), which outrun dequantizing to float32 for BLAS at any count (A3B's experts on two
+    AVX-512 VNNI cores, 64 tokens: ... against 64 GMAC/s)."""
+    tiled = tile_lanes() and all(int(q) == compiled.Q8_0 and q8_products(q, exact) for q in qtypes)
+    return np.iinfo(np.int64).max if tiled else BLAS_MIN_TOKENS
+
+
 @dataclass(frozen=True)
 class StackedExperts:
     """A layer's stacked expert weights (raw [E, rows, row] gate, up, down), checked once.
@@ -201,8 +211,8 @@ def moe_ffn(
     expert_ids: int [T, k]; expert_weights: float32 [T, k].
     out[t] = sum_j weights[t, j] * (silu(x[t] @ G_e.T) * (x[t] @ U_e.T)) @ D_e.T,  e = ids[t, j]
     -> float32 [T, n_embd], summed in ExpertGroups' order. Experts chosen by at least
-    BLAS_MIN_TOKENS tokens run through BLAS, all others in one compiled call that reads
-    each of their weight rows once.
+    BLAS_MIN_TOKENS tokens run through BLAS (unless tiles compute them: _blas_min_tokens),
+    all others in one compiled call that reads each of their weight rows once.
     slabs: int [n_ids], expert id -> its index in the stacked arrays, when these are not
     the model's tensors but slots of a cache (the expert store's tiers); the sums run in
     the order of the expert ids all the same, so the result is bit-identical.
@@ -238,13 +248,13 @@ def stacked_moe_ffn(experts: StackedExperts, x: np.ndarray, expert_ids: np.ndarr
         return out
     groups = ExpertGroups(ids)
     where = groups.experts if slabs is None else slabs[groups.experts]  # each group's weights
-    n_small = groups.n_compiled
+    n_small = groups.n_compiled if _blas_min_tokens(qt, exact) == BLAS_MIN_TOKENS else len(groups)
     if n_small:
         qt8, q8, q8_blocks = experts.types(exact)
         _run(
             compiled.moe_rows, n_small * experts.expert_bytes,
             *flat, qt8, rb, x, groups.k, groups.pairs[: groups.starts[n_small]], groups.starts[: n_small + 1],
-            where[:n_small], weights.reshape(-1), n_ff, q8, q8_blocks, out,
+            where[:n_small], weights.reshape(-1), n_ff, q8, q8_blocks, tile_lanes(), out,
         )  # fmt: skip
     for g in range(n_small, len(groups)):
         e = where[g]
@@ -278,7 +288,7 @@ def stacked_expert_ffns(experts: StackedExperts, slots: list[int], xs: list[np.n
                         exact: bool | None = None) -> list[np.ndarray]:
     """expert_ffn of expert `slots[i]` of the stack on token rows xs[i], for every i, bit for bit.
 
-    The ones with fewer than BLAS_MIN_TOKENS rows run in one compiled call, as moe_ffn's
+    The ones with fewer than BLAS_MIN_TOKENS rows (_blas_min_tokens) run in one compiled call, as moe_ffn's
     small groups do, with k = 1 and weight 1 (so each group's output is y itself, as
     expert_ffn's): a store's layer computes many experts on a few tokens each, and one
     call per expert cost a layer-major prefill a fifth more time than the model without a
@@ -286,9 +296,10 @@ def stacked_expert_ffns(experts: StackedExperts, slots: list[int], xs: list[np.n
     waking the threads once per expert). The others run through expert_ffn's BLAS path."""
     outs: list[np.ndarray | None] = [None] * len(xs)
     small = []
+    blas_min = _blas_min_tokens(experts.qtypes, exact)
     for i, (s, x) in enumerate(zip(slots, xs)):
         x = _activations(x, experts.n_embd, "stacked_expert_ffns")
-        if len(x) < BLAS_MIN_TOKENS:
+        if len(x) < blas_min:
             small.append((i, s, x))
         else:
             outs[i] = expert_ffn(experts.gate[s], experts.up[s], experts.down[s], experts.qtypes, x, exact)
@@ -302,7 +313,7 @@ def stacked_expert_ffns(experts: StackedExperts, slots: list[int], xs: list[np.n
                 compiled.moe_rows, len(small) * experts.expert_bytes,
                 *experts.flat, qt8, experts.row_bytes, x, 1, np.arange(len(x), dtype=np.int64), starts,
                 np.array([s for _, s, _ in small], np.int64), np.ones(len(x), np.float32), experts.n_ff, q8,
-                q8_blocks, y,
+                q8_blocks, tile_lanes(), y,
             )  # fmt: skip
         for (i, _, _), a, b in zip(small, starts[:-1], starts[1:]):
             outs[i] = y[a:b]
@@ -316,13 +327,14 @@ def expert_ffn(
 
     gate, up: raw [n_ff, n_embd]; down: raw [n_embd, n_ff]; x: float32 [T, n_embd]
     -> silu(x @ G.T) * (x @ U.T) @ D.T, float32 [T, n_embd]. Fewer than BLAS_MIN_TOKENS
-    tokens run moe_ffn's compiled code (one expert, weight 1); more run three BLAS products.
+    tokens (_blas_min_tokens: any number, in tiles) run moe_ffn's compiled code (one expert,
+    weight 1); more run three BLAS products.
     exact: as moe_ffn's.
     """
     flat, qt, rb, _, n_embd, n_ff = _experts(gate[None], up[None], down[None], qtypes, "expert_ffn")
     x = _activations(x, n_embd, "expert_ffn")
     n_tokens = x.shape[0]
-    if n_tokens < BLAS_MIN_TOKENS:
+    if n_tokens < _blas_min_tokens(qt, exact):
         out = np.zeros((n_tokens, n_embd), np.float32)
         if n_tokens:
             pairs = np.arange(n_tokens, dtype=np.int64)  # k = 1: pair p is token p, all of expert 0
@@ -330,7 +342,7 @@ def expert_ffn(
             _run(
                 compiled.moe_rows, sum(f.nbytes for f in flat),
                 *flat, qt8, rb, x, 1, pairs, np.array([0, n_tokens], np.int64), np.zeros(1, np.int64),
-                np.ones(n_tokens, np.float32), n_ff, q8, q8_blocks, out,
+                np.ones(n_tokens, np.float32), n_ff, q8, q8_blocks, tile_lanes(), out,
             )  # fmt: skip
         return out
     g = matmul(gate, qt[0], x, exact=exact)

@@ -102,6 +102,23 @@ def exact_products() -> bool:
     return _exact_products
 
 
+_tile_lanes = compiled.TILE_LANES  # set_tile_lanes
+
+
+def set_tile_lanes(lanes: int) -> None:
+    """Lanes of the Q8_0 experts' tiles (compiled.moe_rows): 16 or 8, or 0 for the row loops
+    alone. The initial setting is this machine's (compiled.TILE_LANES: 16 with AVX-512 VNNI, 8
+    with AVX-VNNI, else 0); the tests set it to run the tiles' generic code on any CPU."""
+    global _tile_lanes
+    if lanes not in (0, 8, 16):
+        raise QmoeError(f"set_tile_lanes: lanes must be 0, 8 or 16, got {lanes!r}")
+    _tile_lanes = lanes
+
+
+def tile_lanes() -> int:
+    return _tile_lanes
+
+
 def q8_products(qtype: GGMLQuantizationType, exact: bool | None) -> bool:
     """Whether a few-token product of a `qtype` weight runs on integers (see the module docstring)."""
     exact = _exact_products if exact is None else exact
