@@ -215,6 +215,21 @@ def test_a_token_in_a_tile_computes_alone(lanes, tile_lanes, rng):
     assert not np.array_equal(kernels.expert_ffn(gate, up, down, qtypes, x, exact=False), together)
 
 
+@pytest.mark.parametrize("lanes", [8, 16])
+def test_q8_0_matmul_tiles_compute_what_the_row_loops_do(lanes, tile_lanes, rng):
+    """A prompt's Q8_0 projection in tiles (compiled.matmul_tiles): each token's row equals the
+    row loops' product of that token alone to float32 rounding, rows past a multiple of
+    TILE_ROWS and a last tile of one token included."""
+    raw = raw_weight(0.3 * rng.standard_normal((4 * compiled.TILE_ROWS + 3, 512)).astype(np.float32), QT.Q8_0, rng)
+    n_tokens = max(ops.BLAS_MIN_TOKENS, 3 * (lanes - 1)) + 1
+    x = (rng.standard_normal((n_tokens, 512)) * rng.uniform(0.1, 3, (n_tokens, 1))).astype(np.float32)
+    tile_lanes(lanes)
+    tiles = kernels.matmul(raw, QT.Q8_0, x, exact=False)
+    rows = np.concatenate([kernels.matmul(raw, QT.Q8_0, x[t : t + 1], exact=False) for t in range(n_tokens)])
+    assert not np.array_equal(tiles, rows)
+    np.testing.assert_allclose(tiles, rows, rtol=0, atol=2e-6 * np.abs(rows).max())
+
+
 @pytest.mark.parametrize("triple,cpu,lanes,vnni,wanted", [
     ("x86_64-unknown-linux-gnu", "icelake-server", 16, True, r"vpdpbusd\s.*zmm"),  # AVX-512 VNNI
     ("x86_64-unknown-linux-gnu", "alderlake", 8, True, r"vpdpbusd\s.*ymm"),  # AVX-VNNI
@@ -242,12 +257,13 @@ def test_q8_0_tiles_byte_dot_lowers_for_each_target(triple, cpu, lanes, vnni, wa
 
 
 def test_q8_0_tiles_without_vnni_are_right_too(tmp_path):
-    """The tiles' generic byte dot computes what vpdpbusd does: the two tile tests above,
+    """The tiles' generic byte dot computes what vpdpbusd does: the three tile tests above,
     compiled for Haswell (AVX2, no VNNI) in a fresh process."""
     env = dict(os.environ, NUMBA_CPU_NAME="haswell", NUMBA_CACHE_DIR=str(tmp_path),
                NUMBA_CPU_FEATURES="+avx,+avx2,+bmi,+bmi2,+f16c,+fma,+lzcnt,+movbe,+popcnt,+sse4.2")
     tests = [f"{__file__}::{name}" for name in ("test_q8_0_tiles_compute_what_the_row_loops_do",
-                                                 "test_a_token_in_a_tile_computes_alone")]
+                                                 "test_a_token_in_a_tile_computes_alone",
+                                                 "test_q8_0_matmul_tiles_compute_what_the_row_loops_do")]
     done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests],
                           env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

@@ -61,6 +61,10 @@ set_exact_products (the process's default, False; Model's `exact_products`):
   Float formats
   (F32, F16, BF16) stay float32; products of BLAS_MIN_TOKENS tokens or more multiply the
   same quantized activation with BLAS, so batch size does not change a prompt's result.
+  Q8_0 experts on a CPU with VNNI (set_tile_lanes) take the same integer sums in tiles of
+  tokens at any count, in another float order: a token's result never depends on its
+  neighbours, though a hidden value within float rounding of an 8-bit step's midpoint can
+  round to the other step than the row loops' (tests/test_kernels_q8.py).
 
 Threads: numba's parallel loops over output rows; `set_num_threads` (CLI `-t`) sets
 numba's count for the calling thread. All kernels release the GIL, so a prefetch

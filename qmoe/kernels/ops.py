@@ -3,10 +3,12 @@
 Few tokens per weight matrix (decode) run the row kernels of `compiled`, which read
 every weight once from memory. Many tokens (prefill) dequantize tiles of rows to
 float32 and multiply them with BLAS, which does far more arithmetic per byte than a
-row loop can. `BLAS_MIN_TOKENS` is about where the second starts to win on the 2-core
+row loop can (Q8_0 on a CPU with VNNI excepted: compiled.matmul_tiles, integer products
+in tiles of tokens, outruns both). `BLAS_MIN_TOKENS` is about where the second starts to win on the 2-core
 AVX2 development machine, one A3B expert's gate (768 x 2048) at two threads, integer row
 products against dequantized tiles and BLAS: Q8_0 30-38 against 24 GMAC/s at 32 tokens and
-even at 64; Q4_K 18 against 14 at 32, 19 against 28 at 64.
+even at 64; Q4_K 18 against 14 at 32, 19 against 28 at 64. Routed experts in Q8_0 on a
+CPU with VNNI never go to BLAS: moe.py's tiles (set_tile_lanes) are faster at any count.
 
 The row kernels multiply either float32 activations by the decoded weights (exact) or,
 for block formats, integers: x quantized to 8 bits per block of the weight's format, as
@@ -179,6 +181,8 @@ def matmul_matrix(m: Matrix, x: np.ndarray, out: np.ndarray | None = None, exact
     q8 = q8_products(m.qtype, exact)
     if x.shape[0] < BLAS_MIN_TOKENS:
         _matmul_rows([m], x, q8, q8_block(m.qtype), [out])
+    elif q8 and m.qtype == QT.Q8_0 and _tile_lanes:
+        _run(compiled.matmul_tiles, m.flat.nbytes, m.flat, m.row_bytes, x, _tile_lanes, out)
     elif m.qtype == QT.F32:
         with warnings.catch_warnings():  # torch warns on read-only (memory-mapped) arrays; we only read them
             warnings.simplefilter("ignore", UserWarning)
