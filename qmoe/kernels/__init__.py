@@ -17,7 +17,7 @@ Q6_K, IQ4_XS (qmoe/formats.py's table says how each is laid out).
     ExpertGroups(ids), add_expert_output(out, groups, g, y, weights)
                                         moe_ffn's grouping of tokens by expert and its weighted
                                         sum, for callers that compute the experts one at a time
-    MLPTopK(fc1, t1, b1, fc2, t2, b2, activation)(x, count)   top outputs of a 2-layer net, serially
+    MLPTopK(fc1, t1, b1, fc2, t2, b2, activation)(x, count)   top outputs of a 2-layer net, in one call
     rms_norm(x, weight, eps), rope(x, positions, cos, sin, dim, neox), softmax_topk(logits, k, ...)
                                         a CPU model's norms, rotations and router, one call each
     add_rms_norm(h, delta, weight, eps)   a residual add and the RMS norm after it, one call

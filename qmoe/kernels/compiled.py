@@ -1618,21 +1618,26 @@ def _activate(a, gelu):
     return silu(a)
 
 
-@njit(nogil=True, cache=True)
+@njit(parallel=True, nogil=True, cache=True)
 def mlp_top(q1, w1, rb1, b1, q2, w2, rb2, b2, gelu, x, count, out):
     """out[t] = the `count` largest of fc2(act(fc1 x[t] + b1)) + b2, best first (ties: lower index).
 
     w1, w2: flat weight bytes of [H, n] and [E, H]; x: float32 [T, n]; out: int64 [T, count].
-    Serial on purpose: the caller runs it on a core of its own, beside the model.
+    fc1's rows are split over the kernel threads: they are nearly all of the bytes (2 MB a
+    layer at the default width, never in cache across 48 layers), and in the model's thread
+    (the CPU default) the other cores would otherwise wait: 2048 -> 1024 -> 128 at q8_0, 48
+    layers in turn, 0.23 ms a layer serial, 0.11 ms on two threads. fc2 and the sort are serial.
     """
     n_tokens, n = x.shape
     hidden_size, n_out = b1.shape[0], b2.shape[0]
-    hidden = np.empty(hidden_size, np.float32)
+    hidden = np.empty((n_tokens, hidden_size), np.float32)
     scores = np.empty(n_out, np.float32)
+    for r in prange(hidden_size):
+        for t in range(n_tokens):
+            hidden[t, r] = _activate(dot_row(q1, w1, r * rb1, x, t * n, n) + b1[r], gelu)
+    flat = hidden.reshape(n_tokens * hidden_size)
     for t in range(n_tokens):
-        for r in range(hidden_size):
-            hidden[r] = _activate(dot_row(q1, w1, r * rb1, x, t * n, n) + b1[r], gelu)
         for e in range(n_out):
-            scores[e] = dot_row(q2, w2, e * rb2, hidden, 0, hidden_size) + b2[e]
+            scores[e] = dot_row(q2, w2, e * rb2, flat, t * hidden_size, hidden_size) + b2[e]
         order = np.argsort(-scores, kind="mergesort")
         out[t] = order[:count]

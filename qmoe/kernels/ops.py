@@ -308,10 +308,11 @@ class MLPTopK:
     """The top outputs of a small two-layer network, fc2 @ act(fc1 @ x + b1) + b2, per token.
 
     fc1: raw [H, n]; fc2: raw [E, H]; biases float32 [H] and [E]; activation "gelu" | "silu".
-    Made for the expert predictors: checked once here, then each call is one serial compiled
-    call that releases the GIL and uses no threads, meant to run on a core of its own beside
-    the model, where separate products, activations and a sort would each cost a Python round
-    trip and a turn at the GIL.
+    Made for the expert predictors: checked once here, then each call is one compiled call
+    that releases the GIL, where separate products, activations and a sort would each cost a
+    Python round trip and a turn at the GIL. fc1's rows go over the kernel threads of the
+    calling thread (set_num_threads): all of them in the model's thread, one in a prefetch
+    worker, which then leaves the other cores to the model.
     """
 
     def __init__(

@@ -4,7 +4,7 @@ A decode step asks each MoE layer's predictor about one token, in the model's
 thread before attention or in a prefetch worker beside it (prefetch.py). At that
 size a torch forward costs more in dispatch than in arithmetic, every op is a
 turn at the GIL, and it reads float32 weights (4x the bytes of q8_0). Here the
-whole forward and the top-k are a `kernels.MLPTopK`: one serial compiled call on
+whole forward and the top-k are a `kernels.MLPTopK`: one compiled call on
 the q8_0 (or f16) blocks as they lie in the memory-mapped GGUF, without the GIL.
 
 The arithmetic is the exported predictor's (`predict_scores`): fc1, bias, GELU
