@@ -1635,9 +1635,8 @@ def mlp_top(q1, w1, rb1, b1, q2, w2, rb2, b2, gelu, x, count, out):
     for r in prange(hidden_size):
         for t in range(n_tokens):
             hidden[t, r] = _activate(dot_row(q1, w1, r * rb1, x, t * n, n) + b1[r], gelu)
-    flat = hidden.reshape(n_tokens * hidden_size)
     for t in range(n_tokens):
         for e in range(n_out):
-            scores[e] = dot_row(q2, w2, e * rb2, flat, t * hidden_size, hidden_size) + b2[e]
+            scores[e] = dot_row(q2, w2, e * rb2, hidden, t * hidden_size, hidden_size) + b2[e]
         order = np.argsort(-scores, kind="mergesort")
         out[t] = order[:count]
