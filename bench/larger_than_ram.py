@@ -263,20 +263,22 @@ def train_predictors(path: Path, tokens: int, threads: int) -> tuple[Path, dict]
     return sidecar, {"calibration_tokens": tokens, "calibrate_s": calibrate_s, "train_s": train_s}
 
 
-def plan_forecast(path: Path, budget: int | None, threads: int) -> dict:
-    """What `qmoe plan` forecasts for the budget qmoe chose itself (its probe included), to set beside
-    the measurements."""
+def plan_forecast(path: Path, budget: int | None, threads: int, predictors: Path | None) -> dict:
+    """What `qmoe plan` forecasts for the budget qmoe chose itself (its probe included, and the route
+    counts of `predictors`, uniform routing without), to set beside the measurements."""
     from qmoe import kernels
-    from qmoe.experts.plan import forecast, model_shape, probe
+    from qmoe.experts.plan import forecast, model_shape, probe, routing
     from qmoe.gguf_file import GGUFFile
 
     kernels.set_num_threads(threads)
     file = GGUFFile(path)
     shape = model_shape(file, PROMPT_LONG + 64, 512)
+    route = routing(file, shape, predictors)
     drop_page_cache(path)
     measured = probe(file, shape)
-    f = forecast(shape, measured, budget)
+    f = forecast(shape, measured, budget, route)
     return {"budget": budget, "probe_s": measured.seconds, "read_bps": measured.read_bps,
+            "burst_s": measured.burst_s, "routing": route.source,
             "decode_tok_s": f.decode_tok_s, "decode_bound_tok_s": f.decode_bound_tok_s,
             "first_token_s": {str(n): t for n, t in f.first_token_s.items()}, "peak_rss": f.peak_rss,
             "read_per_token": f.read_per_token}
@@ -393,7 +395,7 @@ def main(argv: list[str] | None = None) -> None:
             long_runs = [in_child(e, path, args.threads, PROMPT_LONG, 0, None) for e in engines[:2]]
         chosen = next((r.get("ram_pool_bytes") for r in decode_runs if r["engine"] == "qmoe"), None)
         print("qmoe plan's forecast for that budget...", flush=True)
-        planned = plan_forecast(path, chosen, args.threads)
+        planned = plan_forecast(path, chosen, args.threads, predictors)
         results = {"model": path.name, "model_bytes": size, "layers": shape.n_layers, "threads": args.threads,
                    "mem_total": mem_total, "machine": platform.processor() or platform.machine(),
                    "cpu_count": os.cpu_count(), "drive_gbs": {str(k): v for k, v in drive.items()},

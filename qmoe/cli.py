@@ -258,7 +258,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from qmoe.engine import DEFAULT_BATCH, DEFAULT_CTX
     from qmoe.experts.budget import choose_ram_budget, mem_available
     from qmoe.experts.options import parse_budget
-    from qmoe.experts.plan import forecast, format_table, model_shape, probe, report
+    from qmoe.experts.plan import forecast, format_table, model_shape, probe, report, routing
     from qmoe.gguf_file import GGUFFile
 
     if args.threads:
@@ -273,12 +273,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
         auto = choose_ram_budget(shape.sizes, mem_available())
         print(f"qmoe: --ram-budget auto here: {auto.message}", file=sys.stderr)
         budgets = [None] if auto.budget is None else [None, auto.budget]
+    route = routing(file, shape, args.predictors)
     measured = probe(file, shape)
-    forecasts = [forecast(shape, measured, b) for b in budgets]
-    print(format_table(shape, measured, forecasts))
+    forecasts = [forecast(shape, measured, b, route) for b in budgets]
+    print(format_table(shape, measured, route, forecasts))
     if args.json:
         with open(args.json, "w") as out:
-            json.dump(report(shape, measured, forecasts), out, indent=1)
+            json.dump(report(shape, measured, route, forecasts), out, indent=1)
     return 0
 
 
@@ -453,14 +454,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     plan = sub.add_parser("plan", help="forecast what fits and how fast it runs at each RAM budget",
                           description="Forecast decode tok/s, time to first token and peak RSS at each RAM "
-                          "budget, from the model's shapes and a probe of this machine of at most about 12 seconds "
-                          "(drive bandwidth with O_DIRECT, kernel speed). Nothing is loaded.")
+                          "budget, from the model's shapes, the routing calibration counted (the predictors' "
+                          "route counts; uniform without them) and a probe of this machine of at most about 14 "
+                          "seconds (drive bandwidth with O_DIRECT, kernel speed). Nothing is loaded.")
     plan.add_argument("model", help="path to the .gguf model")
     plan.add_argument("--ram", nargs="+", metavar="SIZE",
                       help="RAM budgets to forecast (sizes, shares of the experts, or off = the mapped file; "
                            "default: the mapped file and what --ram-budget auto would choose)")
     plan.add_argument("--ctx", type=int, default=None, help="context size in tokens (default min(4096, trained))")
     plan.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    plan.add_argument("--predictors", default=None, metavar="FILE",
+                      help="predictors whose route counts give the routing's concentration (default: embedded "
+                           "in the model, else the sidecar model.pred.gguf beside it, else uniform routing)")
     plan.add_argument("--json", default=None, metavar="FILE", help="also write the forecast as JSON")
     plan.set_defaults(func=cmd_plan)
 

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import math
+from collections import OrderedDict
 
+import numpy as np
 import pytest
 
 from qmoe.cli import main
 from qmoe.experts.budget import MEASURED_OVERHEAD_BYTES, RunSizes
-from qmoe.experts.plan import ModelShape, Probe, forecast
+from qmoe.experts.plan import ModelShape, Probe, Routing, forecast, pool_misses
 
 MiB = 2**20
 # Qwen3-30B-A3B at Q8_0: 48 MoE layers of 128 experts (8 used), 3 x 768 x 2048 rows a slab.
@@ -16,8 +19,10 @@ SLAB = 3 * 768 * 2048 * 34 // 32
 SHAPE = ModelShape(n_moe_layers=48, n_expert=128, n_expert_used=8, dense_bytes=1200 * MiB,
                    sizes=RunSizes(expert_bytes=48 * 128 * SLAB, slab_bytes=SLAB, slabs_per_token=8,
                                   other_weights_bytes=1500 * MiB, kv_cache_bytes=100 * MiB, activation_bytes=50 * MiB))
-# A drive of 0.7 GB/s; an expert 0.5 ms a token (0.25 ms in a batch); 10 GB/s over the other weights.
-PROBE = Probe(read_bps=0.7e9, expert_s=0.5e-3, expert_batched_s=0.25e-3, dense_bps=10e9,
+# A drive of 0.7 GB/s in a queue, whose bursts of 1-4 slabs pay a latency; an expert 0.5 ms a token
+# (0.25 ms in a batch); 10 GB/s over the other weights.
+BURSTS = (9e-3, 16e-3, 23e-3, 30e-3)
+PROBE = Probe(read_bps=0.7e9, burst_s=BURSTS, expert_s=0.5e-3, expert_batched_s=0.25e-3, dense_bps=10e9,
               dense_batched_bps=100e9, seconds=4.0)
 
 
@@ -31,17 +36,25 @@ def test_a_model_served_from_the_map_reads_nothing_per_token():
 
 def test_a_pool_misses_in_proportion_to_what_it_leaves_out():
     half = SHAPE.sizes.expert_bytes // 2
-    f = forecast(SHAPE, PROBE, half)
+    f = forecast(SHAPE, PROBE, half)  # uniform routing
     slots = half // SLAB
     assert f.hit_rate == pytest.approx(slots / (48 * 128))
-    assert f.read_per_token == round((1 - f.hit_rate) * 8 * 48) * SLAB  # 192 slabs: 0.5 GB a token
+    misses = (1 - f.hit_rate) * 8  # a layer's: 4 of its 8, 0.5 GB a token
+    assert f.read_per_token == pytest.approx(misses * 48 * SLAB, abs=1)
     compute, reads = 48 * 8 * 0.5e-3 + 1200 * MiB / 10e9, f.read_per_token / 0.7e9
-    # --prefetch none: each layer computes its hits while its misses are read, then the misses.
-    misses = (1 - f.hit_rate) * 8
-    layer = max((8 - misses) * 0.5e-3, misses * SLAB / 0.7e9) + 0.5e-3
+    # --prefetch none: each layer computes its hits while its misses are read together (a burst),
+    # then the last miss; averaged over the binomial spread of a layer's misses. Beyond 4 in
+    # flight, the rest queue at the drive's rate.
+    def burst(m):
+        return 0 if m == 0 else BURSTS[m - 1] if m <= 4 else BURSTS[-1] + (m - 4) * SLAB / 0.7e9
+
+    q = misses / 8
+    layer = sum(math.comb(8, m) * q**m * (1 - q) ** (8 - m) * (max((8 - m) * 0.5e-3, burst(m)) + (m > 0) * 0.5e-3)
+                for m in range(9))
     assert f.decode_tok_s == pytest.approx(1 / (1200 * MiB / 10e9 + 48 * layer))
     assert f.decode_bound_tok_s == pytest.approx(1 / max(compute, reads))
-    assert 1 / (compute + reads) < f.decode_tok_s < f.decode_bound_tok_s  # overlapped, never past the bound
+    # never past the bound, nor slower than every miss read alone after the layer's compute
+    assert 1 / (compute + 48 * 8 * BURSTS[0]) < f.decode_tok_s < f.decode_bound_tok_s
     assert f.peak_rss == 1650 * MiB + MEASURED_OVERHEAD_BYTES + slots * SLAB
     # Layer-major prefill: an 8-token prompt uses at most 64 of a layer's 128 experts, read once;
     # the pool holds two layers, so the reads overlap the compute.
@@ -49,6 +62,44 @@ def test_a_pool_misses_in_proportion_to_what_it_leaves_out():
     work = 8 * (48 * 8 * 0.25e-3 + 1200 * MiB / 100e9)
     assert f.first_token_s[8] == pytest.approx(max(48 * used * SLAB / 0.7e9, work))
     assert f.first_token_s[512] > f.first_token_s[8]
+
+
+def test_concentrated_routing_misses_what_an_lru_pool_misses():
+    """Che's approximation against an LRU pool simulated on tokens drawn from the same routing."""
+    rng = np.random.default_rng(0)
+    layers, n_expert, k, slots = 4, 32, 4, 48
+    weights = rng.pareto(1.0, (layers, n_expert)) + 0.05  # a few popular experts per layer, as trained routers
+    lru, misses, tokens = OrderedDict(), 0, 4000
+    for t in range(tokens + 1000):  # the first 1000 fill the pool
+        for layer in range(layers):
+            for e in rng.choice(n_expert, k, replace=False, p=weights[layer] / weights[layer].sum()):
+                key = (layer, int(e))
+                if key in lru:
+                    lru.move_to_end(key)
+                    continue
+                misses += t >= 1000
+                lru[key] = None
+                if len(lru) > slots:
+                    lru.popitem(last=False)
+    # The chance that a token's k draws without replacement include each expert.
+    p = np.zeros((layers, n_expert))
+    for _ in range(3000):
+        for layer in range(layers):
+            p[layer, rng.choice(n_expert, k, replace=False, p=weights[layer] / weights[layer].sum())] += 1 / 3000
+    assert pool_misses(p, slots).sum() == pytest.approx(misses / tokens, rel=0.08)
+    uniform = pool_misses(np.full((layers, n_expert), k / n_expert), slots).sum()
+    assert uniform == pytest.approx(k * layers * (1 - slots / (layers * n_expert)))
+    assert misses / tokens < 0.8 * uniform  # the reason to count the routing: uniform overestimates misses
+
+
+def test_counted_routing_forecasts_fewer_reads_than_uniform():
+    p = np.tile(np.r_[np.full(16, 0.3), np.full(112, (8 - 16 * 0.3) / 112)], (48, 1))  # 16 popular experts a layer
+    route = Routing(p, "made up")
+    half = SHAPE.sizes.expert_bytes // 2
+    counted, uniform = forecast(SHAPE, PROBE, half, route), forecast(SHAPE, PROBE, half)
+    assert counted.read_per_token < uniform.read_per_token and counted.decode_tok_s > uniform.decode_tok_s
+    assert counted.hit_rate > uniform.hit_rate
+    assert counted.first_token_s[8] < uniform.first_token_s[8]  # a prompt uses fewer distinct experts
 
 
 def test_smaller_pools_forecast_slower_runs():

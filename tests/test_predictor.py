@@ -381,6 +381,8 @@ def random_predictor_set(identity: str, hidden: int, n_embd: int = 64, n_expert:
         input=INPUT_PRE_ATTN,
         heldout_fraction=0.1,
         layers=layers,
+        route_counts={layer: np.arange(n_expert) * (layer + 1) for layer in (0, 1, 3)},  # layer 0: no predictor
+        routed_tokens=1000,
     )
 
 
@@ -423,6 +425,9 @@ def test_sidecar_round_trip(tmp_path, weight_type, hidden):
         hidden,
     )
     assert loaded.heldout_fraction == 0.1 and sorted(loaded.layers) == [1, 3]
+    assert loaded.routed_tokens == 1000 and sorted(loaded.route_counts) == [0, 1, 3]
+    for layer, counts in predictors.route_counts.items():
+        assert np.array_equal(loaded.route_counts[layer], counts)
     x = torch.randn(5, 64)
     for layer, weights in predictors.layers.items():
         back = loaded.layers[layer]

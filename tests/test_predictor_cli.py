@@ -49,6 +49,12 @@ def test_train_and_evaluate_predictors(workdir, capsys):
                  "--epochs", "3", "--cross-layer-output", str(root / "xlayer.pred.gguf")]) == 0
     sidecar = root / "model.pred.gguf"
     assert sidecar.exists()
+    # The sidecar counts the calibration's routing, every MoE layer over every token.
+    calib, predictors = CalibData(root / "calib"), load_sidecar(sidecar, model_identity(model))
+    assert predictors.routed_tokens == calib.n_tokens and sorted(predictors.route_counts) == list(calib.moe_layers)
+    for layer in calib.moe_layers:
+        assert np.array_equal(predictors.route_counts[layer],
+                              np.bincount(calib.topk(layer).reshape(-1), minlength=calib.meta.n_expert))
     assert main(["eval-predictors", str(model), "--data", str(root / "calib"), "--cross-layer",
                  str(root / "xlayer.pred.gguf"), "--json", str(root / "eval.json")]) == 0
     result = json.loads((root / "eval.json").read_text())
@@ -61,6 +67,9 @@ def test_train_and_evaluate_predictors(workdir, capsys):
     assert "pre-attn" in out
     main(["info", str(model)])
     assert "model.pred.gguf" in capsys.readouterr().out
+    # `qmoe plan` takes the routing from those counts.
+    assert main(["plan", str(model), "--ram", "50%", "-t", "1"]) == 0
+    assert f"routing: route counts of {calib.n_tokens} calibration tokens (model.pred.gguf)" in capsys.readouterr().out
 
 
 def test_predictors_of_another_model_are_refused(workdir, tiny_gguf):

@@ -151,6 +151,11 @@ class PredictorSet:
     input: str  # one of INPUTS
     heldout_fraction: float  # the calibration split it was trained with; evaluation reuses it
     layers: dict[int, PredictorWeights] = field(default_factory=dict)
+    # How often the router chose each expert over the calibration (every MoE layer, [E] counts,
+    # and the tokens counted): the routing's concentration, from which `qmoe plan` forecasts a
+    # pool's hit rate. Empty for sidecars written before they were recorded.
+    route_counts: dict[int, np.ndarray] = field(default_factory=dict)
+    routed_tokens: int = 0
 
     def __post_init__(self) -> None:
         if self.input not in INPUTS:
@@ -176,6 +181,8 @@ class PredictorSet:
             self.input,
             self.heldout_fraction,
             moved,
+            self.route_counts,
+            self.routed_tokens,
         )
 
     def predict(self, layer: int, x: torch.Tensor | np.ndarray) -> torch.Tensor:

@@ -10,11 +10,17 @@ by default the predictors live in a separate GGUF with `general.architecture =
     blk.{l}.pred_fc2.weight  [E, H]        f16 or q8_0
     blk.{l}.pred_fc2.bias    [E]           f32
 
+and, per MoE block the calibration recorded, how often its router chose each expert:
+
+    blk.{l}.pred_route_count [E]           f32   (tokens; exact up to 2^24 of them)
+
 (numpy order; GGUF's ne is reversed). q8_0 needs rows that are a multiple of 32
 values; a matrix whose rows are not falls back to f16. Metadata under
 `qmoe-predictor.`: the base model's identity, sizes, activation, architecture,
 k and the suggested over-provisioning k', the input the predictors read, the
-held-out fraction of their training split, and the list of layers.
+held-out fraction of their training split, the list of layers, and the number
+of calibration tokens the route counts cover (`routed_tokens`; sidecars written
+before the counts were recorded have neither).
 
 The base model's identity is a sha256 over its metadata and tensor table (names,
 types, shapes, offsets), not its tensor data: fast on a 30 GB file, and any
@@ -60,6 +66,7 @@ EMBEDDED_SUFFIX = ".pred-embedded.gguf"
 WEIGHT_TYPES = ("f16", "q8_0")
 Q8_0_BLOCK = 32
 _PREDICTOR_TENSOR = re.compile(r"blk\.\d+\.pred_.+")
+_ROUTE_COUNT = re.compile(r"blk\.(\d+)\.pred_route_count")
 _COPY_CHUNK = 64 * 2**20  # bytes written per call when copying the model's tensors
 
 
@@ -68,7 +75,7 @@ def _key(name: str) -> str:
 
 
 def tensor_name(layer: int, part: str) -> str:
-    """part: fc1.weight, fc1.bias, fc2.weight, fc2.bias."""
+    """part: fc1.weight, fc1.bias, fc2.weight, fc2.bias, route_count."""
     return f"blk.{layer}.pred_{part}"
 
 
@@ -156,6 +163,10 @@ def write_sidecar(path: str | os.PathLike, predictors: PredictorSet, weight_type
         writer.add_tensor(tensor_name(layer, "fc1.bias"), weights.fc1_bias.float().cpu().numpy())
         _add_matrix(writer, tensor_name(layer, "fc2.weight"), weights.fc2_weight, weight_type)
         writer.add_tensor(tensor_name(layer, "fc2.bias"), weights.fc2_bias.float().cpu().numpy())
+    if predictors.route_counts:
+        writer.add_uint64(_key("routed_tokens"), predictors.routed_tokens)
+        for layer in sorted(predictors.route_counts):
+            writer.add_tensor(tensor_name(layer, "route_count"), predictors.route_counts[layer].astype(np.float32))
     try:
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
@@ -228,6 +239,12 @@ def load_sidecar(source: str | os.PathLike | GGUFFile, expected_identity: str) -
             _load_float(gguf.tensor(tensor_name(layer, "fc2.bias"), (n_expert,))),
             activation,
         )
+    routed_tokens = int(gguf.get(_key("routed_tokens"), 0, kind=int))
+    route_counts = {}
+    for name in gguf.tensors if routed_tokens else ():
+        if (found := _ROUTE_COUNT.fullmatch(name)) is not None:
+            counts = _load_float(gguf.tensor(name, (n_expert,))).numpy()
+            route_counts[int(found[1])] = np.rint(counts).astype(np.int64)
     try:
         return PredictorSet(
             model_identity=identity,
@@ -239,6 +256,8 @@ def load_sidecar(source: str | os.PathLike | GGUFFile, expected_identity: str) -
             input=gguf.get(_key("input")),
             heldout_fraction=float(gguf.get(_key("heldout_fraction"))),
             layers=layers,
+            route_counts=route_counts,
+            routed_tokens=routed_tokens,
         )
     except ValueError as e:
         raise GGUFFormatError(f"{gguf.path}: {e}") from e

@@ -243,6 +243,10 @@ def train_all(
         arch=arch,
         input=input,
         heldout_fraction=heldout_fraction,
+        # every calibrated token, held-out ones included: this describes the routing, not a fit
+        route_counts={layer: np.bincount(np.asarray(calib.topk(layer)).reshape(-1), minlength=meta.n_expert)
+                      for layer in calib.moe_layers},
+        routed_tokens=calib.n_tokens,
     )
     histories: dict[int, list[dict]] = {}
     layers = [
