@@ -508,7 +508,7 @@ def main(argv: list[str] | None = None) -> None:
         type=lambda v: v if v == AUTO_K else int(v),
         default=None,
         help="experts prefetched per token by cross-layer and pre-attn (default k); auto: qmoe's "
-        "default, the drive's spare reads and the ranks right more often than wrong (experts/admission.py)",
+        "default, the ranks right more often than wrong (experts/admission.py)",
     )
     parser.add_argument(
         "--predict-in",

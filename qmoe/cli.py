@@ -388,8 +388,7 @@ def add_offload_arguments(parser: argparse.ArgumentParser) -> None:
                           "wait loads it (default cpu)")
     off.add_argument("--k-prime", type=int, default=None,
                      help="candidate experts a prediction names per token (default: twice the predictors' k', "
-                          "else twice ceil(1.5 k)); only those the drive has spare time for, or that are right "
-                          "more often than wrong, are read")
+                          "else twice ceil(1.5 k)); only the ranks right more often than wrong are read")
     off.add_argument("--lookahead", type=int, default=OffloadOptions.lookahead, metavar="N",
                      help="pre-attn and oracle: also guess the next N MoE layers' experts right after each "
                           "attention, from the residual stream, so that their transfers start a layer earlier; "

@@ -26,6 +26,7 @@ from qmoe.experts.cache import SlotCache
 from qmoe.experts.link import SimulatedLink
 from qmoe.experts.options import OffloadOptions, parse_budget
 from qmoe.experts.slabs import SlabReader, direct_residue
+from qmoe.experts.stats import PredictionScorer
 from qmoe.experts.store import ExpertStore
 from qmoe.experts.tiers import RamPool, dense_expert_ffn
 from qmoe.kernels import dequantize_torch
@@ -402,6 +403,14 @@ def test_predictions_are_protected_until_their_layer_runs(q4_path):
         assert not any(cache.get((layer, e)).protected for e in (0, 1))
         assert next(iter(cache.lru)) == (layer, 1)  # the wrong guess goes first
         assert m.offload.stats()["layers"][str(layer)]["hits"] == 1
+        # A wrong guess of a slab that was resident and used already keeps its place in the LRU order.
+        m.offload.experts(other, x, np.array([[4]], np.int32), one)  # (layer, 0) is now least recent
+        store.prefetch(layer, [0], store.step(layer))
+        m.offload.experts(layer, x, np.array([[1]], np.int32), one)  # the layer runs without 0
+        assert list(cache.lru) == [(layer, 0), (other, 4), (layer, 1)]  # 0 first as before, not demoted
+        store.prefetch(layer, [1], store.step(layer))
+        m.offload.experts(layer, x, np.array([[0]], np.int32), one)
+        assert list(cache.lru)[-1] == (layer, 0) and list(cache.lru)[0] != (layer, 1)  # used 1 keeps its place
 
 
 def test_a_newer_prediction_replaces_the_guess_for_the_same_step(q4_path):
@@ -419,6 +428,21 @@ def test_a_newer_prediction_replaces_the_guess_for_the_same_step(q4_path):
         assert cache.get((layer, 3)).protected
         assert cache.get((layer, 0)) is None or not cache.get((layer, 0)).protected  # moved, but not wanted
         assert m.offload.stats()["prefetch"]["dropped"] >= 2
+
+
+def test_lookahead_guesses_are_scored_apart_from_the_layers_own_predictions():
+    """A guess a layer ahead must not borrow the own prediction's precision for its reads."""
+    scorer = PredictionScorer([3])
+    for step in range(4):
+        scorer.predicted(3, step, [5, 6], 0.0, distance=1)  # the guess: rank 0 wrong, rank 1 right
+        scorer.predicted(3, step, [6, 5], 0.0)  # the layer's own: rank 0 right, rank 1 wrong
+        scorer.routed(3, step, {6, 7})
+    assert scorer.rank_precision(0) == 1.0 and scorer.rank_precision(1) == 0.0
+    assert scorer.rank_precision(0, distance=1) == 0.0 and scorer.rank_precision(1, distance=1) == 1.0
+    assert scorer.rank_precision(0, distance=2) is None  # never guessed that far ahead
+    layer = scorer.stats.layers[3]  # precision and recall count the nearest prediction only
+    assert (layer.predicted, layer.correct, layer.actual) == (8, 4, 8)
+    assert scorer.stats.predictions == 8
 
 
 def test_simulated_link_slows_transfers_beside_compute(q4_path):

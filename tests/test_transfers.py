@@ -129,34 +129,27 @@ def test_a_prefetch_for_a_step_already_run_is_dropped_unread(q4_path):
 # ----------------------------------------------------------------------------- admission
 
 
-def test_speculative_reads_get_only_the_spare_reads_and_the_confident_ranks():
+def test_speculative_reads_go_only_to_ranks_right_more_often_than_wrong():
     from qmoe.experts.admission import admit
 
     ranked = [5, 1, 7, 2, 0, 4]
     resident = {7, 4}.__contains__
     precision = {0: 0.9, 1: 0.6, 2: 0.55, 3: 0.2, 4: 0.7, 5: 0.5}.get
-    assert admit(ranked, resident, None, precision) == ranked  # nothing measured yet: all
     # Ranks right more often than wrong, resident or read; resident 4's rank is not: unprotected.
-    assert admit(ranked, resident, 0, precision) == [5, 1, 7, 0]
-    assert admit(ranked, resident, 3, precision) == [5, 1, 7, 2, 0]  # three spare reads: 2 (rank 3) too
-    assert admit(ranked, resident, 1, lambda r: None) == [5, 7, 4]  # unscored: the spare read, the residents
+    assert admit(ranked, resident, precision) == [5, 1, 7, 0]
+    assert admit(ranked, resident, lambda r: None) == [7, 4]  # unscored: no read, the residents kept
 
 
-def test_the_store_measures_reads_and_lead_time_and_admits_by_them(q4_path):
+def test_the_store_reads_only_what_admission_keeps(q4_path):
     with qmoe.load(q4_path, offload=OffloadOptions(ram_budget="100%", direct_io=True, io_depth=1)) as m:
         store = m.store
         layer = m.net.moe_layers[0]
-        with store.lock:
-            assert store.spare_reads() is None
-        store.prefetch(layer, [0, 1], store.step(layer))
+        store.prefetch(layer, [0, 1], store.step(layer))  # without scores (prefill's read-ahead): all
         store.drain()
+        assert store.pool.cache.get((layer, 1)) is not None
         claim_and_release(store, layer, [0])
-        with store.lock:
-            assert store.read_s is not None and store.lead_s is not None
-            store.read_s, store.lead_s = 1.0, 0.5  # as if the drive had no time to spare
-            assert store.spare_reads() == 0
         store.prefetch(layer, [2, 3, 0], store.step(layer), rank_precision={0: 0.9}.get)
         store.drain()
         assert store.pool.cache.get((layer, 2)) is not None  # rank 0, right 90 % of the time
-        assert store.pool.cache.get((layer, 3)) is None  # rank 1: unscored, no spare read for it
+        assert store.pool.cache.get((layer, 3)) is None  # rank 1: unscored, not read
         assert store.pool.cache.get((layer, 0)).protected  # resident: kept, protected

@@ -152,5 +152,5 @@ def _policy(net: Transformer, file: GGUFFile, options: OffloadOptions, device: t
 
 def _candidates(k_prime: int, hp) -> int:
     """Without --k-prime, a policy names twice its k' candidates, ranked, and the store admits
-    what the drive's spare time and each rank's measured precision allow (admission.py)."""
+    what each rank's measured precision allows (admission.py)."""
     return min(hp.n_expert, 2 * k_prime)

@@ -14,8 +14,9 @@ entry that is
                     a demand load (a miss the model is waiting for) may evict it,
                     so one prediction cannot push out another before it is used
 
-A prediction its layer did not use is demoted to the front of the LRU order (the
-store calls `demote`), so that a wrong guess does not push out the working set.
+A slab a prediction brought in that its layer did not use is demoted to the front of
+the LRU order (the store calls `demote`), so that a wrong guess does not push out the
+working set.
 
 Not thread-safe by itself: the store calls it under its lock.
 """

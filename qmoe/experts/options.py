@@ -85,8 +85,8 @@ class OffloadOptions:
         Without a fast tier every expert is computed by the CPU kernels from the
         pool, and a pool miss is always read (there is nothing else to compute from).
     k_prime: candidates a prediction names per token (default: twice the predictors' k', else
-        twice ceil(1.5 k)); of those the store reads only what the drive has spare time for,
-        and beyond it the ranks that are right more often than wrong (admission.py).
+        twice ceil(1.5 k)); of those the store reads only the ranks that are right more often
+        than wrong (admission.py).
     lookahead: for "pre-attn" and "oracle", how many of the next MoE layers to guess right
         after each attention, besides each layer's own prediction (prefetch.py); 0 = the
         paper's schedule.

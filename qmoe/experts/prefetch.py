@@ -196,9 +196,9 @@ class Prefetcher:
 
     def attended(self, layer: int, h: torch.Tensor) -> None:
         if self.policy.hook == "pre_attention":
-            for ahead in self.ahead[layer]:
+            for distance, ahead in enumerate(self.ahead[layer], start=1):
                 if self.policy.refines or self.first_guess[ahead] == layer:
-                    self._predict(ahead, h, normalize=True)
+                    self._predict(ahead, h, normalize=True, distance=distance)
 
     def routed(self, layer: int, x: torch.Tensor, logits: torch.Tensor, ids: torch.Tensor) -> None:
         self.scorer.routed(layer, self.store.step(layer), set(ids.unique().tolist()))
@@ -206,12 +206,13 @@ class Prefetcher:
         if self.policy.hook == "routed" and nxt is not None:
             self._predict(nxt, x)
 
-    def _predict(self, layer: int, x: torch.Tensor, normalize: bool = False) -> None:
-        """Predict `layer` from x (its attn_norm output), or from a residual stream to normalize
-        with the layer's attn_norm first: here and now, or queued for the worker."""
+    def _predict(self, layer: int, x: torch.Tensor, normalize: bool = False, distance: int = 0) -> None:
+        """Predict `layer` from x (its attn_norm output), or from a residual stream `distance` MoE
+        layers before it, to normalize with the layer's attn_norm first: here and now, or queued
+        for the worker."""
         if self.thread is None:
             try:
-                self._prefetch(layer, self.store.step(layer), x, None, normalize)
+                self._prefetch(layer, self.store.step(layer), x, None, normalize, distance)
             except QmoeError:
                 raise
             except Exception as exc:
@@ -221,7 +222,7 @@ class Prefetcher:
         if x.is_cuda:
             ready = torch.cuda.Event()
             ready.record()  # on the model's stream, after x was computed
-        self.messages.put(("predict", layer, self.store.step(layer), (x, ready, normalize)))
+        self.messages.put(("predict", layer, self.store.step(layer), (x, ready, normalize, distance)))
 
     def _raise_if_failed(self) -> None:
         if self.error is not None:
@@ -244,9 +245,8 @@ class Prefetcher:
             except BaseException as exc:  # noqa: BLE001 - reported to the model thread at the next layer
                 self.error = exc
 
-    def _prefetch(
-        self, layer: int, step: int, x: torch.Tensor, ready: torch.cuda.Event | None, normalize: bool
-    ) -> None:
+    def _prefetch(self, layer: int, step: int, x: torch.Tensor, ready: torch.cuda.Event | None, normalize: bool,
+                  distance: int) -> None:
         start = time.perf_counter()
         if ready is None:
             experts = self.policy.predict(layer, self.attn_norms[layer](x) if normalize else x)
@@ -257,8 +257,9 @@ class Prefetcher:
                 self.stream.wait_event(ready)
                 x.record_stream(self.stream)  # x's memory is not reused before this stream is done with it
                 experts = self.policy.predict(layer, self.attn_norms[layer](x) if normalize else x)
-        self.scorer.predicted(layer, step, experts, time.perf_counter() - start)  # all ranks: how each scores
-        self.store.prefetch(layer, experts, step, self.scorer.rank_precision)  # those worth a read
+        self.scorer.predicted(layer, step, experts, time.perf_counter() - start, distance)  # how each rank scores
+        # those worth a read, by the precision of predictions made as far ahead as this one
+        self.store.prefetch(layer, experts, step, lambda rank: self.scorer.rank_precision(rank, distance))
 
     def set_policy(self, policy: Policy) -> None:
         """Switch policies between runs (the oracle gets its recording this way)."""

@@ -92,11 +92,17 @@ class PredictionScorer:
     """Scores each prediction against the routing of the forward pass it was made for.
 
     The prefetcher reports both sides: `predicted` when a prediction is made (for pass
-    `step` of its layer), `routed` when the layer's router has chosen. Whichever comes
-    second scores the pair. Of several predictions for one pass (lookahead guesses, then
-    the layer's own), the last one before the routing counts; one that arrives after it
-    is late, and the first late one is still scored against that routing (kept for the
+    `step` of its layer, `distance` MoE layers ahead: 0 for the layer's own, 1.. for
+    lookahead guesses), `routed` when the layer's router has chosen. Whichever comes
+    second scores the pair. Of several predictions for one pass, the last one before the
+    routing (the nearest) counts in the layer's precision and recall; one that arrives after
+    it is late, and the first late one is still scored against that routing (kept for the
     last UNPREDICTED_KEPT unpredicted passes), so that its accuracy counts all the same.
+
+    Every distance's latest prediction is also scored rank by rank, apart: what a
+    speculative read is admitted by (admission.py). A guess made a layer ahead, from a
+    residual stream that lacks that layer's expert output, is right less often than the
+    layer's own prediction at the same rank, so it must not borrow the latter's precision.
     Thread-safe: predictions may come from a worker thread.
     """
 
@@ -108,15 +114,16 @@ class PredictionScorer:
     def reset(self) -> None:
         with self.lock:
             self.stats = PredictionStats.for_layers(self.layers)
-            self.pending: dict[int, tuple[int, list[int]]] = {}  # layer -> (step, its latest prediction)
+            # layer -> (step, distance -> the latest prediction at that distance)
+            self.pending: dict[int, tuple[int, dict[int, list[int]]]] = {}
             self.routed_steps: dict[int, int] = {}  # layer -> passes routed so far
             self.unpredicted: dict[tuple[int, int], set[int]] = {}  # (layer, step) routed unpredicted
-            # Per rank of the ranked predictions (most wanted first): how often it was named, and
-            # right. What speculative reads are admitted by (admission.py).
-            self.rank_named: dict[int, int] = defaultdict(int)
-            self.rank_correct: dict[int, int] = defaultdict(int)
+            # Per (distance, rank) of the ranked predictions (most wanted first): how often it
+            # was named, and right.
+            self.rank_named: dict[tuple[int, int], int] = defaultdict(int)
+            self.rank_correct: dict[tuple[int, int], int] = defaultdict(int)
 
-    def predicted(self, layer: int, step: int, experts: list[int], seconds: float) -> None:
+    def predicted(self, layer: int, step: int, experts: list[int], seconds: float, distance: int = 0) -> None:
         with self.lock:
             self.stats.predictions += 1
             self.stats.predict_s += seconds
@@ -124,9 +131,12 @@ class PredictionScorer:
                 self.stats.late_predictions += 1
                 actual = self.unpredicted.pop((layer, step), None)
                 if actual is not None:
-                    self._score(layer, experts, actual)
+                    self._score(layer, {distance: list(experts)}, actual)
                 return
-            self.pending[layer] = (step, list(experts))
+            pending = self.pending.get(layer)
+            if pending is None or pending[0] != step:
+                pending = self.pending[layer] = (step, {})
+            pending[1][distance] = list(experts)
 
     def routed(self, layer: int, step: int, actual: set[int]) -> None:
         with self.lock:
@@ -140,20 +150,22 @@ class PredictionScorer:
             if len(self.unpredicted) > UNPREDICTED_KEPT:
                 del self.unpredicted[next(iter(self.unpredicted))]  # the oldest
 
-    def _score(self, layer: int, ranked: list[int], actual: set[int]) -> None:
+    def _score(self, layer: int, by_distance: dict[int, list[int]], actual: set[int]) -> None:
         s = self.stats.layers[layer]
-        predicted = set(ranked)
+        predicted = set(by_distance[min(by_distance)])
         s.predicted += len(predicted)
         s.correct += len(predicted & actual)
-        for rank, e in enumerate(ranked):
-            self.rank_named[rank] += 1
-            self.rank_correct[rank] += e in actual
+        for distance, ranked in by_distance.items():
+            for rank, e in enumerate(ranked):
+                self.rank_named[distance, rank] += 1
+                self.rank_correct[distance, rank] += e in actual
 
-    def rank_precision(self, rank: int) -> float | None:
-        """How often the prediction's `rank`-th expert was routed to; None before it was scored."""
+    def rank_precision(self, rank: int, distance: int = 0) -> float | None:
+        """How often the `rank`-th expert of a prediction `distance` MoE layers ahead was routed to;
+        None before one was scored."""
         with self.lock:
-            named = self.rank_named.get(rank, 0)
-            return self.rank_correct[rank] / named if named else None
+            named = self.rank_named.get((distance, rank), 0)
+            return self.rank_correct[distance, rank] / named if named else None
 
 
 def _ratio(num: float, den: float) -> float | None:

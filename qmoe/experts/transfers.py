@@ -64,8 +64,7 @@ class _Transfer:
     target: Entry  # in job.tier
     read_into: Entry | None  # pool entry to fill from the file first
     upload_from: Entry | None  # pool entry to upload into the fast tier from (None: the mapped file)
-    elapsed: float = 0.0
-    slept: float = 0.0  # of which waiting for the simulated link
+    slept: float = 0.0  # waiting for the simulated link
 
 
 class Transfers:
@@ -268,8 +267,7 @@ class Transfers:
                 else store.slabs.views(layer, expert)
             )
             store.fast.upload(t.target.slot, raw, layout)
-        slept = store.link.finish(link_start, layout.nbytes) if store.link is not None else 0.0
-        t.elapsed, t.slept = time.perf_counter() - start, slept
+        t.slept = store.link.finish(link_start, layout.nbytes) if store.link is not None else 0.0
 
     def _complete(self, t: _Transfer) -> None:
         store, s = self.store, self.store.stats
@@ -277,7 +275,6 @@ class Transfers:
         if t.read_into is not None:
             store.pool.cache.loaded(t.read_into)
             s.bytes_into["ram"] += nbytes
-            store.observe_read(t.elapsed)
         if t.upload_from is not None:
             t.upload_from.pins -= 1
             store.pool.cache.touch(t.upload_from)
