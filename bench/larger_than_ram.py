@@ -352,7 +352,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dir", type=Path, default=Path("/tmp/qmoe-ltr"), help="where the model file goes")
     parser.add_argument("--layers", type=int, default=A3B_FULL.n_layers, help="blocks (48: the real depth)")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--decode", type=int, default=32, help="decode steps per run (>= 32 for the README)")
+    parser.add_argument("--decode", type=int, default=96,
+                        help="decode steps per run (>= 32 for the README; at 32 the 48-layer file's pool is "
+                             "still filling in the second half, at 96 it is past that)")
     parser.add_argument("--calib-tokens", type=int, default=2048, help="calibration tokens for the predictors")
     parser.add_argument("--predictors", type=Path, default=None,
                         help="predictors trained for this file by an earlier run (--keep keeps them): skip training")
