@@ -72,7 +72,16 @@ def test_train_and_evaluate_predictors(workdir, capsys):
     assert f"routing: route counts of {calib.n_tokens} calibration tokens (model.pred.gguf)" in capsys.readouterr().out
 
 
-def test_predictors_of_another_model_are_refused(workdir, tiny_gguf):
+def test_predictors_of_another_model_are_refused(workdir, tiny_gguf, capsys):
     root, _, _ = workdir
+    other = root / "other.gguf"
+    shutil.copy(tiny_gguf("olmoe", "q8_0"), other)
     with pytest.raises(PredictorMismatchError, match="train predictors for this model"):
-        load_sidecar(root / "model.pred.gguf", model_identity(tiny_gguf("olmoe", "q8_0")))
+        load_sidecar(root / "model.pred.gguf", model_identity(other))
+    # `qmoe plan` refuses them when asked for them, and says why it forecasts uniform routing
+    # when they merely lie beside the model.
+    assert main(["plan", str(other), "--predictors", str(root / "model.pred.gguf")]) == 1
+    assert "train predictors for this model" in capsys.readouterr().err
+    shutil.copy(root / "model.pred.gguf", root / "other.pred.gguf")
+    assert main(["plan", str(other), "--ram", "50%", "-t", "1"]) == 0
+    assert "routing: uniform (" in capsys.readouterr().out

@@ -62,7 +62,7 @@ from pathlib import Path
 import numpy as np
 
 from qmoe import kernels
-from qmoe.errors import PredictorMismatchError, QmoeError
+from qmoe.errors import QmoeError
 from qmoe.experts.budget import MEASURED_OVERHEAD_BYTES, RunSizes, run_sizes
 from qmoe.experts.options import OffloadOptions, format_bytes
 from qmoe.experts.slabs import ExpertSlabs, SlabReader, direct_alignment, direct_residue
@@ -163,15 +163,16 @@ def routing(file: GGUFFile, shape: ModelShape, explicit: str | os.PathLike | Non
     the model, else the sidecar beside it); uniform where there are none."""
     try:
         path = predictor_source(file, explicit)
-        predictors = load_sidecar(file if path == file.path else GGUFFile(path), model_identity(file))
-    except PredictorMismatchError as e:
-        if explicit is not None:
-            raise
-        return Routing.uniform(shape, f"the predictors beside the model are another model's: {e}")
     except QmoeError:
         if explicit is not None:
             raise
         return Routing.uniform(shape, "no predictors to take the calibration's route counts from")
+    try:
+        predictors = load_sidecar(file if path == file.path else GGUFFile(path), model_identity(file))
+    except QmoeError as e:  # another model's, or not a readable sidecar: say so, forecast all the same
+        if explicit is not None:
+            raise
+        return Routing.uniform(shape, str(e))
     layers = moe_layers(file)
     counts = [predictors.route_counts.get(layer) for layer in layers]
     if any(c is None for c in counts):
