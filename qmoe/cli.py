@@ -16,7 +16,7 @@ from collections import Counter
 
 from qmoe.chat import render_chat
 from qmoe.errors import QmoeError
-from qmoe.experts.options import AUTO, MISS_POLICIES, OFF, POLICIES, PREDICT_IN, OffloadOptions
+from qmoe.experts.options import AUTO, LOOKAHEAD, MISS_POLICIES, OFF, POLICIES, PREDICT_IN, OffloadOptions
 
 RAM_BUDGET_HELP = ("RAM pool of quantized expert slabs, filled by explicit reads from the file. auto (the "
                    "default): a pool read with O_DIRECT, sized to the memory available, only when the experts "
@@ -62,7 +62,7 @@ def _offload_options(args: argparse.Namespace):
     if (args.ram_budget is None or off) and args.gpu_budget is None and args.sim_fast_budget is None:
         given = [flag for flag, value in (
             ("--prefetch", args.prefetch != "none"), ("--on-miss", args.on_miss), ("--k-prime", args.k_prime),
-            ("--lookahead", args.lookahead != OffloadOptions.lookahead),
+            ("--lookahead", args.lookahead is not None),
             ("--predict-in", args.predict_in != OffloadOptions.predict_in), ("--predictors", args.predictors),
             ("--sim-link-gbps", args.sim_link_gbps),
             ("--sim-link-latency-us", args.sim_link_latency_us), ("--no-page-cache", args.no_page_cache),
@@ -389,11 +389,11 @@ def add_offload_arguments(parser: argparse.ArgumentParser) -> None:
     off.add_argument("--k-prime", type=int, default=None,
                      help="candidate experts a prediction names per token (default: twice the predictors' k', "
                           "else twice ceil(1.5 k)); only the ranks right more often than wrong are read")
-    off.add_argument("--lookahead", type=int, default=OffloadOptions.lookahead, metavar="N",
-                     help="pre-attn and oracle: also guess the next N MoE layers' experts right after each "
-                          "attention, from the residual stream, so that their transfers start a layer earlier; "
-                          "pre-attn still predicts each layer at the layer and replaces the guess. 0 = the "
-                          f"paper's schedule (default {OffloadOptions.lookahead})")
+    off.add_argument("--lookahead", type=int, default=None, metavar="N",
+                     help="pre-attn and oracle: predict each MoE layer's experts N MoE layers ahead, right "
+                          "after an earlier attention, from the residual stream, so that their reads overlap "
+                          "the blocks between; 0 = the paper's schedule, each layer at its own pre-attention "
+                          f"(default {LOOKAHEAD})")
     off.add_argument("--predict-in", choices=PREDICT_IN, default=OffloadOptions.predict_in,
                      help="where predictions run: model (the model's thread, before attention), worker (a "
                           "thread beside attention); auto: worker with --device cuda, else model, where a "

@@ -348,11 +348,9 @@ def test_every_policy_keeps_results_and_measures_itself(q4_path, tmp_path):
     assert cross["layers"][second]["predicted"] > 0
     assert pre["layers"][first]["predicted"] > 0  # pre-attn predicts the first MoE layer too
     assert oracle["total"]["precision"] == 1.0 and oracle["total"]["recall"] == 1.0  # the replay is the truth
-    # Lookahead 1: the second MoE layer is also guessed after the first one's attention. Pre-attn
-    # predicts it again at the layer (the store scores that, the last one); the oracle, exact
-    # already, predicts each layer once, only earlier.
-    passes = pre["prefetch"]["predictions"] // len(moe_layers)
-    assert summaries["pre-attn", 1]["prefetch"]["predictions"] == pre["prefetch"]["predictions"] + passes
+    # Lookahead 1: the second MoE layer is predicted after the first one's attention instead of at
+    # its own; every policy predicts each layer once a pass, only earlier.
+    assert summaries["pre-attn", 1]["prefetch"]["predictions"] == pre["prefetch"]["predictions"]
     assert summaries["pre-attn", 1]["total"]["actual"] == pre["total"]["actual"]
     worker = summaries["pre-attn", 1, "worker"]  # the same predictions, made in a thread beside the model
     assert worker["prefetch"]["predictions"] == summaries["pre-attn", 1]["prefetch"]["predictions"]
@@ -430,6 +428,26 @@ def test_a_newer_prediction_replaces_the_guess_for_the_same_step(q4_path):
         assert m.offload.stats()["prefetch"]["dropped"] >= 2
 
 
+def test_each_layer_is_predicted_once_a_pass_as_far_ahead_as_the_lookahead_reaches():
+    from qmoe.experts.prefetch import Prefetcher
+
+    assert OffloadOptions(ram_budget="1G", prefetch="pre-attn").lookahead == 2  # the default
+    assert OffloadOptions(ram_budget="1G", prefetch="oracle", lookahead=0).lookahead == 0
+    assert OffloadOptions(ram_budget="1G", prefetch="cross-layer").lookahead == 0
+    norms = [lambda x: x] * 5
+
+    def schedule(moe_layers, lookahead):
+        p = Prefetcher(None, None, moe_layers, norms, lookahead, worker=False)
+        return dict(p.guesses), p.guessed
+
+    # Every block MoE: the first predicts itself; the first attention guesses the next two (1 and
+    # 2 layers ahead), each later one the layer two ahead.
+    assert schedule([0, 1, 2, 3, 4], 2) == ({0: [(1, 1), (2, 2)], 1: [(3, 2)], 2: [(4, 2)]}, {1, 2, 3, 4})
+    # A dense first block (DeepSeek-V2): its attention already guesses the first MoE layers.
+    assert schedule([1, 2, 3, 4], 2) == ({0: [(1, 1), (2, 2)], 1: [(3, 2)], 2: [(4, 2)]}, {1, 2, 3, 4})
+    assert schedule([0, 1, 2, 3, 4], 0) == ({}, set())  # the paper's schedule: each at its own pre-attention
+
+
 def test_lookahead_guesses_are_scored_apart_from_the_layers_own_predictions():
     """A guess a layer ahead must not borrow the own prediction's precision for its reads."""
     scorer = PredictionScorer([3])
@@ -437,9 +455,9 @@ def test_lookahead_guesses_are_scored_apart_from_the_layers_own_predictions():
         scorer.predicted(3, step, [5, 6], 0.0, distance=1)  # the guess: rank 0 wrong, rank 1 right
         scorer.predicted(3, step, [6, 5], 0.0)  # the layer's own: rank 0 right, rank 1 wrong
         scorer.routed(3, step, {6, 7})
-    assert scorer.rank_precision(0) == 1.0 and scorer.rank_precision(1) == 0.0
-    assert scorer.rank_precision(0, distance=1) == 0.0 and scorer.rank_precision(1, distance=1) == 1.0
-    assert scorer.rank_precision(0, distance=2) is None  # never guessed that far ahead
+    assert scorer.rank_precisions(2) == [1.0, 0.0]
+    assert scorer.rank_precisions(3, distance=1) == [0.0, 1.0, None]  # no third rank named
+    assert scorer.rank_precisions(1, distance=2) == [None]  # never guessed that far ahead
     layer = scorer.stats.layers[3]  # precision and recall count the nearest prediction only
     assert (layer.predicted, layer.correct, layer.actual) == (8, 4, 8)
     assert scorer.stats.predictions == 8

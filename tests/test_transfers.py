@@ -134,10 +134,10 @@ def test_speculative_reads_go_only_to_ranks_right_more_often_than_wrong():
 
     ranked = [5, 1, 7, 2, 0, 4]
     resident = {7, 4}.__contains__
-    precision = {0: 0.9, 1: 0.6, 2: 0.55, 3: 0.2, 4: 0.7, 5: 0.5}.get
+    precisions = [0.9, 0.6, 0.55, 0.2, 0.7, 0.5]  # by rank
     # Ranks right more often than wrong, resident or read; resident 4's rank is not: unprotected.
-    assert admit(ranked, resident, precision) == [5, 1, 7, 0]
-    assert admit(ranked, resident, lambda r: None) == [7, 4]  # unscored: no read, the residents kept
+    assert admit(ranked, resident, precisions) == [5, 1, 7, 0]
+    assert admit(ranked, resident, [None] * 6) == [7, 4]  # unscored: no read, the residents kept
 
 
 def test_the_store_reads_only_what_admission_keeps(q4_path):
@@ -148,7 +148,7 @@ def test_the_store_reads_only_what_admission_keeps(q4_path):
         store.drain()
         assert store.pool.cache.get((layer, 1)) is not None
         claim_and_release(store, layer, [0])
-        store.prefetch(layer, [2, 3, 0], store.step(layer), rank_precision={0: 0.9}.get)
+        store.prefetch(layer, [2, 3, 0], store.step(layer), precisions=[0.9, None, None])
         store.drain()
         assert store.pool.cache.get((layer, 2)) is not None  # rank 0, right 90 % of the time
         assert store.pool.cache.get((layer, 3)) is None  # rank 1: unscored, not read

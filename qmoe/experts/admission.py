@@ -26,21 +26,20 @@ scoring needs no reads, as every prediction is scored against the routing.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 BREAK_EVEN = 0.5  # a read pays off when its guess is right more often than wrong
 
 
 def admit(ranked: list[int], resident: Callable[[int], bool],
-          rank_precision: Callable[[int], float | None]) -> list[int]:
+          precisions: Sequence[float | None]) -> list[int]:
     """The experts of `ranked` (most wanted first) worth prefetching; see the module docstring.
 
-    resident(e): the expert's slab is in the compute tier already; rank_precision(r): how
-    often rank r was right (None: not scored yet).
+    resident(e): the expert's slab is in the compute tier already; precisions[r]: how
+    often rank r was right (None: not scored yet), for every rank of `ranked`.
     """
     kept = []
-    for rank, expert in enumerate(ranked):
-        precision = rank_precision(rank)
+    for expert, precision in zip(ranked, precisions, strict=True):
         if resident(expert):
             if precision is None or precision > BREAK_EVEN:
                 kept.append(expert)

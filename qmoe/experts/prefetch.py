@@ -36,19 +36,21 @@ Policies (`--prefetch`):
                  not bit-identical: a dense fast tier with cpu misses, or sampling
                  without a seed).
 
-Lookahead (`--lookahead N`, pre-attn and oracle): a layer's own prediction can
-only start after the previous layer is done, so its transfers overlap one
-attention at most. With lookahead, right after block i's attention
-(`attended`) the worker also guesses the next N MoE layers' experts from that
-residual stream, each through its own layer's attn_norm and predictor, so their
-transfers also overlap block i's experts and what lies between. The residual
-stream still lacks block i's expert output (and, for N > 1, whole blocks), so a
-guess is worse than a later one: pre-attn guesses again after each attention
-on the way and predicts at the layer itself, each prediction replacing the one
-before (the store cancels the guessed transfers it does not repeat). The oracle
-knows the routing already: it issues each layer once, at the earliest point (a
-layer no lookahead reaches, at its own pre-attention). N = 0 is the paper's
-schedule.
+Lookahead (`--lookahead N`, pre-attn and oracle; default 2): a layer's own
+prediction can only start after the previous layer is done, so its transfers
+overlap one attention at most (about 1 ms on the CPU, where a slab read from the
+drive takes 2.5-4). With lookahead, right after block i's attention (`attended`)
+the prefetcher guesses MoE layer i+N's experts from that residual stream, through
+that layer's attn_norm and predictor, so its transfers also overlap the experts
+and attention of the N blocks between. Each layer is predicted once a step, at
+the earliest point (a layer no lookahead reaches, the first N, at its own
+pre-attention). The residual stream still lacks the blocks between, so a guess
+is right less often than the layer's own prediction; admission reads only the
+ranks its own scores admit (admission.py). Guessing again on the way and at the
+layer itself (as this module once did) cost more than it saved: on the 12-layer
+A3B-shaped bench file under a 4 GiB pool, with lookahead 2, predicting each layer
+three times a step took 14 ms of a 170-180 ms step against 7-10 ms once, for
+5.6-5.7 tokens/s against 6.0-6.1 (none: 4.3-4.5). N = 0 is the paper's schedule.
 
 Each prediction is a list of experts, most wanted first: for one token its
 top-k' (k' >= k over-provisions), for several tokens (prefill) the union of their
@@ -78,7 +80,7 @@ from qmoe.predictor.runtime import Predictors
 def ranked_union(top: np.ndarray) -> list[int]:
     """The experts in `top` [T, count] (each row best first), most often named first; one row as it is."""
     if top.shape[0] == 1:
-        return [int(e) for e in top[0]]
+        return top[0].tolist()  # plain ints in one call: a comprehension over numpy scalars took 46 us a layer
     experts, votes = np.unique(top, return_counts=True)
     return [int(e) for e in experts[np.argsort(-votes, kind="stable")]]
 
@@ -87,7 +89,6 @@ class PreAttentionPolicy:
     """Ours: layer l's trained predictor on layer l's attn_norm output."""
 
     hook = "pre_attention"
-    refines = True  # its prediction at the layer itself is better than a lookahead guess: make both
 
     def __init__(self, predictors: Predictors, k_prime: int):
         self.predictors = predictors  # predictor/runtime.py: the kernels on the CPU, torch on CUDA
@@ -138,7 +139,6 @@ class OraclePolicy:
     """The true routing, replayed from a recorded run of the same generation."""
 
     hook = "pre_attention"
-    refines = False  # exact already: each layer once, as early as the lookahead allows
 
     def __init__(self, trace: RoutingTrace):
         self.trace = trace
@@ -173,12 +173,17 @@ class Prefetcher:
         self.policy = policy
         self.next_layer = dict(zip(moe_layers, moe_layers[1:]))
         self.attn_norms = attn_norms
-        # block -> the MoE layers guessed right after its attention
-        self.ahead = {i: [m for m in moe_layers if m > i][:lookahead] for i in range(len(attn_norms))}
-        self.first_guess: dict[int, int] = {}  # MoE layer -> the first block that guesses it
-        for i, layers in self.ahead.items():
-            for m in layers:
-                self.first_guess.setdefault(m, i)
+        # block -> [(MoE layer, distance)]: the layers guessed right after the block's attention,
+        # each by the earliest block whose lookahead reaches it (the first block's guesses the first
+        # N MoE layers after it); the layers no block reaches predict themselves
+        self.guesses: dict[int, list[tuple[int, int]]] = defaultdict(list)
+        guessed: set[int] = set()
+        for i in range(len(attn_norms)):
+            for distance, m in enumerate([n for n in moe_layers if n > i][:lookahead], start=1):
+                if m not in guessed:
+                    guessed.add(m)
+                    self.guesses[i].append((m, distance))
+        self.guessed = guessed
         self.messages: queue.SimpleQueue = queue.SimpleQueue()
         self.error: BaseException | None = None
         self.stream: torch.cuda.Stream | None = None  # worker only, created on the first CUDA activation
@@ -191,14 +196,13 @@ class Prefetcher:
 
     def pre_attention(self, layer: int, x: torch.Tensor) -> None:
         self._raise_if_failed()
-        if self.policy.hook == "pre_attention" and (self.policy.refines or layer not in self.first_guess):
+        if self.policy.hook == "pre_attention" and layer not in self.guessed:
             self._predict(layer, x)
 
     def attended(self, layer: int, h: torch.Tensor) -> None:
         if self.policy.hook == "pre_attention":
-            for distance, ahead in enumerate(self.ahead[layer], start=1):
-                if self.policy.refines or self.first_guess[ahead] == layer:
-                    self._predict(ahead, h, normalize=True, distance=distance)
+            for ahead, distance in self.guesses.get(layer, ()):
+                self._predict(ahead, h, normalize=True, distance=distance)
 
     def routed(self, layer: int, x: torch.Tensor, logits: torch.Tensor, ids: torch.Tensor) -> None:
         # a set of the plain list: with torch's unique this call took 128 us a layer, now 41-54
@@ -260,7 +264,7 @@ class Prefetcher:
                 experts = self.policy.predict(layer, self.attn_norms[layer](x) if normalize else x)
         self.scorer.predicted(layer, step, experts, time.perf_counter() - start, distance)  # how each rank scores
         # those worth a read, by the precision of predictions made as far ahead as this one
-        self.store.prefetch(layer, experts, step, lambda rank: self.scorer.rank_precision(rank, distance))
+        self.store.prefetch(layer, experts, step, self.scorer.rank_precisions(len(experts), distance))
 
     def set_policy(self, policy: Policy) -> None:
         """Switch policies between runs (the oracle gets its recording this way)."""

@@ -160,12 +160,13 @@ class PredictionScorer:
                 self.rank_named[distance, rank] += 1
                 self.rank_correct[distance, rank] += e in actual
 
-    def rank_precision(self, rank: int, distance: int = 0) -> float | None:
-        """How often the `rank`-th expert of a prediction `distance` MoE layers ahead was routed to;
-        None before one was scored."""
+    def rank_precisions(self, count: int, distance: int = 0) -> list[float | None]:
+        """For ranks 0..count-1 of a prediction `distance` MoE layers ahead, how often that rank's
+        expert was routed to (None for a rank not scored yet); one list under one lock, as
+        the store admits a whole prediction at once."""
         with self.lock:
-            named = self.rank_named.get((distance, rank), 0)
-            return self.rank_correct[distance, rank] / named if named else None
+            named = [self.rank_named.get((distance, rank), 0) for rank in range(count)]
+            return [self.rank_correct[distance, rank] / n if n else None for rank, n in enumerate(named)]
 
 
 def _ratio(num: float, den: float) -> float | None:

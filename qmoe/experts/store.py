@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -315,10 +315,10 @@ class ExpertStore:
         return key in self.predicted.get(key[0], ())
 
     def prefetch(self, layer: int, experts: list[int], step: int,
-                 rank_precision: Callable[[int], float | None] | None = None) -> None:
+                 precisions: Sequence[float | None] | None = None) -> None:
         """Bring `experts` of `layer` (most wanted first) into the compute tier for its step `step`.
 
-        rank_precision: the prediction's measured precision by rank; given, only the experts
+        precisions: the prediction's measured precision by rank; given, only the experts
         worth a speculative read are queued (admission.py), else all of them.
 
         Resident ones are protected until the layer runs; absent ones are queued
@@ -331,8 +331,8 @@ class ExpertStore:
         with self.lock:
             if step != self.steps[layer] or tier is None:  # too late, or nothing to move
                 return
-            if rank_precision is not None:
-                experts = admit(experts, lambda e: tier.cache.get((layer, e)) is not None, rank_precision)
+            if precisions is not None:
+                experts = admit(experts, lambda e: tier.cache.get((layer, e)) is not None, precisions)
             guessed = self.predicted.get(layer, set())
             self.predicted[layer] = {(layer, e) for e in experts}
             if guessed:
