@@ -280,7 +280,7 @@ def plan_forecast(path: Path, budget: int | None, threads: int, predictors: Path
     f = forecast(shape, measured, budget, route)
     return {"budget": budget, "probe_s": measured.seconds, "read_bps": measured.read_bps,
             "burst_s": measured.burst_s, "routing": route.source,
-            "decode_tok_s": f.decode_tok_s, "decode_bound_tok_s": f.decode_bound_tok_s,
+            "decode_tok_s": f.decode_tok_s, "decode_bound_tok_s": f.decode_bound_tok_s, "compute_s": f.compute_s,
             "first_token_s": {str(n): t for n, t in f.first_token_s.items()}, "peak_rss": f.peak_rss,
             "read_per_token": f.read_per_token}
 
@@ -321,7 +321,30 @@ def table(results: dict) -> str:
                    else qmoe["read_per_token"] * qmoe["decode_tok_s"]) / 1e9
         rows.append(f"qmoe's decode read {reached:.2f} GB/s from the drive, which serves "
                     f"{results['drive_gbs'][depth]:.2f} GB/s at {depth} reads in flight")
+        rows += bound_lines(results, runs, depth)
     return "\n".join(rows)
+
+
+def bound_lines(results: dict, runs: dict, depth: str) -> list[str]:
+    """Each qmoe run's steady time per token against the bound of issue 14: max(compute per token
+    (the plan's probe), the run's own steady read bytes per token / the drive at the store's
+    queue depth (this bench's measurement)), and against none."""
+    compute = results["plan"].get("compute_s")
+    none = runs.get("qmoe")
+    if compute is None or none is None or "step_read_bytes" not in none:
+        return []
+    drive = results["drive_gbs"][depth] * 1e9
+    lines = [f"bound per token = max(compute {compute * 1e3:.0f} ms, steady reads / {drive / 1e9:.2f} GB/s):"]
+    for engine, r in runs.items():
+        if not engine.startswith("qmoe") or "step_read_bytes" not in r:
+            continue
+        half = len(r["step_s"]) // 2
+        read = float(np.mean(r["step_read_bytes"][half:]))
+        bound = max(compute, read / drive)
+        step = 1 / r["decode_tok_s"]
+        lines.append(f"  {engine}: {step * 1e3:.0f} ms a token = {step / bound:.2f}x its bound "
+                     f"({bound * 1e3:.0f} ms: {read / 1e6:.0f} MB read), {r['decode_tok_s'] / none['decode_tok_s']:.2f}x none")
+    return lines
 
 
 def plot(results: dict, path: Path) -> None:

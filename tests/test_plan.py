@@ -31,6 +31,7 @@ def test_a_model_served_from_the_map_reads_nothing_per_token():
     compute = 48 * 8 * 0.5e-3 + 1200 * MiB / 10e9
     assert f.hit_rate == 1 and f.read_per_token == 0 and f.pool_bytes == 0
     assert f.decode_tok_s == pytest.approx(1 / compute) == f.decode_bound_tok_s
+    assert f.compute_s == pytest.approx(compute)
     assert f.peak_rss == 1650 * MiB + MEASURED_OVERHEAD_BYTES + SHAPE.sizes.expert_bytes
 
 
@@ -52,7 +53,7 @@ def test_a_pool_misses_in_proportion_to_what_it_leaves_out():
     layer = sum(math.comb(8, m) * q**m * (1 - q) ** (8 - m) * (max((8 - m) * 0.5e-3, burst(m)) + (m > 0) * 0.5e-3)
                 for m in range(9))
     assert f.decode_tok_s == pytest.approx(1 / (1200 * MiB / 10e9 + 48 * layer))
-    assert f.decode_bound_tok_s == pytest.approx(1 / max(compute, reads))
+    assert f.decode_bound_tok_s == pytest.approx(1 / max(compute, reads)) and f.compute_s == pytest.approx(compute)
     # never past the bound, nor slower than every miss read alone after the layer's compute
     assert 1 / (compute + 48 * 8 * BURSTS[0]) < f.decode_tok_s < f.decode_bound_tok_s
     assert f.peak_rss == 1650 * MiB + MEASURED_OVERHEAD_BYTES + slots * SLAB
@@ -119,3 +120,19 @@ def test_plan_answers_for_a_small_file(tiny_gguf, tmp_path, capsys):
     assert plan["probe"]["read_bps"] > 0 and plan["model"]["n_slabs"] == 16
     assert main(["plan", str(path), "--ram", "lots"]) == 1
     assert "is not a size" in capsys.readouterr().err
+
+
+def test_the_bench_sets_each_run_beside_its_bound():
+    """bench/larger_than_ram.py: a run's time per token over max(compute, its steady reads / the drive)."""
+    from bench.larger_than_ram import bound_lines
+
+    def run(tok_s, read):  # 4 steps: the steady half reads `read` bytes a token
+        return {"decode_tok_s": tok_s, "step_s": [1.0] * 4, "step_read_bytes": [9e9, 9e9, read, read]}
+
+    runs = {"llama.cpp": {"decode_tok_s": 0.5}, "qmoe": run(4.0, 300e6), "qmoe pre-attn": run(5.0, 100e6)}
+    results = {"plan": {"compute_s": 0.15}, "drive_gbs": {"4": 1.5}}
+    lines = bound_lines(results, runs, "4")
+    assert "compute 150 ms" in lines[0] and len(lines) == 3
+    assert "250 ms a token = 1.25x its bound (200 ms: 300 MB read), 1.00x none" in lines[1]  # read-bound
+    assert "200 ms a token = 1.33x its bound (150 ms: 100 MB read), 1.25x none" in lines[2]  # compute-bound
+    assert bound_lines({"plan": {}, "drive_gbs": {"4": 1.5}}, runs, "4") == []  # an older plan: no compute

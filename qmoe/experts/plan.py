@@ -120,6 +120,7 @@ class Forecast:
     read_per_token: int  # bytes
     decode_tok_s: float  # --prefetch none
     decode_bound_tok_s: float  # max(compute, reads): what the best prefetch can reach
+    compute_s: float  # a decode token's compute, all weights in RAM: the bound's other side
     first_token_s: dict[int, float]  # prompt tokens -> seconds
     peak_rss: int
 
@@ -250,7 +251,7 @@ def forecast(shape: ModelShape, probe_result: Probe, budget: int | None, route: 
     rss += s.expert_bytes if mapped else pool  # the map's pages count in RSS as they are touched
     hit = 1 - float(misses.sum()) / (k * layers)
     return Forecast(None if mapped else budget, pool, hit, read_per_token, 1 / none_s,
-                    1 / max(compute, read_s), first, rss)
+                    1 / max(compute, read_s), compute, first, rss)
 
 
 def probe(file: GGUFFile, shape: ModelShape, seed: int = 0) -> Probe:
