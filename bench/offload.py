@@ -41,7 +41,7 @@ Tier setups
 
 Policies (POLICIES): none, cross-layer, pre-attn and oracle as `--prefetch` names them,
 with the paper's schedule (lookahead 0); pre-attn+1 and oracle+1 with --lookahead 1 (each
-layer also guessed right after the previous layer's attention); oracle-token, the true
+layer predicted right after the previous layer's attention instead of at its own); oracle-token, the true
 routing of every MoE layer queued right after the token's first attention: about the best
 that any prediction made within a token could do on this machine.
 
