@@ -174,16 +174,15 @@ class Prefetcher:
         self.next_layer = dict(zip(moe_layers, moe_layers[1:]))
         self.attn_norms = attn_norms
         # block -> [(MoE layer, distance)]: the layers guessed right after the block's attention,
-        # each by the earliest block whose lookahead reaches it (the first block's guesses the first
+        # each by the earliest block whose lookahead reaches it (the first block guesses the first
         # N MoE layers after it); the layers no block reaches predict themselves
-        self.guesses: dict[int, list[tuple[int, int]]] = defaultdict(list)
-        guessed: set[int] = set()
+        self.guesses: dict[int, list[tuple[int, int]]] = {}
+        self.guessed: set[int] = set()
         for i in range(len(attn_norms)):
             for distance, m in enumerate([n for n in moe_layers if n > i][:lookahead], start=1):
-                if m not in guessed:
-                    guessed.add(m)
-                    self.guesses[i].append((m, distance))
-        self.guessed = guessed
+                if m not in self.guessed:
+                    self.guessed.add(m)
+                    self.guesses.setdefault(i, []).append((m, distance))
         self.messages: queue.SimpleQueue = queue.SimpleQueue()
         self.error: BaseException | None = None
         self.stream: torch.cuda.Stream | None = None  # worker only, created on the first CUDA activation
