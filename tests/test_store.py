@@ -26,7 +26,7 @@ from qmoe.experts.cache import SlotCache
 from qmoe.experts.link import SimulatedLink
 from qmoe.experts.options import OffloadOptions, parse_budget
 from qmoe.experts.slabs import SlabReader, direct_residue
-from qmoe.experts.stats import PredictionScorer
+from qmoe.experts.stats import LAYER_PRIOR, PredictionScorer
 from qmoe.experts.store import ExpertStore
 from qmoe.experts.tiers import RamPool, dense_expert_ffn
 from qmoe.kernels import dequantize_torch
@@ -455,12 +455,35 @@ def test_lookahead_guesses_are_scored_apart_from_the_layers_own_predictions():
         scorer.predicted(3, step, [5, 6], 0.0, distance=1)  # the guess: rank 0 wrong, rank 1 right
         scorer.predicted(3, step, [6, 5], 0.0)  # the layer's own: rank 0 right, rank 1 wrong
         scorer.routed(3, step, {6, 7})
-    assert scorer.rank_precisions(2) == [1.0, 0.0]
-    assert scorer.rank_precisions(3, distance=1) == [0.0, 1.0, None]  # no third rank named
-    assert scorer.rank_precisions(1, distance=2) == [None]  # never guessed that far ahead
+    assert scorer.rank_precisions(3, [False, False]) == [1.0, 0.0]
+    assert scorer.rank_precisions(3, [False] * 3, distance=1) == [0.0, 1.0, None]  # no third rank named
+    assert scorer.rank_precisions(3, [False], distance=2) == [None]  # never guessed that far ahead
     layer = scorer.stats.layers[3]  # precision and recall count the nearest prediction only
     assert (layer.predicted, layer.correct, layer.actual) == (8, 4, 8)
     assert scorer.stats.predictions == 8
+
+
+def test_absent_candidates_are_scored_apart_from_resident_ones():
+    """The reads are admitted by how often an absent candidate of that rank was right, not a resident one."""
+    scorer = PredictionScorer([3])
+    for step in range(4):
+        # rank 0 resident and right half the time; rank 1 absent on even steps (wrong), resident on odd (right)
+        scorer.predicted(3, step, [5, 6], 0.0, resident=[True, step % 2 == 1])
+        scorer.routed(3, step, [{5}, {5, 6}, {7}, {6}][step])
+    assert scorer.rank_precisions(3, [True, True]) == [0.5, 1.0]
+    assert scorer.rank_precisions(3, [False, False]) == [None, 0.0]
+
+
+def test_each_layer_is_admitted_by_its_own_precision_once_it_has_some():
+    """A rank right in one layer and wrong in another: each layer's count moves it off the pooled 1/2."""
+    scorer = PredictionScorer([1, 2])
+    for step in range(LAYER_PRIOR):
+        for layer in (1, 2):
+            scorer.predicted(layer, step, [5], 0.0)
+            scorer.routed(layer, step, {5} if layer == 1 else {6})
+    # n = LAYER_PRIOR scored: (n right + LAYER_PRIOR pseudo-counts at the pooled 1/2) / 2n, and (0 + n/2) / 2n
+    assert scorer.rank_precisions(1, [False]) == [0.75]
+    assert scorer.rank_precisions(2, [False]) == [0.25]
 
 
 def test_simulated_link_slows_transfers_beside_compute(q4_path):

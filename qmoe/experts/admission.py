@@ -5,7 +5,8 @@ demand misses behind it; measured on a 32 GB model streamed from a 0.7 GB/s disk
 cross-layer prefetching with a fixed k' read 45 % more and ran no faster than none
 (issue 14). So a prediction (experts most wanted first) is trimmed before the store
 queues it, by how often each of its ranks has been right (its measured precision,
-scored apart for predictions made a layer or more ahead: stats.PredictionScorer):
+scored apart for predictions made a layer or more ahead, and apart for candidates that
+were resident and absent: stats.PredictionScorer):
 
     resident       kept unless its rank has been wrong at least as often as right:
                    protecting a slab costs no read, but it holds a slot that LRU would
@@ -36,7 +37,8 @@ def admit(ranked: list[int], resident: Callable[[int], bool],
     """The experts of `ranked` (most wanted first) worth prefetching; see the module docstring.
 
     resident(e): the expert's slab is in the compute tier already; precisions[r]: how
-    often rank r was right (None: not scored yet), for every rank of `ranked`.
+    often a candidate of rank r, resident or absent as ranked[r] was when predicted, was
+    right (None: not scored yet), for every rank of `ranked`.
     """
     kept = []
     for expert, precision in zip(ranked, precisions, strict=True):

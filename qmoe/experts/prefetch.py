@@ -261,9 +261,11 @@ class Prefetcher:
                 self.stream.wait_event(ready)
                 x.record_stream(self.stream)  # x's memory is not reused before this stream is done with it
                 experts = self.policy.predict(layer, self.attn_norms[layer](x) if normalize else x)
-        self.scorer.predicted(layer, step, experts, time.perf_counter() - start, distance)  # how each rank scores
-        # those worth a read, by the precision of predictions made as far ahead as this one
-        self.store.prefetch(layer, experts, step, self.scorer.rank_precisions(len(experts), distance))
+        # how each rank scores, apart for the candidates resident now and those that are not
+        resident = self.store.resident(layer, experts)
+        self.scorer.predicted(layer, step, experts, time.perf_counter() - start, distance, resident)
+        # those worth a read, by the precision of such candidates of this layer made as far ahead
+        self.store.prefetch(layer, experts, step, self.scorer.rank_precisions(layer, resident, distance))
 
     def set_policy(self, policy: Policy) -> None:
         """Switch policies between runs (the oracle gets its recording this way)."""

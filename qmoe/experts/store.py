@@ -310,6 +310,14 @@ class ExpertStore:
         """How many forward passes `layer` has started: a prediction made now is for the next one."""
         return self.steps[layer]
 
+    def resident(self, layer: int, experts: list[int]) -> list[bool]:
+        """For each of `experts` of `layer`, whether its slab is in the compute tier now."""
+        tier = self.compute_tier
+        if tier is None:
+            return [False] * len(experts)
+        with self.lock:
+            return [tier.cache.get((layer, e)) is not None for e in experts]
+
     def is_predicted(self, key: Key) -> bool:
         """Under the lock: `key` is named by the current prediction for its layer's coming step."""
         return key in self.predicted.get(key[0], ())

@@ -312,7 +312,8 @@ class MLPTopK:
     that releases the GIL, where separate products, activations and a sort would each cost a
     Python round trip and a turn at the GIL. fc1's rows go over the kernel threads of the
     calling thread (set_num_threads): all of them in the model's thread, one in a prefetch
-    worker, which then leaves the other cores to the model.
+    worker, which then leaves the other cores to the model; one alone for a network of
+    less than PARALLEL_MIN_BYTES, like any small product (_run).
     """
 
     def __init__(
@@ -347,7 +348,7 @@ class MLPTopK:
             raise QmoeError(f"MLPTopK: count must be between 1 and {self.n_out}, got {count}")
         x = _activations(x, self.n, "MLPTopK")
         out = np.empty((x.shape[0], count), np.int64)
-        compiled.mlp_top(*self.layer1, *self.layer2, self.gelu, x, count, out)
+        _run(compiled.mlp_top, self.w1.nbytes + self.w2.nbytes, *self.layer1, *self.layer2, self.gelu, x, count, out)
         return out
 
 
