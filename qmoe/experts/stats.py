@@ -107,7 +107,8 @@ class PredictionScorer:
     residual stream that lacks that layer's expert output, is right less often than the
     layer's own prediction at the same rank, so it must not borrow the latter's precision.
     Nor may an absent candidate borrow a resident one's: the pool holds the experts the
-    router chooses most, so at the same rank an absent one is right less often, and the
+    router chooses most, so at the same rank an absent one tends to be right less often
+    (on the 48-layer bench file two layers ahead, 0.60 against 0.70 at rank 6), and the
     absent ones are the only ones read.
     Thread-safe: predictions may come from a worker thread.
     """
