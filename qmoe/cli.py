@@ -64,6 +64,7 @@ def _offload_options(args: argparse.Namespace):
             ("--prefetch", args.prefetch != "none"), ("--on-miss", args.on_miss), ("--k-prime", args.k_prime),
             ("--lookahead", args.lookahead is not None),
             ("--predict-in", args.predict_in != OffloadOptions.predict_in), ("--predictors", args.predictors),
+            ("--always-prefetch", args.always_prefetch),
             ("--sim-link-gbps", args.sim_link_gbps),
             ("--sim-link-latency-us", args.sim_link_latency_us), ("--no-page-cache", args.no_page_cache),
             ("--io-depth", args.io_depth != OffloadOptions.io_depth), ("--stats", args.stats), ("--stats-json", args.stats_json),
@@ -78,7 +79,7 @@ def _offload_options(args: argparse.Namespace):
     return OffloadOptions(ram_budget=args.ram_budget or AUTO, gpu_budget=args.gpu_budget,
                           sim_fast_budget=args.sim_fast_budget, prefetch=args.prefetch,
                           on_miss=args.on_miss or "cpu", k_prime=args.k_prime, lookahead=args.lookahead,
-                          predict_in=args.predict_in,
+                          predict_in=args.predict_in, govern=not args.always_prefetch,
                           predictors=args.predictors, direct_io=args.no_page_cache, io_depth=args.io_depth, link=link)
 
 
@@ -398,6 +399,9 @@ def add_offload_arguments(parser: argparse.ArgumentParser) -> None:
                      help="where predictions run: model (the model's thread, before attention), worker (a "
                           "thread beside attention); auto: worker with --device cuda, else model, where a "
                           "prediction costs less than a handoff (default auto)")
+    off.add_argument("--always-prefetch", action="store_true",
+                     help="pre-attn and cross-layer: prefetch on every forward pass; by default qmoe times "
+                          "passes with and without prefetching as it runs and keeps it only while it is faster")
     off.add_argument("--predictors", default=None, metavar="PATH", help="predictor GGUF for pre-attn (default: embedded in MODEL, else MODEL.pred.gguf)")
     off.add_argument("--sim-link-gbps", type=float, default=None, metavar="GB_S",
                      help="SIMULATE a link of this many gigabytes/s for transfers into the compute tier")

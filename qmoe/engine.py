@@ -15,9 +15,10 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -35,6 +36,8 @@ from qmoe.sampling import Sampler, SamplingParams
 from qmoe.tokenizer import Tokenizer
 
 __all__ = ["Model", "SamplingParams", "Timings", "load"]
+
+T = TypeVar("T")
 
 DEFAULT_CTX = 4096
 DEFAULT_BATCH = 256
@@ -228,7 +231,8 @@ class Model:
                   for start in range(0, len(ids), self.n_batch)]
         if len(chunks) > 1 and self.layer_major:
             torch.set_num_threads(self.torch_threads)
-            outs = self.net.forward_layer_major([(chunk, cache) for chunk in chunks], observer, all_logits)
+            outs = self._timed(len(ids), self.net.forward_layer_major, [(chunk, cache) for chunk in chunks],
+                               observer, all_logits)
             return torch.cat(outs) if all_logits else outs[-1]
         outs = []
         for n, chunk in enumerate(chunks):
@@ -238,11 +242,10 @@ class Model:
             # token; A3B shapes unchanged), a batch on all of them (A3B shapes, 512-token
             # prefill: 2.6 s on two, 3.2 s on one). The kernels keep their own threads.
             torch.set_num_threads(1 if len(chunk) == 1 else self.torch_threads)
-            last = n + 1 == len(chunks)
-            if all_logits or last:
-                outs.append(self.net.forward(chunk, cache, observer, all_logits=all_logits))
-            else:
-                self.net.forward(chunk, cache, observer, all_logits=False)
+            keep = all_logits or n + 1 == len(chunks)
+            out = self._timed(len(chunk), self.net.forward, chunk, cache, observer, all_logits=all_logits)
+            if keep:
+                outs.append(out)
         return torch.cat(outs) if all_logits else outs[-1]
 
     @torch.inference_mode()
@@ -254,7 +257,20 @@ class Model:
         for cache in caches:
             self._check_fits(cache.n_past + 1)
         torch.set_num_threads(1)  # one token per sequence: microsecond ops, as in a decode step (eval)
-        return self.net.forward_step(np.asarray(tokens, dtype=np.int64), caches, self._with_prefetcher(observer))
+        return self._timed(len(tokens), self.net.forward_step, np.asarray(tokens, dtype=np.int64), caches,
+                           self._with_prefetcher(observer))
+
+    def _timed(self, n_tokens: int, forward: Callable[..., T], *args, **kwargs) -> T:
+        """Run one forward pass of `n_tokens` tokens and report its time to the prefetcher, whose
+        governor keeps prefetching only while it makes passes faster (qmoe/experts/governor.py)."""
+        if self.prefetcher is None or self.recording:
+            return forward(*args, **kwargs)
+        start = time.perf_counter()
+        out = forward(*args, **kwargs)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # the pass's time, not its launch's
+        self.prefetcher.passed(time.perf_counter() - start, n_tokens)
+        return out
 
     def _with_prefetcher(self, observer: Observer | None) -> Observer | None:
         """`observer` and the prefetcher (if any), both watching the same forward pass."""
@@ -284,7 +300,8 @@ class Model:
             segments += [(np.asarray(w[s:s + self.n_batch], dtype=np.int64), cache)
                          for s in range(0, len(w), self.n_batch)]
         torch.set_num_threads(self.torch_threads)
-        self.net.forward_layer_major(segments, self._with_prefetcher(observer))
+        self._timed(sum(len(s) for s, _ in segments), self.net.forward_layer_major, segments,
+                    self._with_prefetcher(observer))
 
     def logits(self, ids: list[int]) -> np.ndarray:
         """Logits at every position of `ids` in a fresh context: float32 [len(ids), n_vocab]."""

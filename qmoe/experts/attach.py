@@ -63,14 +63,18 @@ class Offload:
         with self.store.lock:
             if scores is None:
                 return report(self.store.stats, None, self.store.describe())
+            governor = self.prefetcher.governor
             with scores.lock:
-                return report(self.store.stats, scores.stats, self.store.describe())
+                return report(self.store.stats, scores.stats, self.store.describe(),
+                              governor.summary() if governor is not None else None)
 
     def reset(self) -> None:
-        """Empty the tiers and zero the statistics (a cold start)."""
+        """Empty the tiers and zero the statistics (a cold start, which the governor measures anew)."""
         if self.prefetcher is not None:
             self.prefetcher.drain()
             self.prefetcher.scorer.reset()
+            if self.prefetcher.governor is not None:
+                self.prefetcher.governor.reset()
         self.store.clear()
 
     def reset_stats(self) -> None:
@@ -117,7 +121,7 @@ def attach(net: Transformer, file: GGUFFile, options: OffloadOptions, device: to
     if policy is not None:
         norms = [block.attn_norm for block in net.blocks]
         worker = options.predict_in == "worker" or (options.predict_in == "auto" and device.type == "cuda")
-        prefetcher = Prefetcher(store, policy, net.moe_layers, norms, options.lookahead, worker)
+        prefetcher = Prefetcher(store, policy, net.moe_layers, norms, options.lookahead, worker, options.govern)
     return Offload(store, experts, prefetcher)
 
 

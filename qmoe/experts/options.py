@@ -97,6 +97,8 @@ class OffloadOptions:
         schedule, each layer at its own pre-attention. None: LOOKAHEAD for those two, else 0.
     predict_in: where predictions run: "model" (the model's thread), "worker" (a thread beside
         it), "auto" = worker on CUDA, model on the CPU (prefetch.py says why).
+    govern: for "pre-attn" and "cross-layer", prefetch only while forward passes measure faster
+        with it than without (governor.py); False prefetches on every pass.
     predictors: predictor GGUF for "pre-attn" (default: embedded in the model, else MODEL.pred.gguf).
     direct_io: read the file with O_DIRECT so the page cache does not hold a second copy.
     io_depth: expert reads from the file in flight at once (transfer workers): a drive serves
@@ -115,6 +117,7 @@ class OffloadOptions:
     k_prime: int | None = None
     lookahead: int | None = None
     predict_in: str = "auto"
+    govern: bool = True
     predictors: str | None = None
     direct_io: bool = False
     io_depth: int = 4
@@ -149,6 +152,8 @@ class OffloadOptions:
             raise QmoeError(f"--lookahead must be >= 0, got {self.lookahead}")
         if self.lookahead and self.prefetch not in ("pre-attn", "oracle"):
             raise QmoeError(f"--lookahead applies to --prefetch pre-attn and oracle, not {self.prefetch}")
+        if not self.govern and self.prefetch not in ("pre-attn", "cross-layer"):
+            raise QmoeError(f"--always-prefetch applies to --prefetch pre-attn and cross-layer, not {self.prefetch}")
 
     def fast_budget(self, cuda: bool) -> tuple[str | int | None, str, bool]:
         """The fast tier's budget, the flag that gave it, and whether it is the simulated CPU tier."""

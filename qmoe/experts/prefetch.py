@@ -52,6 +52,11 @@ A3B-shaped bench file under a 4 GiB pool, with lookahead 2, predicting each laye
 three times a step took 14 ms of a 170-180 ms step against 7-10 ms once, for
 5.6-5.7 tokens/s against 6.0-6.1 (none: 4.3-4.5). N = 0 is the paper's schedule.
 
+Whether to prefetch at all is measured as the run goes (governor.py, pre-attn and
+cross-layer): the prefetcher makes predictions only in the forward passes its governor
+turns on, and the governor keeps them on only while passes with them are faster than
+passes without (`--always-prefetch` keeps them on throughout).
+
 Each prediction is a list of experts, most wanted first: for one token its
 top-k' (k' >= k over-provisions), for several tokens (prefill) the union of their
 top-k', most often named first. The prefetcher scores them against the router's
@@ -72,6 +77,7 @@ import torch
 
 from qmoe import kernels
 from qmoe.errors import QmoeError
+from qmoe.experts.governor import PrefetchGovernor
 from qmoe.experts.stats import PredictionScorer
 from qmoe.experts.store import ExpertStore
 from qmoe.predictor.runtime import Predictors
@@ -165,10 +171,12 @@ class Prefetcher:
 
     def __init__(self, store: ExpertStore, policy: Policy, moe_layers: list[int],
                  attn_norms: list[Callable[[torch.Tensor], torch.Tensor]], lookahead: int = 0,
-                 worker: bool = True):
+                 worker: bool = True, govern: bool = True):
         """attn_norms: every block's input norm; lookahead: MoE layers guessed ahead; worker: predict
-        in a worker thread, else in the model's (module docstring)."""
+        in a worker thread, else in the model's (module docstring); govern: prefetch only while
+        it measures faster than not (governor.py; never for the oracle, the upper bound)."""
         self.store = store
+        self.governor = PrefetchGovernor() if govern and not isinstance(policy, OraclePolicy) else None
         self.scorer = PredictionScorer(moe_layers)
         self.policy = policy
         self.next_layer = dict(zip(moe_layers, moe_layers[1:]))
@@ -193,17 +201,27 @@ class Prefetcher:
 
     # model thread
 
+    def passed(self, seconds: float, n_tokens: int) -> None:
+        """The engine's report of each forward pass, for the governor."""
+        if self.governor is not None:
+            self.governor.passed(seconds, n_tokens)
+
+    def _on(self) -> bool:
+        return self.governor is None or self.governor.enabled()
+
     def pre_attention(self, layer: int, x: torch.Tensor) -> None:
         self._raise_if_failed()
-        if self.policy.hook == "pre_attention" and layer not in self.guessed:
+        if self.policy.hook == "pre_attention" and layer not in self.guessed and self._on():
             self._predict(layer, x)
 
     def attended(self, layer: int, h: torch.Tensor) -> None:
-        if self.policy.hook == "pre_attention":
+        if self.policy.hook == "pre_attention" and self._on():
             for ahead, distance in self.guesses.get(layer, ()):
                 self._predict(ahead, h, normalize=True, distance=distance)
 
     def routed(self, layer: int, x: torch.Tensor, logits: torch.Tensor, ids: torch.Tensor) -> None:
+        if not self._on():
+            return  # a pass without predictions is not scored: precision and recall are prediction's
         # a set of the plain list: with torch's unique this call took 128 us a layer, now 41-54
         self.scorer.routed(layer, self.store.step(layer), set(ids.reshape(-1).tolist()))
         nxt = self.next_layer.get(layer)

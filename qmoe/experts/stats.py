@@ -13,7 +13,8 @@ adds to |T| only: its recall counts the experts nobody predicted; with
 --lookahead, the prediction scored is the last that came before the layer ran,
 the layer's own when it was in time). A prediction
 that arrives after its layer ran still counts here, for the predictor's accuracy;
-`late_predictions` says how many came too late to prefetch anything.
+`late_predictions` says how many came too late to prefetch anything. Passes that
+the governor ran without prefetching (governor.py) are not scored.
 
 For the run: bytes moved into each tier, transfer count and busy time (wall time
 with at least one transfer running, including any simulated link time), and the
@@ -35,6 +36,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
+from qmoe.experts.governor import describe as describe_governor
 from qmoe.experts.options import format_bytes
 
 UNPREDICTED_KEPT = 1024  # routed passes whose late prediction may still be scored
@@ -207,10 +209,11 @@ def _ratio(num: float, den: float) -> float | None:
     return num / den if den else None
 
 
-def report(stats: StoreStats, scores: PredictionStats | None, tiers: dict) -> dict:
+def report(stats: StoreStats, scores: PredictionStats | None, tiers: dict, governor: dict | None = None) -> dict:
     """A JSON-ready summary: the tiers (as the store describes them), per-layer and total figures.
 
-    scores: the predictions' (None without a prefetcher: nothing was predicted)."""
+    scores: the predictions' (None without a prefetcher: nothing was predicted); governor: its
+    summary (governor.py; None where prefetching is not governed)."""
     scores = scores or PredictionStats.for_layers(list(stats.layers))
     total = {}
     layers = {}
@@ -237,6 +240,7 @@ def report(stats: StoreStats, scores: PredictionStats | None, tiers: dict) -> di
             "late_predictions": scores.late_predictions,
             "predictions": scores.predictions,
             "predict_s": scores.predict_s,
+            "governor": governor,
         },
     }
 
@@ -281,6 +285,8 @@ def format_table(summary: dict) -> str:
         f"{p['late_predictions']} predictions too late; {p['predictions']} predictions took "
         f"{1e3 * p['predict_s']:.1f} ms"
     )
+    if p["governor"] is not None:
+        lines.append(describe_governor(p["governor"]))
     return "\n".join(lines)
 
 
