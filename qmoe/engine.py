@@ -269,7 +269,7 @@ class Model:
         out = forward(*args, **kwargs)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # the pass's time, not its launch's
-        self.prefetcher.passed(time.perf_counter() - start, n_tokens)
+        self.prefetcher.passed(start, time.perf_counter(), n_tokens)
         return out
 
     def _with_prefetcher(self, observer: Observer | None) -> Observer | None:

@@ -8,95 +8,130 @@ import torch
 
 import qmoe
 from qmoe.errors import QmoeError
-from qmoe.experts.governor import TRIAL_ORDER, PrefetchGovernor, describe
+from qmoe.experts.governor import PrefetchGovernor, describe
 from qmoe.experts.options import OffloadOptions
 from qmoe.experts.stats import format_table
+from qmoe.predictor.sidecar import write_sidecar
+from tests.test_store import random_predictors
 
-WARM_UP, BLOCK, HOLD = 2, 4, 10
-TRIAL = len(TRIAL_ORDER) * BLOCK
+WARM_UP, TRIAL, HOLD = 2, 8, 10
+LAYERS = [0, 1, 2, 3]  # halves: 0-1 and 2-3
 
 
-def run(governor: PrefetchGovernor, passes: int, on_s: float, off_s: float, n_tokens: int = 1) -> list[bool]:
-    """Feed `passes` passes that take on_s with prefetching and off_s without; which were on."""
-    arms = []
-    for _ in range(passes):
-        on = governor.enabled()
+def governor() -> PrefetchGovernor:
+    return PrefetchGovernor(LAYERS, WARM_UP, TRIAL, HOLD)
+
+
+def run(g: PrefetchGovernor, passes: int, saved: dict[int, float], n_tokens: int = 1,
+        token_s: list[float] | None = None) -> list[tuple[bool, ...]]:
+    """Feed `passes` passes in which each layer takes 1 s (plus what its token costs, token_s[i] for
+    the i-th pass, spread over the layers), less saved[layer] where it prefetches; which layers did."""
+    arms, clock = [], 0.0
+    for i in range(passes):
+        start = clock
+        on = tuple(g.enabled(layer) for layer in LAYERS)
         arms.append(on)
-        governor.passed(on_s if on else off_s, n_tokens)
+        for layer, prefetches in zip(LAYERS, on):
+            if layer == g.split_layer:
+                g.split(clock)
+            clock += 1.0 + (token_s[i] / len(LAYERS) if token_s else 0.0) - (saved[layer] if prefetches else 0.0)
+        g.passed(start, clock, n_tokens)
     return arms
 
 
-def test_warm_up_then_trial_blocks_on_off_off_on():
-    g = PrefetchGovernor(WARM_UP, BLOCK, HOLD)
-    arms = run(g, WARM_UP + TRIAL, 1.0, 2.0)
-    assert arms == [True] * WARM_UP + [on for on in TRIAL_ORDER for _ in range(BLOCK)]
-    assert TRIAL_ORDER == (True, False, False, True)
+EVERY, NONE, FIRST, SECOND = (True,) * 4, (False,) * 4, (True, True, False, False), (False, False, True, True)
 
 
-@pytest.mark.parametrize("on_s, off_s, keeps", [(1.0, 2.0, True), (2.0, 1.0, False), (1.0, 1.0, False)])
-def test_the_faster_arm_is_held_and_a_tie_goes_to_off(on_s, off_s, keeps):
-    g = PrefetchGovernor(WARM_UP, BLOCK, HOLD)
-    run(g, WARM_UP + TRIAL, on_s, off_s)
+def test_warm_up_then_halves_by_turns():
+    g = governor()
+    assert g.split_layer == 2
+    assert run(g, WARM_UP + TRIAL, dict.fromkeys(LAYERS, 0.1)) == [EVERY] * WARM_UP + [FIRST, SECOND] * (TRIAL // 2)
+
+
+@pytest.mark.parametrize("saved, keeps", [(0.1, True), (-0.1, False), (0.0, False)])
+def test_the_verdict_is_held_and_a_tie_goes_to_off(saved, keeps):
+    g = governor()
+    run(g, WARM_UP + TRIAL, dict.fromkeys(LAYERS, saved))
     assert g.phase == ("on" if keeps else "off")
     (verdict,) = g.decisions
-    assert verdict == {"at_pass": WARM_UP + TRIAL, "tokens": 1, "on_s": on_s, "off_s": off_s, "prefetch": keeps}
-    assert run(g, HOLD, on_s, off_s) == [keeps] * HOLD
+    assert verdict["at_pass"] == WARM_UP + TRIAL and verdict["tokens"] == 1 and verdict["prefetch"] == keeps
+    assert verdict["saved_s"] == pytest.approx(4 * saved)  # what prefetching every layer saves a pass
+    assert run(g, HOLD, dict.fromkeys(LAYERS, saved)) == [EVERY if keeps else NONE] * HOLD
     assert g.phase == "trial"  # then measured again: the drive or the text may have changed
-    run(g, TRIAL, 0.25 * on_s, off_s)  # ... and now prefetching is faster
+    run(g, TRIAL, dict.fromkeys(LAYERS, 0.2))  # ... and now prefetching saves time
     assert [d["prefetch"] for d in g.decisions] == [keeps, True]
-    assert g.summary()["passes_on"] == WARM_UP + TRIAL // 2 + keeps * HOLD + TRIAL // 2
+    assert g.summary()["layer_share_on"] == WARM_UP + TRIAL / 2 + keeps * HOLD + TRIAL / 2
 
 
-def test_a_blocks_first_pass_is_not_timed():
-    g = PrefetchGovernor(WARM_UP, BLOCK, HOLD)
-    run(g, WARM_UP, 1.0, 1.0)
-    for on in TRIAL_ORDER:
-        for i in range(BLOCK):
-            assert g.enabled() == on
-            # the pass after a switch, still paying for the last block's reads, is slow either way
-            g.passed(100.0 if i == 0 else (1.0 if on else 2.0), 1)
-    assert g.decisions[-1]["prefetch"] and g.decisions[-1]["on_s"] == 1.0
+def test_the_token_of_a_pass_does_not_sway_the_verdict():
+    # Passes with prefetching cost 0.2 s more, but the first half prefetches in the passes of
+    # slow tokens (10 s more): by whole passes, prefetching would look slower by far, or faster
+    # the other way round; by halves it is what it is.
+    for slow_first, slow_second in ((10.0, 0.0), (0.0, 10.0)):
+        g = governor()
+        token_s = [0.0] * WARM_UP + [slow_first, slow_second] * (TRIAL // 2)
+        run(g, WARM_UP + TRIAL, dict.fromkeys(LAYERS, -0.05), token_s=token_s)
+        (verdict,) = g.decisions
+        assert not verdict["prefetch"] and verdict["saved_s"] == pytest.approx(-0.2)
+
+
+def test_a_saving_in_one_half_counts():
+    g = governor()
+    run(g, WARM_UP + TRIAL, {0: 0.0, 1: 0.0, 2: 0.3, 3: 0.0})  # only layer 2's prefetch pays
+    assert g.decisions[0]["prefetch"] and g.decisions[0]["saved_s"] == pytest.approx(0.3)
 
 
 def test_passes_are_compared_only_with_passes_of_as_many_tokens():
-    g = PrefetchGovernor(WARM_UP, BLOCK, HOLD)
-    run(g, WARM_UP, 1.0, 1.0)
-    for n in range(TRIAL):
-        on = g.enabled()
-        if n % 4 == 3:  # long prompts, those in the on arm slower than any one-token pass
-            g.passed(50.0 if on else 1.0, 512)
+    g = PrefetchGovernor(LAYERS, WARM_UP, 16, HOLD)
+    run(g, WARM_UP, dict.fromkeys(LAYERS, 0.0))
+    for i in range(16):  # prefill passes of 512 tokens in which prefetching costs, among one-token steps
+        if i % 3 == 2:
+            run(g, 1, dict.fromkeys(LAYERS, -5.0), n_tokens=512)
         else:
-            g.passed(1.0 if on else 2.0, 1)
+            run(g, 1, dict.fromkeys(LAYERS, 0.1))
     (verdict,) = g.decisions
     assert verdict["tokens"] == 1 and verdict["prefetch"]
 
 
 def test_a_trial_with_too_few_comparable_passes_runs_again():
-    g = PrefetchGovernor(WARM_UP, BLOCK, HOLD)
-    run(g, WARM_UP, 1.0, 1.0)
-    for n in range(TRIAL):
-        g.passed(1.0, n + 1)  # no two passes of as many tokens
+    g = governor()
+    run(g, WARM_UP, dict.fromkeys(LAYERS, 0.0))
+    for i in range(TRIAL):
+        run(g, 1, dict.fromkeys(LAYERS, 0.1), n_tokens=i + 1)  # no two passes of as many tokens
     assert g.phase == "trial" and not g.decisions
-    run(g, TRIAL, 1.0, 2.0)
+    run(g, TRIAL, dict.fromkeys(LAYERS, 0.1))
     assert g.phase == "on"
 
 
+def test_a_pass_that_never_reached_the_split_is_not_timed():
+    g = governor()
+    run(g, WARM_UP, dict.fromkeys(LAYERS, 0.0))
+    for _ in range(TRIAL):
+        g.passed(0.0, 1.0, 1)
+    assert g.phase == "trial" and not g.decisions
+
+
 def test_reset_starts_from_the_warm_up():
-    g = PrefetchGovernor(WARM_UP, BLOCK, HOLD)
-    run(g, WARM_UP + TRIAL, 2.0, 1.0)
-    assert not g.enabled()
+    g = governor()
+    run(g, WARM_UP + TRIAL, dict.fromkeys(LAYERS, -0.1))
+    assert not g.enabled(0)
     g.reset()
-    assert g.phase == "warm-up" and g.enabled() and g.summary() == {
-        "phase": "warm-up", "passes": 0, "passes_on": 0, "decisions": []}
+    assert g.phase == "warm-up" and g.enabled(0) and g.summary() == {
+        "phase": "warm-up", "passes": 0, "layer_share_on": 0.0, "decisions": []}
 
 
 def test_describe_says_the_latest_verdict():
-    g = PrefetchGovernor(WARM_UP, BLOCK, HOLD)
-    assert describe(g.summary()) == "governor: warm-up, prefetched in 0 of 0 passes; no verdict yet"
-    run(g, WARM_UP + TRIAL, 0.004, 0.003)
+    g = governor()
+    assert describe(g.summary()) == "governor: warm-up, prefetched in 0 % of 0 passes' layers; no verdict yet"
+    run(g, WARM_UP + TRIAL, dict.fromkeys(LAYERS, -0.001))
     assert describe(g.summary()) == (
-        f"governor: off, prefetched in {WARM_UP + TRIAL // 2} of {WARM_UP + TRIAL} passes; last verdict at pass "
-        f"{WARM_UP + TRIAL}: off (median 4.0 ms a 1-token pass on, 3.0 ms off)")
+        f"governor: off, prefetched in 60 % of {WARM_UP + TRIAL} passes' layers; last verdict at pass "
+        f"{WARM_UP + TRIAL}: off, prefetching cost 4.0 ms a 1-token pass (median)")
+
+
+def test_the_governor_needs_two_halves():
+    with pytest.raises(ValueError, match="two at least"):
+        PrefetchGovernor([5])
 
 
 def test_always_prefetch_is_for_the_governed_policies():
@@ -120,29 +155,32 @@ def q4_path(tiny_gguf):
     return tiny_gguf("qwen3moe", "q8_0", "q4_0")
 
 
-def test_an_off_pass_predicts_nothing_and_results_do_not_change(q4_path):
+def test_a_layer_that_does_not_prefetch_predicts_nothing_and_results_do_not_change(q4_path, tmp_path):
     ids = list(range(3, 3 + 4 + STEPS))
+    sidecar = tmp_path / "preds.pred.gguf"
     with qmoe.load(q4_path) as plain:
         reference = decode(plain, ids)
-    with qmoe.load(q4_path, offload=OffloadOptions(ram_budget="50%", prefetch="cross-layer")) as m:
-        governor = m.prefetcher.governor = PrefetchGovernor(WARM_UP, BLOCK, HOLD)
-        per_pass, arms = [], []
-        report = governor.passed
+        hp, layers = plain.net.hp, plain.net.moe_layers
+        write_sidecar(sidecar, random_predictors(q4_path, layers, hp.n_embd, hp.n_expert, hp.n_expert_used))
+    options = OffloadOptions(ram_budget="50%", prefetch="pre-attn", predictors=str(sidecar))
+    with qmoe.load(q4_path, offload=options) as m:
+        g = m.prefetcher.governor = PrefetchGovernor(layers, WARM_UP, TRIAL, HOLD)
+        made, arms = [], []
+        report = g.passed
 
-        def watched(seconds: float, n_tokens: int) -> None:
-            arms.append(governor.enabled())
-            per_pass.append(m.prefetcher.scorer.stats.predictions)
-            report(seconds, n_tokens)
+        def watched(start: float, end: float, n_tokens: int) -> None:
+            arms.append(tuple(g.enabled(layer) for layer in layers))
+            made.append(m.prefetcher.scorer.stats.predictions - sum(made))
+            report(start, end, n_tokens)
 
-        governor.passed = watched
+        g.passed = watched
         assert all(torch.equal(a, b) for a, b in zip(decode(m, ids), reference, strict=True))
         stats = m.offload_stats()
-    made = [b - a for a, b in zip([0] + per_pass, per_pass)]
-    assert arms[:WARM_UP + TRIAL] == [True] * WARM_UP + [on for on in TRIAL_ORDER for _ in range(BLOCK)]
-    # cross-layer predicts every MoE layer but the first, in the passes that prefetch and in no other
-    assert made == [(len(m.net.moe_layers) - 1) * on for on in arms]
-    assert stats["prefetch"]["governor"]["passes"] == len(arms) == 1 + STEPS
-    assert stats["total"]["actual"] > 0 and "governor: " in format_table(stats)
+    first, second = (True, False), (False, True)
+    assert arms[:WARM_UP + TRIAL] == [(True, True)] * WARM_UP + [first, second] * (TRIAL // 2)
+    assert made == [sum(on) for on in arms]  # a prediction for each layer that prefetches, and none else
+    assert len(g.decisions) == 1 and stats["prefetch"]["governor"]["passes"] == len(arms) == 1 + STEPS
+    assert "governor: " in format_table(stats)
 
 
 def test_always_prefetch_predicts_in_every_pass(q4_path):

@@ -8,25 +8,38 @@ per 5 MiB read), and the predictions themselves take time (about 1 ms a layer fo
 depends on the drive, the CPU, the pool and the text: on the 12-layer bench file under a
 4 GiB pool pre-attn decoded 5.6-6.0 tokens/s against none's 4.3-4.5, on the 48-layer
 file, whose steps are bound by compute and demand reads alike, 3.09 against 3.19.
-No fixed rule gets both right, so the governor measures: it times forward passes with
-prefetching on and with it off, and keeps whichever is faster.
+No fixed rule gets both right, so the governor measures.
 
-    warm-up  WARM_UP passes on, not timed: the scorer learns each rank's precision, without
-             which admission reads nothing (a rank not scored yet is never read)
-    trial    TRIAL_ORDER blocks of BLOCK passes, on, off, off, on, so that a drift (the
-             pool filling, the text changing) weighs both arms alike; the first pass of a
-             block is not timed, as the reads the block before queued are still landing
-    hold     the faster arm, by the median time of a pass, for HOLD passes; then another
-             trial, as the drive or the text may have changed. A tie goes to off, which
-             is on-demand loading exactly.
+Timing whole passes with prefetching on and off does not work: a pass's time depends far
+more on its token than on prefetching. On the 48-layer file, teacher-forced on text, a
+token whose experts are in the pool reads 10-50 MB and takes 200-250 ms, one whose
+experts are not reads 600-800 MB and takes 450-700 ms, in the same steps of every run;
+blocks of 8 passes on against 8 off measured 260 against 471 ms a pass for a policy that
+ran 10 % slower than none. So the governor compares the two halves of each pass, which
+share its token: in a trial pass one half of the MoE layers prefetches and the other does
+not, alternating pass by pass, and it times the halves (the split is the pre-attention of
+the first layer of the second half). With D = (first half's time) - (second half's),
+the median of D over passes with the first half prefetching, less its median over
+passes with the second half prefetching, is what prefetching every layer adds to a pass
+(the halves' own difference cancels). Two costs escape it: a guess made `--lookahead`
+layers ahead loads the blocks before its layer, so the first layers of the second half
+charge a little of their cost to the first; and a wrong prefetch that evicts a slab
+costs a read later, in either half.
+
+    warm-up  WARM_UP passes on everywhere, not timed: the scorer learns each rank's
+             precision, without which admission reads nothing
+    trial    TRIAL passes, the first and the second half prefetching by turns
+    hold     prefetching everywhere if it made passes faster, else nowhere (a tie: nowhere,
+             which is on-demand loading exactly), for HOLD passes; then another trial, as
+             the drive, the pool or the text may have changed
 
 Passes are only compared with passes of as many tokens: the count the trial timed most
 often in both arms (1 in decoding, a server's batch of sequences). A trial that timed too
-few passes of any count (a run of long prompts) is run again.
+few passes of any one count (a run of long prompts) is run again.
 
-With prefetching off the prefetcher makes no predictions at all (and scores none), so an
-off pass costs what `--prefetch none` does. The oracle is not governed: it is the upper
-bound that the measurements compare against.
+A layer that does not prefetch makes no prediction at all (and is not scored), so a
+held-off pass costs what `--prefetch none` does. The oracle is not governed: it is the
+upper bound that the measurements compare against.
 """
 
 from __future__ import annotations
@@ -34,46 +47,62 @@ from __future__ import annotations
 from collections import defaultdict, deque
 from statistics import median
 
-WARM_UP = 8  # passes on before the first trial
-BLOCK = 8  # passes per trial block; the first is not timed
-TRIAL_ORDER = (True, False, False, True)  # on/off per block
-HOLD = 256  # passes the faster arm runs before the next trial
+WARM_UP = 8  # passes prefetching everywhere before the first trial
+TRIAL = 32  # passes of a trial, the two halves prefetching by turns
+HOLD = 256  # passes a verdict holds before the next trial
 MIN_TIMED = 3  # timed passes of one token count each arm needs for a verdict
+
+ON, OFF, FIRST, SECOND = "on", "off", "first", "second"  # which layers of a pass prefetch
 
 
 class PrefetchGovernor:
-    """Turns prefetching on and off between forward passes by their measured time (module docstring).
+    """Says which MoE layers of each forward pass prefetch, by the measured time (module docstring).
 
-    The engine reports every forward pass (`passed`); the prefetcher asks `enabled()` at
-    each of its hooks. Both run in the model's thread.
+    The prefetcher asks `enabled(layer)` at its hooks and calls `split(now)` at the
+    pre-attention of `split_layer`; the engine reports each pass's start and end (`passed`).
+    All of it runs in the model's thread. Times are time.perf_counter() values.
     """
 
-    def __init__(self, warm_up: int = WARM_UP, block: int = BLOCK, hold: int = HOLD):
-        self.warm_up, self.block, self.hold = warm_up, block, hold
+    def __init__(self, moe_layers: list[int], warm_up: int = WARM_UP, trial: int = TRIAL, hold: int = HOLD):
+        if len(moe_layers) < 2:
+            raise ValueError("the governor compares two halves of the MoE layers: it needs two at least")
+        half = len(moe_layers) // 2
+        self.first = frozenset(moe_layers[:half])
+        self.split_layer = moe_layers[half]
+        self.warm_up, self.trial, self.hold = warm_up, trial, hold
         self.reset()
 
     def reset(self) -> None:
         """Back to the warm-up (a cold store), forgetting what was measured."""
         self.passes = 0
-        self.passes_on = 0
+        self.layer_share_on = 0.0  # passes counted by the share of their MoE layers that prefetched
         self.decisions: list[dict] = []
         self.phase = "warm-up"
-        self.plan: deque[tuple[bool, bool]] = deque([(True, False)] * self.warm_up)  # (on, timed) per pass
-        self.timed: dict[bool, dict[int, list[float]]] = {True: defaultdict(list), False: defaultdict(list)}
+        self.plan: deque[str] = deque([ON] * self.warm_up)
+        self.split_at: float | None = None
+        self.diffs: dict[str, dict[int, list[float]]] = {}
         if not self.plan:
             self._start_trial()
 
-    def enabled(self) -> bool:
-        """Whether this forward pass prefetches."""
-        return self.plan[0][0]
+    def enabled(self, layer: int) -> bool:
+        """Whether `layer` prefetches in this pass."""
+        mode = self.plan[0]
+        if mode in (ON, OFF):
+            return mode == ON
+        return (layer in self.first) == (mode == FIRST)
 
-    def passed(self, seconds: float, n_tokens: int) -> None:
-        """A forward pass of `n_tokens` tokens took `seconds`."""
-        on, timed = self.plan.popleft()
+    def split(self, now: float) -> None:
+        """The pass reached the pre-attention of `split_layer`: its first half is done."""
+        self.split_at = now
+
+    def passed(self, start: float, end: float, n_tokens: int) -> None:
+        """A forward pass of `n_tokens` tokens ran from `start` to `end`."""
+        mode = self.plan.popleft()
         self.passes += 1
-        self.passes_on += on
-        if timed:
-            self.timed[on][n_tokens].append(seconds)
+        self.layer_share_on += {ON: 1.0, OFF: 0.0}.get(mode, 0.5)
+        if mode in (FIRST, SECOND) and self.split_at is not None and start <= self.split_at <= end:
+            self.diffs[mode][n_tokens].append((self.split_at - start) - (end - self.split_at))
+        self.split_at = None
         if not self.plan:
             if self.phase == "trial":
                 self._decide()
@@ -82,34 +111,36 @@ class PrefetchGovernor:
 
     def _start_trial(self) -> None:
         self.phase = "trial"
-        self.timed = {True: defaultdict(list), False: defaultdict(list)}
-        for on in TRIAL_ORDER:
-            self.plan += [(on, False)] + [(on, True)] * (self.block - 1)
+        self.diffs = {FIRST: defaultdict(list), SECOND: defaultdict(list)}
+        self.plan = deque(FIRST if i % 2 == 0 else SECOND for i in range(self.trial))
 
     def _decide(self) -> None:
-        counts = set(self.timed[True]) & set(self.timed[False])
-        n_tokens = max(counts, key=lambda n: min(len(self.timed[True][n]), len(self.timed[False][n])), default=None)
-        if n_tokens is None or min(len(self.timed[True][n_tokens]), len(self.timed[False][n_tokens])) < MIN_TIMED:
+        first, second = self.diffs[FIRST], self.diffs[SECOND]
+        n_tokens = max(set(first) & set(second), key=lambda n: min(len(first[n]), len(second[n])), default=None)
+        if n_tokens is None or min(len(first[n_tokens]), len(second[n_tokens])) < MIN_TIMED:
             self._start_trial()
             return
-        on_s, off_s = median(self.timed[True][n_tokens]), median(self.timed[False][n_tokens])
-        choice = on_s < off_s
-        self.decisions.append({"at_pass": self.passes, "tokens": n_tokens, "on_s": on_s, "off_s": off_s,
-                               "prefetch": choice})
-        self.phase = "on" if choice else "off"
-        self.plan = deque([(choice, False)] * self.hold)
+        # D = first half - second half; prefetching the first half lowers D by what it saves there,
+        # prefetching the second raises it by what it saves there: the difference is both savings
+        saved = median(second[n_tokens]) - median(first[n_tokens])
+        choice = saved > 0
+        self.decisions.append({"at_pass": self.passes, "tokens": n_tokens, "saved_s": saved, "prefetch": choice})
+        self.phase = ON if choice else OFF
+        self.plan = deque([self.phase] * self.hold)
 
     def summary(self) -> dict:
         """JSON-ready: where the schedule is, and every verdict so far."""
-        return {"phase": self.phase, "passes": self.passes, "passes_on": self.passes_on,
+        return {"phase": self.phase, "passes": self.passes, "layer_share_on": self.layer_share_on,
                 "decisions": list(self.decisions)}
 
 
 def describe(summary: dict) -> str:
     """One line for `--stats`: the governor's latest verdict, or that there is none yet."""
-    head = f"governor: {summary['phase']}, prefetched in {summary['passes_on']} of {summary['passes']} passes"
+    share = summary["layer_share_on"] / summary["passes"] if summary["passes"] else 0.0
+    head = f"governor: {summary['phase']}, prefetched in {100 * share:.0f} % of {summary['passes']} passes' layers"
     if not summary["decisions"]:
         return head + "; no verdict yet"
     d = summary["decisions"][-1]
-    return (f"{head}; last verdict at pass {d['at_pass']}: {'on' if d['prefetch'] else 'off'} "
-            f"(median {1e3 * d['on_s']:.1f} ms a {d['tokens']}-token pass on, {1e3 * d['off_s']:.1f} ms off)")
+    return (f"{head}; last verdict at pass {d['at_pass']}: {'on' if d['prefetch'] else 'off'}, prefetching "
+            f"{'saved' if d['saved_s'] > 0 else 'cost'} {1e3 * abs(d['saved_s']):.1f} ms a {d['tokens']}-token pass "
+            "(median)")

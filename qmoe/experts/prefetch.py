@@ -53,9 +53,10 @@ three times a step took 14 ms of a 170-180 ms step against 7-10 ms once, for
 5.6-5.7 tokens/s against 6.0-6.1 (none: 4.3-4.5). N = 0 is the paper's schedule.
 
 Whether to prefetch at all is measured as the run goes (governor.py, pre-attn and
-cross-layer): the prefetcher makes predictions only in the forward passes its governor
-turns on, and the governor keeps them on only while passes with them are faster than
-passes without (`--always-prefetch` keeps them on throughout).
+cross-layer): the prefetcher predicts a layer only where its governor says that layer
+prefetches in this pass, and the governor, which times the halves of passes in which
+one half prefetches, keeps prefetching only while it makes passes faster
+(`--always-prefetch` prefetches in every pass).
 
 Each prediction is a list of experts, most wanted first: for one token its
 top-k' (k' >= k over-provisions), for several tokens (prefill) the union of their
@@ -176,7 +177,8 @@ class Prefetcher:
         in a worker thread, else in the model's (module docstring); govern: prefetch only while
         it measures faster than not (governor.py; never for the oracle, the upper bound)."""
         self.store = store
-        self.governor = PrefetchGovernor() if govern and not isinstance(policy, OraclePolicy) else None
+        governed = govern and not isinstance(policy, OraclePolicy) and len(moe_layers) >= 2  # two halves to compare
+        self.governor = PrefetchGovernor(moe_layers) if governed else None
         self.scorer = PredictionScorer(moe_layers)
         self.policy = policy
         self.next_layer = dict(zip(moe_layers, moe_layers[1:]))
@@ -201,31 +203,35 @@ class Prefetcher:
 
     # model thread
 
-    def passed(self, seconds: float, n_tokens: int) -> None:
-        """The engine's report of each forward pass, for the governor."""
+    def passed(self, start: float, end: float, n_tokens: int) -> None:
+        """The engine's report of each forward pass (time.perf_counter() at its start and end)."""
         if self.governor is not None:
-            self.governor.passed(seconds, n_tokens)
+            self.governor.passed(start, end, n_tokens)
 
-    def _on(self) -> bool:
-        return self.governor is None or self.governor.enabled()
+    def _on(self, layer: int) -> bool:
+        return self.governor is None or self.governor.enabled(layer)
 
     def pre_attention(self, layer: int, x: torch.Tensor) -> None:
         self._raise_if_failed()
-        if self.policy.hook == "pre_attention" and layer not in self.guessed and self._on():
+        if self.governor is not None and layer == self.governor.split_layer:
+            if x.is_cuda:
+                torch.cuda.synchronize(x.device)  # the first half's time, not its launch's
+            self.governor.split(time.perf_counter())
+        if self.policy.hook == "pre_attention" and layer not in self.guessed and self._on(layer):
             self._predict(layer, x)
 
     def attended(self, layer: int, h: torch.Tensor) -> None:
-        if self.policy.hook == "pre_attention" and self._on():
+        if self.policy.hook == "pre_attention":
             for ahead, distance in self.guesses.get(layer, ()):
-                self._predict(ahead, h, normalize=True, distance=distance)
+                if self._on(ahead):
+                    self._predict(ahead, h, normalize=True, distance=distance)
 
     def routed(self, layer: int, x: torch.Tensor, logits: torch.Tensor, ids: torch.Tensor) -> None:
-        if not self._on():
-            return  # a pass without predictions is not scored: precision and recall are prediction's
-        # a set of the plain list: with torch's unique this call took 128 us a layer, now 41-54
-        self.scorer.routed(layer, self.store.step(layer), set(ids.reshape(-1).tolist()))
+        if self._on(layer):  # a layer that made no prediction is not scored: precision and recall are prediction's
+            # a set of the plain list: with torch's unique this call took 128 us a layer, now 41-54
+            self.scorer.routed(layer, self.store.step(layer), set(ids.reshape(-1).tolist()))
         nxt = self.next_layer.get(layer)
-        if self.policy.hook == "routed" and nxt is not None:
+        if self.policy.hook == "routed" and nxt is not None and self._on(nxt):
             self._predict(nxt, x)
 
     def _predict(self, layer: int, x: torch.Tensor, normalize: bool = False, distance: int = 0) -> None:
