@@ -14,7 +14,9 @@ What a user with 16 GB of RAM and a 32 GB model sees (issue 14). In one run, on 
     before each (posix_fadvise POSIX_FADV_DONTNEED):
       llama.cpp      llama-cpp-python, its defaults (mmap)
       qmoe           no offload flags: `--ram-budget auto` sizes a RAM pool (O_DIRECT) itself
-      qmoe <policy>  the same with --prefetch cross-layer, pre-attn (the predictors of step 3)
+      qmoe <policy>  the same with --prefetch cross-layer, pre-attn (the predictors of step 3),
+                     governed (qmoe/experts/governor.py); with --always-prefetch also ungoverned
+    (--ram-budget SIZE: every qmoe run with that pool instead of auto's)
     each: an 8-token prompt (time to first token), then --decode single-token steps
     (teacher-forced on text); steady decode = the median step time of the second half.
     Then, in another fresh process per engine, the time to first token of a 512-token prompt.
@@ -143,8 +145,12 @@ def text_tokens(tokenize, n: int) -> list[int]:
     return ids[:n]
 
 
-def run_engine(engine: str, path: str, threads: int, prompt_len: int, decode: int, predictors: str | None) -> dict:
-    """One engine on a cold file: the prompt (time to first token), then `decode` steps. JSON-ready."""
+def run_engine(engine: str, path: str, threads: int, prompt_len: int, decode: int, predictors: str | None,
+               ram_budget: str | None = None) -> dict:
+    """One engine on a cold file: the prompt (time to first token), then `decode` steps. JSON-ready.
+
+    engine: "llama.cpp", or "qmoe" and its --prefetch policy and flags ("qmoe pre-attn --always-prefetch");
+    ram_budget: qmoe's --ram-budget SIZE, read with O_DIRECT (None: auto, the default)."""
     path = Path(path)
     start = time.perf_counter()
     if engine == "llama.cpp":
@@ -159,9 +165,10 @@ def run_engine(engine: str, path: str, threads: int, prompt_len: int, decode: in
         import qmoe
         from qmoe.experts.options import OffloadOptions
 
-        policy = engine.removeprefix("qmoe").strip(" ") or "none"
-        offload = (OffloadOptions() if policy == "none" else
-                   OffloadOptions(prefetch=policy, predictors=predictors if policy == "pre-attn" else None))
+        policy, *flags = engine.split()[1:] or ["none"]
+        budget_flags = {} if ram_budget is None else {"ram_budget": ram_budget, "direct_io": True}
+        offload = OffloadOptions(prefetch=policy, predictors=predictors if policy == "pre-attn" else None,
+                                 govern="--always-prefetch" not in flags, **budget_flags)
         m = qmoe.load(path, threads=threads, n_ctx=prompt_len + decode + 8, offload=offload)
         cache = m.new_cache()
         ids = text_tokens(m.tokenize, prompt_len + decode)
@@ -207,14 +214,16 @@ def store_figures(m, n_steps: int) -> dict | None:
             "decode_steps": n_steps}
 
 
-def in_child(engine: str, path: Path, threads: int, prompt_len: int, decode: int, predictors: Path | None) -> dict:
+def in_child(engine: str, path: Path, threads: int, prompt_len: int, decode: int, predictors: Path | None,
+             ram_budget: str | None = None) -> dict:
     from qmoe.experts.budget import mem_available
 
     drop_page_cache(path)
     available = mem_available()
     code = (f"import json, sys; sys.path.insert(0, {str(REPO_ROOT)!r}); from bench.larger_than_ram import "
             "run_engine; print('RESULT ' + json.dumps(run_engine(*json.loads(sys.argv[1]))))")
-    arg = json.dumps([engine, str(path), threads, prompt_len, decode, str(predictors) if predictors else None])
+    arg = json.dumps([engine, str(path), threads, prompt_len, decode, str(predictors) if predictors else None,
+                      ram_budget])
     env = user_environment()
     print(f"  {engine}: {prompt_len}-token prompt" + (f", {decode} decode steps" if decode else "")
           + f" (MemAvailable {available / 2**30:.1f} GiB)", flush=True)
@@ -229,6 +238,10 @@ def in_child(engine: str, path: Path, threads: int, prompt_len: int, decode: int
     summary = f"    first token {result['first_token_s']:.1f} s"
     if "decode_tok_s" in result:
         summary += f", decode {result['decode_tok_s']:.2f} tok/s, {result['read_per_token'] / 1e9:.2f} GB read/token"
+    governor = ((result.get("store") or {}).get("prefetch") or {}).get("governor")
+    if governor and governor["decisions"]:
+        summary += ", governor " + ", ".join(f"{'on' if d['prefetch'] else 'off'} ({1e3 * d['saved_s']:+.1f} ms saved)"
+                                             for d in governor["decisions"])
     print(summary + f", peak RSS {result['peak_rss'] / 2**30:.1f} GiB", flush=True)
     return result
 
@@ -385,6 +398,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--predictors", type=Path, default=None,
                         help="predictors trained for this file by an earlier run (--keep keeps them): skip training")
     parser.add_argument("--policies", nargs="*", default=list(POLICIES), choices=POLICIES)
+    parser.add_argument("--always-prefetch", action="store_true",
+                        help="also run each policy with --always-prefetch (prefetching in every pass, ungoverned)")
+    parser.add_argument("--ram-budget", default=None, metavar="SIZE",
+                        help="qmoe's RAM pool for every run (read with O_DIRECT; default: auto, as a user gets)")
     parser.add_argument("--no-llama-cpp", action="store_true")
     parser.add_argument("--no-long-prompt", action="store_true", help="skip the 512-token prompt runs")
     parser.add_argument("--keep", action="store_true", help="keep the model file (and predictors) afterwards")
@@ -414,17 +431,21 @@ def main(argv: list[str] | None = None) -> None:
             print(f"training predictors on {args.calib_tokens} tokens...", flush=True)
             predictors, training = train_predictors(path, args.calib_tokens, args.threads)
             print(f"  calibration {training['calibrate_s']:.0f} s, training {training['train_s']:.0f} s", flush=True)
-        engines = ([] if args.no_llama_cpp else ["llama.cpp"]) + ["qmoe"] + [f"qmoe {p}" for p in args.policies]
+        policies = [f"qmoe {p}" for p in args.policies]
+        policies += [f"{p} --always-prefetch" for p in policies] if args.always_prefetch else []
+        engines = ([] if args.no_llama_cpp else ["llama.cpp"]) + ["qmoe"] + policies
         print("decode runs:", flush=True)
-        decode_runs = [in_child(e, path, args.threads, PROMPT_SHORT, args.decode, predictors) for e in engines]
+        decode_runs = [in_child(e, path, args.threads, PROMPT_SHORT, args.decode, predictors, args.ram_budget)
+                       for e in engines]
         long_runs = []
         if not args.no_long_prompt:
             print("512-token prompts:", flush=True)
-            long_runs = [in_child(e, path, args.threads, PROMPT_LONG, 0, None) for e in engines[:2]]
+            long_runs = [in_child(e, path, args.threads, PROMPT_LONG, 0, None, args.ram_budget) for e in engines[:2]]
         chosen = next((r.get("ram_pool_bytes") for r in decode_runs if r["engine"] == "qmoe"), None)
         print("qmoe plan's forecast for that budget...", flush=True)
         planned = plan_forecast(path, chosen, args.threads, predictors)
         results = {"model": path.name, "model_bytes": size, "layers": shape.n_layers, "threads": args.threads,
+                   "ram_budget": args.ram_budget or "auto",
                    "mem_total": mem_total, "machine": platform.processor() or platform.machine(),
                    "cpu_count": os.cpu_count(), "drive_gbs": {str(k): v for k, v in drive.items()},
                    "slab_bytes": slab, "predictors": training, "decode_runs": decode_runs,

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import qmoe
+from qmoe.cli import main
 from qmoe.errors import QmoeError
 from qmoe.experts.governor import PrefetchGovernor, describe
 from qmoe.experts.options import OffloadOptions
@@ -191,3 +192,15 @@ def test_always_prefetch_predicts_in_every_pass(q4_path):
         stats = m.offload_stats()
     assert stats["prefetch"]["predictions"] == (1 + STEPS) * (len(m.net.moe_layers) - 1)
     assert stats["prefetch"]["governor"] is None and "governor" not in format_table(stats)
+
+
+def test_cli_says_the_verdict_and_takes_always_prefetch(q4_path, capsys):
+    run_args = ["run", str(q4_path), "-p", "x", "-n", "4", "--ram-budget", "30%", "--prefetch", "cross-layer", "--stats"]
+    assert main(run_args) == 0
+    assert "governor: warm-up" in capsys.readouterr().err
+    assert main(run_args + ["--always-prefetch"]) == 0
+    assert "governor" not in capsys.readouterr().err
+    assert main(["run", str(q4_path), "-p", "x", "--always-prefetch"]) == 1
+    assert "--always-prefetch only apply with an expert store" in capsys.readouterr().err
+    assert main(["run", str(q4_path), "-p", "x", "--ram-budget", "30%", "--always-prefetch"]) == 1
+    assert "--always-prefetch applies to --prefetch pre-attn and cross-layer, not none" in capsys.readouterr().err
