@@ -62,6 +62,18 @@ def test_the_verdict_is_held_and_a_tie_goes_to_off(saved, keeps):
     run(g, TRIAL, dict.fromkeys(LAYERS, 0.2))  # ... and now prefetching saves time
     assert [d["prefetch"] for d in g.decisions] == [keeps, True]
     assert g.summary()["layer_share_on"] == WARM_UP + TRIAL / 2 + keeps * HOLD + TRIAL / 2
+    assert [d["hold"] for d in g.decisions] == [HOLD, 2 * HOLD if keeps else HOLD]
+
+
+def test_a_repeated_verdict_holds_twice_as_long_up_to_the_longest_hold():
+    g = PrefetchGovernor(LAYERS, WARM_UP, TRIAL, HOLD, max_hold=4 * HOLD)
+    run(g, WARM_UP, dict.fromkeys(LAYERS, 0.0))
+    holds = []
+    for saved in (0.1, 0.1, 0.1, 0.1, -0.1, -0.1):
+        run(g, TRIAL, dict.fromkeys(LAYERS, saved))
+        holds.append(g.decisions[-1]["hold"])
+        assert run(g, holds[-1], dict.fromkeys(LAYERS, saved)) == [EVERY if saved > 0 else NONE] * holds[-1]
+    assert holds == [HOLD, 2 * HOLD, 4 * HOLD, 4 * HOLD, HOLD, 2 * HOLD]  # reversed: held briefly again
 
 
 def test_the_token_of_a_pass_does_not_sway_the_verdict():

@@ -30,8 +30,13 @@ costs a read later, in either half.
              precision, without which admission reads nothing
     trial    TRIAL passes, the first and the second half prefetching by turns
     hold     prefetching everywhere if it made passes faster, else nowhere (a tie: nowhere,
-             which is on-demand loading exactly), for HOLD passes; then another trial, as
-             the drive, the pool or the text may have changed
+             which is on-demand loading exactly); then another trial, as the drive, the pool
+             or the text may have changed. The first verdict holds HOLD passes, each that
+             repeats the one before holds twice as long (up to MAX_HOLD), and one that
+             reverses it HOLD again: a run's first passes, while the pool fills, are not its
+             steady state (on the 48-layer file under a 19 GiB pool the passes before the
+             40th read 370 MB a token, those after the 48th 265), and a trial costs little
+             (half the layers on the slower side for TRIAL passes)
 
 Passes are only compared with passes of as many tokens: the count the trial timed most
 often in both arms (1 in decoding, a server's batch of sequences). A trial that timed too
@@ -49,7 +54,8 @@ from statistics import median
 
 WARM_UP = 8  # passes prefetching everywhere before the first trial
 TRIAL = 32  # passes of a trial, the two halves prefetching by turns
-HOLD = 256  # passes a verdict holds before the next trial
+HOLD = 64  # passes the first verdict holds before the next trial; a repeated one holds twice as long
+MAX_HOLD = 512
 MIN_TIMED = 3  # timed passes of one token count each arm needs for a verdict
 
 ON, OFF, FIRST, SECOND = "on", "off", "first", "second"  # which layers of a pass prefetch
@@ -63,13 +69,14 @@ class PrefetchGovernor:
     All of it runs in the model's thread. Times are time.perf_counter() values.
     """
 
-    def __init__(self, moe_layers: list[int], warm_up: int = WARM_UP, trial: int = TRIAL, hold: int = HOLD):
+    def __init__(self, moe_layers: list[int], warm_up: int = WARM_UP, trial: int = TRIAL, hold: int = HOLD,
+                 max_hold: int = MAX_HOLD):
         if len(moe_layers) < 2:
             raise ValueError("the governor compares two halves of the MoE layers: it needs two at least")
         half = len(moe_layers) // 2
         self.first = frozenset(moe_layers[:half])
         self.split_layer = moe_layers[half]
-        self.warm_up, self.trial, self.hold = warm_up, trial, hold
+        self.warm_up, self.trial, self.first_hold, self.max_hold = warm_up, trial, hold, max_hold
         self.reset()
 
     def reset(self) -> None:
@@ -77,6 +84,7 @@ class PrefetchGovernor:
         self.passes = 0
         self.layer_share_on = 0.0  # passes counted by the share of their MoE layers that prefetched
         self.decisions: list[dict] = []
+        self.hold = self.first_hold
         self.phase = "warm-up"
         self.plan: deque[str] = deque([ON] * self.warm_up)
         self.split_at: float | None = None
@@ -124,7 +132,11 @@ class PrefetchGovernor:
         # prefetching the second raises it by what it saves there: the difference is both savings
         saved = median(second[n_tokens]) - median(first[n_tokens])
         choice = saved > 0
-        self.decisions.append({"at_pass": self.passes, "tokens": n_tokens, "saved_s": saved, "prefetch": choice})
+        if self.decisions:
+            repeated = self.decisions[-1]["prefetch"] == choice
+            self.hold = min(2 * self.hold, self.max_hold) if repeated else self.first_hold
+        self.decisions.append({"at_pass": self.passes, "tokens": n_tokens, "saved_s": saved, "prefetch": choice,
+                               "hold": self.hold})
         self.phase = ON if choice else OFF
         self.plan = deque([self.phase] * self.hold)
 
