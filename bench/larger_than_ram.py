@@ -18,7 +18,9 @@ What a user with 16 GB of RAM and a 32 GB model sees (issue 14). In one run, on 
                      governed (qmoe/experts/governor.py); with --always-prefetch also ungoverned
     (--ram-budget SIZE: every qmoe run with that pool instead of auto's)
     each: an 8-token prompt (time to first token), then --decode single-token steps
-    (teacher-forced on text); steady decode = the median step time of the second half.
+    (teacher-forced on text); steady decode = the median step time of the second half, and
+    its throughput = the second half's steps over their time (a token whose experts are not
+    resident takes 2-3 times one whose are, so the two differ).
     Then, in another fresh process per engine, the time to first token of a 512-token prompt.
     Per run: bytes read from the drive per decode token (/proc/self/io read_bytes, all
     threads), the store's prefetches that no layer used (wasted bytes), peak RSS (VmHWM).
@@ -190,7 +192,7 @@ def run_engine(engine: str, path: str, threads: int, prompt_len: int, decode: in
               "prompt_read_bytes": prompt_read, "ram_pool_bytes": budget, "step_s": times, "step_read_bytes": reads}
     if times:
         steady = times[len(times) // 2:]
-        result |= {"decode_tok_s": 1 / float(np.median(steady)),
+        result |= {"decode_tok_s": 1 / float(np.median(steady)), "decode_throughput": len(steady) / sum(steady),
                    "read_per_token": (proc_read_bytes() - read0) / len(times)}
     if engine != "llama.cpp":
         result["store"] = store_figures(m, len(times))
@@ -237,7 +239,8 @@ def in_child(engine: str, path: Path, threads: int, prompt_len: int, decode: int
     result["said"] = said
     summary = f"    first token {result['first_token_s']:.1f} s"
     if "decode_tok_s" in result:
-        summary += f", decode {result['decode_tok_s']:.2f} tok/s, {result['read_per_token'] / 1e9:.2f} GB read/token"
+        summary += (f", decode {result['decode_tok_s']:.2f} tok/s (throughput {result['decode_throughput']:.2f}), "
+                    f"{result['read_per_token'] / 1e9:.2f} GB read/token")
     governor = ((result.get("store") or {}).get("prefetch") or {}).get("governor")
     if governor and governor["decisions"]:
         summary += ", governor " + ", ".join(f"{'on' if d['prefetch'] else 'off'} ({1e3 * d['saved_s']:+.1f} ms saved)"
@@ -356,7 +359,9 @@ def bound_lines(results: dict, runs: dict, depth: str) -> list[str]:
         bound = max(compute, read / drive)
         step = 1 / r["decode_tok_s"]
         lines.append(f"  {engine}: {step * 1e3:.0f} ms a token = {step / bound:.2f}x its bound "
-                     f"({bound * 1e3:.0f} ms: {read / 1e6:.0f} MB read), {r['decode_tok_s'] / none['decode_tok_s']:.2f}x none")
+                     f"({bound * 1e3:.0f} ms: {read / 1e6:.0f} MB read), {r['decode_tok_s'] / none['decode_tok_s']:.2f}x none"
+                     + (f" (by throughput {r['decode_throughput'] / none['decode_throughput']:.2f}x)"
+                        if "decode_throughput" in r and "decode_throughput" in none else ""))
     return lines
 
 
