@@ -400,8 +400,9 @@ def add_offload_arguments(parser: argparse.ArgumentParser) -> None:
                           "thread beside attention); auto: worker with --device cuda, else model, where a "
                           "prediction costs less than a handoff (default auto)")
     off.add_argument("--always-prefetch", action="store_true",
-                     help="pre-attn and cross-layer: prefetch on every forward pass; by default qmoe times "
-                          "passes with and without prefetching as it runs and keeps it only while it is faster")
+                     help="pre-attn and cross-layer: prefetch in every forward pass; by default qmoe "
+                          "measures as it runs whether prefetching makes the run faster (timing the halves of "
+                          "passes in which one half of the layers prefetches) and keeps it only while it does")
     off.add_argument("--predictors", default=None, metavar="PATH", help="predictor GGUF for pre-attn (default: embedded in MODEL, else MODEL.pred.gguf)")
     off.add_argument("--sim-link-gbps", type=float, default=None, metavar="GB_S",
                      help="SIMULATE a link of this many gigabytes/s for transfers into the compute tier")
