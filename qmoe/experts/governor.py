@@ -3,33 +3,34 @@
 Admission (admission.py) keeps guesses that are mostly wrong from reading, but even the
 reads it admits are not free. On a virtual drive every read in flight takes compute from
 the kernels beside it (bench/read_contention.py: 1.65-3.3 ms of a 2-thread decode step
-per 5 MiB read), and the predictions themselves take time (about 1 ms a layer for the
-48-layer bench file's predictors). Whether the stalls a prefetch saves outweigh that
-depends on the drive, the CPU, the pool and the text: on the 12-layer bench file under a
-4 GiB pool pre-attn decoded 5.6-6.0 tokens/s against none's 4.3-4.5, on the 48-layer
-file, whose steps are bound by compute and demand reads alike, 3.09 against 3.19.
-No fixed rule gets both right, so the governor measures.
+per 5 MiB read), and every token pays for the predictions (on the 48-layer bench file
+0.30 ms a call at width 1024, 15 ms of a 220 ms step). Whether the stalls a prefetch
+saves outweigh that depends on the drive, the CPU, the pool and the text: on that file
+prefetching made the run 1.3x faster under a 12 GiB pool and about as fast as none under
+its 19 GiB auto pool. No fixed rule gets both right, so the governor measures.
 
 Timing whole passes with prefetching on and off does not work: a pass's time depends far
 more on its token than on prefetching. On the 48-layer file, teacher-forced on text, a
 token whose experts are in the pool reads 10-50 MB and takes 200-250 ms, one whose
 experts are not reads 600-800 MB and takes 450-700 ms, in the same steps of every run;
-blocks of 8 passes on against 8 off measured 260 against 471 ms a pass for a policy that
-ran 10 % slower than none. So the governor compares the two halves of each pass, which
-share its token: in a trial pass one half of the MoE layers prefetches and the other does
-not, alternating pass by pass, and it times the halves (the split is the pre-attention of
-the first layer of the second half). With D = (first half's time) - (second half's),
-the mean of D over passes with the second half prefetching, less its mean over passes
-with the first half prefetching, is what prefetching every layer saves a pass (the halves'
-own difference cancels). A mean, trimmed of the TRIM highest and lowest eighths (a
-preempted pass), and not a median, because the time a run takes is what prefetching must
-not lengthen: it costs a few ms on every token, while its savings come on the tokens whose
-experts are not resident, a minority. On the 12-layer file under a 4 GiB pool,
-prefetching made the median step 2-8 % slower than none's and the 48 steps 12-15 %
-faster; on the 48-layer file under its 19 GiB pool 5-9 % and 0-11 %. Two costs escape it: a guess made `--lookahead`
-layers ahead loads the blocks before its layer, so the first layers of the second half
-charge a little of their cost to the first; and a wrong prefetch that evicts a slab
-costs a read later, in either half.
+blocks of 8 passes on against 8 off measured 260 against 471 ms a pass whichever way
+prefetching went. So the governor compares the two halves of each pass, which share its
+token: in a trial pass one half of the MoE layers prefetches and the other does not,
+alternating pass by pass, and it times the halves (the split is the pre-attention of the
+first layer of the second half). With D = (first half's time) - (second half's), the
+mean of D over passes with the second half prefetching, less its mean over passes with
+the first half prefetching, is what prefetching every layer saves a pass (the halves' own
+difference cancels).
+
+A mean, trimmed of the TRIM highest and lowest eighths (a preempted pass), and not a
+median, because the time a run takes is what prefetching must not lengthen: it costs a
+few ms on every token, while its savings come on the tokens whose experts are not
+resident, fewer than half. On the 12-layer file under a 4 GiB pool prefetching made the
+median step 2-8 % slower than none's and the steps together 12-15 % faster; on the
+48-layer file under its auto pool 5-9 % slower and 0-11 % faster. Two costs escape the
+measurement: a guess made `--lookahead` layers ahead loads the blocks before its layer,
+so the first layers of the second half charge a little of their cost to the first; and a
+wrong prefetch that evicts a slab costs a read later, in either half.
 
     warm-up  WARM_UP passes on everywhere, not timed: the scorer learns each rank's
              precision, without which admission reads nothing
